@@ -1,0 +1,19 @@
+# Shared by the hack/ scripts: paths and a phase timer. Source it, don't run it.
+COVI_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=hack/versions.env
+. "$COVI_ROOT/hack/versions.env"
+COVI_CACHE="${COVI_CACHE:-$COVI_ROOT/.cache}"
+CONTROL_PLANE_BIN="$COVI_CACHE/control-plane/k8s-${KUBERNETES_VERSION}-etcd-${ETCD_VERSION}/bin"
+
+_phase_start=0
+_phase_name=""
+# phase NAME: ends the running phase (printing its duration) and starts NAME.
+phase() {
+  local now
+  now=$(date +%s.%N)
+  if [ -n "$_phase_name" ]; then
+    printf '[time] %-28s %6.1fs\n' "$_phase_name" "$(awk -v a="$_phase_start" -v b="$now" 'BEGIN{print b-a}')" >&2
+  fi
+  _phase_name="${1:-}"
+  _phase_start=$now
+}

@@ -1,0 +1,395 @@
+//! HostPool: the hypervisors of one data centre and the rules for using them.
+
+use std::collections::BTreeMap;
+
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::condition::Condition;
+use crate::virtual_server::Resources;
+
+/// Desired state of a pool of hypervisors.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "covi.io",
+    version = "v1alpha1",
+    kind = "HostPool",
+    status = "HostPoolStatus",
+    shortname = "hp",
+    category = "covi",
+    doc = "A pool of hypervisor hosts, usually one per data centre: which hosts belong, how far they may be overcommitted, the shared storage, the image catalog, the standard sizes and the network.",
+    printcolumn(name = "Hypervisor", type_ = "string", json_path = ".spec.hypervisor"),
+    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyHosts", description = "Hosts that are Ready"),
+    printcolumn(name = "Hosts", type_ = "integer", json_path = ".status.totalHosts", description = "Hosts in the pool"),
+    printcolumn(name = "Servers", type_ = "integer", json_path = ".status.servers", description = "Servers bound to the pool's hosts"),
+    printcolumn(name = "CPU", type_ = "string", json_path = ".status.cpuAllocation", description = "Virtual CPUs allocated / schedulable"),
+    printcolumn(name = "Memory", type_ = "string", json_path = ".status.memoryAllocation", description = "Memory allocated / schedulable"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    derive = "PartialEq"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct HostPoolSpec {
+    /// Hosts whose labels include all of these belong to the pool. An empty selector
+    /// selects every Host.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+
+    /// The hypervisor of the pool's hosts: xen (the default) for production, kvm or
+    /// qemu for labs, test for libvirt's in-memory test driver in CI.
+    #[serde(default)]
+    pub hypervisor: Hypervisor,
+
+    /// How far allocations may exceed physical capacity: 4 lets a host with 16 CPUs
+    /// hold 64 virtual CPUs.
+    #[serde(default)]
+    pub overcommit: Overcommit,
+
+    /// Capacity kept back on every host for dom0 and the host's own services.
+    #[serde(default)]
+    pub reserve: HostReserve,
+
+    /// Most servers one host may hold; empty means no limit beyond capacity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub max_servers_per_host: Option<u32>,
+
+    /// Storage shared by the pool's hosts, where images and server disks live.
+    pub storage: PoolStorage,
+
+    /// Images servers can boot from, by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    #[schemars(length(max = 256))]
+    pub images: Vec<Image>,
+
+    /// Standard server sizes, by name; a VirtualServer names one in `class`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    #[schemars(length(max = 64))]
+    pub classes: Vec<ServerClass>,
+
+    /// The network servers are attached to, and the range addresses are taken from.
+    pub network: PoolNetwork,
+
+    /// How lost hosts are detected and their highly-available servers restarted.
+    #[serde(default)]
+    pub failover: Failover,
+
+    /// How the scheduler chooses among hosts that fit: Spread (the default) balances
+    /// load, Pack fills hosts one after another.
+    #[serde(default)]
+    pub strategy: Strategy,
+
+    /// Which VmRequests for this pool are approved without a person.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<ApprovalPolicy>,
+}
+
+/// The hypervisor a pool runs.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Hypervisor {
+    /// Xen through libvirt's libxl driver (xen:///system).
+    #[default]
+    Xen,
+    /// KVM through libvirt's QEMU driver.
+    Kvm,
+    /// QEMU without hardware acceleration (TCG), for laptops and CI.
+    Qemu,
+    /// libvirt's in-memory test driver: no guests run; for tests at scale.
+    Test,
+}
+
+/// Overcommit ratios, each greater than 0 and at most 64.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Overcommit {
+    /// Virtual CPUs allowed per physical CPU (default 4).
+    #[serde(default = "default_cpu_ratio")]
+    #[x_kube(validation = Rule::new("self > 0.0 && self <= 64.0").message("overcommit.cpu must be greater than 0 and at most 64"))]
+    pub cpu: f64,
+    /// Memory allowed per byte of physical memory (default 1: no overcommit).
+    #[serde(default = "default_memory_ratio")]
+    #[x_kube(validation = Rule::new("self > 0.0 && self <= 64.0").message("overcommit.memory must be greater than 0 and at most 64"))]
+    pub memory: f64,
+}
+
+fn default_cpu_ratio() -> f64 {
+    4.0
+}
+fn default_memory_ratio() -> f64 {
+    1.0
+}
+
+impl Default for Overcommit {
+    fn default() -> Self {
+        Overcommit { cpu: default_cpu_ratio(), memory: default_memory_ratio() }
+    }
+}
+
+/// Capacity kept back on every host.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HostReserve {
+    /// Physical CPUs kept for dom0 (default 1).
+    #[serde(default = "default_reserve_cpus")]
+    #[schemars(range(max = 1024))]
+    pub cpus: u32,
+    /// Memory kept for dom0 as a quantity (default 1Gi).
+    #[serde(default = "default_reserve_memory")]
+    #[x_kube(validation = Rule::new("isQuantity(self)").message("reserve.memory must be a quantity such as 1Gi"))]
+    #[schemars(length(max = 32))]
+    pub memory: String,
+}
+
+fn default_reserve_cpus() -> u32 {
+    1
+}
+fn default_reserve_memory() -> String {
+    "1Gi".to_string()
+}
+
+impl Default for HostReserve {
+    fn default() -> Self {
+        HostReserve { cpus: default_reserve_cpus(), memory: default_reserve_memory() }
+    }
+}
+
+/// The libvirt storage pool that holds images and server disks on every host.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolStorage {
+    /// Name of the libvirt storage pool on each host.
+    #[schemars(length(min = 1, max = 253))]
+    pub pool: String,
+    /// Directory of the pool on each host. When set and the pool is missing, the agent
+    /// defines it as a directory pool here (for example the mount point of NFS or CephFS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    pub path: Option<String>,
+    /// Whether every host sees the same volumes (NFS, Ceph, a shared directory). Live
+    /// migration and failover of a server need shared storage.
+    #[serde(default)]
+    pub shared: bool,
+}
+
+/// One image of the catalog.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Image {
+    /// Name servers use in `boot.image`.
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// Name of the volume in the pool's storage pool that is cloned for each server.
+    #[schemars(length(min = 1, max = 253))]
+    pub volume: String,
+    /// Disk format of the volume: raw (the default) or qcow2.
+    #[serde(default)]
+    pub format: DiskFormat,
+    /// For direct kernel boot (Xen PV without a boot loader): path of the kernel on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    pub kernel: Option<String>,
+    /// For direct kernel boot: path of the initramfs on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    pub initrd: Option<String>,
+    /// For direct kernel boot: the kernel command line; covi appends the host name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    pub cmdline: Option<String>,
+}
+
+/// Disk format of a volume.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    #[default]
+    Raw,
+    Qcow2,
+}
+
+/// A standard server size.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerClass {
+    /// Name servers use in `class`, for example "small".
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// CPUs, memory, disk and bandwidth of the class.
+    #[serde(flatten)]
+    pub resources: Resources,
+}
+
+/// The pool's network.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("!has(self.gateway) || !isCIDR(self.cidr) || (isIP(self.gateway) && cidr(self.cidr).containsIP(self.gateway))").message("gateway must be an IPv4 address inside cidr"))]
+#[serde(rename_all = "camelCase")]
+pub struct PoolNetwork {
+    /// Name of the Linux bridge on each host that server interfaces join.
+    #[schemars(length(min = 1, max = 15))]
+    pub bridge: String,
+    /// IPv4 range servers take addresses from, for example 10.20.0.0/24.
+    #[x_kube(validation = Rule::new("isCIDR(self) && cidr(self).ip().family() == 4").message("cidr must be an IPv4 CIDR such as 10.20.0.0/24"))]
+    #[schemars(length(max = 64))]
+    pub cidr: String,
+    /// The default gateway handed to servers; never given to a server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub gateway: Option<String>,
+    /// DNS servers handed to servers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(validation = Rule::new("self.all(a, isIP(a))").message("every dns entry must be an IP address"))]
+    #[schemars(length(max = 8))]
+    pub dns: Vec<String>,
+    /// Addresses of the CIDR never handed out automatically: single addresses
+    /// ("10.20.0.5") or inclusive ranges ("10.20.0.1-10.20.0.20").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub reserved: Vec<String>,
+}
+
+/// Failure detection and high-availability restarts.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("self.fenceAfterSeconds + self.renewSeconds <= self.leaseDurationSeconds").message("fenceAfterSeconds plus renewSeconds must not exceed leaseDurationSeconds, so a cut-off host fences itself before the operator may restart its servers"))]
+#[x_kube(validation = Rule::new("self.fenceAfterSeconds >= 2 * self.renewSeconds").message("fenceAfterSeconds must be at least twice renewSeconds, so one slow renewal does not fence a host"))]
+#[serde(rename_all = "camelCase")]
+pub struct Failover {
+    /// Restart highly-available servers of lost hosts elsewhere (default true).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// How often an agent renews its host's Lease (default 2).
+    #[serde(default = "default_renew")]
+    #[schemars(range(min = 1, max = 60))]
+    pub renew_seconds: u32,
+    /// The Lease's duration (default 10).
+    #[serde(default = "default_lease_duration")]
+    #[schemars(range(min = 3, max = 600))]
+    pub lease_duration_seconds: u32,
+    /// An agent that could not renew for this long destroys its servers (default 6).
+    #[serde(default = "default_fence_after")]
+    #[schemars(range(min = 2, max = 600))]
+    pub fence_after_seconds: u32,
+    /// Extra time the operator waits after the Lease expired before it declares the
+    /// host lost (default 3).
+    #[serde(default = "default_grace")]
+    #[schemars(range(max = 600))]
+    pub grace_seconds: u32,
+    /// Hosts the pool must be able to lose and still restart every highly-available
+    /// server: the scheduler refuses placements that break this (N+1 admission).
+    #[serde(default)]
+    #[schemars(range(max = 100))]
+    pub reserve_hosts: u32,
+    /// When more than this percentage of a pool's hosts is lost at once, failover
+    /// pauses instead of stampeding (default 50).
+    #[serde(default = "default_max_lost_percent")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_lost_percent: u32,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_renew() -> u32 {
+    2
+}
+fn default_lease_duration() -> u32 {
+    10
+}
+fn default_fence_after() -> u32 {
+    6
+}
+fn default_grace() -> u32 {
+    3
+}
+fn default_max_lost_percent() -> u32 {
+    50
+}
+
+impl Default for Failover {
+    fn default() -> Self {
+        Failover {
+            enabled: true,
+            renew_seconds: default_renew(),
+            lease_duration_seconds: default_lease_duration(),
+            fence_after_seconds: default_fence_after(),
+            grace_seconds: default_grace(),
+            reserve_hosts: 0,
+            max_lost_percent: default_max_lost_percent(),
+        }
+    }
+}
+
+/// How the scheduler ranks hosts that fit.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Strategy {
+    /// Prefer the least-allocated host.
+    #[default]
+    Spread,
+    /// Prefer the most-allocated host that still fits.
+    Pack,
+}
+
+/// Which requests are approved automatically.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ApprovalPolicy {
+    /// Requests within these limits are approved without a person.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_approve: Option<AutoApprove>,
+    /// URL that receives a JSON message when a request is fulfilled or about to expire.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("isURL(self) && (url(self).getScheme() == 'https' || url(self).getScheme() == 'http')").message("webhookUrl must be an http or https URL"))]
+    #[schemars(length(max = 2048))]
+    pub webhook_url: Option<String>,
+}
+
+/// Limits of automatic approval; a request over any of them waits for a person.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoApprove {
+    /// Most servers in one request.
+    #[schemars(range(max = 1000))]
+    pub max_servers: u32,
+    /// Most virtual CPUs in one request, over all its servers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cpus: Option<u32>,
+    /// Most memory in one request, over all its servers, as a quantity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("isQuantity(self)").message("maxMemory must be a quantity such as 64Gi"))]
+    #[schemars(length(max = 32))]
+    pub max_memory: Option<String>,
+    /// Only requests in these namespaces; empty means every namespace.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    pub namespaces: Vec<String>,
+}
+
+/// Observed state of a pool, written by covi-operator.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct HostPoolStatus {
+    /// The generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Hosts that are Ready.
+    #[serde(default)]
+    pub ready_hosts: u32,
+    /// Hosts in the pool.
+    #[serde(default)]
+    pub total_hosts: u32,
+    /// Servers bound to the pool's hosts.
+    #[serde(default)]
+    pub servers: u32,
+    /// Virtual CPUs allocated and schedulable after overcommit and reserve, as "12/64".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_allocation: Option<String>,
+    /// Memory allocated and schedulable after overcommit and reserve, as "24Gi/120Gi".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_allocation: Option<String>,
+    /// Conditions: Ready, FailoverPaused, and others; one entry per type.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+}

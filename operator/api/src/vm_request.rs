@@ -1,0 +1,133 @@
+//! VmRequest: a request for servers that an approver grants.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::condition::Condition;
+use crate::virtual_server::VirtualServerSpec;
+
+/// A request for `replicas` servers made from one template.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "covi.io",
+    version = "v1alpha1",
+    kind = "VmRequest",
+    namespaced,
+    status = "VmRequestStatus",
+    shortname = "vmr",
+    category = "covi",
+    doc = "A request for virtual servers. An approver approves or denies it through the status subresource; covi-operator then creates the servers, reports Fulfilled, and reclaims them when the lifetime ends.",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase", description = "Approval and fulfilment state"),
+    printcolumn(name = "Replicas", type_ = "integer", json_path = ".spec.replicas"),
+    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
+    printcolumn(name = "Requester", type_ = "string", json_path = ".spec.requester"),
+    printcolumn(name = "Expires", type_ = "date", json_path = ".status.expiresAt"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    derive = "PartialEq"
+)]
+#[x_kube(validation = Rule::new("has(self.requester) == has(oldSelf.requester) && (!has(self.requester) || self.requester == oldSelf.requester)").message("requester is immutable"))]
+#[serde(rename_all = "camelCase")]
+pub struct VmRequestSpec {
+    /// How many servers to create, 0 to 1000. `kubectl scale` changes it.
+    #[schemars(range(min = 0, max = 1000))]
+    pub replicas: i32,
+
+    /// The servers to create.
+    pub template: ServerTemplate,
+
+    /// Why the servers are needed; the approver reads it.
+    #[x_kube(validation = Rule::new("self.trim() != ''").message("reason must say why the servers are needed"))]
+    #[schemars(length(max = 4096))]
+    pub reason: String,
+
+    /// How long the servers live after the request is fulfilled, as a duration such as
+    /// 168h; empty means until the request is deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^([0-9]+(\\\\.[0-9]+)?(ns|us|ms|s|m|h))+$') && duration(self) > duration('0s')").message("lifetime must be a positive duration such as 168h or 90m"))]
+    #[schemars(length(max = 64))]
+    pub lifetime: Option<String>,
+
+    /// The user who made the request, as the API server knows them. It must be the
+    /// creating user and cannot change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub requester: Option<String>,
+}
+
+/// Template of the servers a request creates.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerTemplate {
+    /// Labels and annotations given to each server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<TemplateMetadata>,
+    /// The specification of each server.
+    pub spec: VirtualServerSpec,
+}
+
+/// Metadata copied to each server of a request.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateMetadata {
+    /// Labels given to each server.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Annotations given to each server.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// Observed state of a request. Approvers write only the Approved or Denied
+/// condition; covi-operator writes the rest.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct VmRequestStatus {
+    /// The generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Pending (waiting for approval), Approved, Denied, Provisioning, Fulfilled or Expired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<VmRequestPhase>,
+    /// Servers that exist for this request.
+    #[serde(default)]
+    pub replicas: i32,
+    /// Servers of this request that are Ready.
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// Label selector matching the request's servers, for the scale subresource.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// When the servers are reclaimed: fulfilment time plus lifetime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Time>,
+    /// Conditions: Approved, Denied, Fulfilled, Expired; one entry per type.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+}
+
+/// Approval and fulfilment state of a request.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmRequestPhase {
+    /// Waiting for an approver.
+    Pending,
+    /// Approved; servers are not created yet.
+    Approved,
+    /// Denied by an approver; nothing is created.
+    Denied,
+    /// Servers are being created.
+    Provisioning,
+    /// All servers are Ready.
+    Fulfilled,
+    /// The lifetime ended and the servers were reclaimed.
+    Expired,
+}
