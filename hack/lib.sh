@@ -17,3 +17,6 @@ phase() {
   _phase_name="${1:-}"
   _phase_start=$now
 }
+
+# The pinned kubectl comes first, so no other kubectl on the machine answers instead.
+export PATH="$CONTROL_PLANE_BIN:$PATH"

@@ -1,7 +1,7 @@
 //! Kubernetes-style conditions, shared by every status in covi.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
 /// The three values a condition's `status` takes.
@@ -94,10 +94,34 @@ mod tests {
     #[test]
     fn transition_time_moves_only_when_status_changes() {
         let mut conditions = vec![];
-        assert!(set_condition(&mut conditions, "Ready", ConditionStatus::False, "Pending", "waiting", Some(1), at(10)));
-        assert!(set_condition(&mut conditions, "Ready", ConditionStatus::False, "Binding", "binding", Some(2), at(20)));
+        assert!(set_condition(
+            &mut conditions,
+            "Ready",
+            ConditionStatus::False,
+            "Pending",
+            "waiting",
+            Some(1),
+            at(10)
+        ));
+        assert!(set_condition(
+            &mut conditions,
+            "Ready",
+            ConditionStatus::False,
+            "Binding",
+            "binding",
+            Some(2),
+            at(20)
+        ));
         assert_eq!(conditions[0].last_transition_time, Time(at(10)));
-        assert!(set_condition(&mut conditions, "Ready", ConditionStatus::True, "Running", "up", Some(2), at(30)));
+        assert!(set_condition(
+            &mut conditions,
+            "Ready",
+            ConditionStatus::True,
+            "Running",
+            "up",
+            Some(2),
+            at(30)
+        ));
         assert_eq!(conditions[0].last_transition_time, Time(at(30)));
         assert_eq!(conditions.len(), 1);
     }
@@ -105,8 +129,24 @@ mod tests {
     #[test]
     fn unchanged_condition_reports_no_change() {
         let mut conditions = vec![];
-        set_condition(&mut conditions, "Ready", ConditionStatus::True, "Running", "up", Some(1), at(10));
-        assert!(!set_condition(&mut conditions, "Ready", ConditionStatus::True, "Running", "up", Some(2), at(20)));
+        set_condition(
+            &mut conditions,
+            "Ready",
+            ConditionStatus::True,
+            "Running",
+            "up",
+            Some(1),
+            at(10),
+        );
+        assert!(!set_condition(
+            &mut conditions,
+            "Ready",
+            ConditionStatus::True,
+            "Running",
+            "up",
+            Some(2),
+            at(20)
+        ));
         assert_eq!(conditions[0].observed_generation, Some(2));
         assert!(is_condition_true(&conditions, "Ready"));
         assert!(!is_condition_true(&conditions, "Scheduled"));

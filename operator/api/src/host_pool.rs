@@ -20,12 +20,41 @@ use crate::virtual_server::Resources;
     category = "covi",
     doc = "A pool of hypervisor hosts, usually one per data centre: which hosts belong, how far they may be overcommitted, the shared storage, the image catalog, the standard sizes and the network.",
     printcolumn(name = "Hypervisor", type_ = "string", json_path = ".spec.hypervisor"),
-    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyHosts", description = "Hosts that are Ready"),
-    printcolumn(name = "Hosts", type_ = "integer", json_path = ".status.totalHosts", description = "Hosts in the pool"),
-    printcolumn(name = "Servers", type_ = "integer", json_path = ".status.servers", description = "Servers bound to the pool's hosts"),
-    printcolumn(name = "CPU", type_ = "string", json_path = ".status.cpuAllocation", description = "Virtual CPUs allocated / schedulable"),
-    printcolumn(name = "Memory", type_ = "string", json_path = ".status.memoryAllocation", description = "Memory allocated / schedulable"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(
+        name = "Ready",
+        type_ = "integer",
+        json_path = ".status.readyHosts",
+        description = "Hosts that are Ready"
+    ),
+    printcolumn(
+        name = "Hosts",
+        type_ = "integer",
+        json_path = ".status.totalHosts",
+        description = "Hosts in the pool"
+    ),
+    printcolumn(
+        name = "Servers",
+        type_ = "integer",
+        json_path = ".status.servers",
+        description = "Servers bound to the pool's hosts"
+    ),
+    printcolumn(
+        name = "CPU",
+        type_ = "string",
+        json_path = ".status.cpuAllocation",
+        description = "Virtual CPUs allocated / schedulable"
+    ),
+    printcolumn(
+        name = "Memory",
+        type_ = "string",
+        json_path = ".status.memoryAllocation",
+        description = "Memory allocated / schedulable"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    ),
     derive = "PartialEq"
 )]
 #[serde(rename_all = "camelCase")]
@@ -124,7 +153,10 @@ fn default_memory_ratio() -> f64 {
 
 impl Default for Overcommit {
     fn default() -> Self {
-        Overcommit { cpu: default_cpu_ratio(), memory: default_memory_ratio() }
+        Overcommit {
+            cpu: default_cpu_ratio(),
+            memory: default_memory_ratio(),
+        }
     }
 }
 
@@ -152,7 +184,10 @@ fn default_reserve_memory() -> String {
 
 impl Default for HostReserve {
     fn default() -> Self {
-        HostReserve { cpus: default_reserve_cpus(), memory: default_reserve_memory() }
+        HostReserve {
+            cpus: default_reserve_cpus(),
+            memory: default_reserve_memory(),
+        }
     }
 }
 

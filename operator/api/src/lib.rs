@@ -4,6 +4,10 @@
 //! operator, the agent, `crdgen` and the tests share one definition of the API.
 //! Every field's doc comment becomes its `kubectl explain` text.
 
+// kube's `printcolumn(type_ = ...)` repeats keys on purpose; clippy reads them as
+// duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
 pub mod condition;
 pub mod host;
 pub mod host_pool;

@@ -25,7 +25,10 @@ const MIB: u128 = 1024 * 1024;
 /// Parses a quantity into a whole number of base units (bytes, bits, …),
 /// rounding up fractions of a unit as Kubernetes does.
 pub fn parse(input: &str) -> Result<u64, QuantityError> {
-    let err = |reason| QuantityError { input: input.to_string(), reason };
+    let err = |reason| QuantityError {
+        input: input.to_string(),
+        reason,
+    };
     let s = input.trim();
     let split = s
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -56,9 +59,17 @@ pub fn parse(input: &str) -> Result<u64, QuantityError> {
     if frac.len() > 9 || (whole.is_empty() && frac.is_empty()) {
         return Err(err("expected a number such as 512Mi"));
     }
-    let whole: u128 = if whole.is_empty() { 0 } else { whole.parse().map_err(|_| err("number too large"))? };
+    let whole: u128 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().map_err(|_| err("number too large"))?
+    };
     let frac_digits = frac.len() as u32;
-    let frac_value: u128 = if frac.is_empty() { 0 } else { frac.parse().map_err(|_| err("bad fraction"))? };
+    let frac_value: u128 = if frac.is_empty() {
+        0
+    } else {
+        frac.parse().map_err(|_| err("bad fraction"))?
+    };
     let scale = 10u128.pow(frac_digits);
     let numerator = (whole * scale + frac_value)
         .checked_mul(multiplier)
@@ -76,7 +87,7 @@ pub fn parse_mib(input: &str) -> Result<u64, QuantityError> {
 
 /// Formats a number of MiB the way a person would write it: "4Gi" when whole, else "1536Mi".
 pub fn format_mib(mib: u64) -> String {
-    if mib != 0 && mib % 1024 == 0 {
+    if mib != 0 && mib.is_multiple_of(1024) {
         format!("{}Gi", mib / 1024)
     } else {
         format!("{mib}Mi")

@@ -1,0 +1,178 @@
+# The test bed's control plane: etcd, kube-apiserver and kube-controller-manager on
+# loopback with throwaway certificates and RBAC, the recipe of controller-runtime's
+# envtest plus the controller manager (so owner references are garbage-collected).
+# Source it after hack/lib.sh; then `testbed_start DIR` and `testbed_stop`.
+#
+# testbed_start exports:
+#   KUBECONFIG            admin kubeconfig (client certificate in group system:masters)
+#   COVI_TESTBED_DIR      state folder: certs, logs, kubeconfigs
+#   COVI_APISERVER        https://127.0.0.1:PORT
+# Every process is started with a parent-death signal, so not even `kill -9` of the
+# script leaves one behind.
+
+_testbed_pids=()
+
+# free_port: prints a TCP port on 127.0.0.1 that nothing listens on.
+free_port() {
+  local port
+  while :; do
+    port=$(( 20000 + RANDOM % 20000 ))
+    ss -Hltn "sport = :$port" | grep -q . || { echo "$port"; return; }
+  done
+}
+
+# wait_for DESCRIPTION DEADLINE_SECONDS COMMAND...: polls COMMAND until it succeeds.
+wait_for() {
+  local what=$1 deadline=$(( $(date +%s) + $2 ))
+  shift 2
+  until "$@" >/dev/null 2>&1; do
+    if [ "$(date +%s)" -ge "$deadline" ]; then
+      echo "testbed: timed out waiting for $what" >&2
+      return 1
+    fi
+    sleep 0.2
+  done
+}
+
+_testbed_spawn() {
+  local name=$1
+  shift
+  setpriv --pdeathsig KILL -- "$@" >"$COVI_TESTBED_DIR/logs/$name.log" 2>&1 &
+  _testbed_pids+=("$!")
+  echo "$!" >"$COVI_TESTBED_DIR/pids/$name"
+}
+
+# _testbed_certs DIR: a CA, the API server's serving certificate, client certificates
+# for the admin and the controller manager, and the service-account signing key.
+_testbed_certs() {
+  local d=$1
+  mkdir -p "$d"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 7 -subj "/CN=covi-testbed-ca" \
+    -keyout "$d/ca.key" -out "$d/ca.crt" 2>/dev/null
+  _testbed_sign "$d" apiserver "/CN=kube-apiserver" \
+    "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc,IP:10.0.2.2"
+  _testbed_sign "$d" admin "/O=system:masters/CN=covi-admin"
+  _testbed_sign "$d" controller-manager "/CN=system:kube-controller-manager"
+  openssl genrsa -out "$d/sa.key" 2048 2>/dev/null
+  openssl rsa -in "$d/sa.key" -pubout -out "$d/sa.pub" 2>/dev/null
+}
+
+# _testbed_sign DIR NAME SUBJECT [SUBJECT_ALT_NAMES]: a key and an X.509 v3 certificate
+# signed by the CA; a server certificate when SANs are given, else a client one.
+_testbed_sign() {
+  local d=$1 name=$2 subject=$3 sans=${4:-} ext
+  ext="basicConstraints=CA:FALSE
+keyUsage=digitalSignature,keyEncipherment"
+  if [ -n "$sans" ]; then
+    ext+=$'\n'"extendedKeyUsage=serverAuth"$'\n'"$sans"
+  else
+    ext+=$'\n'"extendedKeyUsage=clientAuth"
+  fi
+  openssl req -newkey rsa:2048 -nodes -subj "$subject" \
+    -keyout "$d/$name.key" -out "$d/$name.csr" 2>/dev/null
+  openssl x509 -req -in "$d/$name.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial \
+    -days 7 -out "$d/$name.crt" -extfile <(echo "$ext") 2>/dev/null
+}
+
+# testbed_kubeconfig NAME: writes DIR/NAME.kubeconfig for the client certificate NAME.
+testbed_kubeconfig() {
+  local name=$1 d=$COVI_TESTBED_DIR
+  cat >"$d/$name.kubeconfig" <<KC
+apiVersion: v1
+kind: Config
+clusters:
+- name: covi-testbed
+  cluster:
+    server: $COVI_APISERVER
+    certificate-authority: $d/certs/ca.crt
+users:
+- name: $name
+  user:
+    client-certificate: $d/certs/$name.crt
+    client-key: $d/certs/$name.key
+contexts:
+- name: covi-testbed
+  context: {cluster: covi-testbed, user: $name, namespace: default}
+current-context: covi-testbed
+KC
+}
+
+# testbed_user NAME [GROUP...]: a client certificate and kubeconfig for another user,
+# for tests that act as requesters, approvers or agents with their own credentials.
+testbed_user() {
+  local name=$1 subject="" g
+  shift
+  for g in "$@"; do subject+="/O=$g"; done
+  _testbed_sign "$COVI_TESTBED_DIR/certs" "$name" "$subject/CN=$name"
+  testbed_kubeconfig "$name"
+  echo "$COVI_TESTBED_DIR/$name.kubeconfig"
+}
+
+testbed_start() {
+  export COVI_TESTBED_DIR=$1
+  rm -rf "$COVI_TESTBED_DIR"
+  mkdir -p "$COVI_TESTBED_DIR"/{logs,pids,etcd}
+  local bin=$CONTROL_PLANE_BIN d=$COVI_TESTBED_DIR
+  local etcd_port etcd_peer api_port
+  etcd_port=$(free_port); etcd_peer=$(free_port); api_port=$(free_port)
+  export COVI_APISERVER="https://127.0.0.1:$api_port"
+
+  _testbed_certs "$d/certs"
+
+  _testbed_spawn etcd "$bin/etcd" --data-dir "$d/etcd" --unsafe-no-fsync \
+    --listen-client-urls "http://127.0.0.1:$etcd_port" \
+    --advertise-client-urls "http://127.0.0.1:$etcd_port" \
+    --listen-peer-urls "http://127.0.0.1:$etcd_peer" \
+    --initial-advertise-peer-urls "http://127.0.0.1:$etcd_peer" \
+    --initial-cluster "default=http://127.0.0.1:$etcd_peer"
+
+  _testbed_spawn kube-apiserver "$bin/kube-apiserver" \
+    --etcd-servers "http://127.0.0.1:$etcd_port" \
+    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
+    --tls-cert-file "$d/certs/apiserver.crt" --tls-private-key-file "$d/certs/apiserver.key" \
+    --client-ca-file "$d/certs/ca.crt" \
+    --authorization-mode RBAC \
+    --service-account-issuer "https://kubernetes.default.svc" \
+    --service-account-key-file "$d/certs/sa.pub" \
+    --service-account-signing-key-file "$d/certs/sa.key" \
+    --service-cluster-ip-range 10.0.0.0/24 \
+    --allow-privileged=true \
+    --disable-admission-plugins ServiceAccount \
+    --enable-priority-and-fairness=false
+
+  testbed_kubeconfig admin
+  testbed_kubeconfig controller-manager
+  export KUBECONFIG="$d/admin.kubeconfig"
+  if ! wait_for "kube-apiserver /readyz" 60 "$bin/kubectl" get --raw /readyz; then
+    tail -n 30 "$d/logs/kube-apiserver.log" >&2
+    return 1
+  fi
+
+  _testbed_spawn kube-controller-manager "$bin/kube-controller-manager" \
+    --kubeconfig "$d/controller-manager.kubeconfig" \
+    --authentication-kubeconfig "$d/controller-manager.kubeconfig" \
+    --authorization-kubeconfig "$d/controller-manager.kubeconfig" \
+    --controllers garbagecollector,namespace,serviceaccount \
+    --leader-elect=false --secure-port 0 \
+    --service-account-private-key-file "$d/certs/sa.key" \
+    --root-ca-file "$d/certs/ca.crt"
+  # The controller manager is ready once its garbage collector has synced; its first
+  # visible act is creating the default ServiceAccount in a namespace.
+  wait_for "kube-controller-manager" 60 "$bin/kubectl" get serviceaccount default -n default
+}
+
+testbed_stop() {
+  local pid deadline
+  [ "${#_testbed_pids[@]}" -gt 0 ] || return 0
+  # Stop in reverse order of start: clients first, etcd last.
+  for (( i=${#_testbed_pids[@]}-1; i>=0; i-- )); do
+    kill -TERM "${_testbed_pids[$i]}" 2>/dev/null || true
+  done
+  deadline=$(( $(date +%s) + 3 ))
+  for pid in "${_testbed_pids[@]}"; do
+    while kill -0 "$pid" 2>/dev/null && [ "$(date +%s)" -lt "$deadline" ]; do sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+  _testbed_pids=()
+}
