@@ -564,3 +564,59 @@ async fn conditions_from_two_writers_merge_by_type() {
         "each writer keeps its own condition"
     );
 }
+
+#[tokio::test]
+async fn users_act_with_their_own_rights() {
+    use covi_tests::client_as;
+    let client = admin().await;
+    install_crds(&client).await;
+    let ns = namespace(&client, "rbac").await;
+    let object: DynamicObject = serde_json::from_value(virtual_server()).expect("object");
+
+    let bob = client_as("bob", &["covi:testers"]).await;
+    match api_for(&bob, &object, &ns)
+        .create(&PostParams::default(), &object)
+        .await
+    {
+        Err(kube::Error::Api(status)) => assert_eq!(status.code, 403, "{status:?}"),
+        other => panic!("bob has no role yet and must be forbidden, got {other:?}"),
+    }
+
+    let grant = |kind: &str, body: Value| {
+        let mut object: DynamicObject = serde_json::from_value(body).expect("rbac object");
+        object.metadata.namespace = Some(ns.clone());
+        (kind.to_string(), object)
+    };
+    for (kind, object) in [
+        grant(
+            "Role",
+            json!({
+                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+                "metadata": {"name": "servers"},
+                "rules": [{"apiGroups": ["covi.io"], "resources": ["virtualservers"], "verbs": ["create", "get"]}]
+            }),
+        ),
+        grant(
+            "RoleBinding",
+            json!({
+                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                "metadata": {"name": "bob-servers"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "servers"},
+                "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "bob"}]
+            }),
+        ),
+    ] {
+        api_for(&client, &object, &ns)
+            .create(&PostParams::default(), &object)
+            .await
+            .unwrap_or_else(|e| panic!("creating {kind}: {e}"));
+    }
+    // The RBAC authorizer learns of new bindings through a watch: allow it a moment.
+    let bob_api = api_for(&bob, &object, &ns);
+    wait_until(
+        "bob to be allowed once granted",
+        Duration::from_secs(10),
+        || async { bob_api.create(&PostParams::default(), &object).await.ok() },
+    )
+    .await;
+}
