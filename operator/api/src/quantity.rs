@@ -85,15 +85,6 @@ pub fn parse_mib(input: &str) -> Result<u64, QuantityError> {
     Ok(u64::try_from(bytes.div_ceil(MIB)).expect("bytes/MiB fits in u64"))
 }
 
-/// Formats a number of MiB the way a person would write it: "4Gi" when whole, else "1536Mi".
-pub fn format_mib(mib: u64) -> String {
-    if mib != 0 && mib.is_multiple_of(1024) {
-        format!("{}Gi", mib / 1024)
-    } else {
-        format!("{mib}Mi")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,12 +110,5 @@ mod tests {
         for bad in ["", "Mi", "12Q", "1.2.3Gi", "99999999999999999999999Pi"] {
             assert!(parse(bad).is_err(), "{bad} should not parse");
         }
-    }
-
-    #[test]
-    fn formats_whole_gib() {
-        assert_eq!(format_mib(4096), "4Gi");
-        assert_eq!(format_mib(1536), "1536Mi");
-        assert_eq!(format_mib(0), "0Mi");
     }
 }
