@@ -1,0 +1,4 @@
+//! covi-agent: runs on every hypervisor host and converges its libvirt domains to the
+//! VirtualServers bound to the host.
+
+pub mod domain_xml;
