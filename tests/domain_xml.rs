@@ -110,7 +110,7 @@ fn the_test_driver_defines_and_starts_every_guest_kind() {
     // shares nothing with others.
     let node = std::env::temp_dir().join(format!("covi-xml-node-{}.xml", std::process::id()));
     std::fs::write(&node, "<node><cpu><nodes>1</nodes><sockets>1</sockets><cores>4</cores><threads>1</threads></cpu><memory>8388608</memory></node>").expect("node file");
-    let mut conn =
+    let conn =
         Connect::open(Some(&format!("test://{}", node.display()))).expect("open the test driver");
     for spec in guests(Driver::Test) {
         let domain = conn

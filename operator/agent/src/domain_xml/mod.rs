@@ -354,7 +354,10 @@ pub fn ownership(domain_xml: &str) -> Option<Ownership> {
                 };
                 let mut ours = false;
                 for attr in e.attributes().flatten() {
-                    let value = attr.unescape_value().ok()?.into_owned();
+                    let value = attr
+                        .normalized_value(quick_xml::XmlVersion::Implicit1_0)
+                        .ok()?
+                        .into_owned();
                     let key = attr.key.as_ref();
                     if key.starts_with("xmlns") {
                         ours |= value == METADATA_NS;
