@@ -1,4 +1,7 @@
 //! covi-agent: runs on every hypervisor host and converges its libvirt domains to the
 //! VirtualServers bound to the host.
 
+pub mod config;
 pub mod domain_xml;
+pub mod error;
+pub mod seed;

@@ -1,0 +1,179 @@
+//! The agent's settings, from flags with environment fallbacks.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+pub const USAGE: &str = "usage: covi-agent --node-name NAME [options]
+
+  --node-name NAME        this host's Kubernetes node name; names the Host and its Lease
+                          (env COVI_NODE_NAME, else NODE_NAME)
+  --libvirt-uri URI       xen:///system (default), qemu:///system, test:///path/node.xml
+                          (env COVI_LIBVIRT_URI)
+  --kubeconfig PATH       kubeconfig to use; default: KUBECONFIG, then in-cluster
+  --namespace NS          namespace of the host Leases (env COVI_NAMESPACE, default covi-system)
+  --label KEY=VALUE       label for the Host, repeatable (env COVI_HOST_LABELS=k=v,k=v);
+                          a HostPool's nodeSelector matches these
+  --address ADDR          address other hosts reach this one at (env COVI_HOST_ADDRESS)
+  --resync-seconds N      full comparison of domains with servers every N seconds (default 10)
+  --metrics-addr ADDR     serve /metrics and /healthz here (default 0.0.0.0:9464; port 0 picks one)
+  --work-dir PATH         scratch space for seed ISOs (default /var/lib/covi-agent)";
+
+/// Everything the agent needs to know to start.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub node_name: String,
+    pub libvirt_uri: String,
+    pub kubeconfig: Option<PathBuf>,
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+    pub address: Option<String>,
+    pub resync: Duration,
+    pub metrics_addr: SocketAddr,
+    pub work_dir: PathBuf,
+}
+
+fn parse_label(s: &str) -> Result<(String, String)> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(Error::Config(format!("label {s:?} is not KEY=VALUE"))),
+    }
+}
+
+impl Config {
+    /// Reads flags (without the program name) and, for what they leave open, `env`.
+    pub fn parse(
+        args: impl IntoIterator<Item = String>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config> {
+        let mut node_name = env("COVI_NODE_NAME").or_else(|| env("NODE_NAME"));
+        let mut libvirt_uri = env("COVI_LIBVIRT_URI").unwrap_or_else(|| "xen:///system".into());
+        let mut kubeconfig = None;
+        let mut namespace = env("COVI_NAMESPACE").unwrap_or_else(|| "covi-system".into());
+        let mut labels = BTreeMap::new();
+        if let Some(list) = env("COVI_HOST_LABELS") {
+            for item in list.split(',').filter(|s| !s.is_empty()) {
+                let (k, v) = parse_label(item)?;
+                labels.insert(k, v);
+            }
+        }
+        let mut address = env("COVI_HOST_ADDRESS");
+        let mut resync = Duration::from_secs(10);
+        let mut metrics_addr: SocketAddr = "0.0.0.0:9464".parse().expect("valid default");
+        let mut work_dir = PathBuf::from("/var/lib/covi-agent");
+
+        let mut args = args.into_iter();
+        while let Some(flag) = args.next() {
+            let (flag, inline) = match flag.split_once('=') {
+                Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+                _ => (flag, None),
+            };
+            if flag == "-h" || flag == "--help" {
+                return Err(Error::Config(USAGE.to_string()));
+            }
+            let mut value = || {
+                inline
+                    .clone()
+                    .or_else(|| args.next())
+                    .ok_or_else(|| Error::Config(format!("{flag} needs a value\n\n{USAGE}")))
+            };
+            match flag.as_str() {
+                "--node-name" => node_name = Some(value()?),
+                "--libvirt-uri" => libvirt_uri = value()?,
+                "--kubeconfig" => kubeconfig = Some(PathBuf::from(value()?)),
+                "--namespace" => namespace = value()?,
+                "--label" => {
+                    let (k, v) = parse_label(&value()?)?;
+                    labels.insert(k, v);
+                }
+                "--address" => address = Some(value()?),
+                "--resync-seconds" => {
+                    let v = value()?;
+                    let secs: u64 = v.parse().ok().filter(|s| *s > 0).ok_or_else(|| {
+                        Error::Config(format!("--resync-seconds {v:?} is not a positive number"))
+                    })?;
+                    resync = Duration::from_secs(secs);
+                }
+                "--metrics-addr" => {
+                    let v = value()?;
+                    metrics_addr = v.parse().map_err(|_| {
+                        Error::Config(format!("--metrics-addr {v:?} is not HOST:PORT"))
+                    })?;
+                }
+                "--work-dir" => work_dir = PathBuf::from(value()?),
+                other => return Err(Error::Config(format!("unknown flag {other}\n\n{USAGE}"))),
+            }
+        }
+        let node_name = node_name.filter(|n| !n.is_empty()).ok_or_else(|| {
+            Error::Config(format!(
+                "--node-name (or COVI_NODE_NAME) is required\n\n{USAGE}"
+            ))
+        })?;
+        Ok(Config {
+            node_name,
+            libvirt_uri,
+            kubeconfig,
+            namespace,
+            labels,
+            address,
+            resync,
+            metrics_addr,
+            work_dir,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn flags_override_environment() {
+        let env = |k: &str| match k {
+            "COVI_NODE_NAME" => Some("from-env".to_string()),
+            "COVI_HOST_LABELS" => Some("covi.io/pool=a,rack=r1".to_string()),
+            _ => None,
+        };
+        let c = Config::parse(
+            args(&[
+                "--node-name",
+                "host-1",
+                "--libvirt-uri=test:///tmp/h.xml",
+                "--label",
+                "covi.io/pool=b",
+            ]),
+            env,
+        )
+        .unwrap();
+        assert_eq!(c.node_name, "host-1");
+        assert_eq!(c.libvirt_uri, "test:///tmp/h.xml");
+        assert_eq!(c.labels["covi.io/pool"], "b");
+        assert_eq!(c.labels["rack"], "r1");
+        assert_eq!(c.namespace, "covi-system");
+    }
+
+    #[test]
+    fn defaults_to_xen() {
+        let c = Config::parse(args(&["--node-name", "h"]), |_| None).unwrap();
+        assert_eq!(c.libvirt_uri, "xen:///system");
+    }
+
+    #[test]
+    fn bad_input_says_what_is_wrong() {
+        let err = |a: &[&str]| Config::parse(args(a), |_| None).unwrap_err().to_string();
+        assert!(err(&[]).contains("--node-name (or COVI_NODE_NAME) is required"));
+        assert!(
+            err(&["--node-name", "h", "--resync-seconds", "0"]).contains("not a positive number")
+        );
+        assert!(err(&["--node-name", "h", "--label", "novalue"]).contains("is not KEY=VALUE"));
+        assert!(err(&["--node-name", "h", "--bogus"]).contains("unknown flag --bogus"));
+        assert!(err(&["--node-name"]).contains("--node-name needs a value"));
+    }
+}
