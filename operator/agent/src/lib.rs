@@ -2,6 +2,9 @@
 //! VirtualServers bound to the host.
 
 pub mod config;
+pub mod converge;
 pub mod domain_xml;
 pub mod error;
+pub mod libvirt;
 pub mod seed;
+pub mod server;

@@ -428,3 +428,81 @@ pub struct HostPoolStatus {
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
 }
+
+/// Why a server's size cannot be worked out from its spec and pool.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SizeError {
+    /// Condition reason: ClassNotFound or InvalidQuantity.
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// A server's size in whole units, after resolving its class.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Size {
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub disk_bytes: u64,
+    /// Bits per second, when limited.
+    pub bandwidth_bps: Option<u64>,
+}
+
+impl HostPool {
+    /// The size of `server`: its `resources`, or the pool's class it names.
+    pub fn size_of(&self, server: &crate::VirtualServerSpec) -> Result<Size, SizeError> {
+        let resources = match (&server.resources, &server.class) {
+            (Some(r), _) => r,
+            (None, Some(class)) => {
+                &self
+                    .spec
+                    .classes
+                    .iter()
+                    .find(|c| &c.name == class)
+                    .ok_or_else(|| {
+                        let known: Vec<_> =
+                            self.spec.classes.iter().map(|c| c.name.as_str()).collect();
+                        SizeError {
+                            reason: "ClassNotFound",
+                            message: format!(
+                                "class {class} is not defined in pool {}; it defines: {}",
+                                self.metadata.name.as_deref().unwrap_or_default(),
+                                if known.is_empty() {
+                                    "none".to_string()
+                                } else {
+                                    known.join(", ")
+                                }
+                            ),
+                        }
+                    })?
+                    .resources
+            }
+            (None, None) => {
+                return Err(SizeError {
+                    reason: "NoSize",
+                    message: "neither class nor resources is set".into(),
+                });
+            }
+        };
+        let quantity = |what: &str, q: &str| {
+            crate::quantity::parse(q).map_err(|e| SizeError {
+                reason: "InvalidQuantity",
+                message: format!("{what}: {e}"),
+            })
+        };
+        Ok(Size {
+            cpus: resources.cpus,
+            memory_mib: quantity("memory", &resources.memory)?.div_ceil(1 << 20),
+            disk_bytes: quantity("disk", &resources.disk)?,
+            bandwidth_bps: resources
+                .bandwidth
+                .as_deref()
+                .map(|b| quantity("bandwidth", b))
+                .transpose()?,
+        })
+    }
+
+    /// The catalog image named `name`.
+    pub fn image(&self, name: &str) -> Option<&Image> {
+        self.spec.images.iter().find(|i| i.name == name)
+    }
+}

@@ -381,6 +381,61 @@ pub fn ownership(domain_xml: &str) -> Option<Ownership> {
     }
 }
 
+/// The CPUs and memory (KiB) a domain definition asks for, as libvirt writes them
+/// back (`<vcpu>N</vcpu>`, `<memory unit='KiB'>N</memory>`).
+pub fn sizing(domain_xml: &str) -> Option<(u32, u64)> {
+    let mut reader = Reader::from_str(domain_xml);
+    let (mut vcpus, mut memory) = (None, None);
+    let mut depth = 0;
+    let mut current: Option<(String, u64)> = None;
+    loop {
+        match reader.read_event().ok()? {
+            Event::Start(e) => {
+                depth += 1;
+                let name = e.local_name().as_ref().to_string();
+                // Only the domain's own <vcpu> and <memory>, not nested elements.
+                if depth == 2 && (name == "vcpu" || name == "memory") {
+                    let mut multiplier = 1;
+                    for attr in e.attributes().flatten() {
+                        if attr.key.local_name().as_ref() == "unit" {
+                            let unit = attr
+                                .normalized_value(quick_xml::XmlVersion::Implicit1_0)
+                                .ok()?;
+                            multiplier = match unit.as_ref() {
+                                "KiB" | "k" | "K" => 1,
+                                "MiB" | "M" => 1024,
+                                "GiB" | "G" => 1024 * 1024,
+                                _ => return None,
+                            };
+                        }
+                    }
+                    current = Some((name, multiplier));
+                }
+            }
+            Event::Text(t) => {
+                if let Some((name, multiplier)) = &current {
+                    let value: u64 = t
+                        .xml_content(quick_xml::XmlVersion::Implicit1_0)
+                        .trim()
+                        .parse()
+                        .ok()?;
+                    match name.as_str() {
+                        "vcpu" => vcpus = Some(value as u32),
+                        _ => memory = Some(value * multiplier),
+                    }
+                }
+            }
+            Event::End(_) => {
+                depth -= 1;
+                current = None;
+            }
+            Event::Eof => break,
+            _ => {}
+        }
+    }
+    Some((vcpus?, memory?))
+}
+
 /// A stable MAC address for a server: the hypervisor's locally administered prefix
 /// (Xen's 00:16:3e or QEMU's 52:54:00) and three bytes from the server's UID.
 pub fn mac_address(guest: Guest, uid: &str) -> String {

@@ -126,3 +126,15 @@ fn the_test_driver_gets_the_same_devices_with_its_own_os_type() {
     let devices = |xml: &str| xml[xml.find("<devices>").unwrap()..].to_string();
     assert_eq!(devices(&xen), devices(&test));
 }
+
+#[test]
+fn sizing_reads_cpus_and_memory_back() {
+    let libvirt = "<domain type='test'><name>x</name><memory unit='KiB'>2097152</memory>\
+        <currentMemory unit='KiB'>1048576</currentMemory><vcpu placement='static'>3</vcpu>\
+        <devices><memory model='dimm'><target><size unit='KiB'>1</size></target></memory></devices></domain>";
+    assert_eq!(sizing(libvirt), Some((3, 2_097_152)));
+    assert_eq!(
+        sizing(&render(&spec(Driver::Kvm, Guest::Hvm))),
+        Some((2, 2048 * 1024))
+    );
+}

@@ -1,0 +1,407 @@
+//! The libvirt layer: one connection per host, every call run off the async runtime,
+//! and the operations the agent needs in the vocabulary of servers and volumes.
+
+pub mod events;
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc::UnboundedSender;
+use virt::connect::Connect;
+use virt::domain::Domain;
+use virt::error::ErrorNumber;
+use virt::storage_pool::StoragePool;
+use virt::storage_vol::StorageVol;
+use virt::stream::Stream;
+
+use crate::domain_xml::{Ownership, ownership, sizing};
+use crate::error::{Error, Result};
+pub use events::DomainEvent;
+
+/// Facts about the host as libvirt reports them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostFacts {
+    /// libvirt's driver name: "Xen", "QEMU" or "TEST".
+    pub driver: String,
+    /// The hypervisor's version, e.g. "4.17.5".
+    pub hypervisor_version: String,
+    pub libvirt_version: String,
+    pub cpus: u32,
+    pub memory_kib: u64,
+}
+
+/// A domain on the host that covi defined.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ObservedDomain {
+    pub uuid: String,
+    pub name: String,
+    pub active: bool,
+    pub owner: Ownership,
+    pub vcpus: u32,
+    pub memory_kib: u64,
+}
+
+/// Why a volume could not be prepared; the reason becomes the server's condition.
+#[derive(Debug, PartialEq, Eq)]
+pub enum VolumeError {
+    StoragePoolNotFound(String),
+    ImageNotFound(String),
+    Failed(String),
+}
+
+/// A connection to the host's hypervisor.
+#[derive(Clone)]
+pub struct Hypervisor {
+    conn: Arc<Connect>,
+}
+
+fn version_string(v: u32) -> String {
+    format!("{}.{}.{}", v / 1_000_000, (v / 1_000) % 1_000, v % 1_000)
+}
+
+fn is(e: &virt::error::Error, code: ErrorNumber) -> bool {
+    matches!(e.code(), virt::enumutil::Enum::Known(c) if c == code)
+}
+
+impl Hypervisor {
+    /// Opens `uri` and sends every domain lifecycle event to `events`.
+    pub async fn open(uri: &str, events: UnboundedSender<DomainEvent>) -> Result<Hypervisor> {
+        events::start_event_loop();
+        // libvirt's default error handler prints every error, including expected
+        // look-up misses, to stderr; errors reach us as values instead.
+        virt::error::clear_error_callback();
+        let uri = uri.to_string();
+        let conn = tokio::task::spawn_blocking(move || -> Result<Connect> {
+            let conn = Connect::open(Some(&uri))?;
+            events::subscribe(&conn, events)?;
+            Ok(conn)
+        })
+        .await
+        .map_err(|e| Error::Join(e.to_string()))??;
+        Ok(Hypervisor {
+            conn: Arc::new(conn),
+        })
+    }
+
+    /// Runs `f` with the connection on a blocking thread.
+    pub async fn run<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connect) -> Result<T> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || f(&conn))
+            .await
+            .map_err(|e| Error::Join(e.to_string()))?
+    }
+
+    pub async fn facts(&self) -> Result<HostFacts> {
+        self.run(|c| {
+            let info = c.node_info()?;
+            Ok(HostFacts {
+                driver: c.driver_type()?,
+                hypervisor_version: version_string(c.hyp_version()?),
+                libvirt_version: version_string(c.lib_version()?),
+                cpus: info.cpus,
+                memory_kib: info.memory,
+            })
+        })
+        .await
+    }
+
+    /// Every domain on the host that carries covi's ownership metadata.
+    pub async fn observe(&self) -> Result<Vec<ObservedDomain>> {
+        self.run(|c| {
+            let mut found = Vec::new();
+            for dom in c.list_all_domains(0)? {
+                match describe(&dom) {
+                    Ok(Some(d)) => found.push(d),
+                    Ok(None) => {}
+                    // A domain undefined while we looked is simply gone.
+                    Err(Error::Libvirt(e)) if is(&e, ErrorNumber::NoDomain) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(found)
+        })
+        .await
+    }
+
+    /// The covi domain with this UUID, if it exists.
+    pub async fn domain(&self, uuid: &str) -> Result<Option<ObservedDomain>> {
+        let uuid = uuid.to_string();
+        self.run(move |c| match c.lookup_domain_by_uuid_string(&uuid) {
+            Ok(dom) => describe(&dom),
+            Err(e) if is(&e, ErrorNumber::NoDomain) => Ok(None),
+            Err(e) => Err(e.into()),
+        })
+        .await
+    }
+
+    /// Makes sure volume `name` exists in storage pool `pool` with at least `capacity`
+    /// bytes: a clone of `image` when given, else empty. Returns its path.
+    pub async fn ensure_volume(
+        &self,
+        pool: &str,
+        name: &str,
+        image: Option<&str>,
+        format: &str,
+        capacity: u64,
+    ) -> Result<std::result::Result<String, VolumeError>> {
+        let (pool, name, image, format) = (
+            pool.to_string(),
+            name.to_string(),
+            image.map(str::to_string),
+            format.to_string(),
+        );
+        self.run(move |c| {
+            let pool = match find_pool(c, &pool)? {
+                Ok(p) => p,
+                Err(e) => return Ok(Err(e)),
+            };
+            if let Ok(vol) = pool.lookup_storage_vol_by_name(&name) {
+                let info = vol.info()?;
+                if info.capacity < capacity {
+                    vol.resize(capacity, 0)?;
+                }
+                return Ok(Ok(vol.path()?));
+            }
+            let xml = volume_xml(&name, &format, capacity);
+            let created = match &image {
+                Some(image) => match pool.lookup_storage_vol_by_name(image) {
+                    Ok(source) => StorageVol::create_xml_from(&pool, &xml, &source, 0),
+                    Err(e) if is(&e, ErrorNumber::NoStorageVolume) => {
+                        return Ok(Err(VolumeError::ImageNotFound(format!(
+                            "volume {image} is not in storage pool {}",
+                            pool.name()?
+                        ))));
+                    }
+                    Err(e) => return Err(e.into()),
+                },
+                None => StorageVol::create_xml(&pool, &xml, 0),
+            };
+            match created {
+                Ok(vol) => Ok(Ok(vol.path()?)),
+                Err(e) => Ok(Err(VolumeError::Failed(e.to_string()))),
+            }
+        })
+        .await
+    }
+
+    /// Writes `content` into volume `name` of `pool`, creating it. Drivers that cannot
+    /// upload (the test driver keeps no volume content) get an empty volume of that size.
+    pub async fn ensure_file_volume(
+        &self,
+        pool: &str,
+        name: &str,
+        content: Vec<u8>,
+    ) -> Result<std::result::Result<String, VolumeError>> {
+        let (pool, name) = (pool.to_string(), name.to_string());
+        self.run(move |c| {
+            let pool = match find_pool(c, &pool)? {
+                Ok(p) => p,
+                Err(e) => return Ok(Err(e)),
+            };
+            if let Ok(vol) = pool.lookup_storage_vol_by_name(&name) {
+                return Ok(Ok(vol.path()?));
+            }
+            let vol = match StorageVol::create_xml(
+                &pool,
+                &volume_xml(&name, "raw", content.len() as u64),
+                0,
+            ) {
+                Ok(vol) => vol,
+                Err(e) => return Ok(Err(VolumeError::Failed(e.to_string()))),
+            };
+            let stream = Stream::new(c, 0)?;
+            match vol.upload(&stream, 0, content.len() as u64, 0) {
+                Ok(()) => {
+                    let mut sent = 0;
+                    while sent < content.len() {
+                        sent += stream.send(&content[sent..])? as usize;
+                    }
+                    stream.finish()?;
+                }
+                Err(e) if is(&e, ErrorNumber::NoSupport) => {}
+                Err(e) => {
+                    vol.delete(0).ok();
+                    return Ok(Err(VolumeError::Failed(e.to_string())));
+                }
+            }
+            Ok(Ok(vol.path()?))
+        })
+        .await
+    }
+
+    /// Deletes the named volumes of `pool` that exist.
+    pub async fn delete_volumes(&self, pool: &str, names: Vec<String>) -> Result<()> {
+        let pool = pool.to_string();
+        self.run(move |c| {
+            let pool = match find_pool(c, &pool)? {
+                Ok(p) => p,
+                Err(_) => return Ok(()),
+            };
+            for name in names {
+                match pool.lookup_storage_vol_by_name(&name) {
+                    Ok(vol) => vol.delete(0)?,
+                    Err(e) if is(&e, ErrorNumber::NoStorageVolume) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Defines (or redefines) a domain; returns libvirt's error message on failure.
+    pub async fn define(&self, xml: String) -> Result<std::result::Result<(), String>> {
+        self.run(move |c| {
+            Ok(c.define_domain_xml(&xml)
+                .map(drop)
+                .map_err(|e| e.to_string()))
+        })
+        .await
+    }
+
+    /// Starts a defined domain; returns libvirt's error message on failure.
+    pub async fn start(&self, uuid: &str) -> Result<std::result::Result<(), String>> {
+        let started = self
+            .with_domain(uuid, |d| {
+                Ok(d.create().map(drop).map_err(|e| e.to_string()))
+            })
+            .await?;
+        Ok(started.unwrap_or_else(|| Err("the domain is not defined".to_string())))
+    }
+
+    /// Asks the guest to shut down (ACPI), or forces it off when `force`.
+    pub async fn stop(&self, uuid: &str, force: bool) -> Result<()> {
+        self.with_domain(uuid, move |d| {
+            let result = if force { d.destroy() } else { d.shutdown() };
+            match result {
+                Ok(()) => Ok(()),
+                // Already off.
+                Err(e) if is(&e, ErrorNumber::OperationInvalid) => Ok(()),
+                Err(e) => Err(e.into()),
+            }
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Forces the domain off and removes its definition.
+    pub async fn remove(&self, uuid: &str) -> Result<()> {
+        self.with_domain(uuid, |d| {
+            if d.is_active()? {
+                match d.destroy() {
+                    Ok(()) => {}
+                    Err(e) if is(&e, ErrorNumber::OperationInvalid) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if d.is_persistent()? {
+                d.undefine()?;
+            }
+            Ok(())
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Runs `f` on the domain with this UUID; `None` when there is no such domain.
+    async fn with_domain<T, F>(&self, uuid: &str, f: F) -> Result<Option<T>>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Domain) -> Result<T> + Send + 'static,
+    {
+        let uuid = uuid.to_string();
+        self.run(move |c| match c.lookup_domain_by_uuid_string(&uuid) {
+            Ok(dom) => f(&dom).map(Some),
+            Err(e) if is(&e, ErrorNumber::NoDomain) => Ok(None),
+            Err(e) => Err(e.into()),
+        })
+        .await
+    }
+}
+
+fn find_pool(c: &Connect, name: &str) -> Result<std::result::Result<StoragePool, VolumeError>> {
+    match c.lookup_storage_pool_by_name(name) {
+        Ok(pool) => {
+            if !pool.is_active()? {
+                pool.create(0)?;
+            }
+            Ok(Ok(pool))
+        }
+        Err(e) if is(&e, ErrorNumber::NoStoragePool) => Ok(Err(VolumeError::StoragePoolNotFound(
+            format!("storage pool {name} does not exist on this host"),
+        ))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Reads a domain's persistent definition: what it will be after its next start,
+/// which is what covi compares with the server's spec.
+fn describe(dom: &Domain) -> Result<Option<ObservedDomain>> {
+    let xml = dom.xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE)?;
+    let Some(owner) = ownership(&xml) else {
+        return Ok(None);
+    };
+    let (vcpus, memory_kib) = sizing(&xml).unwrap_or_default();
+    Ok(Some(ObservedDomain {
+        uuid: dom.uuid_string()?,
+        name: dom.name()?,
+        active: dom.is_active()?,
+        owner,
+        vcpus,
+        memory_kib,
+    }))
+}
+
+/// A volume definition. Names are escaped by the XML writer like domain XML.
+fn volume_xml(name: &str, format: &str, capacity: u64) -> String {
+    use quick_xml::Writer;
+    use quick_xml::events::{BytesText, Event};
+    let mut w = Writer::new(std::io::Cursor::new(Vec::new()));
+    let write = |w: &mut Writer<_>| -> std::io::Result<()> {
+        w.create_element("volume").write_inner_content(|w| {
+            w.create_element("name")
+                .write_text_content(BytesText::new(name))?;
+            w.create_element("capacity")
+                .with_attribute(("unit", "bytes"))
+                .write_text_content(BytesText::new(&capacity.to_string()))?;
+            w.create_element("target").write_inner_content(|w| {
+                w.create_element("format")
+                    .with_attribute(("type", format))
+                    .write_empty()?;
+                Ok(())
+            })?;
+            Ok(())
+        })?;
+        let _ = Event::Eof;
+        Ok(())
+    };
+    write(&mut w).expect("writing to memory cannot fail");
+    String::from_utf8(w.into_inner().into_inner()).expect("UTF-8")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_read_like_people_write_them() {
+        assert_eq!(version_string(4_017_005), "4.17.5");
+        assert_eq!(version_string(11_003_000), "11.3.0");
+    }
+
+    #[test]
+    fn volume_names_are_escaped() {
+        let xml = volume_xml("a</name><x/>", "raw", 1024);
+        assert!(
+            xml.contains("<name>a&lt;/name&gt;&lt;x/&gt;</name>"),
+            "{xml}"
+        );
+        assert!(
+            xml.contains("<capacity unit=\"bytes\">1024</capacity>"),
+            "{xml}"
+        );
+    }
+}
