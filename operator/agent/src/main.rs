@@ -1,1 +1,29 @@
-fn main() {}
+//! covi-agent: see `covi_agent::run`.
+
+use std::process::ExitCode;
+
+use covi_agent::config::Config;
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+    let config = match Config::parse(std::env::args().skip(1), |k| std::env::var(k).ok()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    match covi_agent::run::run(config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "covi-agent stopped");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,421 @@
+//! Converging one VirtualServer bound to this host, in the steps
+//! dereference → validate/build (pure, `server::plan`) → apply → report status.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use covi_api::condition::{ConditionStatus, set_condition};
+use covi_api::virtual_server::VirtualServerPhase;
+use covi_api::{HostPool, VirtualServer};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::Store;
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+
+use crate::converge::{Step, steps};
+use crate::domain_xml::render;
+use crate::error::{Error, Result};
+use crate::host::MANAGER;
+use crate::libvirt::{Hypervisor, VolumeError};
+use crate::seed::build_iso;
+use crate::server::{Failure, ServerPlan, plan, volume_names};
+
+/// The finalizer that keeps a VirtualServer until its host removed the domain and disks.
+pub const FINALIZER: &str = "covi.io/domain";
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: Client,
+    pub node: String,
+    pub hypervisor: Hypervisor,
+    pub driver: String,
+    pub pools: Store<HostPool>,
+    pub recorder: Recorder,
+    pub work_dir: PathBuf,
+    pub resync: Duration,
+    /// When a graceful stop was asked of each server, by UID.
+    pub stops: Mutex<HashMap<String, Instant>>,
+    pub metrics: crate::metrics::Metrics,
+}
+
+/// The outcome of applying a plan, for the status.
+struct Outcome {
+    phase: VirtualServerPhase,
+    ready: ConditionStatus,
+    reason: &'static str,
+    message: String,
+    domain_uuid: Option<String>,
+}
+
+impl Outcome {
+    fn failed(f: Failure) -> Outcome {
+        Outcome {
+            phase: VirtualServerPhase::Failed,
+            ready: ConditionStatus::False,
+            reason: f.reason,
+            message: f.message,
+            domain_uuid: None,
+        }
+    }
+}
+
+pub async fn reconcile(server: Arc<VirtualServer>, ctx: Arc<Context>) -> Result<Action> {
+    let started = Instant::now();
+    let result = reconcile_inner(&server, &ctx).await;
+    ctx.metrics
+        .observe_reconcile(started.elapsed(), result.as_ref().err());
+    result
+}
+
+async fn reconcile_inner(server: &VirtualServer, ctx: &Context) -> Result<Action> {
+    // The field selector already limits the watch to this host; a server that moved
+    // between the watch event and now is the new host's business.
+    if server.status.as_ref().and_then(|s| s.host.as_deref()) != Some(ctx.node.as_str()) {
+        return Ok(Action::await_change());
+    }
+    if server.meta().deletion_timestamp.is_some() {
+        return clean_up(server, ctx).await;
+    }
+
+    // dereference
+    let pool = ctx
+        .pools
+        .state()
+        .into_iter()
+        .find(|p| p.name_any() == server.spec.host_pool);
+    // validate + build
+    let planned = match &pool {
+        None => Err(Failure::new(
+            "PoolNotFound",
+            format!("HostPool {} does not exist", server.spec.host_pool),
+        )),
+        Some(pool) => plan(server, pool, &ctx.driver),
+    };
+    // apply
+    let (outcome, requeue) = match planned {
+        Err(failure) => (Outcome::failed(failure), ctx.resync),
+        Ok(plan) => apply(server, plan, ctx).await?,
+    };
+    // report
+    report(server, ctx, outcome).await?;
+    Ok(Action::requeue(requeue))
+}
+
+async fn apply(
+    server: &VirtualServer,
+    mut plan: ServerPlan,
+    ctx: &Context,
+) -> Result<(Outcome, Duration)> {
+    let hv = &ctx.hypervisor;
+    let uid = plan.domain.uuid.clone();
+    let observed = hv.observe().await?;
+    let stop_waited = ctx
+        .stops
+        .lock()
+        .expect("stops lock")
+        .get(&uid)
+        .map(|t| t.elapsed());
+    let mut requeue = ctx.resync;
+    for step in steps(&plan, &observed, stop_waited) {
+        match step {
+            Step::RemoveStale { uuid } => {
+                tracing::info!(%uuid, name = %plan.domain.name, "removing a leftover domain with this server's name");
+                hv.remove(&uuid).await?;
+            }
+            Step::Define => {
+                if let Err(failure) = prepare_volumes(&mut plan, ctx).await? {
+                    return Ok((Outcome::failed(failure), ctx.resync));
+                }
+                if let Err(message) = hv.define(render(&plan.domain)).await? {
+                    return Ok((
+                        Outcome::failed(Failure::new("DefineFailed", message)),
+                        ctx.resync,
+                    ));
+                }
+                publish(
+                    ctx,
+                    server,
+                    EventType::Normal,
+                    "Defined",
+                    format!("domain {} defined on {}", plan.domain.name, ctx.node),
+                )
+                .await;
+            }
+            Step::Start => {
+                if let Err(message) = hv.start(&uid).await? {
+                    publish(
+                        ctx,
+                        server,
+                        EventType::Warning,
+                        "StartFailed",
+                        message.clone(),
+                    )
+                    .await;
+                    return Ok((
+                        Outcome::failed(Failure::new("StartFailed", message)),
+                        ctx.resync,
+                    ));
+                }
+                ctx.stops.lock().expect("stops lock").remove(&uid);
+                publish(
+                    ctx,
+                    server,
+                    EventType::Normal,
+                    "Started",
+                    format!("started on {}", ctx.node),
+                )
+                .await;
+            }
+            Step::Stop { force } => {
+                hv.stop(&uid, force).await?;
+                ctx.stops
+                    .lock()
+                    .expect("stops lock")
+                    .entry(uid.clone())
+                    .or_insert_with(Instant::now);
+                if force {
+                    publish(
+                        ctx,
+                        server,
+                        EventType::Normal,
+                        "Stopped",
+                        "forced off after the shutdown grace period".into(),
+                    )
+                    .await;
+                }
+                requeue = Duration::from_secs(2);
+            }
+        }
+    }
+    let now = hv.domain(&uid).await?;
+    let outcome = match (now, plan.run) {
+        (Some(d), true) if d.active => Outcome {
+            phase: VirtualServerPhase::Running,
+            ready: ConditionStatus::True,
+            reason: "Running",
+            message: format!("domain {} runs on {}", d.name, ctx.node),
+            domain_uuid: Some(d.uuid),
+        },
+        (Some(d), false) if !d.active => {
+            ctx.stops.lock().expect("stops lock").remove(&uid);
+            Outcome {
+                phase: VirtualServerPhase::Stopped,
+                ready: ConditionStatus::False,
+                reason: "Stopped",
+                message: "runPolicy is Stopped; the domain is shut off".into(),
+                domain_uuid: Some(d.uuid),
+            }
+        }
+        (Some(d), false) => Outcome {
+            phase: VirtualServerPhase::Running,
+            ready: ConditionStatus::False,
+            reason: "Stopping",
+            message: "shutting down".into(),
+            domain_uuid: Some(d.uuid),
+        },
+        (Some(d), true) => Outcome {
+            phase: VirtualServerPhase::Provisioning,
+            ready: ConditionStatus::False,
+            reason: "Starting",
+            message: "the domain is defined and starting".into(),
+            domain_uuid: Some(d.uuid),
+        },
+        (None, _) => Outcome {
+            phase: VirtualServerPhase::Provisioning,
+            ready: ConditionStatus::False,
+            reason: "Provisioning",
+            message: "preparing disks and the domain".into(),
+            domain_uuid: None,
+        },
+    };
+    Ok((outcome, requeue))
+}
+
+/// Clones the boot disk and writes the seed ISO; fills in their paths.
+async fn prepare_volumes(
+    plan: &mut ServerPlan,
+    ctx: &Context,
+) -> Result<std::result::Result<(), Failure>> {
+    let hv = &ctx.hypervisor;
+    let disk = &plan.disk;
+    let volume = |e: VolumeError| match e {
+        VolumeError::StoragePoolNotFound(m) => Failure::new("StoragePoolNotFound", m),
+        VolumeError::ImageNotFound(m) => Failure::new("ImageNotFound", m),
+        VolumeError::Failed(m) => Failure::new("VolumeFailed", m),
+    };
+    match hv
+        .ensure_volume(
+            &disk.storage_pool,
+            &disk.volume,
+            disk.image_volume.as_deref(),
+            &disk.format,
+            disk.capacity,
+        )
+        .await?
+    {
+        Ok(path) => plan.domain.disk_path = path,
+        Err(e) => return Ok(Err(volume(e))),
+    }
+    let iso = build_iso(&plan.seed, &ctx.work_dir).await?;
+    match hv
+        .ensure_file_volume(&disk.storage_pool, &plan.seed_volume, iso)
+        .await?
+    {
+        Ok(path) => plan.domain.seed_path = Some(path),
+        Err(e) => return Ok(Err(volume(e))),
+    }
+    Ok(Ok(()))
+}
+
+/// Removes the domain and its volumes, then releases the finalizer.
+async fn clean_up(server: &VirtualServer, ctx: &Context) -> Result<Action> {
+    let uid = server.uid().unwrap_or_default();
+    ctx.hypervisor.remove(&uid).await?;
+    let pool = ctx
+        .pools
+        .state()
+        .into_iter()
+        .find(|p| p.name_any() == server.spec.host_pool);
+    if let Some(pool) = pool {
+        let (disk, seed) = volume_names(
+            &server.namespace().unwrap_or_default(),
+            &server.name_any(),
+            &uid,
+        );
+        ctx.hypervisor
+            .delete_volumes(&pool.spec.storage.pool, vec![disk, seed])
+            .await?;
+    }
+    ctx.stops.lock().expect("stops lock").remove(&uid);
+    release_finalizer(&ctx.client, server).await?;
+    publish(
+        ctx,
+        server,
+        EventType::Normal,
+        "Removed",
+        format!("domain and disks removed from {}", ctx.node),
+    )
+    .await;
+    Ok(Action::await_change())
+}
+
+/// Drops covi's finalizer, guarded by the resourceVersion so a concurrent change to
+/// the list is never overwritten.
+pub async fn release_finalizer(client: &Client, server: &VirtualServer) -> Result<()> {
+    if !server.finalizers().iter().any(|f| f == FINALIZER) {
+        return Ok(());
+    }
+    let api: Api<VirtualServer> =
+        Api::namespaced(client.clone(), &server.namespace().unwrap_or_default());
+    let rest: Vec<_> = server
+        .finalizers()
+        .iter()
+        .filter(|f| *f != FINALIZER)
+        .collect();
+    let patch =
+        json!({"metadata": {"finalizers": rest, "resourceVersion": server.resource_version()}});
+    match api
+        .patch(
+            &server.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        // Already gone: nothing left to release.
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Writes the agent's status fields, if they changed, by server-side apply.
+async fn report(server: &VirtualServer, ctx: &Context, outcome: Outcome) -> Result<()> {
+    let status = server.status.clone().unwrap_or_default();
+    let mut conditions = status.conditions.clone();
+    let generation = server.meta().generation;
+    let changed = set_condition(
+        &mut conditions,
+        "Ready",
+        outcome.ready,
+        outcome.reason,
+        outcome.message.clone(),
+        generation,
+        Timestamp::now(),
+    );
+    let same = !changed
+        && status.phase == Some(outcome.phase)
+        && status.domain_uuid == outcome.domain_uuid
+        && status.observed_generation == generation;
+    if same {
+        return Ok(());
+    }
+    if outcome.phase == VirtualServerPhase::Failed
+        && status.phase != Some(VirtualServerPhase::Failed)
+    {
+        publish(
+            ctx,
+            server,
+            EventType::Warning,
+            outcome.reason,
+            outcome.message.clone(),
+        )
+        .await;
+    }
+    let ready: Vec<_> = conditions
+        .into_iter()
+        .filter(|c| c.type_ == "Ready")
+        .collect();
+    let mut patch = json!({
+        "apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer",
+        "status": {
+            "observedGeneration": generation,
+            "phase": outcome.phase,
+            "conditions": ready,
+        }
+    });
+    // Omitted rather than null: under server-side apply, leaving a field out is how a
+    // manager says it has no value for it.
+    if let Some(uuid) = outcome.domain_uuid {
+        patch["status"]["domainUuid"] = json!(uuid);
+    }
+    let api: Api<VirtualServer> =
+        Api::namespaced(ctx.client.clone(), &server.namespace().unwrap_or_default());
+    api.patch_status(
+        &server.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn publish(
+    ctx: &Context,
+    server: &VirtualServer,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Converge".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &server.object_ref(&())).await {
+        tracing::warn!(error = %e, "publishing an event failed");
+    }
+}
+
+/// Retries soon after a failure; the error is in the log and the metrics.
+pub fn error_policy(server: Arc<VirtualServer>, error: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(server = %server.name_any(), error = %error, "reconcile failed");
+    Action::requeue(Duration::from_secs(2))
+}
