@@ -1,0 +1,109 @@
+//! The operator's settings, from flags with environment fallbacks.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+pub const USAGE: &str = "usage: covi-operator [options]
+
+  --kubeconfig PATH        kubeconfig to use; default: KUBECONFIG, then in-cluster
+  --namespace NS           namespace of the leader Lease (env COVI_NAMESPACE, default covi-system)
+  --identity ID            this replica's name in the leader Lease (env POD_NAME, else the host name)
+  --leader-lease-seconds N a standby takes over this long after the leader stops renewing (default 15)
+  --resync-seconds N       full scheduling pass at least this often (default 10)
+  --metrics-addr ADDR      serve /metrics and /healthz here (default 0.0.0.0:9465; port 0 picks one)";
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub kubeconfig: Option<PathBuf>,
+    pub namespace: String,
+    pub identity: String,
+    pub leader_lease: Duration,
+    pub resync: Duration,
+    pub metrics_addr: SocketAddr,
+}
+
+impl Config {
+    pub fn parse(
+        args: impl IntoIterator<Item = String>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config> {
+        let mut kubeconfig = None;
+        let mut namespace = env("COVI_NAMESPACE").unwrap_or_else(|| "covi-system".into());
+        let mut identity = env("POD_NAME")
+            .or_else(|| env("HOSTNAME"))
+            .unwrap_or_else(|| "covi-operator".into());
+        let mut leader_lease = Duration::from_secs(15);
+        let mut resync = Duration::from_secs(10);
+        let mut metrics_addr: SocketAddr = "0.0.0.0:9465".parse().expect("valid default");
+        let mut args = args.into_iter();
+        let seconds = |flag: &str, v: String| -> Result<Duration> {
+            v.parse::<u64>()
+                .ok()
+                .filter(|s| *s > 0)
+                .map(Duration::from_secs)
+                .ok_or_else(|| Error::Config(format!("{flag} {v:?} is not a positive number")))
+        };
+        while let Some(flag) = args.next() {
+            let (flag, inline) = match flag.split_once('=') {
+                Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+                _ => (flag, None),
+            };
+            if flag == "-h" || flag == "--help" {
+                return Err(Error::Config(USAGE.into()));
+            }
+            let mut value = || {
+                inline
+                    .clone()
+                    .or_else(|| args.next())
+                    .ok_or_else(|| Error::Config(format!("{flag} needs a value\n\n{USAGE}")))
+            };
+            match flag.as_str() {
+                "--kubeconfig" => kubeconfig = Some(PathBuf::from(value()?)),
+                "--namespace" => namespace = value()?,
+                "--identity" => identity = value()?,
+                "--leader-lease-seconds" => leader_lease = seconds(&flag, value()?)?,
+                "--resync-seconds" => resync = seconds(&flag, value()?)?,
+                "--metrics-addr" => {
+                    let v = value()?;
+                    metrics_addr = v.parse().map_err(|_| {
+                        Error::Config(format!("--metrics-addr {v:?} is not HOST:PORT"))
+                    })?;
+                }
+                other => return Err(Error::Config(format!("unknown flag {other}\n\n{USAGE}"))),
+            }
+        }
+        Ok(Config {
+            kubeconfig,
+            namespace,
+            identity,
+            leader_lease,
+            resync,
+            metrics_addr,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_flags() {
+        let c = Config::parse(vec![], |k| (k == "POD_NAME").then(|| "op-0".to_string())).unwrap();
+        assert_eq!(
+            (c.identity.as_str(), c.namespace.as_str()),
+            ("op-0", "covi-system")
+        );
+        let c = Config::parse(["--leader-lease-seconds=5".to_string()], |_| None).unwrap();
+        assert_eq!(c.leader_lease, Duration::from_secs(5));
+        let e =
+            Config::parse(["--resync-seconds".to_string(), "x".to_string()], |_| None).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("--resync-seconds \"x\" is not a positive number")
+        );
+    }
+}

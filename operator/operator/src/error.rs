@@ -1,0 +1,25 @@
+//! The operator's one error type. Variant names double as metric labels.
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("configuration: {0}")]
+    Config(String),
+
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+
+    #[error("leader election: {0}")]
+    Leader(#[from] kube_lease_manager::LeaseManagerError),
+}
+
+impl Error {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Error::Config(_) => "config",
+            Error::Kube(_) => "kube",
+            Error::Leader(_) => "leader",
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,10 @@
+//! covi-operator: schedules VirtualServers onto Hosts, manages addresses and
+//! finalizers, and keeps Host and HostPool status current. One replica leads.
+
+pub mod address;
+pub mod config;
+pub mod error;
+pub mod leader;
+pub mod metrics;
+pub mod run;
+pub mod scheduler;

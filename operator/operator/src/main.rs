@@ -1,0 +1,70 @@
+//! covi-operator: campaign for the leader Lease, then schedule until leadership ends.
+
+use std::process::ExitCode;
+
+use covi_operator::config::Config;
+use covi_operator::{leader, metrics::Metrics, run};
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+    let config = match Config::parse(std::env::args().skip(1), |k| std::env::var(k).ok()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    match operate(config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "covi-operator stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn operate(config: Config) -> covi_operator::error::Result<()> {
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Metrics::new(&mut registry);
+    let health = covi_metrics::Health::default();
+    covi_metrics::serve(config.metrics_addr, registry, health.clone())
+        .await
+        .map_err(|e| {
+            covi_operator::error::Error::Config(format!(
+                "serving metrics on {}: {e}",
+                config.metrics_addr
+            ))
+        })?;
+    let client = run::client(&config).await?;
+    health.set(true);
+    let mut leading = leader::campaign(
+        client.clone(),
+        &config.namespace,
+        &config.identity,
+        config.leader_lease,
+    )
+    .await?;
+    tracing::info!(identity = %config.identity, "standing by for the leader lease");
+    while !*leading.borrow_and_update() {
+        if leading.changed().await.is_err() {
+            return Err(covi_operator::error::Error::Config(
+                "leader election stopped".into(),
+            ));
+        }
+    }
+    metrics.leader.set(1);
+    tokio::select! {
+        result = run::run_leader(client, &config, metrics.clone()) => result,
+        _ = async { while leading.changed().await.is_ok() && *leading.borrow() {} } => {
+            // Another replica may lead now; stop rather than schedule beside it.
+            Err(covi_operator::error::Error::Config("lost the leader lease".into()))
+        }
+        _ = tokio::signal::ctrl_c() => Ok(()),
+    }
+}

@@ -1,0 +1,269 @@
+//! One scheduling pass over a pool's view of the world, as a pure function: which
+//! pending servers bind where, which wait (and why), which are invalid. The operator
+//! loop feeds it from its watches and writes the decisions.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use covi_api::condition::is_condition_true;
+use covi_api::host_pool::Strategy as PoolStrategy;
+use covi_api::{Host, HostPool, VirtualServer};
+use covi_placement::{Bound, Demand, HostFacts, Pool, PoolRules, Strategy};
+use kube::{Resource, ResourceExt};
+
+use crate::address::Network;
+
+/// A binding written to the API but perhaps not yet seen by the watch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Assumed {
+    pub host: String,
+    pub address: Option<Ipv4Addr>,
+}
+
+/// What the pass decided for one server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Bind {
+        host: String,
+        address: Option<Ipv4Addr>,
+        cpus: u32,
+        memory: String,
+    },
+    /// Valid, but no host can take it now.
+    Pending {
+        reason: &'static str,
+        message: String,
+    },
+    /// Cannot run as specified; fixing the spec (or the pool) is needed.
+    Invalid {
+        reason: &'static str,
+        message: String,
+    },
+}
+
+/// Whether the host may run servers: its agent reports Ready.
+pub fn host_ready(host: &Host) -> bool {
+    host.status
+        .as_ref()
+        .is_some_and(|s| is_condition_true(&s.conditions, "Ready"))
+}
+
+/// Whether `host` belongs to `pool`.
+pub fn in_pool(pool: &HostPool, host: &Host) -> bool {
+    let labels = host.labels();
+    pool.spec
+        .node_selector
+        .iter()
+        .all(|(k, v)| labels.get(k) == Some(v))
+}
+
+pub fn rules(pool: &HostPool) -> PoolRules {
+    let reserve_memory_mib = covi_api::quantity::parse_mib(&pool.spec.reserve.memory).unwrap_or(0);
+    PoolRules {
+        name: pool.name_any(),
+        cpu_ratio: pool.spec.overcommit.cpu,
+        memory_ratio: pool.spec.overcommit.memory,
+        reserve_cpus: pool.spec.reserve.cpus,
+        reserve_memory_mib,
+        max_servers_per_host: pool.spec.max_servers_per_host,
+        strategy: match pool.spec.strategy {
+            PoolStrategy::Spread => Strategy::Spread,
+            PoolStrategy::Pack => Strategy::Pack,
+        },
+    }
+}
+
+pub fn host_facts(host: &Host) -> HostFacts {
+    let capacity = host.status.as_ref().and_then(|s| s.capacity.as_ref());
+    HostFacts {
+        name: host.name_any(),
+        labels: host.labels().clone(),
+        ready: host_ready(host),
+        schedulable: !host.spec.unschedulable && !host.spec.maintenance,
+        cpus: capacity.map(|c| c.cpus).unwrap_or(0),
+        memory_mib: capacity
+            .and_then(|c| covi_api::quantity::parse_mib(&c.memory).ok())
+            .unwrap_or(0),
+    }
+}
+
+/// Where a server is bound, counting bindings not yet seen.
+pub fn bound_host<'a>(
+    server: &'a VirtualServer,
+    assumed: &'a HashMap<String, Assumed>,
+) -> Option<&'a str> {
+    server
+        .status
+        .as_ref()
+        .and_then(|s| s.host.as_deref())
+        .or_else(|| {
+            server
+                .uid()
+                .and_then(|uid| assumed.get(&uid))
+                .map(|a| a.host.as_str())
+        })
+}
+
+fn address_of(server: &VirtualServer, assumed: &HashMap<String, Assumed>) -> Option<Ipv4Addr> {
+    server
+        .status
+        .as_ref()
+        .and_then(|s| s.address.as_deref())
+        .and_then(|a| a.parse().ok())
+        .or_else(|| {
+            server
+                .uid()
+                .and_then(|uid| assumed.get(&uid))
+                .and_then(|a| a.address)
+        })
+}
+
+/// Decides for every pending server of `pool`. `servers` are all servers of the pool.
+pub fn pass(
+    pool: &HostPool,
+    hosts: &[Arc<Host>],
+    servers: &[Arc<VirtualServer>],
+    assumed: &HashMap<String, Assumed>,
+) -> Vec<(Arc<VirtualServer>, Decision)> {
+    let members: Vec<&Arc<Host>> = hosts.iter().filter(|h| in_pool(pool, h)).collect();
+    let facts: Vec<HostFacts> = members.iter().map(|h| host_facts(h)).collect();
+    let rules = rules(pool);
+
+    let mut bound = Vec::new();
+    let mut used: BTreeSet<Ipv4Addr> = BTreeSet::new();
+    let mut pending = Vec::new();
+    for server in servers {
+        if let Some(a) = address_of(server, assumed) {
+            used.insert(a);
+        }
+        match bound_host(server, assumed) {
+            Some(host) => {
+                if let Ok(size) = pool.size_of(&server.spec) {
+                    bound.push(Bound {
+                        host: host.to_string(),
+                        cpus: size.cpus,
+                        memory_mib: size.memory_mib,
+                        anti_affinity_group: server
+                            .spec
+                            .placement
+                            .as_ref()
+                            .and_then(|p| p.anti_affinity_group.clone()),
+                    });
+                }
+            }
+            None if server.meta().deletion_timestamp.is_none() => pending.push(server.clone()),
+            None => {}
+        }
+    }
+    // Oldest first, so a steady stream of new servers cannot starve an old one.
+    pending.sort_by(|a, b| {
+        (a.creation_timestamp().map(|t| t.0), a.name_any())
+            .cmp(&(b.creation_timestamp().map(|t| t.0), b.name_any()))
+    });
+
+    let network = Network::parse(&pool.spec.network);
+    let mut placement = Pool::new(&rules, &facts, &bound);
+    let mut decisions = Vec::new();
+    for server in pending {
+        let decision = decide(pool, &server, &network, &mut placement, &mut used);
+        decisions.push((server, decision));
+    }
+    decisions
+}
+
+fn decide(
+    pool: &HostPool,
+    server: &VirtualServer,
+    network: &Result<Network, crate::address::AddressError>,
+    placement: &mut Pool<'_>,
+    used: &mut BTreeSet<Ipv4Addr>,
+) -> Decision {
+    let spec = &server.spec;
+    let size = match pool.size_of(spec) {
+        Ok(size) => size,
+        Err(e) => {
+            return Decision::Invalid {
+                reason: e.reason,
+                message: e.message,
+            };
+        }
+    };
+    if let Some(image) = &spec.boot.image
+        && pool.image(image).is_none()
+    {
+        let known: Vec<_> = pool.spec.images.iter().map(|i| i.name.as_str()).collect();
+        return Decision::Invalid {
+            reason: "ImageNotFound",
+            message: format!(
+                "image {image} is not in the catalog of pool {}; it has: {}",
+                pool.name_any(),
+                if known.is_empty() {
+                    "no images".to_string()
+                } else {
+                    known.join(", ")
+                }
+            ),
+        };
+    }
+    let network = match network {
+        Ok(n) => n,
+        Err(e) => {
+            return Decision::Invalid {
+                reason: e.reason,
+                message: e.message.clone(),
+            };
+        }
+    };
+    let wanted = spec
+        .network
+        .as_ref()
+        .map(|n| n.address.as_str())
+        .filter(|a| *a != "auto");
+    let address = match wanted {
+        Some(a) => match network.check_static(a, used) {
+            Ok(ip) => ip,
+            Err(e) => {
+                return Decision::Invalid {
+                    reason: e.reason,
+                    message: e.message,
+                };
+            }
+        },
+        None => match network.allocate(used) {
+            Ok(ip) => ip,
+            Err(e) => {
+                return Decision::Pending {
+                    reason: e.reason,
+                    message: e.message,
+                };
+            }
+        },
+    };
+    let placement_spec = spec.placement.clone().unwrap_or_default();
+    let demand = Demand {
+        cpus: size.cpus,
+        memory_mib: size.memory_mib,
+        anti_affinity_group: placement_spec.anti_affinity_group,
+        host_selector: placement_spec.host_selector,
+        pinned_host: placement_spec.host,
+    };
+    match placement.place(&demand) {
+        Ok(host) => {
+            used.insert(address);
+            Decision::Bind {
+                host,
+                address: Some(address),
+                cpus: size.cpus,
+                memory: covi_placement::format_mib(size.memory_mib),
+            }
+        }
+        Err(u) => Decision::Pending {
+            reason: u.reason,
+            message: u.message,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests;

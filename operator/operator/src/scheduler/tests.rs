@@ -1,0 +1,146 @@
+use super::*;
+use serde_json::json;
+
+fn pool() -> HostPool {
+    serde_json::from_value(json!({
+        "apiVersion": "covi.io/v1alpha1", "kind": "HostPool", "metadata": {"name": "idc-a"},
+        "spec": {
+            "nodeSelector": {"covi.io/pool": "a"},
+            "overcommit": {"cpu": 1, "memory": 1},
+            "reserve": {"cpus": 0, "memory": "0"},
+            "storage": {"pool": "p"},
+            "images": [{"name": "debian-12", "volume": "d.img"}],
+            "classes": [{"name": "small", "cpus": 1, "memory": "1Gi", "disk": "10Gi"}],
+            "network": {"bridge": "br0", "cidr": "10.20.0.0/24", "gateway": "10.20.0.1"}
+        }
+    }))
+    .unwrap()
+}
+
+fn host(name: &str, cpus: u32, ready: bool) -> Arc<Host> {
+    Arc::new(
+        serde_json::from_value(json!({
+            "apiVersion": "covi.io/v1alpha1", "kind": "Host",
+            "metadata": {"name": name, "labels": {"covi.io/pool": "a"}},
+            "spec": {},
+            "status": {
+                "capacity": {"cpus": cpus, "memory": "64Gi"},
+                "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" },
+                    "reason": "r", "message": "m", "lastTransitionTime": "2026-01-01T00:00:00Z"}]
+            }
+        }))
+        .unwrap(),
+    )
+}
+
+fn server(name: &str, extra: serde_json::Value) -> Arc<VirtualServer> {
+    let mut spec = json!({"hostPool": "idc-a", "class": "small", "boot": {"image": "debian-12"}, "owner": "o", "purpose": "p"});
+    for (k, v) in extra.as_object().unwrap() {
+        spec[k] = v.clone();
+    }
+    Arc::new(
+        serde_json::from_value(json!({
+            "apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer",
+            "metadata": {"name": name, "namespace": "ns", "uid": format!("uid-{name}"),
+                         "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "spec": spec
+        }))
+        .unwrap(),
+    )
+}
+
+fn bind_of(d: &Decision) -> (&str, String) {
+    match d {
+        Decision::Bind { host, address, .. } => (host.as_str(), address.unwrap().to_string()),
+        other => panic!("expected a binding, got {other:?}"),
+    }
+}
+
+#[test]
+fn pending_servers_get_a_host_and_distinct_addresses() {
+    let hosts = [host("h1", 4, true), host("h2", 4, true)];
+    let servers: Vec<_> = (0..4)
+        .map(|i| server(&format!("s{i}"), json!({})))
+        .collect();
+    let decisions = pass(&pool(), &hosts, &servers, &HashMap::new());
+    let addresses: BTreeSet<_> = decisions.iter().map(|(_, d)| bind_of(d).1).collect();
+    assert_eq!(addresses.len(), 4);
+    assert!(addresses.contains("10.20.0.2"), "{addresses:?}");
+    let on_h1 = decisions
+        .iter()
+        .filter(|(_, d)| bind_of(d).0 == "h1")
+        .count();
+    assert_eq!(on_h1, 2, "spread evenly");
+}
+
+#[test]
+fn assumed_bindings_count_for_capacity_and_addresses() {
+    let hosts = [host("h1", 1, true)];
+    let servers = [server("old", json!({})), server("new", json!({}))];
+    let assumed: HashMap<_, _> = [(
+        "uid-old".to_string(),
+        Assumed {
+            host: "h1".into(),
+            address: Some("10.20.0.2".parse().unwrap()),
+        },
+    )]
+    .into();
+    let decisions = pass(&pool(), &hosts, &servers, &assumed);
+    assert_eq!(decisions.len(), 1);
+    match &decisions[0].1 {
+        Decision::Pending { reason, message } => {
+            assert_eq!(*reason, "InsufficientCPU");
+            assert!(
+                message.starts_with("no host in pool idc-a has 1 free CPUs; the largest free is 0"),
+                "{message}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn bad_input_is_invalid_with_a_reason() {
+    let hosts = [host("h1", 8, true)];
+    let servers = [
+        server("a", json!({"class": "huge"})),
+        server("b", json!({"boot": {"image": "windows"}})),
+        server("c", json!({"network": {"address": "10.99.0.5"}})),
+        server("d", json!({"network": {"address": "10.20.0.50"}})),
+        server("e", json!({"network": {"address": "10.20.0.50"}})),
+    ];
+    let decisions = pass(&pool(), &hosts, &servers, &HashMap::new());
+    let reasons: Vec<_> = decisions
+        .iter()
+        .map(|(_, d)| match d {
+            Decision::Invalid { reason, .. } | Decision::Pending { reason, .. } => *reason,
+            Decision::Bind { .. } => "Bind",
+        })
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "ClassNotFound",
+            "ImageNotFound",
+            "AddressOutsideNetwork",
+            "Bind",
+            "AddressTaken"
+        ]
+    );
+}
+
+#[test]
+fn unready_hosts_take_nothing() {
+    let hosts = [host("h1", 8, false)];
+    let decisions = pass(&pool(), &hosts, &[server("a", json!({}))], &HashMap::new());
+    assert!(
+        matches!(
+            &decisions[0].1,
+            Decision::Pending {
+                reason: "NoReadyHost",
+                ..
+            }
+        ),
+        "{decisions:?}"
+    );
+}
