@@ -176,3 +176,39 @@ testbed_stop() {
   done
   _testbed_pids=()
 }
+
+# testbed_node_xml PATH CPUS MEMORY_GIB: a libvirt test-driver node with a storage pool
+# "default-pool" holding the examples' image volume debian-12.img. Each agent opening
+# test://PATH gets its own in-memory hypervisor with this inventory.
+testbed_node_xml() {
+  local path=$1 cpus=$2 mem_gib=$3
+  cat >"$path" <<XML
+<node>
+  <cpu>
+    <mhz>2000</mhz><model>x86_64</model>
+    <nodes>1</nodes><sockets>1</sockets><cores>$cpus</cores><threads>1</threads><active>$cpus</active>
+  </cpu>
+  <memory>$(( mem_gib * 1024 * 1024 ))</memory>
+  <pool type='dir'>
+    <name>default-pool</name>
+    <uuid>$(cat /proc/sys/kernel/random/uuid)</uuid>
+    <capacity unit='GiB'>1000</capacity>
+    <allocation>0</allocation>
+    <available unit='GiB'>1000</available>
+    <target><path>/var/lib/covi/default-pool</path></target>
+    <volume type='file'>
+      <name>debian-12.img</name>
+      <capacity unit='GiB'>2</capacity>
+      <allocation>0</allocation>
+      <target><path>/var/lib/covi/default-pool/debian-12.img</path></target>
+    </volume>
+  </pool>
+</node>
+XML
+}
+
+# testbed_spawn_covi NAME COMMAND...: runs a covi binary under the test bed's
+# parent-death signal, logging to DIR/logs/NAME.log.
+testbed_spawn_covi() {
+  _testbed_spawn "$@"
+}

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Brings covi up on this machine: installs what is missing, builds the control plane
 # and covi, starts etcd + kube-apiserver + kube-controller-manager on loopback, installs
-# the CRDs and applies examples/. Runs in the foreground until Ctrl-C (or hack/down.sh),
+# the CRDs, starts covi-operator and three covi-agents (libvirt's test driver; --qemu
+# for one agent on libvirtd with QEMU/TCG instead), applies examples/ and waits until
+# the example server runs. Runs in the foreground until Ctrl-C (or hack/down.sh),
 # then tears everything down.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
@@ -27,8 +29,23 @@ phase "install CRDs"
 kubectl apply --server-side --field-manager covi-up -f crds/ >/dev/null
 kubectl wait --for condition=Established --timeout 60s -f crds/ >/dev/null
 
+phase "start covi"
+bin="${CARGO_TARGET_DIR:-$COVI_ROOT/target}/debug"
+kubectl create namespace covi-system --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+testbed_spawn_covi covi-operator "$bin/covi-operator" --kubeconfig "$KUBECONFIG" \
+  --identity local-0 --metrics-addr 127.0.0.1:0
+for i in 1 2 3; do
+  testbed_node_xml "$state/host-$i.xml" 8 32
+  testbed_spawn_covi "covi-agent-host-$i" "$bin/covi-agent" --kubeconfig "$KUBECONFIG" \
+    --node-name "host-$i" --label covi.io/pool=lab --libvirt-uri "test://$state/host-$i.xml" \
+    --metrics-addr 127.0.0.1:0 --work-dir "$state/work-$i"
+done
+wait_for "3 Ready hosts" 60 sh -c '[ "$(kubectl get hosts -o jsonpath="{.items[*].status.conditions[?(@.type==\"Ready\")].status}" | wc -w)" -ge 3 ]'
+
 phase "apply examples"
+# examples/host.yaml describes host-1, which the agent has registered already.
 kubectl apply --server-side --field-manager covi-up -f examples/
+kubectl wait --for condition=Ready --timeout 60s virtualserver/web-1 >/dev/null
 phase ""
 
 cat <<MSG
@@ -37,9 +54,12 @@ covi is up. In another terminal:
 
   export KUBECONFIG=$KUBECONFIG PATH=$CONTROL_PLANE_BIN:\$PATH
   kubectl get covi -A
-  kubectl explain virtualserver.spec
   kubectl get hostpools,hosts
-  kubectl get vs,vmr -o wide
+  kubectl get vs -o wide
+  kubectl describe vs web-1
+  kubectl explain virtualserver.spec
+
+Logs: $state/logs/ (covi-operator.log, covi-agent-host-N.log)
 
 Ctrl-C here (or hack/down.sh) stops everything.
 MSG
