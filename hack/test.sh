@@ -39,9 +39,11 @@ if [ "${#custom[@]}" -eq 0 ]; then
   phase "crds/ drift check"
   cargo run --quiet --locked -p crdgen -- --check crds
 
-  phase "build tests"
+  phase "build"
+  cargo build --workspace --bins --locked
   cargo test --workspace --locked --no-run
 fi
+export COVI_BIN_DIR="${CARGO_TARGET_DIR:-$COVI_ROOT/target}/debug"
 
 phase "start control plane"
 testbed_start "$COVI_CACHE/testbed/test-$$"

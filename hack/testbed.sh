@@ -179,7 +179,8 @@ testbed_stop() {
 
 # testbed_node_xml PATH CPUS MEMORY_GIB: a libvirt test-driver node with a storage pool
 # "default-pool" holding the examples' image volume debian-12.img. Each agent opening
-# test://PATH gets its own in-memory hypervisor with this inventory.
+# test://PATH gets its own in-memory hypervisor with this inventory. (The test driver
+# gives every pool 100 GiB, whatever a file says.)
 testbed_node_xml() {
   local path=$1 cpus=$2 mem_gib=$3
   cat >"$path" <<XML
@@ -192,9 +193,6 @@ testbed_node_xml() {
   <pool type='dir'>
     <name>default-pool</name>
     <uuid>$(cat /proc/sys/kernel/random/uuid)</uuid>
-    <capacity unit='GiB'>1000</capacity>
-    <allocation>0</allocation>
-    <available unit='GiB'>1000</available>
     <target><path>/var/lib/covi/default-pool</path></target>
     <volume type='file'>
       <name>debian-12.img</name>

@@ -3,6 +3,8 @@
 //!
 //! Tests never skip: without a test bed every helper panics with instructions.
 
+pub mod fleet;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -1,0 +1,459 @@
+//! Servers come up: covi-operator binds them, covi-agents converge them on libvirt's
+//! test driver, and status, conditions and Events tell the truth. Real API server,
+//! real operator and agent processes, real libvirt (test driver, one inventory per host).
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use covi_api::VirtualServer;
+use covi_api::condition::find_condition;
+use covi_api::virtual_server::VirtualServerPhase;
+use covi_tests::fleet::{Fleet, Process, bin};
+use covi_tests::{FIELD_MANAGER, admin, install_crds, kubectl, namespace, wait_until};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Event;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::{Client, ResourceExt};
+use serde_json::{Value, json};
+
+/// Every test here runs its own operator, and an operator schedules every pool, so
+/// the tests take turns.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+async fn apply_server(api: &Api<VirtualServer>, name: &str, pool: &str, extra: Value) {
+    let mut spec = json!({
+        "hostPool": pool, "class": "small", "boot": {"image": "debian-12"},
+        "owner": "team-test", "purpose": "integration test"
+    });
+    covi_tests::merge(&mut spec, &extra);
+    let server = json!({"apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer", "metadata": {"name": name}, "spec": spec});
+    api.patch(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&server),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("applying server {name}: {e}"));
+}
+
+async fn wait_server<F>(api: &Api<VirtualServer>, name: &str, what: &str, check: F) -> VirtualServer
+where
+    F: Fn(&VirtualServer) -> bool,
+{
+    wait_until(&format!("server {name} {what}"), DEADLINE, || async {
+        let s = api.get_opt(name).await.ok()??;
+        check(&s).then_some(s)
+    })
+    .await
+}
+
+fn phase(s: &VirtualServer) -> Option<VirtualServerPhase> {
+    s.status.as_ref().and_then(|st| st.phase)
+}
+
+fn condition<'a>(s: &'a VirtualServer, type_: &str) -> Option<&'a covi_api::Condition> {
+    s.status
+        .as_ref()
+        .and_then(|st| find_condition(&st.conditions, type_))
+}
+
+fn ready(s: &VirtualServer) -> bool {
+    condition(s, "Ready").is_some_and(|c| c.status == "True")
+}
+
+async fn events_for(client: &Client, ns: &str, name: &str) -> Vec<(String, String)> {
+    let api: Api<Event> = Api::namespaced(client.clone(), ns);
+    let list = api.list(&ListParams::default()).await.expect("list events");
+    list.items
+        .into_iter()
+        .filter(|e| e.involved_object.name.as_deref() == Some(name))
+        .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
+        .collect()
+}
+
+async fn setup(
+    id: &str,
+    hosts: &[(u32, u64)],
+) -> (Client, Fleet, String, String, Api<VirtualServer>) {
+    let client = admin().await;
+    install_crds(&client).await;
+    let mut fleet = Fleet::new(&client, id).await;
+    let pool = fleet.apply_pool(&client, json!({})).await;
+    for (n, (cpus, mem)) in hosts.iter().enumerate() {
+        fleet.start_agent(n + 1, *cpus, *mem);
+    }
+    fleet.start_operator();
+    fleet.wait_ready_hosts(&client, hosts.len()).await;
+    let ns = namespace(&client, id).await;
+    let api = Api::namespaced(client.clone(), &ns);
+    (client, fleet, pool, ns, api)
+}
+
+#[tokio::test]
+async fn a_server_becomes_running_with_an_address_from_the_pool() {
+    let _turn = SERIAL.lock().await;
+    let (client, fleet, pool, ns, api) = setup("run", &[(8, 16), (8, 16)]).await;
+    apply_server(&api, "web-1", &pool, json!({"hostname": "web-one"})).await;
+
+    let (ok, out) = kubectl(&[
+        "wait",
+        "-n",
+        &ns,
+        "--for=condition=Ready",
+        "--timeout=30s",
+        "virtualserver/web-1",
+    ]);
+    assert!(
+        ok,
+        "kubectl wait failed: {out}\n{}",
+        fleet.operator.as_ref().unwrap().log_tail()
+    );
+
+    let s = api.get("web-1").await.expect("server");
+    let status = s.status.clone().expect("status");
+    assert_eq!(status.phase, Some(VirtualServerPhase::Running));
+    let host = status.host.clone().expect("bound");
+    assert!(host.starts_with("run-host-"), "{host}");
+    let address: std::net::Ipv4Addr = status
+        .address
+        .as_deref()
+        .expect("address")
+        .parse()
+        .expect("IPv4");
+    assert_eq!(
+        address.octets()[..3],
+        [10, 77, 0],
+        "address {address} is in 10.77.0.0/24"
+    );
+    assert_ne!(address.octets()[3], 1, "the gateway is never handed out");
+    assert_eq!(
+        (status.cpus, status.memory.as_deref()),
+        (Some(1), Some("1Gi"))
+    );
+    assert_eq!(
+        status.domain_uuid,
+        s.uid(),
+        "the domain's UUID is the server's UID"
+    );
+    assert_eq!(status.observed_generation, s.metadata.generation);
+    assert!(s.finalizers().iter().any(|f| f == "covi.io/domain"));
+
+    let reasons: BTreeSet<_> = events_for(&client, &ns, "web-1")
+        .await
+        .into_iter()
+        .map(|(r, _)| r)
+        .collect();
+    for reason in ["Scheduled", "Defined", "Started"] {
+        assert!(
+            reasons.contains(reason),
+            "missing Event {reason}: {reasons:?}"
+        );
+    }
+
+    let pools: Api<covi_api::HostPool> = Api::all(client.clone());
+    let p = wait_until("pool status to count the server", DEADLINE, || async {
+        let p = pools.get(&pool).await.ok()?;
+        (p.status.as_ref()?.servers == 1).then_some(p)
+    })
+    .await;
+    let ps = p.status.expect("pool status");
+    assert_eq!((ps.ready_hosts, ps.total_hosts), (2, 2));
+    assert_eq!(ps.cpu_allocation.as_deref(), Some("1/16"));
+}
+
+#[tokio::test]
+async fn run_policy_stops_and_starts_and_delete_releases_the_finalizer() {
+    let _turn = SERIAL.lock().await;
+    let (client, _fleet, pool, ns, api) = setup("policy", &[(8, 16)]).await;
+    apply_server(&api, "db-1", &pool, json!({})).await;
+    wait_server(&api, "db-1", "to be Ready", ready).await;
+
+    apply_server(&api, "db-1", &pool, json!({"runPolicy": "Stopped"})).await;
+    let stopped = wait_server(&api, "db-1", "to be Stopped", |s| {
+        phase(s) == Some(VirtualServerPhase::Stopped)
+    })
+    .await;
+    let c = condition(&stopped, "Ready").expect("Ready condition");
+    assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "Stopped"));
+
+    apply_server(&api, "db-1", &pool, json!({"runPolicy": "Running"})).await;
+    wait_server(&api, "db-1", "to run again", |s| {
+        ready(s) && phase(s) == Some(VirtualServerPhase::Running)
+    })
+    .await;
+
+    api.delete("db-1", &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait_until("db-1 to be gone", DEADLINE, || async {
+        api.get_opt("db-1").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    let reasons: Vec<_> = events_for(&client, &ns, "db-1")
+        .await
+        .into_iter()
+        .map(|(r, _)| r)
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r == "Removed"),
+        "the agent removed domain and disks first: {reasons:?}"
+    );
+}
+
+#[tokio::test]
+async fn anti_affinity_members_never_share_a_host() {
+    let _turn = SERIAL.lock().await;
+    let (_client, _fleet, pool, _ns, api) = setup("anti", &[(8, 16), (8, 16), (8, 16)]).await;
+    for i in 1..=4 {
+        apply_server(
+            &api,
+            &format!("web-{i}"),
+            &pool,
+            json!({"placement": {"antiAffinityGroup": "web"}}),
+        )
+        .await;
+    }
+    let mut hosts = BTreeSet::new();
+    let mut pending = Vec::new();
+    for i in 1..=4 {
+        let s = wait_server(&api, &format!("web-{i}"), "to be decided", |s| {
+            ready(s) || condition(s, "Scheduled").is_some_and(|c| c.status == "False")
+        })
+        .await;
+        match s.status.as_ref().and_then(|st| st.host.clone()) {
+            Some(h) => assert!(
+                hosts.insert(h.clone()),
+                "two members of group web share {h}"
+            ),
+            None => pending.push(
+                condition(&s, "Scheduled")
+                    .cloned()
+                    .expect("Scheduled condition"),
+            ),
+        }
+    }
+    assert_eq!(hosts.len(), 3, "three hosts, three members");
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].reason, "AntiAffinity");
+    assert!(
+        pending[0].message.contains("anti-affinity group web"),
+        "{}",
+        pending[0].message
+    );
+}
+
+#[tokio::test]
+async fn too_large_a_server_waits_with_a_reason_and_binds_when_a_host_joins() {
+    let _turn = SERIAL.lock().await;
+    let (client, mut fleet, pool, ns, api) = setup("large", &[(4, 16)]).await;
+    apply_server(
+        &api,
+        "big",
+        &pool,
+        json!({"class": null, "resources": {"cpus": 8, "memory": "2Gi", "disk": "10Gi"}}),
+    )
+    .await;
+    let s = wait_server(&api, "big", "to be Pending with a reason", |s| {
+        condition(s, "Scheduled").is_some_and(|c| c.status == "False")
+    })
+    .await;
+    assert_eq!(phase(&s), Some(VirtualServerPhase::Pending));
+    let c = condition(&s, "Scheduled").expect("Scheduled");
+    assert_eq!(c.reason, "InsufficientCPU");
+    assert!(
+        c.message.starts_with(&format!(
+            "no host in pool {pool} has 8 free CPUs; the largest free is 4"
+        )),
+        "{}",
+        c.message
+    );
+    let events = events_for(&client, &ns, "big").await;
+    assert!(
+        events
+            .iter()
+            .any(|(r, m)| r == "FailedScheduling" && m.contains("8 free CPUs")),
+        "{events:?}"
+    );
+
+    fleet.start_agent(2, 16, 32);
+    let s = wait_server(&api, "big", "to run once a large host joins", ready).await;
+    assert_eq!(s.status.and_then(|st| st.host), Some(fleet.host_name(2)));
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_reason_and_an_event_and_nothing_is_created() {
+    let _turn = SERIAL.lock().await;
+    let (client, _fleet, pool, ns, api) = setup("bad", &[(8, 16)]).await;
+    apply_server(
+        &api,
+        "taken-first",
+        &pool,
+        json!({"network": {"address": "10.77.0.50"}}),
+    )
+    .await;
+    wait_server(&api, "taken-first", "to be Ready", ready).await;
+
+    let cases = [
+        (
+            "no-image",
+            json!({"boot": {"image": "windows-95"}}),
+            "ImageNotFound",
+            "image windows-95 is not in the catalog",
+        ),
+        (
+            "no-class",
+            json!({"class": "gigantic"}),
+            "ClassNotFound",
+            "class gigantic is not defined in pool",
+        ),
+        (
+            "outside",
+            json!({"network": {"address": "192.0.2.10"}}),
+            "AddressOutsideNetwork",
+            "outside the pool's network 10.77.0.0/24",
+        ),
+        (
+            "taken",
+            json!({"network": {"address": "10.77.0.50"}}),
+            "AddressTaken",
+            "10.77.0.50 is already used",
+        ),
+    ];
+    for (name, extra, _, _) in &cases {
+        apply_server(&api, name, &pool, extra.clone()).await;
+    }
+    for (name, _, reason, message) in cases {
+        let s = wait_server(&api, name, "to fail", |s| {
+            phase(s) == Some(VirtualServerPhase::Failed)
+        })
+        .await;
+        let c = condition(&s, "Scheduled").expect("Scheduled condition");
+        assert_eq!(c.reason, reason, "{name}");
+        assert!(c.message.contains(message), "{name}: {}", c.message);
+        let status = s.status.clone().unwrap_or_default();
+        assert!(
+            status.host.is_none() && status.address.is_none() && status.domain_uuid.is_none(),
+            "{name} half-created: {status:?}"
+        );
+        let events = events_for(&client, &ns, name).await;
+        assert!(
+            events
+                .iter()
+                .any(|(r, m)| r == reason && m.contains(message)),
+            "{name}: {events:?}"
+        );
+    }
+    // Deleting a server that never ran is immediate: no agent has anything to clean.
+    api.delete("no-image", &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait_until("no-image to be gone", DEADLINE, || async {
+        api.get_opt("no-image").await.ok()?.is_none().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn thirty_servers_bind_in_a_burst_without_overcommitting_a_host() {
+    let _turn = SERIAL.lock().await;
+    let (client, _fleet, pool, _ns, api) = setup("burst", &[(10, 64), (10, 64), (10, 64)]).await;
+    let started = Instant::now();
+    let applies = (0..31).map(|i| {
+        let (api, pool) = (api.clone(), pool.clone());
+        async move { apply_server(&api, &format!("b-{i}"), &pool, json!({})).await }
+    });
+    futures::future::join_all(applies).await;
+    let all = wait_until("30 servers Ready and one Pending", DEADLINE, || async {
+        let list = api.list(&ListParams::default()).await.ok()?;
+        let ready_count = list.items.iter().filter(|s| ready(s)).count();
+        let pending = list
+            .items
+            .iter()
+            .filter(|s| condition(s, "Scheduled").is_some_and(|c| c.reason == "InsufficientCPU"))
+            .count();
+        (ready_count == 30 && pending == 1).then_some(list.items)
+    })
+    .await;
+    println!(
+        "30 servers Ready {:?} after the first create",
+        started.elapsed()
+    );
+    let mut per_host = std::collections::BTreeMap::new();
+    for s in &all {
+        if let Some(h) = s.status.as_ref().and_then(|st| st.host.clone()) {
+            *per_host.entry(h).or_insert(0) += 1;
+        }
+    }
+    assert!(
+        per_host.values().all(|n| *n == 10),
+        "each 10-CPU host holds exactly 10 servers: {per_host:?}"
+    );
+    let hosts: Api<covi_api::Host> = Api::all(client);
+    for h in per_host.keys() {
+        let host = hosts.get(h).await.expect("host");
+        assert_eq!(
+            host.status.and_then(|s| s.cpu_allocation).as_deref(),
+            Some("10/10"),
+            "{h}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_standby_operator_takes_over_when_the_leader_dies() {
+    let _turn = SERIAL.lock().await;
+    let client = admin().await;
+    install_crds(&client).await;
+    let mut fleet = Fleet::new(&client, "leader").await;
+    let pool = fleet.apply_pool(&client, json!({})).await;
+    fleet.start_agent(1, 8, 16);
+    let mut a = Process::spawn(
+        "leader-operator-a",
+        bin("covi-operator"),
+        fleet.operator_args("operator-a", 3),
+    );
+    let mut b = Process::spawn(
+        "leader-operator-b",
+        bin("covi-operator"),
+        fleet.operator_args("operator-b", 3),
+    );
+    fleet.wait_ready_hosts(&client, 1).await;
+    let ns = namespace(&client, "leader").await;
+    let api: Api<VirtualServer> = Api::namespaced(client.clone(), &ns);
+    apply_server(&api, "before", &pool, json!({})).await;
+    wait_server(&api, "before", "to be Ready under the first leader", ready).await;
+
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &fleet.lease_namespace);
+    let holder = leases
+        .get("covi-operator")
+        .await
+        .expect("leader lease")
+        .spec
+        .and_then(|s| s.holder_identity)
+        .expect("holder");
+    let killed_at = Instant::now();
+    match holder.as_str() {
+        "operator-a" => a.kill(),
+        "operator-b" => b.kill(),
+        other => panic!("unexpected leader {other}"),
+    }
+    apply_server(&api, "after", &pool, json!({})).await;
+    wait_server(&api, "after", "to be Ready under the new leader", ready).await;
+    let new_holder = leases
+        .get("covi-operator")
+        .await
+        .expect("lease")
+        .spec
+        .and_then(|s| s.holder_identity);
+    assert_ne!(
+        new_holder.as_deref(),
+        Some(holder.as_str()),
+        "the standby leads now"
+    );
+    println!(
+        "standby bound a new server {:?} after the leader was killed",
+        killed_at.elapsed()
+    );
+}

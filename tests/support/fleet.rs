@@ -1,0 +1,307 @@
+//! covi's own processes in the test bed: the operator and agents on libvirt's test
+//! driver, each killed when its handle drops (or the test thread dies).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::Client;
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::json;
+
+use crate::{FIELD_MANAGER, testbed_dir, wait_until};
+
+/// Where the covi binaries are: COVI_BIN_DIR (set by hack/test.sh), else target/debug.
+pub fn bin(name: &str) -> PathBuf {
+    let dir = std::env::var_os("COVI_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::repo_root().join("target/debug"));
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo build --workspace --bins`",
+        path.display()
+    );
+    path
+}
+
+/// A running covi process; killed on drop.
+pub struct Process {
+    pub name: String,
+    pub log: PathBuf,
+    child: Option<Child>,
+    command: Vec<String>,
+}
+
+impl Process {
+    pub fn spawn(name: &str, program: PathBuf, args: Vec<String>) -> Process {
+        let logs = testbed_dir().join("logs");
+        std::fs::create_dir_all(&logs).expect("log folder");
+        let log = logs.join(format!("{name}.log"));
+        let mut command = vec![program.display().to_string()];
+        command.extend(args);
+        let mut p = Process {
+            name: name.to_string(),
+            log,
+            child: None,
+            command,
+        };
+        p.start();
+        p
+    }
+
+    /// Starts (again) with the same command, appending to the same log.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "{} is already running", self.name);
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let mut cmd = Command::new(&self.command[0]);
+        cmd.args(&self.command[1..])
+            .env(
+                "RUST_LOG",
+                std::env::var("COVI_TEST_LOG").unwrap_or_else(|_| "info,kube=warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("log file"))
+            .stderr(out);
+        // SAFETY: prctl is async-signal-safe; the child dies with the test thread.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        self.child = Some(
+            cmd.spawn()
+                .unwrap_or_else(|e| panic!("starting {}: {e}", self.name)),
+        );
+    }
+
+    /// `kill -9`: no chance to clean up, as on power loss.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// The last lines of the log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<_> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A libvirt test-driver inventory: CPUs, memory, and a storage pool holding the
+/// image volume debian-12.img. Each `test://PATH` open has its own state. The test
+/// driver gives every pool 100 GiB whatever the file says, so test disks stay small.
+pub fn node_xml(name: &str, cpus: u32, memory_gib: u64) -> PathBuf {
+    let path = testbed_dir().join(format!("{name}-node.xml"));
+    let xml = format!(
+        "<node><cpu><mhz>2000</mhz><model>x86_64</model><nodes>1</nodes><sockets>1</sockets>\
+         <cores>{cpus}</cores><threads>1</threads><active>{cpus}</active></cpu>\
+         <memory>{kib}</memory>\
+         <pool type='dir'><name>default-pool</name><uuid>{uuid}</uuid>\
+         <target><path>/var/lib/covi/default-pool</path></target>\
+         <volume type='file'><name>debian-12.img</name><capacity unit='GiB'>2</capacity><allocation>0</allocation>\
+         <target><path>/var/lib/covi/default-pool/debian-12.img</path></target></volume></pool></node>",
+        kib = memory_gib * 1024 * 1024,
+        uuid = uuid_for(name),
+    );
+    std::fs::write(&path, xml).expect("node XML");
+    path
+}
+
+fn uuid_for(name: &str) -> String {
+    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        h >> 32,
+        (h >> 16) & 0xffff,
+        h & 0xfff,
+        (h >> 4) & 0xfff,
+        h & 0xffff_ffff_ffff
+    )
+}
+
+/// Creates the namespace if it is missing.
+pub async fn ensure_namespace(client: &Client, name: &str) {
+    let ns: Namespace = serde_json::from_value(
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}),
+    )
+    .expect("namespace");
+    Api::<Namespace>::all(client.clone())
+        .patch(name, &PatchParams::apply(FIELD_MANAGER), &Patch::Apply(&ns))
+        .await
+        .unwrap_or_else(|e| panic!("creating namespace {name}: {e}"));
+}
+
+/// One test's slice of the test bed: a lease namespace, a pool label, host names.
+pub struct Fleet {
+    pub id: String,
+    pub lease_namespace: String,
+    pub operator: Option<Process>,
+    pub agents: Vec<Process>,
+}
+
+impl Fleet {
+    pub async fn new(client: &Client, id: &str) -> Fleet {
+        let lease_namespace = format!("covi-{id}");
+        ensure_namespace(client, &lease_namespace).await;
+        Fleet {
+            id: id.to_string(),
+            lease_namespace,
+            operator: None,
+            agents: Vec::new(),
+        }
+    }
+
+    pub fn host_name(&self, n: usize) -> String {
+        format!("{}-host-{n}", self.id)
+    }
+
+    /// The label value hosts of this fleet's pool carry under covi.io/pool.
+    pub fn pool_label(&self) -> String {
+        self.id.clone()
+    }
+
+    pub fn operator_args(&self, identity: &str, lease_seconds: u32) -> Vec<String> {
+        vec![
+            "--namespace".into(),
+            self.lease_namespace.clone(),
+            "--identity".into(),
+            identity.into(),
+            "--leader-lease-seconds".into(),
+            lease_seconds.to_string(),
+            "--metrics-addr".into(),
+            "127.0.0.1:0".into(),
+            "--resync-seconds".into(),
+            "2".into(),
+        ]
+    }
+
+    pub fn start_operator(&mut self) {
+        let args = self.operator_args(&format!("{}-operator", self.id), 5);
+        self.operator = Some(Process::spawn(
+            &format!("{}-operator", self.id),
+            bin("covi-operator"),
+            args,
+        ));
+    }
+
+    /// Starts an agent for host `n` on its own test-driver inventory.
+    pub fn start_agent(&mut self, n: usize, cpus: u32, memory_gib: u64) -> usize {
+        let node = self.host_name(n);
+        let uri = format!("test://{}", node_xml(&node, cpus, memory_gib).display());
+        self.start_agent_uri(n, &uri, &[])
+    }
+
+    pub fn start_agent_uri(&mut self, n: usize, uri: &str, extra: &[&str]) -> usize {
+        let node = self.host_name(n);
+        let mut args = vec![
+            "--node-name".to_string(),
+            node.clone(),
+            "--libvirt-uri".into(),
+            uri.into(),
+            "--label".into(),
+            format!("covi.io/pool={}", self.pool_label()),
+            "--namespace".into(),
+            self.lease_namespace.clone(),
+            "--metrics-addr".into(),
+            "127.0.0.1:0".into(),
+            "--work-dir".into(),
+            testbed_dir()
+                .join(format!("work-{node}"))
+                .display()
+                .to_string(),
+            "--resync-seconds".into(),
+            "2".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        self.agents.push(Process::spawn(
+            &format!("agent-{node}"),
+            bin("covi-agent"),
+            args,
+        ));
+        self.agents.len() - 1
+    }
+
+    /// Applies a HostPool selecting this fleet's hosts, with `spec` merged over defaults.
+    pub async fn apply_pool(&self, client: &Client, spec: serde_json::Value) -> String {
+        let name = format!("{}-pool", self.id);
+        let mut base = json!({
+            "nodeSelector": {"covi.io/pool": self.pool_label()},
+            "hypervisor": "test",
+            "overcommit": {"cpu": 1, "memory": 1},
+            "reserve": {"cpus": 0, "memory": "0"},
+            "storage": {"pool": "default-pool", "shared": true},
+            "images": [{"name": "debian-12", "volume": "debian-12.img"}],
+            "classes": [{"name": "small", "cpus": 1, "memory": "1Gi", "disk": "4Gi", "bandwidth": "100M"}],
+            "network": {"bridge": "br-covi", "cidr": "10.77.0.0/24", "gateway": "10.77.0.1"}
+        });
+        crate::merge(&mut base, &spec);
+        let pool = json!({"apiVersion": "covi.io/v1alpha1", "kind": "HostPool", "metadata": {"name": name}, "spec": base});
+        let api: Api<kube::api::DynamicObject> = Api::all_with(
+            client.clone(),
+            &kube::core::ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(
+                "covi.io", "v1alpha1", "HostPool",
+            )),
+        );
+        api.patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&pool),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("applying pool {name}: {e}"));
+        name
+    }
+
+    /// Waits until `count` hosts of this fleet report Ready.
+    pub async fn wait_ready_hosts(&self, client: &Client, count: usize) {
+        let api: Api<covi_api::Host> = Api::all(client.clone());
+        let prefix = format!("{}-host-", self.id);
+        wait_until(
+            &format!("{count} Ready hosts in fleet {}", self.id),
+            Duration::from_secs(30),
+            || async {
+                let hosts = api.list(&Default::default()).await.ok()?;
+                let ready = hosts
+                    .items
+                    .iter()
+                    .filter(|h| {
+                        h.metadata
+                            .name
+                            .as_deref()
+                            .is_some_and(|n| n.starts_with(&prefix))
+                    })
+                    .filter(|h| {
+                        h.status.as_ref().is_some_and(|s| {
+                            covi_api::condition::is_condition_true(&s.conditions, "Ready")
+                        })
+                    })
+                    .count();
+                (ready >= count).then_some(())
+            },
+        )
+        .await;
+    }
+}
