@@ -5,8 +5,7 @@
 use std::time::Duration;
 
 use covi_tests::{
-    FIELD_MANAGER, admin, api_for, install_crds, kubectl, merge, namespace, object_from_yaml,
-    repo_root, wait_until,
+    FIELD_MANAGER, admin, api_for, install_crds, kubectl, merge, namespace, object_from_yaml, repo_root, wait_until,
 };
 use kube::api::{DynamicObject, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
@@ -69,32 +68,18 @@ struct Case {
 }
 
 fn create(what: &'static str, object: DynamicObject, expect: &'static str) -> Case {
-    Case {
-        what,
-        object,
-        update: None,
-        expect,
-    }
+    Case { what, object, update: None, expect }
 }
 
 fn update(what: &'static str, object: DynamicObject, update: Value, expect: &'static str) -> Case {
-    Case {
-        what,
-        object,
-        update: Some(update),
-        expect,
-    }
+    Case { what, object, update: Some(update), expect }
 }
 
 fn invalid_cases() -> Vec<Case> {
     let vs = virtual_server;
     let res = |r: Value| json!({"spec": {"resources": r}});
     vec![
-        create(
-            "memory below 128Mi",
-            with(vs(), res(json!({"memory": "100Mi"}))),
-            "memory must be at least 128Mi",
-        ),
+        create("memory below 128Mi", with(vs(), res(json!({"memory": "100Mi"}))), "memory must be at least 128Mi"),
         create(
             "memory not whole MiB",
             with(vs(), res(json!({"memory": "1.5G"}))),
@@ -110,21 +95,9 @@ fn invalid_cases() -> Vec<Case> {
             with(vs(), res(json!({"cpus": 0}))),
             "spec.resources.cpus: Invalid value: 0: spec.resources.cpus in body should be greater than or equal to 1",
         ),
-        create(
-            "too many cpus",
-            with(vs(), res(json!({"cpus": 257}))),
-            "should be less than or equal to 256",
-        ),
-        create(
-            "disk below 1Gi",
-            with(vs(), res(json!({"disk": "512Mi"}))),
-            "disk must be at least 1Gi",
-        ),
-        create(
-            "zero bandwidth",
-            with(vs(), res(json!({"bandwidth": "0"}))),
-            "bandwidth must be a positive quantity",
-        ),
+        create("too many cpus", with(vs(), res(json!({"cpus": 257}))), "should be less than or equal to 256"),
+        create("disk below 1Gi", with(vs(), res(json!({"disk": "512Mi"}))), "disk must be at least 1Gi"),
+        create("zero bandwidth", with(vs(), res(json!({"bandwidth": "0"}))), "bandwidth must be a positive quantity"),
         create(
             "hostname with capitals and underscore",
             with(vs(), json!({"spec": {"hostname": "Web_1"}})),
@@ -157,10 +130,7 @@ fn invalid_cases() -> Vec<Case> {
         ),
         create(
             "address not an IP",
-            with(
-                vs(),
-                json!({"spec": {"network": {"address": "10.20.0.300"}}}),
-            ),
+            with(vs(), json!({"spec": {"network": {"address": "10.20.0.300"}}})),
             "address must be 'auto' or an IPv4 address",
         ),
         create(
@@ -183,16 +153,8 @@ fn invalid_cases() -> Vec<Case> {
             with(vs(), json!({"spec": {"purpose": "   "}})),
             "purpose must say what the server is for",
         ),
-        create(
-            "missing purpose",
-            with(vs(), json!({"spec": {"purpose": null}})),
-            "spec.purpose: Required value",
-        ),
-        create(
-            "blank owner",
-            with(vs(), json!({"spec": {"owner": " "}})),
-            "owner must name a person or team",
-        ),
+        create("missing purpose", with(vs(), json!({"spec": {"purpose": null}})), "spec.purpose: Required value"),
+        create("blank owner", with(vs(), json!({"spec": {"owner": " "}})), "owner must name a person or team"),
         create(
             "unknown run policy",
             with(vs(), json!({"spec": {"runPolicy": "Paused"}})),
@@ -236,10 +198,7 @@ fn invalid_cases() -> Vec<Case> {
         ),
         create(
             "bad template",
-            with(
-                vm_request(),
-                json!({"spec": {"template": {"spec": {"resources": {"memory": "64Mi"}}}}}),
-            ),
+            with(vm_request(), json!({"spec": {"template": {"spec": {"resources": {"memory": "64Mi"}}}}})),
             "memory must be at least 128Mi",
         ),
         update(
@@ -256,26 +215,17 @@ fn invalid_cases() -> Vec<Case> {
         ),
         create(
             "CIDR prefix too long",
-            with(
-                host_pool(),
-                json!({"spec": {"network": {"cidr": "10.20.0.0/33"}}}),
-            ),
+            with(host_pool(), json!({"spec": {"network": {"cidr": "10.20.0.0/33"}}})),
             "cidr must be an IPv4 CIDR",
         ),
         create(
             "IPv6 CIDR",
-            with(
-                host_pool(),
-                json!({"spec": {"network": {"cidr": "fd00::/64", "gateway": null}}}),
-            ),
+            with(host_pool(), json!({"spec": {"network": {"cidr": "fd00::/64", "gateway": null}}})),
             "cidr must be an IPv4 CIDR",
         ),
         create(
             "gateway outside CIDR",
-            with(
-                host_pool(),
-                json!({"spec": {"network": {"gateway": "10.30.0.1"}}}),
-            ),
+            with(host_pool(), json!({"spec": {"network": {"gateway": "10.30.0.1"}}})),
             "gateway must be an IPv4 address inside cidr",
         ),
         create(
@@ -290,10 +240,7 @@ fn invalid_cases() -> Vec<Case> {
         ),
         create(
             "fencing not before lease expiry",
-            with(
-                host_pool(),
-                json!({"spec": {"failover": {"leaseDurationSeconds": 10, "fenceAfterSeconds": 10}}}),
-            ),
+            with(host_pool(), json!({"spec": {"failover": {"leaseDurationSeconds": 10, "fenceAfterSeconds": 10}}})),
             "fenceAfterSeconds plus renewSeconds must not exceed leaseDurationSeconds",
         ),
         create(
@@ -303,10 +250,7 @@ fn invalid_cases() -> Vec<Case> {
         ),
         create(
             "webhook not http",
-            with(
-                host_pool(),
-                json!({"spec": {"approval": {"webhookUrl": "ftp://example.com/hook"}}}),
-            ),
+            with(host_pool(), json!({"spec": {"approval": {"webhookUrl": "ftp://example.com/hook"}}})),
             "webhookUrl must be an http or https URL",
         ),
     ]
@@ -316,15 +260,7 @@ fn invalid_cases() -> Vec<Case> {
 async fn crds_become_established() {
     let client = admin().await;
     let names = install_crds(&client).await;
-    assert_eq!(
-        names,
-        [
-            "hostpools.covi.io",
-            "hosts.covi.io",
-            "virtualservers.covi.io",
-            "vmrequests.covi.io"
-        ]
-    );
+    assert_eq!(names, ["hostpools.covi.io", "hosts.covi.io", "virtualservers.covi.io", "vmrequests.covi.io"]);
 }
 
 #[tokio::test]
@@ -344,11 +280,7 @@ async fn examples_are_accepted() {
         let object = object_from_yaml(&std::fs::read_to_string(&path).expect("readable"));
         let name = object.metadata.name.clone().expect("examples are named");
         api_for(&client, &object, &ns)
-            .patch(
-                &name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&object),
-            )
+            .patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&object))
             .await
             .unwrap_or_else(|e| panic!("{} was refused: {e}", path.display()));
         applied.push(object.types.expect("typed").kind);
@@ -362,10 +294,7 @@ async fn invalid_objects_are_rejected_with_clear_messages() {
     let client = admin().await;
     install_crds(&client).await;
     let ns = namespace(&client, "invalid").await;
-    let dry_run = PostParams {
-        dry_run: true,
-        field_manager: None,
-    };
+    let dry_run = PostParams { dry_run: true, field_manager: None };
 
     // The bases must be valid, or every case would pass for the wrong reason.
     for base in [virtual_server(), vm_request(), host_pool()] {
@@ -389,33 +318,17 @@ async fn invalid_objects_are_rejected_with_clear_messages() {
                 api.create(&PostParams::default(), &object)
                     .await
                     .unwrap_or_else(|e| panic!("{}: creating the original failed: {e}", case.what));
-                let params = PatchParams {
-                    dry_run: true,
-                    ..PatchParams::default()
-                };
-                api.patch(&format!("case-{i}"), &params, &Patch::Merge(patch))
-                    .await
-                    .map(drop)
+                let params = PatchParams { dry_run: true, ..PatchParams::default() };
+                api.patch(&format!("case-{i}"), &params, &Patch::Merge(patch)).await.map(drop)
             }
         };
         match result {
-            Ok(()) => failures.push(format!(
-                "{}: accepted, expected {:?}",
-                case.what, case.expect
-            )),
+            Ok(()) => failures.push(format!("{}: accepted, expected {:?}", case.what, case.expect)),
             Err(kube::Error::Api(status)) if status.message.contains(case.expect) => {}
-            Err(e) => failures.push(format!(
-                "{}: expected {:?}, got: {e}",
-                case.what, case.expect
-            )),
+            Err(e) => failures.push(format!("{}: expected {:?}, got: {e}", case.what, case.expect)),
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} cases failed:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} cases failed:\n{}", failures.len(), failures.join("\n"));
 }
 
 #[tokio::test]
@@ -423,14 +336,10 @@ async fn kubectl_explain_prints_field_docs() {
     let client = admin().await;
     install_crds(&client).await;
     // Discovery can lag behind Established by a moment; explain reads the OpenAPI.
-    let text = wait_until(
-        "kubectl explain to know VirtualServer",
-        Duration::from_secs(30),
-        || async {
-            let (ok, text) = kubectl(&["explain", "virtualserver.spec.resources"]);
-            ok.then_some(text)
-        },
-    )
+    let text = wait_until("kubectl explain to know VirtualServer", Duration::from_secs(30), || async {
+        let (ok, text) = kubectl(&["explain", "virtualserver.spec.resources"]);
+        ok.then_some(text)
+    })
     .await;
     for doc in [
         "Explicit size of the server",
@@ -450,8 +359,7 @@ async fn kubectl_get_covi_lists_all_four_kinds() {
     let ns = namespace(&client, "category").await;
     let suffix = ns.rsplit('-').next().expect("suffix").to_string();
     let mut objects = vec![virtual_server(), vm_request(), host_pool()];
-    objects
-        .push(json!({"apiVersion": "covi.io/v1alpha1", "kind": "Host", "metadata": {"name": "h"}, "spec": {}}));
+    objects.push(json!({"apiVersion": "covi.io/v1alpha1", "kind": "Host", "metadata": {"name": "h"}, "spec": {}}));
     for mut value in objects {
         let kind = value["kind"].as_str().expect("kind").to_lowercase();
         value["metadata"]["name"] = json!(format!("category-{kind}-{suffix}"));
@@ -461,17 +369,13 @@ async fn kubectl_get_covi_lists_all_four_kinds() {
             .await
             .unwrap_or_else(|e| panic!("creating {kind}: {e}"));
     }
-    let text = wait_until(
-        "kubectl get covi to list every kind",
-        Duration::from_secs(30),
-        || async {
-            let (ok, text) = kubectl(&["get", "covi", "-n", &ns, "-o", "name"]);
-            let all = ["virtualserver", "vmrequest", "hostpool", "host"]
-                .iter()
-                .all(|kind| text.contains(&format!("{kind}.covi.io/category-{kind}-{suffix}")));
-            (ok && all).then_some(text)
-        },
-    )
+    let text = wait_until("kubectl get covi to list every kind", Duration::from_secs(30), || async {
+        let (ok, text) = kubectl(&["get", "covi", "-n", &ns, "-o", "name"]);
+        let all = ["virtualserver", "vmrequest", "hostpool", "host"]
+            .iter()
+            .all(|kind| text.contains(&format!("{kind}.covi.io/category-{kind}-{suffix}")));
+        (ok && all).then_some(text)
+    })
     .await;
     assert!(text.contains("hostpool.covi.io/"), "{text}");
 
@@ -479,26 +383,15 @@ async fn kubectl_get_covi_lists_all_four_kinds() {
     let (ok, table) = kubectl(&["get", "vs", "-n", &ns]);
     assert!(ok, "{table}");
     let header = table.lines().next().unwrap_or_default();
-    for column in [
-        "NAME", "PHASE", "HOST", "IP", "CPUS", "MEMORY", "PURPOSE", "AGE",
-    ] {
-        assert!(
-            header.contains(column),
-            "vs columns lack {column}: {header}"
-        );
+    for column in ["NAME", "PHASE", "HOST", "IP", "CPUS", "MEMORY", "PURPOSE", "AGE"] {
+        assert!(header.contains(column), "vs columns lack {column}: {header}");
     }
-    assert!(
-        table.contains("validation test"),
-        "purpose is shown:\n{table}"
-    );
+    assert!(table.contains("validation test"), "purpose is shown:\n{table}");
     let (ok, table) = kubectl(&["get", "vmr", "-n", &ns]);
     assert!(ok, "{table}");
     let header = table.lines().next().unwrap_or_default();
     for column in ["PHASE", "REPLICAS", "READY", "REQUESTER", "EXPIRES"] {
-        assert!(
-            header.contains(column),
-            "vmr columns lack {column}: {header}"
-        );
+        assert!(header.contains(column), "vmr columns lack {column}: {header}");
     }
     assert!(table.contains("alice"), "requester is shown:\n{table}");
 }
@@ -510,18 +403,13 @@ async fn kubectl_scale_changes_request_replicas() {
     let ns = namespace(&client, "scale").await;
     let object: DynamicObject = serde_json::from_value(vm_request()).expect("object");
     let api = api_for(&client, &object, &ns);
-    api.create(&PostParams::default(), &object)
-        .await
-        .expect("create request");
+    api.create(&PostParams::default(), &object).await.expect("create request");
     let (ok, text) = kubectl(&["scale", "-n", &ns, "vmrequest/vmr", "--replicas=7"]);
     assert!(ok, "kubectl scale failed: {text}");
     let after = api.get("vmr").await.expect("get request");
     assert_eq!(after.data["spec"]["replicas"], json!(7));
     let (ok, text) = kubectl(&["scale", "-n", &ns, "vmrequest/vmr", "--replicas=1001"]);
-    assert!(
-        !ok && text.contains("1000"),
-        "scaling past 1000 must fail: {text}"
-    );
+    assert!(!ok && text.contains("1000"), "scaling past 1000 must fail: {text}");
 }
 
 #[tokio::test]
@@ -531,9 +419,7 @@ async fn conditions_from_two_writers_merge_by_type() {
     let ns = namespace(&client, "conditions").await;
     let object: DynamicObject = serde_json::from_value(virtual_server()).expect("object");
     let api = api_for(&client, &object, &ns);
-    api.create(&PostParams::default(), &object)
-        .await
-        .expect("create server");
+    api.create(&PostParams::default(), &object).await.expect("create server");
     let condition = |type_: &str| {
         json!({"type": type_, "status": "True", "reason": "Test", "message": "set by test",
                "lastTransitionTime": "2026-01-01T00:00:00Z"})
@@ -543,13 +429,9 @@ async fn conditions_from_two_writers_merge_by_type() {
             "apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer",
             "status": {"conditions": [condition(type_)]}
         });
-        api.patch_status(
-            "vs",
-            &PatchParams::apply(manager).force(),
-            &Patch::Apply(&patch),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{manager} status apply: {e}"));
+        api.patch_status("vs", &PatchParams::apply(manager).force(), &Patch::Apply(&patch))
+            .await
+            .unwrap_or_else(|e| panic!("{manager} status apply: {e}"));
     }
     let after = api.get_status("vs").await.expect("get");
     let types: Vec<_> = after.data["status"]["conditions"]
@@ -558,11 +440,7 @@ async fn conditions_from_two_writers_merge_by_type() {
         .iter()
         .map(|c| c["type"].as_str().unwrap_or_default().to_string())
         .collect();
-    assert_eq!(
-        types,
-        ["Scheduled", "Ready"],
-        "each writer keeps its own condition"
-    );
+    assert_eq!(types, ["Scheduled", "Ready"], "each writer keeps its own condition");
 }
 
 #[tokio::test]
@@ -574,10 +452,7 @@ async fn users_act_with_their_own_rights() {
     let object: DynamicObject = serde_json::from_value(virtual_server()).expect("object");
 
     let bob = client_as("bob", &["covi:testers"]).await;
-    match api_for(&bob, &object, &ns)
-        .create(&PostParams::default(), &object)
-        .await
-    {
+    match api_for(&bob, &object, &ns).create(&PostParams::default(), &object).await {
         Err(kube::Error::Api(status)) => assert_eq!(status.code, 403, "{status:?}"),
         other => panic!("bob has no role yet and must be forbidden, got {other:?}"),
     }
@@ -613,10 +488,8 @@ async fn users_act_with_their_own_rights() {
     }
     // The RBAC authorizer learns of new bindings through a watch: allow it a moment.
     let bob_api = api_for(&bob, &object, &ns);
-    wait_until(
-        "bob to be allowed once granted",
-        Duration::from_secs(10),
-        || async { bob_api.create(&PostParams::default(), &object).await.ok() },
-    )
+    wait_until("bob to be allowed once granted", Duration::from_secs(10), || async {
+        bob_api.create(&PostParams::default(), &object).await.ok()
+    })
     .await;
 }

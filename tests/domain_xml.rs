@@ -4,25 +4,16 @@
 
 use std::process::Command;
 
-use covi_agent::domain_xml::{
-    Boot, DomainSpec, Driver, Guest, Ownership, mac_address, ownership, render,
-};
+use covi_agent::domain_xml::{Boot, DomainSpec, Driver, Guest, Ownership, mac_address, ownership, render};
 use virt::connect::Connect;
 
 fn spec(name: &str, driver: Driver, guest: Guest, boot: Boot) -> DomainSpec {
-    let hash = name
-        .bytes()
-        .fold(7u64, |h, b| h.wrapping_mul(131).wrapping_add(u64::from(b)));
+    let hash = name.bytes().fold(7u64, |h, b| h.wrapping_mul(131).wrapping_add(u64::from(b)));
     let uid = format!("00000000-0000-4000-8000-{:012x}", hash & 0xffff_ffff_ffff);
     DomainSpec {
         name: format!("xmltest.{name}"),
         uuid: uid.clone(),
-        owner: Ownership {
-            uid: uid.clone(),
-            namespace: "xmltest".into(),
-            name: name.into(),
-            generation: 1,
-        },
+        owner: Ownership { uid: uid.clone(), namespace: "xmltest".into(), name: name.into(), generation: 1 },
         hostname: name.into(),
         driver,
         guest,
@@ -53,19 +44,9 @@ fn guests(driver: Driver) -> Vec<DomainSpec> {
         spec("pv-kernel", driver, Guest::XenPv, kernel()),
         spec("pvh", driver, Guest::XenPvh, kernel()),
         spec("hvm", driver, Guest::XenHvm, Boot::Disk),
-        spec(
-            "hvm-iso",
-            driver,
-            Guest::XenHvm,
-            Boot::Cdrom {
-                iso: "/var/lib/covi/install.iso".into(),
-            },
-        ),
+        spec("hvm-iso", driver, Guest::XenHvm, Boot::Cdrom { iso: "/var/lib/covi/install.iso".into() }),
     ];
-    let pc = vec![
-        spec("pc", driver, Guest::Hvm, Boot::Disk),
-        spec("pc-pxe", driver, Guest::Hvm, Boot::Network),
-    ];
+    let pc = vec![spec("pc", driver, Guest::Hvm, Boot::Disk), spec("pc-pxe", driver, Guest::Hvm, Boot::Network)];
     match driver {
         Driver::Xen => xen,
         Driver::Kvm | Driver::Qemu => pc,
@@ -86,9 +67,7 @@ fn every_hypervisors_xml_passes_virt_xml_validate() {
                 .arg(&path)
                 .arg("domain")
                 .output()
-                .expect(
-                    "virt-xml-validate runs (libvirt-clients, installed by hack/install-deps.sh)",
-                );
+                .expect("virt-xml-validate runs (libvirt-clients, installed by hack/install-deps.sh)");
             assert!(
                 out.status.success(),
                 "{} fails libvirt's schema:\n{}{}\n{}",
@@ -110,27 +89,16 @@ fn the_test_driver_defines_and_starts_every_guest_kind() {
     // shares nothing with others.
     let node = std::env::temp_dir().join(format!("covi-xml-node-{}.xml", std::process::id()));
     std::fs::write(&node, "<node><cpu><nodes>1</nodes><sockets>1</sockets><cores>4</cores><threads>1</threads></cpu><memory>8388608</memory></node>").expect("node file");
-    let conn =
-        Connect::open(Some(&format!("test://{}", node.display()))).expect("open the test driver");
+    let conn = Connect::open(Some(&format!("test://{}", node.display()))).expect("open the test driver");
     for spec in guests(Driver::Test) {
         let domain = conn
             .define_domain_xml(&render(&spec))
             .unwrap_or_else(|e| panic!("{} refused: {e}\n{}", spec.name, render(&spec)));
-        domain
-            .create()
-            .unwrap_or_else(|e| panic!("{} did not start: {e}", spec.name));
+        domain.create().unwrap_or_else(|e| panic!("{} did not start: {e}", spec.name));
         assert!(domain.is_active().expect("state"), "{} runs", spec.name);
         let stored = domain.xml_desc(0).expect("XML back from libvirt");
-        assert_eq!(
-            ownership(&stored),
-            Some(spec.owner.clone()),
-            "{} keeps covi's metadata",
-            spec.name
-        );
-        assert!(
-            stored.contains("<vcpu placement='static'>2</vcpu>"),
-            "{stored}"
-        );
+        assert_eq!(ownership(&stored), Some(spec.owner.clone()), "{} keeps covi's metadata", spec.name);
+        assert!(stored.contains("<vcpu placement='static'>2</vcpu>"), "{stored}");
         assert!(stored.contains("average='12800'"), "{stored}");
     }
     drop(conn);

@@ -28,14 +28,11 @@ async fn apply_server(api: &Api<VirtualServer>, name: &str, pool: &str, extra: V
         "owner": "team-test", "purpose": "integration test"
     });
     covi_tests::merge(&mut spec, &extra);
-    let server = json!({"apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer", "metadata": {"name": name}, "spec": spec});
-    api.patch(
-        name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&server),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("applying server {name}: {e}"));
+    let server =
+        json!({"apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer", "metadata": {"name": name}, "spec": spec});
+    api.patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&server))
+        .await
+        .unwrap_or_else(|e| panic!("applying server {name}: {e}"));
 }
 
 async fn wait_server<F>(api: &Api<VirtualServer>, name: &str, what: &str, check: F) -> VirtualServer
@@ -54,9 +51,7 @@ fn phase(s: &VirtualServer) -> Option<VirtualServerPhase> {
 }
 
 fn condition<'a>(s: &'a VirtualServer, type_: &str) -> Option<&'a covi_api::Condition> {
-    s.status
-        .as_ref()
-        .and_then(|st| find_condition(&st.conditions, type_))
+    s.status.as_ref().and_then(|st| find_condition(&st.conditions, type_))
 }
 
 fn ready(s: &VirtualServer) -> bool {
@@ -73,10 +68,7 @@ async fn events_for(client: &Client, ns: &str, name: &str) -> Vec<(String, Strin
         .collect()
 }
 
-async fn setup(
-    id: &str,
-    hosts: &[(u32, u64)],
-) -> (Client, Fleet, String, String, Api<VirtualServer>) {
+async fn setup(id: &str, hosts: &[(u32, u64)]) -> (Client, Fleet, String, String, Api<VirtualServer>) {
     let client = admin().await;
     install_crds(&client).await;
     let mut fleet = Fleet::new(&client, id).await;
@@ -97,59 +89,25 @@ async fn a_server_becomes_running_with_an_address_from_the_pool() {
     let (client, fleet, pool, ns, api) = setup("run", &[(8, 16), (8, 16)]).await;
     apply_server(&api, "web-1", &pool, json!({"hostname": "web-one"})).await;
 
-    let (ok, out) = kubectl(&[
-        "wait",
-        "-n",
-        &ns,
-        "--for=condition=Ready",
-        "--timeout=30s",
-        "virtualserver/web-1",
-    ]);
-    assert!(
-        ok,
-        "kubectl wait failed: {out}\n{}",
-        fleet.operator.as_ref().unwrap().log_tail()
-    );
+    let (ok, out) = kubectl(&["wait", "-n", &ns, "--for=condition=Ready", "--timeout=30s", "virtualserver/web-1"]);
+    assert!(ok, "kubectl wait failed: {out}\n{}", fleet.operator.as_ref().unwrap().log_tail());
 
     let s = api.get("web-1").await.expect("server");
     let status = s.status.clone().expect("status");
     assert_eq!(status.phase, Some(VirtualServerPhase::Running));
     let host = status.host.clone().expect("bound");
     assert!(host.starts_with("run-host-"), "{host}");
-    let address: std::net::Ipv4Addr = status
-        .address
-        .as_deref()
-        .expect("address")
-        .parse()
-        .expect("IPv4");
-    assert_eq!(
-        address.octets()[..3],
-        [10, 77, 0],
-        "address {address} is in 10.77.0.0/24"
-    );
+    let address: std::net::Ipv4Addr = status.address.as_deref().expect("address").parse().expect("IPv4");
+    assert_eq!(address.octets()[..3], [10, 77, 0], "address {address} is in 10.77.0.0/24");
     assert_ne!(address.octets()[3], 1, "the gateway is never handed out");
-    assert_eq!(
-        (status.cpus, status.memory.as_deref()),
-        (Some(1), Some("1Gi"))
-    );
-    assert_eq!(
-        status.domain_uuid,
-        s.uid(),
-        "the domain's UUID is the server's UID"
-    );
+    assert_eq!((status.cpus, status.memory.as_deref()), (Some(1), Some("1Gi")));
+    assert_eq!(status.domain_uuid, s.uid(), "the domain's UUID is the server's UID");
     assert_eq!(status.observed_generation, s.metadata.generation);
     assert!(s.finalizers().iter().any(|f| f == "covi.io/domain"));
 
-    let reasons: BTreeSet<_> = events_for(&client, &ns, "web-1")
-        .await
-        .into_iter()
-        .map(|(r, _)| r)
-        .collect();
+    let reasons: BTreeSet<_> = events_for(&client, &ns, "web-1").await.into_iter().map(|(r, _)| r).collect();
     for reason in ["Scheduled", "Defined", "Started"] {
-        assert!(
-            reasons.contains(reason),
-            "missing Event {reason}: {reasons:?}"
-        );
+        assert!(reasons.contains(reason), "missing Event {reason}: {reasons:?}");
     }
 
     let pools: Api<covi_api::HostPool> = Api::all(client.clone());
@@ -171,35 +129,17 @@ async fn run_policy_stops_and_starts_and_delete_releases_the_finalizer() {
     wait_server(&api, "db-1", "to be Ready", ready).await;
 
     apply_server(&api, "db-1", &pool, json!({"runPolicy": "Stopped"})).await;
-    let stopped = wait_server(&api, "db-1", "to be Stopped", |s| {
-        phase(s) == Some(VirtualServerPhase::Stopped)
-    })
-    .await;
+    let stopped = wait_server(&api, "db-1", "to be Stopped", |s| phase(s) == Some(VirtualServerPhase::Stopped)).await;
     let c = condition(&stopped, "Ready").expect("Ready condition");
     assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "Stopped"));
 
     apply_server(&api, "db-1", &pool, json!({"runPolicy": "Running"})).await;
-    wait_server(&api, "db-1", "to run again", |s| {
-        ready(s) && phase(s) == Some(VirtualServerPhase::Running)
-    })
-    .await;
+    wait_server(&api, "db-1", "to run again", |s| ready(s) && phase(s) == Some(VirtualServerPhase::Running)).await;
 
-    api.delete("db-1", &DeleteParams::default())
-        .await
-        .expect("delete");
-    wait_until("db-1 to be gone", DEADLINE, || async {
-        api.get_opt("db-1").await.ok()?.is_none().then_some(())
-    })
-    .await;
-    let reasons: Vec<_> = events_for(&client, &ns, "db-1")
-        .await
-        .into_iter()
-        .map(|(r, _)| r)
-        .collect();
-    assert!(
-        reasons.iter().any(|r| r == "Removed"),
-        "the agent removed domain and disks first: {reasons:?}"
-    );
+    api.delete("db-1", &DeleteParams::default()).await.expect("delete");
+    wait_until("db-1 to be gone", DEADLINE, || async { api.get_opt("db-1").await.ok()?.is_none().then_some(()) }).await;
+    let reasons: Vec<_> = events_for(&client, &ns, "db-1").await.into_iter().map(|(r, _)| r).collect();
+    assert!(reasons.iter().any(|r| r == "Removed"), "the agent removed domain and disks first: {reasons:?}");
 }
 
 #[tokio::test]
@@ -207,13 +147,7 @@ async fn anti_affinity_members_never_share_a_host() {
     let _turn = SERIAL.lock().await;
     let (_client, _fleet, pool, _ns, api) = setup("anti", &[(8, 16), (8, 16), (8, 16)]).await;
     for i in 1..=4 {
-        apply_server(
-            &api,
-            &format!("web-{i}"),
-            &pool,
-            json!({"placement": {"antiAffinityGroup": "web"}}),
-        )
-        .await;
+        apply_server(&api, &format!("web-{i}"), &pool, json!({"placement": {"antiAffinityGroup": "web"}})).await;
     }
     let mut hosts = BTreeSet::new();
     let mut pending = Vec::new();
@@ -223,38 +157,22 @@ async fn anti_affinity_members_never_share_a_host() {
         })
         .await;
         match s.status.as_ref().and_then(|st| st.host.clone()) {
-            Some(h) => assert!(
-                hosts.insert(h.clone()),
-                "two members of group web share {h}"
-            ),
-            None => pending.push(
-                condition(&s, "Scheduled")
-                    .cloned()
-                    .expect("Scheduled condition"),
-            ),
+            Some(h) => assert!(hosts.insert(h.clone()), "two members of group web share {h}"),
+            None => pending.push(condition(&s, "Scheduled").cloned().expect("Scheduled condition")),
         }
     }
     assert_eq!(hosts.len(), 3, "three hosts, three members");
     assert_eq!(pending.len(), 1);
     assert_eq!(pending[0].reason, "AntiAffinity");
-    assert!(
-        pending[0].message.contains("anti-affinity group web"),
-        "{}",
-        pending[0].message
-    );
+    assert!(pending[0].message.contains("anti-affinity group web"), "{}", pending[0].message);
 }
 
 #[tokio::test]
 async fn too_large_a_server_waits_with_a_reason_and_binds_when_a_host_joins() {
     let _turn = SERIAL.lock().await;
     let (client, mut fleet, pool, ns, api) = setup("large", &[(4, 16)]).await;
-    apply_server(
-        &api,
-        "big",
-        &pool,
-        json!({"class": null, "resources": {"cpus": 8, "memory": "2Gi", "disk": "10Gi"}}),
-    )
-    .await;
+    apply_server(&api, "big", &pool, json!({"class": null, "resources": {"cpus": 8, "memory": "2Gi", "disk": "10Gi"}}))
+        .await;
     let s = wait_server(&api, "big", "to be Pending with a reason", |s| {
         condition(s, "Scheduled").is_some_and(|c| c.status == "False")
     })
@@ -263,19 +181,12 @@ async fn too_large_a_server_waits_with_a_reason_and_binds_when_a_host_joins() {
     let c = condition(&s, "Scheduled").expect("Scheduled");
     assert_eq!(c.reason, "InsufficientCPU");
     assert!(
-        c.message.starts_with(&format!(
-            "no host in pool {pool} has 8 free CPUs; the largest free is 4"
-        )),
+        c.message.starts_with(&format!("no host in pool {pool} has 8 free CPUs; the largest free is 4")),
         "{}",
         c.message
     );
     let events = events_for(&client, &ns, "big").await;
-    assert!(
-        events
-            .iter()
-            .any(|(r, m)| r == "FailedScheduling" && m.contains("8 free CPUs")),
-        "{events:?}"
-    );
+    assert!(events.iter().any(|(r, m)| r == "FailedScheduling" && m.contains("8 free CPUs")), "{events:?}");
 
     fleet.start_agent(2, 16, 32);
     let s = wait_server(&api, "big", "to run once a large host joins", ready).await;
@@ -286,13 +197,7 @@ async fn too_large_a_server_waits_with_a_reason_and_binds_when_a_host_joins() {
 async fn bad_input_gets_a_reason_and_an_event_and_nothing_is_created() {
     let _turn = SERIAL.lock().await;
     let (client, _fleet, pool, ns, api) = setup("bad", &[(8, 16)]).await;
-    apply_server(
-        &api,
-        "taken-first",
-        &pool,
-        json!({"network": {"address": "10.77.0.50"}}),
-    )
-    .await;
+    apply_server(&api, "taken-first", &pool, json!({"network": {"address": "10.77.0.50"}})).await;
     wait_server(&api, "taken-first", "to be Ready", ready).await;
 
     let cases = [
@@ -302,33 +207,20 @@ async fn bad_input_gets_a_reason_and_an_event_and_nothing_is_created() {
             "ImageNotFound",
             "image windows-95 is not in the catalog",
         ),
-        (
-            "no-class",
-            json!({"class": "gigantic"}),
-            "ClassNotFound",
-            "class gigantic is not defined in pool",
-        ),
+        ("no-class", json!({"class": "gigantic"}), "ClassNotFound", "class gigantic is not defined in pool"),
         (
             "outside",
             json!({"network": {"address": "192.0.2.10"}}),
             "AddressOutsideNetwork",
             "outside the pool's network 10.77.0.0/24",
         ),
-        (
-            "taken",
-            json!({"network": {"address": "10.77.0.50"}}),
-            "AddressTaken",
-            "10.77.0.50 is already used",
-        ),
+        ("taken", json!({"network": {"address": "10.77.0.50"}}), "AddressTaken", "10.77.0.50 is already used"),
     ];
     for (name, extra, _, _) in &cases {
         apply_server(&api, name, &pool, extra.clone()).await;
     }
     for (name, _, reason, message) in cases {
-        let s = wait_server(&api, name, "to fail", |s| {
-            phase(s) == Some(VirtualServerPhase::Failed)
-        })
-        .await;
+        let s = wait_server(&api, name, "to fail", |s| phase(s) == Some(VirtualServerPhase::Failed)).await;
         let c = condition(&s, "Scheduled").expect("Scheduled condition");
         assert_eq!(c.reason, reason, "{name}");
         assert!(c.message.contains(message), "{name}: {}", c.message);
@@ -338,17 +230,10 @@ async fn bad_input_gets_a_reason_and_an_event_and_nothing_is_created() {
             "{name} half-created: {status:?}"
         );
         let events = events_for(&client, &ns, name).await;
-        assert!(
-            events
-                .iter()
-                .any(|(r, m)| r == reason && m.contains(message)),
-            "{name}: {events:?}"
-        );
+        assert!(events.iter().any(|(r, m)| r == reason && m.contains(message)), "{name}: {events:?}");
     }
     // Deleting a server that never ran is immediate: no agent has anything to clean.
-    api.delete("no-image", &DeleteParams::default())
-        .await
-        .expect("delete");
+    api.delete("no-image", &DeleteParams::default()).await.expect("delete");
     wait_until("no-image to be gone", DEADLINE, || async {
         api.get_opt("no-image").await.ok()?.is_none().then_some(())
     })
@@ -376,28 +261,18 @@ async fn thirty_servers_bind_in_a_burst_without_overcommitting_a_host() {
         (ready_count == 30 && pending == 1).then_some(list.items)
     })
     .await;
-    println!(
-        "30 servers Ready {:?} after the first create",
-        started.elapsed()
-    );
+    println!("30 servers Ready {:?} after the first create", started.elapsed());
     let mut per_host = std::collections::BTreeMap::new();
     for s in &all {
         if let Some(h) = s.status.as_ref().and_then(|st| st.host.clone()) {
             *per_host.entry(h).or_insert(0) += 1;
         }
     }
-    assert!(
-        per_host.values().all(|n| *n == 10),
-        "each 10-CPU host holds exactly 10 servers: {per_host:?}"
-    );
+    assert!(per_host.values().all(|n| *n == 10), "each 10-CPU host holds exactly 10 servers: {per_host:?}");
     let hosts: Api<covi_api::Host> = Api::all(client);
     for h in per_host.keys() {
         let host = hosts.get(h).await.expect("host");
-        assert_eq!(
-            host.status.and_then(|s| s.cpu_allocation).as_deref(),
-            Some("10/10"),
-            "{h}"
-        );
+        assert_eq!(host.status.and_then(|s| s.cpu_allocation).as_deref(), Some("10/10"), "{h}");
     }
 }
 
@@ -409,16 +284,8 @@ async fn the_standby_operator_takes_over_when_the_leader_dies() {
     let mut fleet = Fleet::new(&client, "leader").await;
     let pool = fleet.apply_pool(&client, json!({})).await;
     fleet.start_agent(1, 8, 16);
-    let mut a = Process::spawn(
-        "leader-operator-a",
-        bin("covi-operator"),
-        fleet.operator_args("operator-a", 3),
-    );
-    let mut b = Process::spawn(
-        "leader-operator-b",
-        bin("covi-operator"),
-        fleet.operator_args("operator-b", 3),
-    );
+    let mut a = Process::spawn("leader-operator-a", bin("covi-operator"), fleet.operator_args("operator-a", 3));
+    let mut b = Process::spawn("leader-operator-b", bin("covi-operator"), fleet.operator_args("operator-b", 3));
     fleet.wait_ready_hosts(&client, 1).await;
     let ns = namespace(&client, "leader").await;
     let api: Api<VirtualServer> = Api::namespaced(client.clone(), &ns);
@@ -426,13 +293,8 @@ async fn the_standby_operator_takes_over_when_the_leader_dies() {
     wait_server(&api, "before", "to be Ready under the first leader", ready).await;
 
     let leases: Api<Lease> = Api::namespaced(client.clone(), &fleet.lease_namespace);
-    let holder = leases
-        .get("covi-operator")
-        .await
-        .expect("leader lease")
-        .spec
-        .and_then(|s| s.holder_identity)
-        .expect("holder");
+    let holder =
+        leases.get("covi-operator").await.expect("leader lease").spec.and_then(|s| s.holder_identity).expect("holder");
     let killed_at = Instant::now();
     match holder.as_str() {
         "operator-a" => a.kill(),
@@ -441,19 +303,7 @@ async fn the_standby_operator_takes_over_when_the_leader_dies() {
     }
     apply_server(&api, "after", &pool, json!({})).await;
     wait_server(&api, "after", "to be Ready under the new leader", ready).await;
-    let new_holder = leases
-        .get("covi-operator")
-        .await
-        .expect("lease")
-        .spec
-        .and_then(|s| s.holder_identity);
-    assert_ne!(
-        new_holder.as_deref(),
-        Some(holder.as_str()),
-        "the standby leads now"
-    );
-    println!(
-        "standby bound a new server {:?} after the leader was killed",
-        killed_at.elapsed()
-    );
+    let new_holder = leases.get("covi-operator").await.expect("lease").spec.and_then(|s| s.holder_identity);
+    assert_ne!(new_holder.as_deref(), Some(holder.as_str()), "the standby leads now");
+    println!("standby bound a new server {:?} after the leader was killed", killed_at.elapsed());
 }

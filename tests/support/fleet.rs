@@ -14,15 +14,10 @@ use crate::{FIELD_MANAGER, testbed_dir, wait_until};
 
 /// Where the covi binaries are: COVI_BIN_DIR (set by hack/test.sh), else target/debug.
 pub fn bin(name: &str) -> PathBuf {
-    let dir = std::env::var_os("COVI_BIN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| crate::repo_root().join("target/debug"));
+    let dir =
+        std::env::var_os("COVI_BIN_DIR").map(PathBuf::from).unwrap_or_else(|| crate::repo_root().join("target/debug"));
     let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build it with `cargo build --workspace --bins`",
-        path.display()
-    );
+    assert!(path.exists(), "{} is missing: build it with `cargo build --workspace --bins`", path.display());
     path
 }
 
@@ -41,12 +36,7 @@ impl Process {
         let log = logs.join(format!("{name}.log"));
         let mut command = vec![program.display().to_string()];
         command.extend(args);
-        let mut p = Process {
-            name: name.to_string(),
-            log,
-            child: None,
-            command,
-        };
+        let mut p = Process { name: name.to_string(), log, child: None, command };
         p.start();
         p
     }
@@ -54,17 +44,10 @@ impl Process {
     /// Starts (again) with the same command, appending to the same log.
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "{} is already running", self.name);
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("log file");
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
         let mut cmd = Command::new(&self.command[0]);
         cmd.args(&self.command[1..])
-            .env(
-                "RUST_LOG",
-                std::env::var("COVI_TEST_LOG").unwrap_or_else(|_| "info,kube=warn".into()),
-            )
+            .env("RUST_LOG", std::env::var("COVI_TEST_LOG").unwrap_or_else(|_| "info,kube=warn".into()))
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("log file"))
             .stderr(out);
@@ -76,10 +59,7 @@ impl Process {
                 Ok(())
             });
         }
-        self.child = Some(
-            cmd.spawn()
-                .unwrap_or_else(|e| panic!("starting {}: {e}", self.name)),
-        );
+        self.child = Some(cmd.spawn().unwrap_or_else(|e| panic!("starting {}: {e}", self.name)));
     }
 
     /// `kill -9`: no chance to clean up, as on power loss.
@@ -129,9 +109,7 @@ pub fn node_xml(name: &str, cpus: u32, memory_gib: u64) -> PathBuf {
 }
 
 fn uuid_for(name: &str) -> String {
-    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    });
+    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
     format!(
         "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
         h >> 32,
@@ -144,10 +122,9 @@ fn uuid_for(name: &str) -> String {
 
 /// Creates the namespace if it is missing.
 pub async fn ensure_namespace(client: &Client, name: &str) {
-    let ns: Namespace = serde_json::from_value(
-        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}),
-    )
-    .expect("namespace");
+    let ns: Namespace =
+        serde_json::from_value(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}))
+            .expect("namespace");
     Api::<Namespace>::all(client.clone())
         .patch(name, &PatchParams::apply(FIELD_MANAGER), &Patch::Apply(&ns))
         .await
@@ -166,12 +143,7 @@ impl Fleet {
     pub async fn new(client: &Client, id: &str) -> Fleet {
         let lease_namespace = format!("covi-{id}");
         ensure_namespace(client, &lease_namespace).await;
-        Fleet {
-            id: id.to_string(),
-            lease_namespace,
-            operator: None,
-            agents: Vec::new(),
-        }
+        Fleet { id: id.to_string(), lease_namespace, operator: None, agents: Vec::new() }
     }
 
     pub fn host_name(&self, n: usize) -> String {
@@ -200,11 +172,7 @@ impl Fleet {
 
     pub fn start_operator(&mut self) {
         let args = self.operator_args(&format!("{}-operator", self.id), 5);
-        self.operator = Some(Process::spawn(
-            &format!("{}-operator", self.id),
-            bin("covi-operator"),
-            args,
-        ));
+        self.operator = Some(Process::spawn(&format!("{}-operator", self.id), bin("covi-operator"), args));
     }
 
     /// Starts an agent for host `n` on its own test-driver inventory.
@@ -228,19 +196,12 @@ impl Fleet {
             "--metrics-addr".into(),
             "127.0.0.1:0".into(),
             "--work-dir".into(),
-            testbed_dir()
-                .join(format!("work-{node}"))
-                .display()
-                .to_string(),
+            testbed_dir().join(format!("work-{node}")).display().to_string(),
             "--resync-seconds".into(),
             "2".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        self.agents.push(Process::spawn(
-            &format!("agent-{node}"),
-            bin("covi-agent"),
-            args,
-        ));
+        self.agents.push(Process::spawn(&format!("agent-{node}"), bin("covi-agent"), args));
         self.agents.len() - 1
     }
 
@@ -258,20 +219,15 @@ impl Fleet {
             "network": {"bridge": "br-covi", "cidr": "10.77.0.0/24", "gateway": "10.77.0.1"}
         });
         crate::merge(&mut base, &spec);
-        let pool = json!({"apiVersion": "covi.io/v1alpha1", "kind": "HostPool", "metadata": {"name": name}, "spec": base});
+        let pool =
+            json!({"apiVersion": "covi.io/v1alpha1", "kind": "HostPool", "metadata": {"name": name}, "spec": base});
         let api: Api<kube::api::DynamicObject> = Api::all_with(
             client.clone(),
-            &kube::core::ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(
-                "covi.io", "v1alpha1", "HostPool",
-            )),
+            &kube::core::ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk("covi.io", "v1alpha1", "HostPool")),
         );
-        api.patch(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&pool),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("applying pool {name}: {e}"));
+        api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&pool))
+            .await
+            .unwrap_or_else(|e| panic!("applying pool {name}: {e}"));
         name
     }
 
@@ -279,29 +235,18 @@ impl Fleet {
     pub async fn wait_ready_hosts(&self, client: &Client, count: usize) {
         let api: Api<covi_api::Host> = Api::all(client.clone());
         let prefix = format!("{}-host-", self.id);
-        wait_until(
-            &format!("{count} Ready hosts in fleet {}", self.id),
-            Duration::from_secs(30),
-            || async {
-                let hosts = api.list(&Default::default()).await.ok()?;
-                let ready = hosts
-                    .items
-                    .iter()
-                    .filter(|h| {
-                        h.metadata
-                            .name
-                            .as_deref()
-                            .is_some_and(|n| n.starts_with(&prefix))
-                    })
-                    .filter(|h| {
-                        h.status.as_ref().is_some_and(|s| {
-                            covi_api::condition::is_condition_true(&s.conditions, "Ready")
-                        })
-                    })
-                    .count();
-                (ready >= count).then_some(())
-            },
-        )
+        wait_until(&format!("{count} Ready hosts in fleet {}", self.id), Duration::from_secs(30), || async {
+            let hosts = api.list(&Default::default()).await.ok()?;
+            let ready = hosts
+                .items
+                .iter()
+                .filter(|h| h.metadata.name.as_deref().is_some_and(|n| n.starts_with(&prefix)))
+                .filter(|h| {
+                    h.status.as_ref().is_some_and(|s| covi_api::condition::is_condition_true(&s.conditions, "Ready"))
+                })
+                .count();
+            (ready >= count).then_some(())
+        })
         .await;
     }
 }

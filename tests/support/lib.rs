@@ -27,10 +27,7 @@ for one test).";
 
 /// The repository's root folder.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
 }
 
 /// The test bed's state folder; panics with instructions when there is none.
@@ -104,29 +101,17 @@ pub async fn install_crds(client: &Client) -> Vec<String> {
     let mut names = Vec::new();
     for crd in committed_crds() {
         let name = crd.metadata.name.clone().expect("CRDs are named");
-        api.patch(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&crd),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("applying CRD {name}: {e}"));
+        api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&crd))
+            .await
+            .unwrap_or_else(|e| panic!("applying CRD {name}: {e}"));
         names.push(name);
     }
     for name in &names {
-        wait_until(
-            &format!("CRD {name} to be Established"),
-            Duration::from_secs(30),
-            || async {
-                let crd = api.get(name).await.ok()?;
-                let established = crd
-                    .status?
-                    .conditions?
-                    .iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True");
-                established.then_some(())
-            },
-        )
+        wait_until(&format!("CRD {name} to be Established"), Duration::from_secs(30), || async {
+            let crd = api.get(name).await.ok()?;
+            let established = crd.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True");
+            established.then_some(())
+        })
         .await;
     }
     names
@@ -135,11 +120,7 @@ pub async fn install_crds(client: &Client) -> Vec<String> {
 /// Creates a namespace with a unique name starting with `prefix`.
 pub async fn namespace(client: &Client, prefix: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    let name = format!(
-        "{prefix}-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    );
+    let name = format!("{prefix}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
     let ns: Namespace = serde_json::from_value(serde_json::json!({
         "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}
     }))
@@ -154,14 +135,8 @@ pub async fn namespace(client: &Client, prefix: &str) -> String {
 /// A dynamic API for the kind of `object` (its apiVersion and kind), namespaced in `ns`
 /// when the kind is namespaced.
 pub fn api_for(client: &Client, object: &DynamicObject, ns: &str) -> Api<DynamicObject> {
-    let types = object
-        .types
-        .as_ref()
-        .expect("object has apiVersion and kind");
-    let (group, version) = types
-        .api_version
-        .split_once('/')
-        .unwrap_or(("", &types.api_version));
+    let types = object.types.as_ref().expect("object has apiVersion and kind");
+    let (group, version) = types.api_version.split_once('/').unwrap_or(("", &types.api_version));
     let gvk = GroupVersionKind::gvk(group, version, &types.kind);
     let resource = ApiResource::from_gvk(&gvk);
     if is_cluster_scoped(&types.kind) {
@@ -175,9 +150,7 @@ fn is_cluster_scoped(kind: &str) -> bool {
     if matches!(kind, "Namespace" | "CustomResourceDefinition") {
         return true;
     }
-    covi_api::crds()
-        .iter()
-        .any(|crd| crd.spec.names.kind == kind && crd.spec.scope == "Cluster")
+    covi_api::crds().iter().any(|crd| crd.spec.names.kind == kind && crd.spec.scope == "Cluster")
 }
 
 /// Applies JSON merge patch `patch` (RFC 7386: null removes a field) to `target`.

@@ -20,7 +20,8 @@ pub const USAGE: &str = "usage: covi-agent --node-name NAME [options]
   --address ADDR          address other hosts reach this one at (env COVI_HOST_ADDRESS)
   --resync-seconds N      full comparison of domains with servers every N seconds (default 10)
   --metrics-addr ADDR     serve /metrics and /healthz here (default 0.0.0.0:9464; port 0 picks one)
-  --work-dir PATH         scratch space for seed ISOs (default /var/lib/covi-agent)";
+  --work-dir PATH         scratch space for seed ISOs (default /var/lib/covi-agent)
+  --stop-grace-seconds N  a guest asked to shut down is forced off after N seconds (default 30)";
 
 /// Everything the agent needs to know to start.
 #[derive(Clone, Debug, PartialEq)]
@@ -34,6 +35,7 @@ pub struct Config {
     pub resync: Duration,
     pub metrics_addr: SocketAddr,
     pub work_dir: PathBuf,
+    pub stop_grace: Duration,
 }
 
 fn parse_label(s: &str) -> Result<(String, String)> {
@@ -45,10 +47,7 @@ fn parse_label(s: &str) -> Result<(String, String)> {
 
 impl Config {
     /// Reads flags (without the program name) and, for what they leave open, `env`.
-    pub fn parse(
-        args: impl IntoIterator<Item = String>,
-        env: impl Fn(&str) -> Option<String>,
-    ) -> Result<Config> {
+    pub fn parse(args: impl IntoIterator<Item = String>, env: impl Fn(&str) -> Option<String>) -> Result<Config> {
         let mut node_name = env("COVI_NODE_NAME").or_else(|| env("NODE_NAME"));
         let mut libvirt_uri = env("COVI_LIBVIRT_URI").unwrap_or_else(|| "xen:///system".into());
         let mut kubeconfig = None;
@@ -64,7 +63,15 @@ impl Config {
         let mut resync = Duration::from_secs(10);
         let mut metrics_addr: SocketAddr = "0.0.0.0:9464".parse().expect("valid default");
         let mut work_dir = PathBuf::from("/var/lib/covi-agent");
+        let mut stop_grace = Duration::from_secs(30);
 
+        let seconds = |flag: &str, v: String| -> Result<Duration> {
+            v.parse::<u64>()
+                .ok()
+                .filter(|s| *s > 0)
+                .map(Duration::from_secs)
+                .ok_or_else(|| Error::Config(format!("{flag} {v:?} is not a positive number")))
+        };
         let mut args = args.into_iter();
         while let Some(flag) = args.next() {
             let (flag, inline) = match flag.split_once('=') {
@@ -90,28 +97,20 @@ impl Config {
                     labels.insert(k, v);
                 }
                 "--address" => address = Some(value()?),
-                "--resync-seconds" => {
-                    let v = value()?;
-                    let secs: u64 = v.parse().ok().filter(|s| *s > 0).ok_or_else(|| {
-                        Error::Config(format!("--resync-seconds {v:?} is not a positive number"))
-                    })?;
-                    resync = Duration::from_secs(secs);
-                }
+                "--resync-seconds" => resync = seconds(&flag, value()?)?,
+                "--stop-grace-seconds" => stop_grace = seconds(&flag, value()?)?,
                 "--metrics-addr" => {
                     let v = value()?;
-                    metrics_addr = v.parse().map_err(|_| {
-                        Error::Config(format!("--metrics-addr {v:?} is not HOST:PORT"))
-                    })?;
+                    metrics_addr =
+                        v.parse().map_err(|_| Error::Config(format!("--metrics-addr {v:?} is not HOST:PORT")))?;
                 }
                 "--work-dir" => work_dir = PathBuf::from(value()?),
                 other => return Err(Error::Config(format!("unknown flag {other}\n\n{USAGE}"))),
             }
         }
-        let node_name = node_name.filter(|n| !n.is_empty()).ok_or_else(|| {
-            Error::Config(format!(
-                "--node-name (or COVI_NODE_NAME) is required\n\n{USAGE}"
-            ))
-        })?;
+        let node_name = node_name
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| Error::Config(format!("--node-name (or COVI_NODE_NAME) is required\n\n{USAGE}")))?;
         Ok(Config {
             node_name,
             libvirt_uri,
@@ -122,6 +121,7 @@ impl Config {
             resync,
             metrics_addr,
             work_dir,
+            stop_grace,
         })
     }
 }
@@ -142,13 +142,7 @@ mod tests {
             _ => None,
         };
         let c = Config::parse(
-            args(&[
-                "--node-name",
-                "host-1",
-                "--libvirt-uri=test:///tmp/h.xml",
-                "--label",
-                "covi.io/pool=b",
-            ]),
+            args(&["--node-name", "host-1", "--libvirt-uri=test:///tmp/h.xml", "--label", "covi.io/pool=b"]),
             env,
         )
         .unwrap();
@@ -169,9 +163,7 @@ mod tests {
     fn bad_input_says_what_is_wrong() {
         let err = |a: &[&str]| Config::parse(args(a), |_| None).unwrap_err().to_string();
         assert!(err(&[]).contains("--node-name (or COVI_NODE_NAME) is required"));
-        assert!(
-            err(&["--node-name", "h", "--resync-seconds", "0"]).contains("not a positive number")
-        );
+        assert!(err(&["--node-name", "h", "--resync-seconds", "0"]).contains("not a positive number"));
         assert!(err(&["--node-name", "h", "--label", "novalue"]).contains("is not KEY=VALUE"));
         assert!(err(&["--node-name", "h", "--bogus"]).contains("unknown flag --bogus"));
         assert!(err(&["--node-name"]).contains("--node-name needs a value"));

@@ -6,9 +6,6 @@ use std::time::Duration;
 use crate::libvirt::ObservedDomain;
 use crate::server::ServerPlan;
 
-/// How long a guest gets to shut down on request before it is forced off.
-pub const STOP_GRACE: Duration = Duration::from_secs(30);
-
 /// One action on the host.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Step {
@@ -27,21 +24,18 @@ pub enum Step {
 }
 
 /// `observed` is every covi domain on the host; `stop_waited` is how long ago a
-/// graceful stop of this server was requested, if one was.
+/// graceful stop of this server was requested, if one was; after `stop_grace` the
+/// guest is forced off.
 pub fn steps(
     plan: &ServerPlan,
     observed: &[ObservedDomain],
     stop_waited: Option<Duration>,
+    stop_grace: Duration,
 ) -> Vec<Step> {
     let mut steps = Vec::new();
     let d = &plan.domain;
-    for other in observed
-        .iter()
-        .filter(|o| o.name == d.name && o.uuid != d.uuid)
-    {
-        steps.push(Step::RemoveStale {
-            uuid: other.uuid.clone(),
-        });
+    for other in observed.iter().filter(|o| o.name == d.name && o.uuid != d.uuid) {
+        steps.push(Step::RemoveStale { uuid: other.uuid.clone() });
     }
     let current = observed.iter().find(|o| o.uuid == d.uuid);
     let drifted = match current {
@@ -59,9 +53,7 @@ pub fn steps(
     let active = current.is_some_and(|o| o.active);
     match (plan.run, active) {
         (true, false) => steps.push(Step::Start),
-        (false, true) => steps.push(Step::Stop {
-            force: stop_waited.is_some_and(|w| w >= STOP_GRACE),
-        }),
+        (false, true) => steps.push(Step::Stop { force: stop_waited.is_some_and(|w| w >= stop_grace) }),
         _ => {}
     }
     steps
@@ -75,12 +67,7 @@ mod tests {
 
     fn plan(run: bool) -> ServerPlan {
         use crate::domain_xml::*;
-        let owner = Ownership {
-            uid: "u1".into(),
-            namespace: "ns".into(),
-            name: "s".into(),
-            generation: 2,
-        };
+        let owner = Ownership { uid: "u1".into(), namespace: "ns".into(), name: "s".into(), generation: 2 };
         ServerPlan {
             domain: DomainSpec {
                 name: "ns.s".into(),
@@ -119,17 +106,18 @@ mod tests {
         }
     }
 
+    const GRACE: Duration = Duration::from_secs(30);
+
+    fn steps(plan: &ServerPlan, observed: &[ObservedDomain], waited: Option<Duration>) -> Vec<Step> {
+        super::steps(plan, observed, waited, GRACE)
+    }
+
     fn observed(uuid: &str, active: bool, generation: i64) -> ObservedDomain {
         ObservedDomain {
             uuid: uuid.into(),
             name: "ns.s".into(),
             active,
-            owner: Ownership {
-                uid: uuid.into(),
-                namespace: "ns".into(),
-                name: "s".into(),
-                generation,
-            },
+            owner: Ownership { uid: uuid.into(), namespace: "ns".into(), name: "s".into(), generation },
             vcpus: 2,
             memory_kib: 1024 * 1024,
         }
@@ -149,18 +137,12 @@ mod tests {
 
     #[test]
     fn a_destroyed_domain_is_started_again() {
-        assert_eq!(
-            steps(&plan(true), &[observed("u1", false, 2)], None),
-            [Step::Start]
-        );
+        assert_eq!(steps(&plan(true), &[observed("u1", false, 2)], None), [Step::Start]);
     }
 
     #[test]
     fn a_new_generation_or_edited_definition_is_redefined() {
-        assert_eq!(
-            steps(&plan(true), &[observed("u1", true, 1)], None),
-            [Step::Define]
-        );
+        assert_eq!(steps(&plan(true), &[observed("u1", true, 1)], None), [Step::Define]);
         let mut edited = observed("u1", true, 2);
         edited.vcpus = 8;
         assert_eq!(steps(&plan(true), &[edited], None), [Step::Define]);
@@ -169,18 +151,9 @@ mod tests {
     #[test]
     fn stopping_is_graceful_then_forced() {
         let running = [observed("u1", true, 2)];
-        assert_eq!(
-            steps(&plan(false), &running, None),
-            [Step::Stop { force: false }]
-        );
-        assert_eq!(
-            steps(&plan(false), &running, Some(Duration::from_secs(5))),
-            [Step::Stop { force: false }]
-        );
-        assert_eq!(
-            steps(&plan(false), &running, Some(STOP_GRACE)),
-            [Step::Stop { force: true }]
-        );
+        assert_eq!(steps(&plan(false), &running, None), [Step::Stop { force: false }]);
+        assert_eq!(steps(&plan(false), &running, Some(Duration::from_secs(5))), [Step::Stop { force: false }]);
+        assert_eq!(steps(&plan(false), &running, Some(GRACE)), [Step::Stop { force: true }]);
     }
 
     #[test]
@@ -188,11 +161,7 @@ mod tests {
         let leftover = observed("old", true, 7);
         assert_eq!(
             steps(&plan(true), &[leftover], None),
-            [
-                Step::RemoveStale { uuid: "old".into() },
-                Step::Define,
-                Step::Start
-            ]
+            [Step::RemoveStale { uuid: "old".into() }, Step::Define, Step::Start]
         );
     }
 }

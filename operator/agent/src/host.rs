@@ -65,24 +65,15 @@ pub async fn register(
             "conditions": conditions,
         }
     });
-    api.patch_status(node, &params, &Patch::Apply(&status))
-        .await?;
+    api.patch_status(node, &params, &Patch::Apply(&status)).await?;
     Ok(())
 }
 
 /// The pool whose nodeSelector matches these labels (the first by name, if several do).
-pub fn pool_of<'a>(
-    pools: &'a [std::sync::Arc<HostPool>],
-    labels: &BTreeMap<String, String>,
-) -> Option<&'a HostPool> {
+pub fn pool_of<'a>(pools: &'a [std::sync::Arc<HostPool>], labels: &BTreeMap<String, String>) -> Option<&'a HostPool> {
     pools
         .iter()
-        .filter(|p| {
-            p.spec
-                .node_selector
-                .iter()
-                .all(|(k, v)| labels.get(k) == Some(v))
-        })
+        .filter(|p| p.spec.node_selector.iter().all(|(k, v)| labels.get(k) == Some(v)))
         .min_by_key(|p| p.name_any())
         .map(|p| p.as_ref())
 }
@@ -99,9 +90,7 @@ pub async fn renew_lease(
 ) {
     let api: Api<Lease> = Api::namespaced(client, &namespace);
     loop {
-        let failover = pool_of(&pools.state(), &labels)
-            .map(|p| p.spec.failover.clone())
-            .unwrap_or_default();
+        let failover = pool_of(&pools.state(), &labels).map(|p| p.spec.failover.clone()).unwrap_or_default();
         let renew = Duration::from_secs(failover.renew_seconds.into());
         let started = std::time::Instant::now();
         match renew_once(&api, &node, failover.lease_duration_seconds).await {
@@ -121,10 +110,7 @@ async fn renew_once(api: &Api<Lease>, node: &str, duration: u32) -> Result<()> {
         "leaseDurationSeconds": duration,
         "renewTime": now,
     }});
-    match api
-        .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-    {
+    match api.patch(node, &PatchParams::default(), &Patch::Merge(&patch)).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 404 => {
             let lease: Lease = serde_json::from_value(json!({
@@ -150,10 +136,7 @@ mod tests {
     use std::sync::Arc;
 
     fn pool(name: &str, selector: &[(&str, &str)]) -> Arc<HostPool> {
-        let selector: BTreeMap<_, _> = selector
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let selector: BTreeMap<_, _> = selector.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         Arc::new(
             serde_json::from_value(json!({
                 "apiVersion": "covi.io/v1alpha1", "kind": "HostPool", "metadata": {"name": name},
@@ -166,10 +149,7 @@ mod tests {
 
     #[test]
     fn a_host_belongs_to_the_pool_whose_selector_matches() {
-        let pools = [
-            pool("b", &[("covi.io/pool", "b")]),
-            pool("a", &[("covi.io/pool", "a")]),
-        ];
+        let pools = [pool("b", &[("covi.io/pool", "b")]), pool("a", &[("covi.io/pool", "a")])];
         let labels: BTreeMap<_, _> = [("covi.io/pool".to_string(), "a".to_string())].into();
         assert_eq!(pool_of(&pools, &labels).unwrap().name_any(), "a");
         assert!(pool_of(&pools, &BTreeMap::new()).is_none());

@@ -43,16 +43,8 @@ impl Metrics {
             "Time to converge one server",
             m.reconcile_seconds.clone(),
         );
-        registry.register(
-            "covi_agent_domains",
-            "covi domains on this host",
-            m.domains.clone(),
-        );
-        registry.register(
-            "covi_agent_lease_renewals",
-            "Host lease renewals by result",
-            m.lease_renewals.clone(),
-        );
+        registry.register("covi_agent_domains", "covi domains on this host", m.domains.clone());
+        registry.register("covi_agent_lease_renewals", "Host lease renewals by result", m.lease_renewals.clone());
         m
     }
 

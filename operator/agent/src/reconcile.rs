@@ -38,6 +38,7 @@ pub struct Context {
     pub recorder: Recorder,
     pub work_dir: PathBuf,
     pub resync: Duration,
+    pub stop_grace: Duration,
     /// When a graceful stop was asked of each server, by UID.
     pub stops: Mutex<HashMap<String, Instant>>,
     pub metrics: crate::metrics::Metrics,
@@ -67,8 +68,7 @@ impl Outcome {
 pub async fn reconcile(server: Arc<VirtualServer>, ctx: Arc<Context>) -> Result<Action> {
     let started = Instant::now();
     let result = reconcile_inner(&server, &ctx).await;
-    ctx.metrics
-        .observe_reconcile(started.elapsed(), result.as_ref().err());
+    ctx.metrics.observe_reconcile(started.elapsed(), result.as_ref().err());
     result
 }
 
@@ -83,17 +83,10 @@ async fn reconcile_inner(server: &VirtualServer, ctx: &Context) -> Result<Action
     }
 
     // dereference
-    let pool = ctx
-        .pools
-        .state()
-        .into_iter()
-        .find(|p| p.name_any() == server.spec.host_pool);
+    let pool = ctx.pools.state().into_iter().find(|p| p.name_any() == server.spec.host_pool);
     // validate + build
     let planned = match &pool {
-        None => Err(Failure::new(
-            "PoolNotFound",
-            format!("HostPool {} does not exist", server.spec.host_pool),
-        )),
+        None => Err(Failure::new("PoolNotFound", format!("HostPool {} does not exist", server.spec.host_pool))),
         Some(pool) => plan(server, pool, &ctx.driver),
     };
     // apply
@@ -106,22 +99,13 @@ async fn reconcile_inner(server: &VirtualServer, ctx: &Context) -> Result<Action
     Ok(Action::requeue(requeue))
 }
 
-async fn apply(
-    server: &VirtualServer,
-    mut plan: ServerPlan,
-    ctx: &Context,
-) -> Result<(Outcome, Duration)> {
+async fn apply(server: &VirtualServer, mut plan: ServerPlan, ctx: &Context) -> Result<(Outcome, Duration)> {
     let hv = &ctx.hypervisor;
     let uid = plan.domain.uuid.clone();
     let observed = hv.observe().await?;
-    let stop_waited = ctx
-        .stops
-        .lock()
-        .expect("stops lock")
-        .get(&uid)
-        .map(|t| t.elapsed());
+    let stop_waited = ctx.stops.lock().expect("stops lock").get(&uid).map(|t| t.elapsed());
     let mut requeue = ctx.resync;
-    for step in steps(&plan, &observed, stop_waited) {
+    for step in steps(&plan, &observed, stop_waited, ctx.stop_grace) {
         match step {
             Step::RemoveStale { uuid } => {
                 tracing::info!(%uuid, name = %plan.domain.name, "removing a leftover domain with this server's name");
@@ -132,10 +116,7 @@ async fn apply(
                     return Ok((Outcome::failed(failure), ctx.resync));
                 }
                 if let Err(message) = hv.define(render(&plan.domain)).await? {
-                    return Ok((
-                        Outcome::failed(Failure::new("DefineFailed", message)),
-                        ctx.resync,
-                    ));
+                    return Ok((Outcome::failed(Failure::new("DefineFailed", message)), ctx.resync));
                 }
                 publish(
                     ctx,
@@ -148,36 +129,15 @@ async fn apply(
             }
             Step::Start => {
                 if let Err(message) = hv.start(&uid).await? {
-                    publish(
-                        ctx,
-                        server,
-                        EventType::Warning,
-                        "StartFailed",
-                        message.clone(),
-                    )
-                    .await;
-                    return Ok((
-                        Outcome::failed(Failure::new("StartFailed", message)),
-                        ctx.resync,
-                    ));
+                    publish(ctx, server, EventType::Warning, "StartFailed", message.clone()).await;
+                    return Ok((Outcome::failed(Failure::new("StartFailed", message)), ctx.resync));
                 }
                 ctx.stops.lock().expect("stops lock").remove(&uid);
-                publish(
-                    ctx,
-                    server,
-                    EventType::Normal,
-                    "Started",
-                    format!("started on {}", ctx.node),
-                )
-                .await;
+                publish(ctx, server, EventType::Normal, "Started", format!("started on {}", ctx.node)).await;
             }
             Step::Stop { force } => {
                 hv.stop(&uid, force).await?;
-                ctx.stops
-                    .lock()
-                    .expect("stops lock")
-                    .entry(uid.clone())
-                    .or_insert_with(Instant::now);
+                ctx.stops.lock().expect("stops lock").entry(uid.clone()).or_insert_with(Instant::now);
                 if force {
                     publish(
                         ctx,
@@ -237,10 +197,7 @@ async fn apply(
 }
 
 /// Clones the boot disk and writes the seed ISO; fills in their paths.
-async fn prepare_volumes(
-    plan: &mut ServerPlan,
-    ctx: &Context,
-) -> Result<std::result::Result<(), Failure>> {
+async fn prepare_volumes(plan: &mut ServerPlan, ctx: &Context) -> Result<std::result::Result<(), Failure>> {
     let hv = &ctx.hypervisor;
     let disk = &plan.disk;
     let volume = |e: VolumeError| match e {
@@ -249,23 +206,14 @@ async fn prepare_volumes(
         VolumeError::Failed(m) => Failure::new("VolumeFailed", m),
     };
     match hv
-        .ensure_volume(
-            &disk.storage_pool,
-            &disk.volume,
-            disk.image_volume.as_deref(),
-            &disk.format,
-            disk.capacity,
-        )
+        .ensure_volume(&disk.storage_pool, &disk.volume, disk.image_volume.as_deref(), &disk.format, disk.capacity)
         .await?
     {
         Ok(path) => plan.domain.disk_path = path,
         Err(e) => return Ok(Err(volume(e))),
     }
     let iso = build_iso(&plan.seed, &ctx.work_dir).await?;
-    match hv
-        .ensure_file_volume(&disk.storage_pool, &plan.seed_volume, iso)
-        .await?
-    {
+    match hv.ensure_file_volume(&disk.storage_pool, &plan.seed_volume, iso).await? {
         Ok(path) => plan.domain.seed_path = Some(path),
         Err(e) => return Ok(Err(volume(e))),
     }
@@ -276,31 +224,14 @@ async fn prepare_volumes(
 async fn clean_up(server: &VirtualServer, ctx: &Context) -> Result<Action> {
     let uid = server.uid().unwrap_or_default();
     ctx.hypervisor.remove(&uid).await?;
-    let pool = ctx
-        .pools
-        .state()
-        .into_iter()
-        .find(|p| p.name_any() == server.spec.host_pool);
+    let pool = ctx.pools.state().into_iter().find(|p| p.name_any() == server.spec.host_pool);
     if let Some(pool) = pool {
-        let (disk, seed) = volume_names(
-            &server.namespace().unwrap_or_default(),
-            &server.name_any(),
-            &uid,
-        );
-        ctx.hypervisor
-            .delete_volumes(&pool.spec.storage.pool, vec![disk, seed])
-            .await?;
+        let (disk, seed) = volume_names(&server.namespace().unwrap_or_default(), &server.name_any(), &uid);
+        ctx.hypervisor.delete_volumes(&pool.spec.storage.pool, vec![disk, seed]).await?;
     }
     ctx.stops.lock().expect("stops lock").remove(&uid);
     release_finalizer(&ctx.client, server).await?;
-    publish(
-        ctx,
-        server,
-        EventType::Normal,
-        "Removed",
-        format!("domain and disks removed from {}", ctx.node),
-    )
-    .await;
+    publish(ctx, server, EventType::Normal, "Removed", format!("domain and disks removed from {}", ctx.node)).await;
     Ok(Action::await_change())
 }
 
@@ -310,23 +241,10 @@ pub async fn release_finalizer(client: &Client, server: &VirtualServer) -> Resul
     if !server.finalizers().iter().any(|f| f == FINALIZER) {
         return Ok(());
     }
-    let api: Api<VirtualServer> =
-        Api::namespaced(client.clone(), &server.namespace().unwrap_or_default());
-    let rest: Vec<_> = server
-        .finalizers()
-        .iter()
-        .filter(|f| *f != FINALIZER)
-        .collect();
-    let patch =
-        json!({"metadata": {"finalizers": rest, "resourceVersion": server.resource_version()}});
-    match api
-        .patch(
-            &server.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await
-    {
+    let api: Api<VirtualServer> = Api::namespaced(client.clone(), &server.namespace().unwrap_or_default());
+    let rest: Vec<_> = server.finalizers().iter().filter(|f| *f != FINALIZER).collect();
+    let patch = json!({"metadata": {"finalizers": rest, "resourceVersion": server.resource_version()}});
+    match api.patch(&server.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
         Ok(_) => Ok(()),
         // Already gone: nothing left to release.
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
@@ -355,22 +273,10 @@ async fn report(server: &VirtualServer, ctx: &Context, outcome: Outcome) -> Resu
     if same {
         return Ok(());
     }
-    if outcome.phase == VirtualServerPhase::Failed
-        && status.phase != Some(VirtualServerPhase::Failed)
-    {
-        publish(
-            ctx,
-            server,
-            EventType::Warning,
-            outcome.reason,
-            outcome.message.clone(),
-        )
-        .await;
+    if outcome.phase == VirtualServerPhase::Failed && status.phase != Some(VirtualServerPhase::Failed) {
+        publish(ctx, server, EventType::Warning, outcome.reason, outcome.message.clone()).await;
     }
-    let ready: Vec<_> = conditions
-        .into_iter()
-        .filter(|c| c.type_ == "Ready")
-        .collect();
+    let ready: Vec<_> = conditions.into_iter().filter(|c| c.type_ == "Ready").collect();
     let mut patch = json!({
         "apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer",
         "status": {
@@ -384,31 +290,13 @@ async fn report(server: &VirtualServer, ctx: &Context, outcome: Outcome) -> Resu
     if let Some(uuid) = outcome.domain_uuid {
         patch["status"]["domainUuid"] = json!(uuid);
     }
-    let api: Api<VirtualServer> =
-        Api::namespaced(ctx.client.clone(), &server.namespace().unwrap_or_default());
-    api.patch_status(
-        &server.name_any(),
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
+    let api: Api<VirtualServer> = Api::namespaced(ctx.client.clone(), &server.namespace().unwrap_or_default());
+    api.patch_status(&server.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
     Ok(())
 }
 
-async fn publish(
-    ctx: &Context,
-    server: &VirtualServer,
-    type_: EventType,
-    reason: &str,
-    note: String,
-) {
-    let event = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note),
-        action: "Converge".into(),
-        secondary: None,
-    };
+async fn publish(ctx: &Context, server: &VirtualServer, type_: EventType, reason: &str, note: String) {
+    let event = Event { type_, reason: reason.into(), note: Some(note), action: "Converge".into(), secondary: None };
     if let Err(e) = ctx.recorder.publish(&event, &server.object_ref(&())).await {
         tracing::warn!(error = %e, "publishing an event failed");
     }

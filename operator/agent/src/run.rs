@@ -22,16 +22,13 @@ use crate::reconcile::{Context, error_policy, reconcile};
 pub async fn client(config: &Config) -> Result<Client> {
     let kube_config = match &config.kubeconfig {
         Some(path) => {
-            let kc = Kubeconfig::read_from(path).map_err(|e| {
-                Error::Config(format!("reading kubeconfig {}: {e}", path.display()))
-            })?;
+            let kc = Kubeconfig::read_from(path)
+                .map_err(|e| Error::Config(format!("reading kubeconfig {}: {e}", path.display())))?;
             kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
                 .await
                 .map_err(|e| Error::Config(format!("kubeconfig {}: {e}", path.display())))?
         }
-        None => kube::Config::infer()
-            .await
-            .map_err(|e| Error::Config(format!("no Kubernetes configuration: {e}")))?,
+        None => kube::Config::infer().await.map_err(|e| Error::Config(format!("no Kubernetes configuration: {e}")))?,
     };
     Ok(Client::try_from(kube_config)?)
 }
@@ -51,12 +48,7 @@ pub async fn run(config: Config) -> Result<()> {
     tracing::info!(node = %config.node_name, uri = %config.libvirt_uri, ?facts, "connected to libvirt");
     tokio::fs::create_dir_all(&config.work_dir)
         .await
-        .map_err(|e| {
-            Error::Config(format!(
-                "creating --work-dir {}: {e}",
-                config.work_dir.display()
-            ))
-        })?;
+        .map_err(|e| Error::Config(format!("creating --work-dir {}: {e}", config.work_dir.display())))?;
 
     let client = client(&config).await?;
     let mut host_conditions = Vec::new();
@@ -72,20 +64,11 @@ pub async fn run(config: Config) -> Result<()> {
 
     // Pools: every agent needs its pool's images, storage and network.
     let (pools, pool_writer) = reflector::store::<HostPool>();
-    let pool_watch = reflector(
-        pool_writer,
-        watcher(
-            Api::<HostPool>::all(client.clone()),
-            watcher::Config::default(),
-        ),
-    )
-    .applied_objects()
-    .for_each(|_| futures::future::ready(()));
+    let pool_watch = reflector(pool_writer, watcher(Api::<HostPool>::all(client.clone()), watcher::Config::default()))
+        .applied_objects()
+        .for_each(|_| futures::future::ready(()));
     tokio::spawn(pool_watch);
-    pools
-        .wait_until_ready()
-        .await
-        .map_err(|e| Error::Config(format!("watching HostPools: {e}")))?;
+    pools.wait_until_ready().await.map_err(|e| Error::Config(format!("watching HostPools: {e}")))?;
 
     let (renewed_tx, _renewed_rx) = tokio::sync::watch::channel(None);
     tokio::spawn(crate::host::renew_lease(
@@ -105,10 +88,7 @@ pub async fn run(config: Config) -> Result<()> {
     // A lifecycle event names a domain by UUID, which is the server's UID.
     let store = servers.clone();
     let lifecycle = UnboundedReceiverStream::new(events_rx).filter_map(move |event| {
-        let found = store
-            .state()
-            .into_iter()
-            .find(|s| s.uid().as_deref() == Some(event.uuid.as_str()));
+        let found = store.state().into_iter().find(|s| s.uid().as_deref() == Some(event.uuid.as_str()));
         futures::future::ready(found.map(|s| ObjectRef::from_obj(s.as_ref())))
     });
     let ticks = IntervalStream::new(tokio::time::interval(config.resync)).map(|_| ());
@@ -123,11 +103,7 @@ pub async fn run(config: Config) -> Result<()> {
             pools.clone(),
             config.resync,
         );
-        let (labels, address, metrics) = (
-            config.labels.clone(),
-            config.address.clone(),
-            metrics.clone(),
-        );
+        let (labels, address, metrics) = (config.labels.clone(), config.address.clone(), metrics.clone());
         tokio::spawn(async move {
             let mut conditions = host_conditions;
             let mut interval = tokio::time::interval(resync);
@@ -148,15 +124,9 @@ pub async fn run(config: Config) -> Result<()> {
                     Err(e) => tracing::warn!(error = %e, "listing domains failed"),
                 }
                 if let Ok(facts) = hv.facts().await
-                    && let Err(e) = crate::host::register(
-                        &client,
-                        &node,
-                        &labels,
-                        address.as_deref(),
-                        &facts,
-                        &mut conditions,
-                    )
-                    .await
+                    && let Err(e) =
+                        crate::host::register(&client, &node, &labels, address.as_deref(), &facts, &mut conditions)
+                            .await
                 {
                     tracing::warn!(error = %e, "updating the Host failed");
                 }
@@ -164,10 +134,7 @@ pub async fn run(config: Config) -> Result<()> {
         });
     }
 
-    let reporter = Reporter {
-        controller: "covi-agent".into(),
-        instance: Some(config.node_name.clone()),
-    };
+    let reporter = Reporter { controller: "covi-agent".into(), instance: Some(config.node_name.clone()) };
     let ctx = Arc::new(Context {
         client: client.clone(),
         node: config.node_name.clone(),
@@ -177,6 +144,7 @@ pub async fn run(config: Config) -> Result<()> {
         recorder: Recorder::new(client, reporter),
         work_dir: config.work_dir.clone(),
         resync: config.resync,
+        stop_grace: config.stop_grace,
         stops: Mutex::new(Default::default()),
         metrics,
     });

@@ -36,10 +36,7 @@ pub fn documents(seed: &Seed) -> Vec<(&'static str, String)> {
         "local-hostname": seed.hostname,
         "public-keys": seed.ssh_authorized_keys,
     });
-    let user = seed
-        .user_data
-        .clone()
-        .unwrap_or_else(|| "#cloud-config\n{}\n".to_string());
+    let user = seed.user_data.clone().unwrap_or_else(|| "#cloud-config\n{}\n".to_string());
     let mut files = vec![("meta-data", to_yaml(&meta)), ("user-data", user)];
     if let Some(net) = &seed.network {
         let mut eth0 = json!({
@@ -53,10 +50,7 @@ pub fn documents(seed: &Seed) -> Vec<(&'static str, String)> {
         if !net.dns.is_empty() {
             eth0["nameservers"] = json!({"addresses": net.dns});
         }
-        files.push((
-            "network-config",
-            to_yaml(&json!({"version": 2, "ethernets": {"eth0": eth0}})),
-        ));
+        files.push(("network-config", to_yaml(&json!({"version": 2, "ethernets": {"eth0": eth0}}))));
     }
     files
 }
@@ -70,34 +64,22 @@ pub async fn build_iso(seed: &Seed, scratch: &Path) -> Result<Vec<u8>> {
     let dir = scratch.join(format!("seed-{}", seed.instance_id));
     let files = dir.join("files");
     let iso = dir.join("seed.iso");
-    let io =
-        |what: &str, e: std::io::Error| Error::Seed(format!("{what} in {}: {e}", dir.display()));
-    tokio::fs::create_dir_all(&files)
-        .await
-        .map_err(|e| io("creating the folder", e))?;
+    let io = |what: &str, e: std::io::Error| Error::Seed(format!("{what} in {}: {e}", dir.display()));
+    tokio::fs::create_dir_all(&files).await.map_err(|e| io("creating the folder", e))?;
     for (name, content) in documents(seed) {
-        tokio::fs::write(files.join(name), content)
-            .await
-            .map_err(|e| io("writing a file", e))?;
+        tokio::fs::write(files.join(name), content).await.map_err(|e| io("writing a file", e))?;
     }
     let out = tokio::process::Command::new("xorriso")
-        .args([
-            "-as", "mkisofs", "-quiet", "-volid", "cidata", "-joliet", "-rock", "-output",
-        ])
+        .args(["-as", "mkisofs", "-quiet", "-volid", "cidata", "-joliet", "-rock", "-output"])
         .arg(&iso)
         .arg(&files)
         .output()
         .await
         .map_err(|e| Error::Seed(format!("running xorriso (is it installed?): {e}")))?;
     if !out.status.success() {
-        return Err(Error::Seed(format!(
-            "xorriso failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
+        return Err(Error::Seed(format!("xorriso failed: {}", String::from_utf8_lossy(&out.stderr).trim())));
     }
-    let bytes = tokio::fs::read(&iso)
-        .await
-        .map_err(|e| io("reading the ISO", e))?;
+    let bytes = tokio::fs::read(&iso).await.map_err(|e| io("reading the ISO", e))?;
     tokio::fs::remove_dir_all(&dir).await.ok();
     Ok(bytes)
 }
@@ -136,10 +118,7 @@ mod tests {
         let net = parse(&files, "network-config");
         assert_eq!(net["ethernets"]["eth0"]["addresses"][0], "10.20.0.15/24");
         assert_eq!(net["ethernets"]["eth0"]["routes"][0]["via"], "10.20.0.1");
-        assert_eq!(
-            net["ethernets"]["eth0"]["match"]["macaddress"],
-            "52:54:00:01:02:03"
-        );
+        assert_eq!(net["ethernets"]["eth0"]["match"]["macaddress"], "52:54:00:01:02:03");
         let user = &files.iter().find(|(n, _)| *n == "user-data").unwrap().1;
         assert!(user.starts_with("#cloud-config\npackages: [nginx]"));
     }
@@ -166,9 +145,7 @@ mod tests {
     #[tokio::test]
     async fn builds_an_iso_labelled_cidata() {
         let scratch = std::env::temp_dir().join(format!("covi-seed-test-{}", std::process::id()));
-        let iso = build_iso(&seed(), &scratch)
-            .await
-            .expect("xorriso builds the ISO");
+        let iso = build_iso(&seed(), &scratch).await.expect("xorriso builds the ISO");
         // ISO 9660: the primary volume descriptor at sector 16 holds the volume id at 40..72;
         // cloud-init looks for the label cidata in either case.
         assert_eq!(&iso[0x8001..0x8006], b"CD001");

@@ -16,10 +16,7 @@ pub struct Failure {
 
 impl Failure {
     pub fn new(reason: &'static str, message: impl Into<String>) -> Self {
-        Failure {
-            reason,
-            message: message.into(),
-        }
+        Failure { reason, message: message.into() }
     }
 }
 
@@ -72,25 +69,15 @@ pub fn domain_name(namespace: &str, name: &str) -> String {
 /// inherits an old disk.
 pub fn volume_names(namespace: &str, name: &str, uid: &str) -> (String, String) {
     let short = uid.split('-').next().unwrap_or(uid);
-    (
-        format!("{namespace}.{name}-{short}.img"),
-        format!("{namespace}.{name}-{short}-seed.iso"),
-    )
+    (format!("{namespace}.{name}-{short}.img"), format!("{namespace}.{name}-{short}-seed.iso"))
 }
 
 /// Builds the plan for `server` from its pool, on a host whose libvirt driver is
 /// `driver_name`.
-pub fn plan(
-    server: &VirtualServer,
-    pool: &HostPool,
-    driver_name: &str,
-) -> Result<ServerPlan, Failure> {
+pub fn plan(server: &VirtualServer, pool: &HostPool, driver_name: &str) -> Result<ServerPlan, Failure> {
     let meta = &server.metadata;
     let (Some(name), Some(namespace), Some(uid)) = (&meta.name, &meta.namespace, &meta.uid) else {
-        return Err(Failure::new(
-            "Invalid",
-            "the server has no name, namespace or UID",
-        ));
+        return Err(Failure::new("Invalid", "the server has no name, namespace or UID"));
     };
     let spec = &server.spec;
     let pool_name = pool.metadata.name.clone().unwrap_or_default();
@@ -99,14 +86,10 @@ pub fn plan(
     if !driver_name.eq_ignore_ascii_case(wanted) {
         return Err(Failure::new(
             "HypervisorMismatch",
-            format!(
-                "pool {pool_name} runs {wanted} but this host's libvirt driver is {driver_name}"
-            ),
+            format!("pool {pool_name} runs {wanted} but this host's libvirt driver is {driver_name}"),
         ));
     }
-    let size = pool
-        .size_of(spec)
-        .map_err(|e| Failure::new(e.reason, e.message))?;
+    let size = pool.size_of(spec).map_err(|e| Failure::new(e.reason, e.message))?;
     let status = server.status.as_ref();
     let address = status.and_then(|s| s.address.clone());
 
@@ -117,11 +100,7 @@ pub fn plan(
                 "ImageNotFound",
                 format!(
                     "image {image_name} is not in the catalog of pool {pool_name}; it has: {}",
-                    if known.is_empty() {
-                        "no images".to_string()
-                    } else {
-                        known.join(", ")
-                    }
+                    if known.is_empty() { "no images".to_string() } else { known.join(", ") }
                 ),
             )
         })?),
@@ -131,23 +110,13 @@ pub fn plan(
 
     let (boot, guest) = match (image, &spec.boot.iso, driver) {
         (Some(img), _, _) if img.kernel.is_some() => {
-            let cmdline = format!(
-                "{} covi.hostname={hostname}",
-                img.cmdline.as_deref().unwrap_or_default()
-            );
+            let cmdline = format!("{} covi.hostname={hostname}", img.cmdline.as_deref().unwrap_or_default());
             let boot = Boot::Kernel {
                 kernel: img.kernel.clone().unwrap_or_default(),
                 initrd: img.initrd.clone(),
                 cmdline: cmdline.trim().to_string(),
             };
-            (
-                boot,
-                if driver == Driver::Xen {
-                    Guest::XenPv
-                } else {
-                    Guest::Hvm
-                },
-            )
+            (boot, if driver == Driver::Xen { Guest::XenPv } else { Guest::Hvm })
         }
         // Xen PV guests boot disks through pygrub; ISOs and PXE need an HVM guest.
         (Some(_), _, Driver::Xen) => (Boot::Disk, Guest::XenPv),
@@ -160,13 +129,7 @@ pub fn plan(
     let mac = mac_address(guest, uid);
     let network = match &address {
         Some(addr) => {
-            let prefix = pool
-                .spec
-                .network
-                .cidr
-                .split_once('/')
-                .map(|(_, p)| p)
-                .unwrap_or("24");
+            let prefix = pool.spec.network.cidr.split_once('/').map(|(_, p)| p).unwrap_or("24");
             Some(SeedNetwork {
                 mac: mac.clone(),
                 address_cidr: format!("{addr}/{prefix}"),
@@ -191,10 +154,7 @@ pub fn plan(
         cpus: size.cpus,
         memory_mib: size.memory_mib,
         disk_path: String::new(),
-        disk_format: image
-            .map(|i| format_name(i.format))
-            .unwrap_or("raw")
-            .to_string(),
+        disk_format: image.map(|i| format_name(i.format)).unwrap_or("raw").to_string(),
         seed_path: None,
         boot,
         bridge: pool.spec.network.bridge.clone(),
@@ -225,11 +185,7 @@ pub fn plan(
 }
 
 fn hvm_for(driver: Driver) -> Guest {
-    if driver == Driver::Xen {
-        Guest::XenHvm
-    } else {
-        Guest::Hvm
-    }
+    if driver == Driver::Xen { Guest::XenHvm } else { Guest::Hvm }
 }
 
 fn format_name(f: covi_api::host_pool::DiskFormat) -> &'static str {

@@ -43,8 +43,7 @@ pub async fn sweep(
     servers: &Store<VirtualServer>,
     pools: &Store<HostPool>,
 ) -> Result<usize> {
-    let known: std::collections::HashSet<String> =
-        servers.state().iter().filter_map(|s| s.uid()).collect();
+    let known: std::collections::HashSet<String> = servers.state().iter().filter_map(|s| s.uid()).collect();
     let domains = hv.observe().await?;
     let mut removed = 0;
     for domain in domains.iter().filter(|d| !known.contains(&d.owner.uid)) {
@@ -57,14 +56,9 @@ pub async fn sweep(
         tracing::info!(domain = %domain.name, uid = %domain.owner.uid, ?verdict, "removing a domain no server here claims");
         hv.remove(&domain.uuid).await?;
         if verdict == Orphan::RemoveAll {
-            let (disk, seed) = volume_names(
-                &domain.owner.namespace,
-                &domain.owner.name,
-                &domain.owner.uid,
-            );
+            let (disk, seed) = volume_names(&domain.owner.namespace, &domain.owner.name, &domain.owner.uid);
             for pool in pools.state() {
-                hv.delete_volumes(&pool.spec.storage.pool, vec![disk.clone(), seed.clone()])
-                    .await?;
+                hv.delete_volumes(&pool.spec.storage.pool, vec![disk.clone(), seed.clone()]).await?;
             }
         }
         removed += 1;
@@ -82,12 +76,7 @@ mod tests {
             uuid: "u1".into(),
             name: "ns.s".into(),
             active: true,
-            owner: Ownership {
-                uid: "u1".into(),
-                namespace: "ns".into(),
-                name: "s".into(),
-                generation: 1,
-            },
+            owner: Ownership { uid: "u1".into(), namespace: "ns".into(), name: "s".into(), generation: 1 },
             vcpus: 1,
             memory_kib: 1024,
         }
@@ -106,17 +95,8 @@ mod tests {
     #[test]
     fn orphans_are_judged_by_uid_and_binding() {
         assert_eq!(judge(&domain(), None, "h1"), Orphan::RemoveAll);
-        assert_eq!(
-            judge(&domain(), Some(&server("u2", "h1")), "h1"),
-            Orphan::RemoveAll
-        );
-        assert_eq!(
-            judge(&domain(), Some(&server("u1", "h2")), "h1"),
-            Orphan::RemoveDomain
-        );
-        assert_eq!(
-            judge(&domain(), Some(&server("u1", "h1")), "h1"),
-            Orphan::Keep
-        );
+        assert_eq!(judge(&domain(), Some(&server("u2", "h1")), "h1"), Orphan::RemoveAll);
+        assert_eq!(judge(&domain(), Some(&server("u1", "h2")), "h1"), Orphan::RemoveDomain);
+        assert_eq!(judge(&domain(), Some(&server("u1", "h1")), "h1"), Orphan::Keep);
     }
 }

@@ -24,11 +24,7 @@ impl ConditionStatus {
 
 impl From<bool> for ConditionStatus {
     fn from(value: bool) -> Self {
-        if value {
-            ConditionStatus::True
-        } else {
-            ConditionStatus::False
-        }
+        if value { ConditionStatus::True } else { ConditionStatus::False }
     }
 }
 
@@ -47,9 +43,8 @@ pub fn set_condition(
     let message = message.into();
     match conditions.iter_mut().find(|c| c.type_ == type_) {
         Some(existing) => {
-            let changed = existing.status != status.as_str()
-                || existing.reason != reason
-                || existing.message != message;
+            let changed =
+                existing.status != status.as_str() || existing.reason != reason || existing.message != message;
             if existing.status != status.as_str() {
                 existing.last_transition_time = Time(now);
             }
@@ -94,34 +89,10 @@ mod tests {
     #[test]
     fn transition_time_moves_only_when_status_changes() {
         let mut conditions = vec![];
-        assert!(set_condition(
-            &mut conditions,
-            "Ready",
-            ConditionStatus::False,
-            "Pending",
-            "waiting",
-            Some(1),
-            at(10)
-        ));
-        assert!(set_condition(
-            &mut conditions,
-            "Ready",
-            ConditionStatus::False,
-            "Binding",
-            "binding",
-            Some(2),
-            at(20)
-        ));
+        assert!(set_condition(&mut conditions, "Ready", ConditionStatus::False, "Pending", "waiting", Some(1), at(10)));
+        assert!(set_condition(&mut conditions, "Ready", ConditionStatus::False, "Binding", "binding", Some(2), at(20)));
         assert_eq!(conditions[0].last_transition_time, Time(at(10)));
-        assert!(set_condition(
-            &mut conditions,
-            "Ready",
-            ConditionStatus::True,
-            "Running",
-            "up",
-            Some(2),
-            at(30)
-        ));
+        assert!(set_condition(&mut conditions, "Ready", ConditionStatus::True, "Running", "up", Some(2), at(30)));
         assert_eq!(conditions[0].last_transition_time, Time(at(30)));
         assert_eq!(conditions.len(), 1);
     }
@@ -129,24 +100,8 @@ mod tests {
     #[test]
     fn unchanged_condition_reports_no_change() {
         let mut conditions = vec![];
-        set_condition(
-            &mut conditions,
-            "Ready",
-            ConditionStatus::True,
-            "Running",
-            "up",
-            Some(1),
-            at(10),
-        );
-        assert!(!set_condition(
-            &mut conditions,
-            "Ready",
-            ConditionStatus::True,
-            "Running",
-            "up",
-            Some(2),
-            at(20)
-        ));
+        set_condition(&mut conditions, "Ready", ConditionStatus::True, "Running", "up", Some(1), at(10));
+        assert!(!set_condition(&mut conditions, "Ready", ConditionStatus::True, "Running", "up", Some(2), at(20)));
         assert_eq!(conditions[0].observed_generation, Some(2));
         assert!(is_condition_true(&conditions, "Ready"));
         assert!(!is_condition_true(&conditions, "Scheduled"));

@@ -15,17 +15,9 @@ use crate::condition::Condition;
     status = "HostStatus",
     category = "covi",
     doc = "A hypervisor host, named after its Kubernetes node. Its status is written by the host's covi-agent; its liveness is the Lease of the same name in the agent's namespace.",
-    printcolumn(
-        name = "Ready",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
-    ),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
     printcolumn(name = "Pool", type_ = "string", json_path = ".status.pool"),
-    printcolumn(
-        name = "Hypervisor",
-        type_ = "string",
-        json_path = ".status.hypervisor.type"
-    ),
+    printcolumn(name = "Hypervisor", type_ = "string", json_path = ".status.hypervisor.type"),
     printcolumn(name = "Servers", type_ = "integer", json_path = ".status.servers"),
     printcolumn(
         name = "CPU",
@@ -39,11 +31,7 @@ use crate::condition::Condition;
         json_path = ".status.memoryAllocation",
         description = "Memory allocated / schedulable"
     ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     derive = "PartialEq",
     derive = "Default"
 )]

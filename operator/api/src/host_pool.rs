@@ -50,11 +50,7 @@ use crate::virtual_server::Resources;
         json_path = ".status.memoryAllocation",
         description = "Memory allocated / schedulable"
     ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     derive = "PartialEq"
 )]
 #[serde(rename_all = "camelCase")]
@@ -153,10 +149,7 @@ fn default_memory_ratio() -> f64 {
 
 impl Default for Overcommit {
     fn default() -> Self {
-        Overcommit {
-            cpu: default_cpu_ratio(),
-            memory: default_memory_ratio(),
-        }
+        Overcommit { cpu: default_cpu_ratio(), memory: default_memory_ratio() }
     }
 }
 
@@ -184,10 +177,7 @@ fn default_reserve_memory() -> String {
 
 impl Default for HostReserve {
     fn default() -> Self {
-        HostReserve {
-            cpus: default_reserve_cpus(),
-            memory: default_reserve_memory(),
-        }
+        HostReserve { cpus: default_reserve_cpus(), memory: default_reserve_memory() }
     }
 }
 
@@ -459,45 +449,31 @@ impl HostPool {
                     .iter()
                     .find(|c| &c.name == class)
                     .ok_or_else(|| {
-                        let known: Vec<_> =
-                            self.spec.classes.iter().map(|c| c.name.as_str()).collect();
+                        let known: Vec<_> = self.spec.classes.iter().map(|c| c.name.as_str()).collect();
                         SizeError {
                             reason: "ClassNotFound",
                             message: format!(
                                 "class {class} is not defined in pool {}; it defines: {}",
                                 self.metadata.name.as_deref().unwrap_or_default(),
-                                if known.is_empty() {
-                                    "none".to_string()
-                                } else {
-                                    known.join(", ")
-                                }
+                                if known.is_empty() { "none".to_string() } else { known.join(", ") }
                             ),
                         }
                     })?
                     .resources
             }
             (None, None) => {
-                return Err(SizeError {
-                    reason: "NoSize",
-                    message: "neither class nor resources is set".into(),
-                });
+                return Err(SizeError { reason: "NoSize", message: "neither class nor resources is set".into() });
             }
         };
         let quantity = |what: &str, q: &str| {
-            crate::quantity::parse(q).map_err(|e| SizeError {
-                reason: "InvalidQuantity",
-                message: format!("{what}: {e}"),
-            })
+            crate::quantity::parse(q)
+                .map_err(|e| SizeError { reason: "InvalidQuantity", message: format!("{what}: {e}") })
         };
         Ok(Size {
             cpus: resources.cpus,
             memory_mib: quantity("memory", &resources.memory)?.div_ceil(1 << 20),
             disk_bytes: quantity("disk", &resources.disk)?,
-            bandwidth_bps: resources
-                .bandwidth
-                .as_deref()
-                .map(|b| quantity("bandwidth", b))
-                .transpose()?,
+            bandwidth_bps: resources.bandwidth.as_deref().map(|b| quantity("bandwidth", b)).transpose()?,
         })
     }
 

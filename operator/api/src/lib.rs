@@ -31,10 +31,5 @@ pub const VERSION: &str = "v1alpha1";
 
 /// The CustomResourceDefinitions of all four kinds, in the order they are installed.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![
-        HostPool::crd(),
-        Host::crd(),
-        VirtualServer::crd(),
-        VmRequest::crd(),
-    ]
+    vec![HostPool::crd(), Host::crd(), VirtualServer::crd(), VmRequest::crd()]
 }

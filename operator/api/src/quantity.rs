@@ -25,14 +25,9 @@ const MIB: u128 = 1024 * 1024;
 /// Parses a quantity into a whole number of base units (bytes, bits, …),
 /// rounding up fractions of a unit as Kubernetes does.
 pub fn parse(input: &str) -> Result<u64, QuantityError> {
-    let err = |reason| QuantityError {
-        input: input.to_string(),
-        reason,
-    };
+    let err = |reason| QuantityError { input: input.to_string(), reason };
     let s = input.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
     let (number, suffix) = s.split_at(split);
     if number.is_empty() {
         return Err(err("expected a number such as 512Mi"));
@@ -59,21 +54,11 @@ pub fn parse(input: &str) -> Result<u64, QuantityError> {
     if frac.len() > 9 || (whole.is_empty() && frac.is_empty()) {
         return Err(err("expected a number such as 512Mi"));
     }
-    let whole: u128 = if whole.is_empty() {
-        0
-    } else {
-        whole.parse().map_err(|_| err("number too large"))?
-    };
+    let whole: u128 = if whole.is_empty() { 0 } else { whole.parse().map_err(|_| err("number too large"))? };
     let frac_digits = frac.len() as u32;
-    let frac_value: u128 = if frac.is_empty() {
-        0
-    } else {
-        frac.parse().map_err(|_| err("bad fraction"))?
-    };
+    let frac_value: u128 = if frac.is_empty() { 0 } else { frac.parse().map_err(|_| err("bad fraction"))? };
     let scale = 10u128.pow(frac_digits);
-    let numerator = (whole * scale + frac_value)
-        .checked_mul(multiplier)
-        .ok_or_else(|| err("number too large"))?;
+    let numerator = (whole * scale + frac_value).checked_mul(multiplier).ok_or_else(|| err("number too large"))?;
     let denominator = scale * divisor;
     let value = numerator.div_ceil(denominator);
     u64::try_from(value).map_err(|_| err("number too large"))

@@ -21,24 +21,14 @@ use crate::condition::Condition;
     category = "covi",
     doc = "A virtual server: one VM on a hypervisor of a HostPool, scheduled by covi-operator and run by covi-agent.",
     selectable = ".status.host",
-    printcolumn(
-        name = "Phase",
-        type_ = "string",
-        json_path = ".status.phase",
-        description = "Lifecycle phase"
-    ),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase", description = "Lifecycle phase"),
     printcolumn(
         name = "Host",
         type_ = "string",
         json_path = ".status.host",
         description = "Host the server is bound to"
     ),
-    printcolumn(
-        name = "IP",
-        type_ = "string",
-        json_path = ".status.address",
-        description = "Assigned IPv4 address"
-    ),
+    printcolumn(name = "IP", type_ = "string", json_path = ".status.address", description = "Assigned IPv4 address"),
     printcolumn(
         name = "CPUs",
         type_ = "integer",
@@ -57,11 +47,7 @@ use crate::condition::Condition;
         json_path = ".spec.purpose",
         description = "What the server is for"
     ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     derive = "PartialEq"
 )]
 #[x_kube(validation = Rule::new("has(self.class) || has(self.resources)").message("one of class or resources is required: name a class of the pool, or give cpus, memory and disk"))]

@@ -28,11 +28,7 @@ impl Health {
 
 /// Binds `addr` and serves `registry` and `health` until the process ends. Returns the
 /// bound address (useful when `addr` has port 0).
-pub async fn serve(
-    addr: SocketAddr,
-    registry: Registry,
-    health: Health,
-) -> std::io::Result<SocketAddr> {
+pub async fn serve(addr: SocketAddr, registry: Registry, health: Health) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let registry = Arc::new(registry);
@@ -64,29 +60,17 @@ pub async fn serve(
     Ok(bound)
 }
 
-fn respond(
-    path: &str,
-    registry: &Registry,
-    health: &Health,
-) -> (&'static str, &'static str, String) {
+fn respond(path: &str, registry: &Registry, health: &Health) -> (&'static str, &'static str, String) {
     match path {
         "/metrics" => {
             let mut body = String::new();
             match encode(&mut body, registry) {
-                Ok(()) => (
-                    "200 OK",
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    body,
-                ),
+                Ok(()) => ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", body),
                 Err(e) => ("500 Internal Server Error", "text/plain", e.to_string()),
             }
         }
         "/healthz" | "/readyz" if health.get() => ("200 OK", "text/plain", "ok\n".into()),
-        "/healthz" | "/readyz" => (
-            "503 Service Unavailable",
-            "text/plain",
-            "not healthy\n".into(),
-        ),
+        "/healthz" | "/readyz" => ("503 Service Unavailable", "text/plain", "not healthy\n".into()),
         _ => ("404 Not Found", "text/plain", "not found\n".into()),
     }
 }
@@ -106,10 +90,7 @@ mod tests {
         let (status, _, body) = respond("/metrics", &registry, &health);
         assert_eq!(status, "200 OK");
         assert!(body.contains("covi_test_total 1"), "{body}");
-        assert_eq!(
-            respond("/healthz", &registry, &health).0,
-            "503 Service Unavailable"
-        );
+        assert_eq!(respond("/healthz", &registry, &health).0, "503 Service Unavailable");
         health.set(true);
         assert_eq!(respond("/healthz", &registry, &health).0, "200 OK");
         assert_eq!(respond("/nope", &registry, &health).0, "404 Not Found");

@@ -32,70 +32,31 @@ pub struct Network {
 
 impl Network {
     pub fn parse(net: &PoolNetwork) -> Result<Network, AddressError> {
-        let invalid = |what: &str| {
-            err(
-                "InvalidNetwork",
-                format!("{what} of the pool's network is invalid"),
-            )
-        };
+        let invalid = |what: &str| err("InvalidNetwork", format!("{what} of the pool's network is invalid"));
         let (base, prefix) = net.cidr.split_once('/').ok_or_else(|| invalid("cidr"))?;
         let base: Ipv4Addr = base.parse().map_err(|_| invalid("cidr"))?;
-        let prefix: u8 = prefix
-            .parse()
-            .ok()
-            .filter(|p| *p <= 32)
-            .ok_or_else(|| invalid("cidr"))?;
-        let mask = if prefix == 0 {
-            0
-        } else {
-            u32::MAX << (32 - prefix)
-        };
+        let prefix: u8 = prefix.parse().ok().filter(|p| *p <= 32).ok_or_else(|| invalid("cidr"))?;
+        let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - prefix) };
         let network = u32::from(base) & mask;
         let broadcast = network | !mask;
         // /31 and /32 have no network or broadcast address to skip (RFC 3021).
-        let (first, last) = if prefix >= 31 {
-            (network, broadcast)
-        } else {
-            (network + 1, broadcast - 1)
-        };
+        let (first, last) = if prefix >= 31 { (network, broadcast) } else { (network + 1, broadcast - 1) };
         let mut excluded = BTreeSet::new();
         if let Some(gw) = &net.gateway {
-            excluded.insert(u32::from(
-                gw.parse::<Ipv4Addr>().map_err(|_| invalid("gateway"))?,
-            ));
+            excluded.insert(u32::from(gw.parse::<Ipv4Addr>().map_err(|_| invalid("gateway"))?));
         }
         let mut reserved = Vec::new();
         for r in &net.reserved {
             let (a, b) = r.split_once('-').unwrap_or((r, r));
-            let a: Ipv4Addr = a
-                .trim()
-                .parse()
-                .map_err(|_| invalid(&format!("reserved range {r:?}")))?;
-            let b: Ipv4Addr = b
-                .trim()
-                .parse()
-                .map_err(|_| invalid(&format!("reserved range {r:?}")))?;
-            reserved.push((
-                u32::from(a).min(u32::from(b)),
-                u32::from(a).max(u32::from(b)),
-            ));
+            let a: Ipv4Addr = a.trim().parse().map_err(|_| invalid(&format!("reserved range {r:?}")))?;
+            let b: Ipv4Addr = b.trim().parse().map_err(|_| invalid(&format!("reserved range {r:?}")))?;
+            reserved.push((u32::from(a).min(u32::from(b)), u32::from(a).max(u32::from(b))));
         }
-        Ok(Network {
-            first,
-            last,
-            prefix,
-            cidr: net.cidr.clone(),
-            excluded,
-            reserved,
-        })
+        Ok(Network { first, last, prefix, cidr: net.cidr.clone(), excluded, reserved })
     }
 
     fn is_reserved(&self, a: u32) -> bool {
-        self.excluded.contains(&a)
-            || self
-                .reserved
-                .iter()
-                .any(|(lo, hi)| (*lo..=*hi).contains(&a))
+        self.excluded.contains(&a) || self.reserved.iter().any(|(lo, hi)| (*lo..=*hi).contains(&a))
     }
 
     pub fn prefix(&self) -> u8 {
@@ -105,17 +66,9 @@ impl Network {
     /// Checks a static address: inside the CIDR, not the gateway or network/broadcast
     /// address, and not used by another server. (Reserved ranges are for automatic
     /// allocation; a static address may sit in one on purpose.)
-    pub fn check_static(
-        &self,
-        address: &str,
-        used: &BTreeSet<Ipv4Addr>,
-    ) -> Result<Ipv4Addr, AddressError> {
-        let ip: Ipv4Addr = address.parse().map_err(|_| {
-            err(
-                "AddressOutsideNetwork",
-                format!("{address} is not an IPv4 address"),
-            )
-        })?;
+    pub fn check_static(&self, address: &str, used: &BTreeSet<Ipv4Addr>) -> Result<Ipv4Addr, AddressError> {
+        let ip: Ipv4Addr =
+            address.parse().map_err(|_| err("AddressOutsideNetwork", format!("{address} is not an IPv4 address")))?;
         let a = u32::from(ip);
         if a < self.first || a > self.last {
             return Err(err(
@@ -129,16 +82,10 @@ impl Network {
             ));
         }
         if self.excluded.contains(&a) {
-            return Err(err(
-                "AddressReserved",
-                format!("address {ip} is the pool's gateway"),
-            ));
+            return Err(err("AddressReserved", format!("address {ip} is the pool's gateway")));
         }
         if used.contains(&ip) {
-            return Err(err(
-                "AddressTaken",
-                format!("address {ip} is already used by another server"),
-            ));
+            return Err(err("AddressTaken", format!("address {ip} is already used by another server")));
         }
         Ok(ip)
     }
@@ -148,12 +95,7 @@ impl Network {
         (self.first..=self.last)
             .find(|a| !self.is_reserved(*a) && !used.contains(&Ipv4Addr::from(*a)))
             .map(Ipv4Addr::from)
-            .ok_or_else(|| {
-                err(
-                    "NetworkFull",
-                    format!("no free address is left in {}", self.cidr),
-                )
-            })
+            .ok_or_else(|| err("NetworkFull", format!("no free address is left in {}", self.cidr)))
     }
 }
 
@@ -180,10 +122,7 @@ mod tests {
     fn skips_network_gateway_reserved_and_used() {
         let n = network("10.20.0.0/24");
         assert_eq!(n.allocate(&used(&[])).unwrap().to_string(), "10.20.0.5");
-        assert_eq!(
-            n.allocate(&used(&["10.20.0.5"])).unwrap().to_string(),
-            "10.20.0.7"
-        );
+        assert_eq!(n.allocate(&used(&["10.20.0.5"])).unwrap().to_string(), "10.20.0.7");
     }
 
     #[test]
@@ -198,40 +137,13 @@ mod tests {
     #[test]
     fn static_addresses_are_checked() {
         let n = network("10.20.0.0/24");
-        assert_eq!(
-            n.check_static("10.20.0.50", &used(&[]))
-                .unwrap()
-                .to_string(),
-            "10.20.0.50"
-        );
-        assert_eq!(
-            n.check_static("10.20.0.3", &used(&[])).unwrap().to_string(),
-            "10.20.0.3"
-        );
+        assert_eq!(n.check_static("10.20.0.50", &used(&[])).unwrap().to_string(), "10.20.0.50");
+        assert_eq!(n.check_static("10.20.0.3", &used(&[])).unwrap().to_string(), "10.20.0.3");
         let outside = n.check_static("10.30.0.5", &used(&[])).unwrap_err();
         assert_eq!(outside.reason, "AddressOutsideNetwork");
-        assert!(
-            outside
-                .message
-                .contains("outside the pool's network 10.20.0.0/24"),
-            "{}",
-            outside.message
-        );
-        assert_eq!(
-            n.check_static("10.20.0.255", &used(&[]))
-                .unwrap_err()
-                .reason,
-            "AddressOutsideNetwork"
-        );
-        assert_eq!(
-            n.check_static("10.20.0.1", &used(&[])).unwrap_err().reason,
-            "AddressReserved"
-        );
-        assert_eq!(
-            n.check_static("10.20.0.9", &used(&["10.20.0.9"]))
-                .unwrap_err()
-                .reason,
-            "AddressTaken"
-        );
+        assert!(outside.message.contains("outside the pool's network 10.20.0.0/24"), "{}", outside.message);
+        assert_eq!(n.check_static("10.20.0.255", &used(&[])).unwrap_err().reason, "AddressOutsideNetwork");
+        assert_eq!(n.check_static("10.20.0.1", &used(&[])).unwrap_err().reason, "AddressReserved");
+        assert_eq!(n.check_static("10.20.0.9", &used(&["10.20.0.9"])).unwrap_err().reason, "AddressTaken");
     }
 }

@@ -26,15 +26,10 @@ pub struct Config {
 }
 
 impl Config {
-    pub fn parse(
-        args: impl IntoIterator<Item = String>,
-        env: impl Fn(&str) -> Option<String>,
-    ) -> Result<Config> {
+    pub fn parse(args: impl IntoIterator<Item = String>, env: impl Fn(&str) -> Option<String>) -> Result<Config> {
         let mut kubeconfig = None;
         let mut namespace = env("COVI_NAMESPACE").unwrap_or_else(|| "covi-system".into());
-        let mut identity = env("POD_NAME")
-            .or_else(|| env("HOSTNAME"))
-            .unwrap_or_else(|| "covi-operator".into());
+        let mut identity = env("POD_NAME").or_else(|| env("HOSTNAME")).unwrap_or_else(|| "covi-operator".into());
         let mut leader_lease = Duration::from_secs(15);
         let mut resync = Duration::from_secs(10);
         let mut metrics_addr: SocketAddr = "0.0.0.0:9465".parse().expect("valid default");
@@ -68,21 +63,13 @@ impl Config {
                 "--resync-seconds" => resync = seconds(&flag, value()?)?,
                 "--metrics-addr" => {
                     let v = value()?;
-                    metrics_addr = v.parse().map_err(|_| {
-                        Error::Config(format!("--metrics-addr {v:?} is not HOST:PORT"))
-                    })?;
+                    metrics_addr =
+                        v.parse().map_err(|_| Error::Config(format!("--metrics-addr {v:?} is not HOST:PORT")))?;
                 }
                 other => return Err(Error::Config(format!("unknown flag {other}\n\n{USAGE}"))),
             }
         }
-        Ok(Config {
-            kubeconfig,
-            namespace,
-            identity,
-            leader_lease,
-            resync,
-            metrics_addr,
-        })
+        Ok(Config { kubeconfig, namespace, identity, leader_lease, resync, metrics_addr })
     }
 }
 
@@ -93,17 +80,10 @@ mod tests {
     #[test]
     fn defaults_and_flags() {
         let c = Config::parse(vec![], |k| (k == "POD_NAME").then(|| "op-0".to_string())).unwrap();
-        assert_eq!(
-            (c.identity.as_str(), c.namespace.as_str()),
-            ("op-0", "covi-system")
-        );
+        assert_eq!((c.identity.as_str(), c.namespace.as_str()), ("op-0", "covi-system"));
         let c = Config::parse(["--leader-lease-seconds=5".to_string()], |_| None).unwrap();
         assert_eq!(c.leader_lease, Duration::from_secs(5));
-        let e =
-            Config::parse(["--resync-seconds".to_string(), "x".to_string()], |_| None).unwrap_err();
-        assert!(
-            e.to_string()
-                .contains("--resync-seconds \"x\" is not a positive number")
-        );
+        let e = Config::parse(["--resync-seconds".to_string(), "x".to_string()], |_| None).unwrap_err();
+        assert!(e.to_string().contains("--resync-seconds \"x\" is not a positive number"));
     }
 }

@@ -13,12 +13,7 @@ use crate::error::Result;
 pub const LEASE: &str = "covi-operator";
 
 /// Starts campaigning; the receiver turns true while this replica leads.
-pub async fn campaign(
-    client: Client,
-    namespace: &str,
-    identity: &str,
-    duration: Duration,
-) -> Result<Receiver<bool>> {
+pub async fn campaign(client: Client, namespace: &str, identity: &str, duration: Duration) -> Result<Receiver<bool>> {
     let secs = duration.as_secs().max(2);
     let manager = LeaseManagerBuilder::new(client, LEASE)
         .with_namespace(namespace)

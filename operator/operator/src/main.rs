@@ -9,9 +9,7 @@ use tracing_subscriber::EnvFilter;
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .init();
     let config = match Config::parse(std::env::args().skip(1), |k| std::env::var(k).ok()) {
         Ok(c) => c,
@@ -35,27 +33,15 @@ async fn operate(config: Config) -> covi_operator::error::Result<()> {
     let health = covi_metrics::Health::default();
     covi_metrics::serve(config.metrics_addr, registry, health.clone())
         .await
-        .map_err(|e| {
-            covi_operator::error::Error::Config(format!(
-                "serving metrics on {}: {e}",
-                config.metrics_addr
-            ))
-        })?;
+        .map_err(|e| covi_operator::error::Error::Config(format!("serving metrics on {}: {e}", config.metrics_addr)))?;
     let client = run::client(&config).await?;
     health.set(true);
-    let mut leading = leader::campaign(
-        client.clone(),
-        &config.namespace,
-        &config.identity,
-        config.leader_lease,
-    )
-    .await?;
+    let mut leading =
+        leader::campaign(client.clone(), &config.namespace, &config.identity, config.leader_lease).await?;
     tracing::info!(identity = %config.identity, "standing by for the leader lease");
     while !*leading.borrow_and_update() {
         if leading.changed().await.is_err() {
-            return Err(covi_operator::error::Error::Config(
-                "leader election stopped".into(),
-            ));
+            return Err(covi_operator::error::Error::Config("leader election stopped".into()));
         }
     }
     metrics.leader.set(1);

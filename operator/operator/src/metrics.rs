@@ -48,11 +48,7 @@ impl Metrics {
             hosts: Family::default(),
             leader: Gauge::default(),
         };
-        registry.register(
-            "covi_operator_reconciles",
-            "Scheduling passes by result",
-            m.passes.clone(),
-        );
+        registry.register("covi_operator_reconciles", "Scheduling passes by result", m.passes.clone());
         registry.register(
             "covi_operator_reconcile_duration_seconds",
             "Time of one scheduling pass",
@@ -60,11 +56,7 @@ impl Metrics {
         );
         registry.register("covi_servers", "VirtualServers by phase", m.servers.clone());
         registry.register("covi_hosts", "Hosts by state", m.hosts.clone());
-        registry.register(
-            "covi_operator_leader",
-            "1 while this replica leads",
-            m.leader.clone(),
-        );
+        registry.register("covi_operator_leader", "1 while this replica leads", m.leader.clone());
         m
     }
 
@@ -76,40 +68,21 @@ impl Metrics {
 
     pub fn count_phases(&self, servers: &[Arc<VirtualServer>], hosts: &[Arc<Host>]) {
         let mut phases: BTreeMap<String, i64> = BTreeMap::new();
-        for phase in [
-            "Pending",
-            "Scheduled",
-            "Provisioning",
-            "Running",
-            "Stopped",
-            "Migrating",
-            "Failed",
-            "Terminating",
-        ] {
+        for phase in
+            ["Pending", "Scheduled", "Provisioning", "Running", "Stopped", "Migrating", "Failed", "Terminating"]
+        {
             phases.insert(phase.into(), 0);
         }
         for s in servers {
-            let phase = s
-                .status
-                .as_ref()
-                .and_then(|st| st.phase)
-                .map(|p| format!("{p:?}"))
-                .unwrap_or_else(|| "Pending".into());
+            let phase =
+                s.status.as_ref().and_then(|st| st.phase).map(|p| format!("{p:?}")).unwrap_or_else(|| "Pending".into());
             *phases.entry(phase).or_default() += 1;
         }
         for (phase, n) in phases {
             self.servers.get_or_create(&PhaseLabel { phase }).set(n);
         }
         let ready = hosts.iter().filter(|h| host_ready(h)).count() as i64;
-        self.hosts
-            .get_or_create(&StateLabel {
-                state: "Ready".into(),
-            })
-            .set(ready);
-        self.hosts
-            .get_or_create(&StateLabel {
-                state: "NotReady".into(),
-            })
-            .set(hosts.len() as i64 - ready);
+        self.hosts.get_or_create(&StateLabel { state: "Ready".into() }).set(ready);
+        self.hosts.get_or_create(&StateLabel { state: "NotReady".into() }).set(hosts.len() as i64 - ready);
     }
 }

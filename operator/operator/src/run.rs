@@ -34,16 +34,13 @@ pub const FINALIZER: &str = "covi.io/domain";
 pub async fn client(config: &Config) -> Result<Client> {
     let kube_config = match &config.kubeconfig {
         Some(path) => {
-            let kc = Kubeconfig::read_from(path).map_err(|e| {
-                Error::Config(format!("reading kubeconfig {}: {e}", path.display()))
-            })?;
+            let kc = Kubeconfig::read_from(path)
+                .map_err(|e| Error::Config(format!("reading kubeconfig {}: {e}", path.display())))?;
             kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
                 .await
                 .map_err(|e| Error::Config(format!("kubeconfig {}: {e}", path.display())))?
         }
-        None => kube::Config::infer()
-            .await
-            .map_err(|e| Error::Config(format!("no Kubernetes configuration: {e}")))?,
+        None => kube::Config::infer().await.map_err(|e| Error::Config(format!("no Kubernetes configuration: {e}")))?,
     };
     Ok(Client::try_from(kube_config)?)
 }
@@ -51,13 +48,7 @@ pub async fn client(config: &Config) -> Result<Client> {
 /// Watches `api` into a store and pokes `changed` on every event.
 fn watch<K>(api: Api<K>, changed: Arc<Notify>) -> Store<K>
 where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
+    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
 {
     let (store, writer) = reflector::store();
     let stream = reflector(writer, watcher(api, watcher::Config::default()))
@@ -94,15 +85,10 @@ pub async fn run_leader(client: Client, config: &Config, metrics: Metrics) -> Re
         ("VirtualServers", servers.wait_until_ready().await.is_ok()),
     ] {
         if !ready {
-            return Err(Error::Config(format!(
-                "the watch of {what} ended before it synced"
-            )));
+            return Err(Error::Config(format!("the watch of {what} ended before it synced")));
         }
     }
-    let reporter = Reporter {
-        controller: MANAGER.into(),
-        instance: Some(config.identity.clone()),
-    };
+    let reporter = Reporter { controller: MANAGER.into(), instance: Some(config.identity.clone()) };
     let mut scheduler = Scheduler {
         recorder: Recorder::new(client.clone(), reporter),
         client,
@@ -116,9 +102,7 @@ pub async fn run_leader(client: Client, config: &Config, metrics: Metrics) -> Re
     loop {
         let started = Instant::now();
         let result = scheduler.pass().await;
-        scheduler
-            .metrics
-            .observe_pass(started.elapsed(), result.as_ref().err());
+        scheduler.metrics.observe_pass(started.elapsed(), result.as_ref().err());
         if let Err(e) = result {
             tracing::warn!(error = %e, "scheduling pass failed; retrying");
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -144,29 +128,17 @@ impl Scheduler {
         self.release_deleted(&servers, &hosts).await?;
 
         for pool in &pools {
-            let members: Vec<_> = servers
-                .iter()
-                .filter(|s| s.spec.host_pool == pool.name_any())
-                .cloned()
-                .collect();
+            let members: Vec<_> = servers.iter().filter(|s| s.spec.host_pool == pool.name_any()).cloned().collect();
             let decisions = pass(pool, &hosts, &members, &self.assumed);
             self.apply(decisions).await;
         }
         let pool_names: BTreeSet<_> = pools.iter().map(|p| p.name_any()).collect();
         let orphans: Vec<_> = servers
             .iter()
-            .filter(|s| {
-                !pool_names.contains(&s.spec.host_pool) && bound_host(s, &self.assumed).is_none()
-            })
+            .filter(|s| !pool_names.contains(&s.spec.host_pool) && bound_host(s, &self.assumed).is_none())
             .map(|s| {
                 let message = format!("HostPool {} does not exist", s.spec.host_pool);
-                (
-                    s.clone(),
-                    Decision::Invalid {
-                        reason: "PoolNotFound",
-                        message,
-                    },
-                )
+                (s.clone(), Decision::Invalid { reason: "PoolNotFound", message })
             })
             .collect();
         self.apply(orphans).await;
@@ -180,20 +152,15 @@ impl Scheduler {
     fn forget_seen_bindings(&mut self, servers: &[Arc<VirtualServer>]) {
         let live: HashMap<String, bool> = servers
             .iter()
-            .filter_map(|s| {
-                Some((
-                    s.uid()?,
-                    s.status.as_ref().and_then(|st| st.host.as_ref()).is_some(),
-                ))
-            })
+            .filter_map(|s| Some((s.uid()?, s.status.as_ref().and_then(|st| st.host.as_ref()).is_some())))
             .collect();
         self.assumed.retain(|uid, _| live.get(uid) == Some(&false));
     }
 
     async fn add_finalizers(&self, servers: &[Arc<VirtualServer>]) -> Result<()> {
-        let missing = servers.iter().filter(|s| {
-            s.meta().deletion_timestamp.is_none() && !s.finalizers().iter().any(|f| f == FINALIZER)
-        });
+        let missing = servers
+            .iter()
+            .filter(|s| s.meta().deletion_timestamp.is_none() && !s.finalizers().iter().any(|f| f == FINALIZER));
         let writes = missing.map(|s| async move {
             let mut finalizers = s.finalizers().to_vec();
             finalizers.push(FINALIZER.to_string());
@@ -205,26 +172,14 @@ impl Scheduler {
                 Err(e) => Err(Error::from(e)),
             }
         });
-        futures::stream::iter(writes)
-            .buffer_unordered(16)
-            .collect::<Vec<_>>()
-            .await
-            .into_iter()
-            .collect()
+        futures::stream::iter(writes).buffer_unordered(16).collect::<Vec<_>>().await.into_iter().collect()
     }
 
     /// Servers being deleted that no agent will clean up: never bound, or bound to a
     /// Host that no longer exists.
-    async fn release_deleted(
-        &self,
-        servers: &[Arc<VirtualServer>],
-        hosts: &[Arc<Host>],
-    ) -> Result<()> {
+    async fn release_deleted(&self, servers: &[Arc<VirtualServer>], hosts: &[Arc<Host>]) -> Result<()> {
         let host_names: BTreeSet<_> = hosts.iter().map(|h| h.name_any()).collect();
-        for s in servers
-            .iter()
-            .filter(|s| s.meta().deletion_timestamp.is_some())
-        {
+        for s in servers.iter().filter(|s| s.meta().deletion_timestamp.is_some()) {
             if !s.finalizers().iter().any(|f| f == FINALIZER) {
                 continue;
             }
@@ -235,16 +190,8 @@ impl Scheduler {
             if releasable {
                 let rest: Vec<_> = s.finalizers().iter().filter(|f| *f != FINALIZER).collect();
                 let patch = json!({"metadata": {"finalizers": rest, "resourceVersion": s.resource_version()}});
-                let api: Api<VirtualServer> =
-                    Api::namespaced(self.client.clone(), &s.namespace().unwrap_or_default());
-                match api
-                    .patch(
-                        &s.name_any(),
-                        &PatchParams::default(),
-                        &Patch::Merge(&patch),
-                    )
-                    .await
-                {
+                let api: Api<VirtualServer> = Api::namespaced(self.client.clone(), &s.namespace().unwrap_or_default());
+                match api.patch(&s.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
                     Ok(_) | Err(kube::Error::Api(_)) => {}
                     Err(e) => return Err(e.into()),
                 }
@@ -261,23 +208,12 @@ impl Scheduler {
                 (server, decision, result)
             }
         });
-        let results: Vec<_> = futures::stream::iter(writes)
-            .buffer_unordered(32)
-            .collect()
-            .await;
+        let results: Vec<_> = futures::stream::iter(writes).buffer_unordered(32).collect().await;
         for (server, decision, result) in results {
             match result {
                 Ok(()) => {
-                    if let (Decision::Bind { host, address, .. }, Some(uid)) =
-                        (&decision, server.uid())
-                    {
-                        self.assumed.insert(
-                            uid,
-                            Assumed {
-                                host: host.clone(),
-                                address: *address,
-                            },
-                        );
+                    if let (Decision::Bind { host, address, .. }, Some(uid)) = (&decision, server.uid()) {
+                        self.assumed.insert(uid, Assumed { host: host.clone(), address: *address });
                     }
                 }
                 Err(e) => {
@@ -302,49 +238,25 @@ impl Scheduler {
                     None => format!("bound to host {host}"),
                 },
             ),
-            Decision::Pending { reason, message } => (
-                VirtualServerPhase::Pending,
-                ConditionStatus::False,
-                *reason,
-                message.clone(),
-            ),
-            Decision::Invalid { reason, message } => (
-                VirtualServerPhase::Failed,
-                ConditionStatus::False,
-                *reason,
-                message.clone(),
-            ),
+            Decision::Pending { reason, message } => {
+                (VirtualServerPhase::Pending, ConditionStatus::False, *reason, message.clone())
+            }
+            Decision::Invalid { reason, message } => {
+                (VirtualServerPhase::Failed, ConditionStatus::False, *reason, message.clone())
+            }
         };
-        let changed = set_condition(
-            &mut conditions,
-            "Scheduled",
-            scheduled,
-            reason,
-            message.clone(),
-            generation,
-            now,
-        );
-        let unchanged =
-            !changed && status.phase == Some(phase) && status.observed_generation == generation;
+        let changed = set_condition(&mut conditions, "Scheduled", scheduled, reason, message.clone(), generation, now);
+        let unchanged = !changed && status.phase == Some(phase) && status.observed_generation == generation;
         if unchanged && !matches!(decision, Decision::Bind { .. }) {
             return Ok(());
         }
-        let scheduled: Vec<_> = conditions
-            .into_iter()
-            .filter(|c| c.type_ == "Scheduled")
-            .collect();
+        let scheduled: Vec<_> = conditions.into_iter().filter(|c| c.type_ == "Scheduled").collect();
         let mut body = json!({
             "observedGeneration": generation,
             "phase": phase,
             "conditions": scheduled,
         });
-        if let Decision::Bind {
-            host,
-            address,
-            cpus,
-            memory,
-        } = decision
-        {
+        if let Decision::Bind { host, address, cpus, memory } = decision {
             body["host"] = json!(host);
             body["cpus"] = json!(cpus);
             body["memory"] = json!(memory);
@@ -352,16 +264,9 @@ impl Scheduler {
                 body["address"] = json!(a.to_string());
             }
         }
-        let patch =
-            json!({"apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer", "status": body});
-        let api: Api<VirtualServer> =
-            Api::namespaced(self.client.clone(), &server.namespace().unwrap_or_default());
-        api.patch_status(
-            &server.name_any(),
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
+        let patch = json!({"apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer", "status": body});
+        let api: Api<VirtualServer> = Api::namespaced(self.client.clone(), &server.namespace().unwrap_or_default());
+        api.patch_status(&server.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
         let (type_, event_reason) = match decision {
             Decision::Bind { .. } => (EventType::Normal, "Scheduled"),
             Decision::Pending { .. } => (EventType::Warning, "FailedScheduling"),
@@ -380,19 +285,12 @@ impl Scheduler {
         Ok(())
     }
 
-    async fn update_host_status(
-        &self,
-        pools: &[Arc<HostPool>],
-        hosts: &[Arc<Host>],
-        servers: &[Arc<VirtualServer>],
-    ) {
+    async fn update_host_status(&self, pools: &[Arc<HostPool>], hosts: &[Arc<Host>], servers: &[Arc<VirtualServer>]) {
         for host in hosts {
             let pool = pools.iter().find(|p| in_pool(p, host));
             let name = host.name_any();
-            let on_host: Vec<_> = servers
-                .iter()
-                .filter(|s| bound_host(s, &self.assumed) == Some(name.as_str()))
-                .collect();
+            let on_host: Vec<_> =
+                servers.iter().filter(|s| bound_host(s, &self.assumed) == Some(name.as_str())).collect();
             let (cpu, memory) = match pool {
                 Some(pool) => allocation(pool, std::slice::from_ref(host), &on_host),
                 None => (None, None),
@@ -410,25 +308,13 @@ impl Scheduler {
                 "pool": pool_name, "servers": on_host.len(), "cpuAllocation": cpu, "memoryAllocation": memory,
             }});
             let api: Api<Host> = Api::all(self.client.clone());
-            if let Err(e) = api
-                .patch_status(
-                    &name,
-                    &PatchParams::apply(MANAGER).force(),
-                    &Patch::Apply(&patch),
-                )
-                .await
-            {
+            if let Err(e) = api.patch_status(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await {
                 tracing::warn!(host = %name, error = %e, "updating host status failed");
             }
         }
     }
 
-    async fn update_pool_status(
-        &self,
-        pools: &[Arc<HostPool>],
-        hosts: &[Arc<Host>],
-        servers: &[Arc<VirtualServer>],
-    ) {
+    async fn update_pool_status(&self, pools: &[Arc<HostPool>], hosts: &[Arc<Host>], servers: &[Arc<VirtualServer>]) {
         for pool in pools {
             let members: Vec<_> = hosts.iter().filter(|h| in_pool(pool, h)).cloned().collect();
             let ready = members.iter().filter(|h| host_facts(h).ready).count() as u32;
@@ -444,34 +330,14 @@ impl Scheduler {
             let status = pool.status.clone().unwrap_or_default();
             let mut conditions = status.conditions.clone();
             let (ok, reason, message) = if ready > 0 {
-                (
-                    ConditionStatus::True,
-                    "HostsReady",
-                    format!("{ready} of {} hosts are ready", members.len()),
-                )
+                (ConditionStatus::True, "HostsReady", format!("{ready} of {} hosts are ready", members.len()))
             } else if members.is_empty() {
-                (
-                    ConditionStatus::False,
-                    "NoHosts",
-                    "no Host matches the pool's nodeSelector".to_string(),
-                )
+                (ConditionStatus::False, "NoHosts", "no Host matches the pool's nodeSelector".to_string())
             } else {
-                (
-                    ConditionStatus::False,
-                    "NoReadyHost",
-                    format!("none of the pool's {} hosts is ready", members.len()),
-                )
+                (ConditionStatus::False, "NoReadyHost", format!("none of the pool's {} hosts is ready", members.len()))
             };
             let generation = pool.meta().generation;
-            let changed = set_condition(
-                &mut conditions,
-                "Ready",
-                ok,
-                reason,
-                message,
-                generation,
-                Timestamp::now(),
-            );
+            let changed = set_condition(&mut conditions, "Ready", ok, reason, message, generation, Timestamp::now());
             if !changed
                 && status.observed_generation == generation
                 && status.ready_hosts == ready
@@ -489,13 +355,8 @@ impl Scheduler {
                 "conditions": conditions.iter().filter(|c| c.type_ == "Ready").collect::<Vec<_>>(),
             }});
             let api: Api<HostPool> = Api::all(self.client.clone());
-            if let Err(e) = api
-                .patch_status(
-                    &pool.name_any(),
-                    &PatchParams::apply(MANAGER).force(),
-                    &Patch::Apply(&patch),
-                )
-                .await
+            if let Err(e) =
+                api.patch_status(&pool.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await
             {
                 tracing::warn!(pool = %pool.name_any(), error = %e, "updating pool status failed");
             }
@@ -525,19 +386,11 @@ fn allocation(
     }
     (
         Some(format!("{cpu}/{cap_cpu}")),
-        Some(format!(
-            "{}/{}",
-            covi_placement::format_mib(mem),
-            covi_placement::format_mib(cap_mem)
-        )),
+        Some(format!("{}/{}", covi_placement::format_mib(mem), covi_placement::format_mib(cap_mem))),
     )
 }
 
 /// Whether `server`'s Ready condition is True.
 pub fn server_ready(server: &VirtualServer) -> bool {
-    server
-        .status
-        .as_ref()
-        .and_then(|s| find_condition(&s.conditions, "Ready"))
-        .is_some_and(|c| c.status == "True")
+    server.status.as_ref().and_then(|s| find_condition(&s.conditions, "Ready")).is_some_and(|c| c.status == "True")
 }

@@ -44,18 +44,13 @@ pub enum Decision {
 
 /// Whether the host may run servers: its agent reports Ready.
 pub fn host_ready(host: &Host) -> bool {
-    host.status
-        .as_ref()
-        .is_some_and(|s| is_condition_true(&s.conditions, "Ready"))
+    host.status.as_ref().is_some_and(|s| is_condition_true(&s.conditions, "Ready"))
 }
 
 /// Whether `host` belongs to `pool`.
 pub fn in_pool(pool: &HostPool, host: &Host) -> bool {
     let labels = host.labels();
-    pool.spec
-        .node_selector
-        .iter()
-        .all(|(k, v)| labels.get(k) == Some(v))
+    pool.spec.node_selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
 pub fn rules(pool: &HostPool) -> PoolRules {
@@ -82,27 +77,17 @@ pub fn host_facts(host: &Host) -> HostFacts {
         ready: host_ready(host),
         schedulable: !host.spec.unschedulable && !host.spec.maintenance,
         cpus: capacity.map(|c| c.cpus).unwrap_or(0),
-        memory_mib: capacity
-            .and_then(|c| covi_api::quantity::parse_mib(&c.memory).ok())
-            .unwrap_or(0),
+        memory_mib: capacity.and_then(|c| covi_api::quantity::parse_mib(&c.memory).ok()).unwrap_or(0),
     }
 }
 
 /// Where a server is bound, counting bindings not yet seen.
-pub fn bound_host<'a>(
-    server: &'a VirtualServer,
-    assumed: &'a HashMap<String, Assumed>,
-) -> Option<&'a str> {
+pub fn bound_host<'a>(server: &'a VirtualServer, assumed: &'a HashMap<String, Assumed>) -> Option<&'a str> {
     server
         .status
         .as_ref()
         .and_then(|s| s.host.as_deref())
-        .or_else(|| {
-            server
-                .uid()
-                .and_then(|uid| assumed.get(&uid))
-                .map(|a| a.host.as_str())
-        })
+        .or_else(|| server.uid().and_then(|uid| assumed.get(&uid)).map(|a| a.host.as_str()))
 }
 
 fn address_of(server: &VirtualServer, assumed: &HashMap<String, Assumed>) -> Option<Ipv4Addr> {
@@ -111,12 +96,7 @@ fn address_of(server: &VirtualServer, assumed: &HashMap<String, Assumed>) -> Opt
         .as_ref()
         .and_then(|s| s.address.as_deref())
         .and_then(|a| a.parse().ok())
-        .or_else(|| {
-            server
-                .uid()
-                .and_then(|uid| assumed.get(&uid))
-                .and_then(|a| a.address)
-        })
+        .or_else(|| server.uid().and_then(|uid| assumed.get(&uid)).and_then(|a| a.address))
 }
 
 /// Decides for every pending server of `pool`. `servers` are all servers of the pool.
@@ -144,11 +124,7 @@ pub fn pass(
                         host: host.to_string(),
                         cpus: size.cpus,
                         memory_mib: size.memory_mib,
-                        anti_affinity_group: server
-                            .spec
-                            .placement
-                            .as_ref()
-                            .and_then(|p| p.anti_affinity_group.clone()),
+                        anti_affinity_group: server.spec.placement.as_ref().and_then(|p| p.anti_affinity_group.clone()),
                     });
                 }
             }
@@ -158,8 +134,7 @@ pub fn pass(
     }
     // Oldest first, so a steady stream of new servers cannot starve an old one.
     pending.sort_by(|a, b| {
-        (a.creation_timestamp().map(|t| t.0), a.name_any())
-            .cmp(&(b.creation_timestamp().map(|t| t.0), b.name_any()))
+        (a.creation_timestamp().map(|t| t.0), a.name_any()).cmp(&(b.creation_timestamp().map(|t| t.0), b.name_any()))
     });
 
     let network = Network::parse(&pool.spec.network);
@@ -183,10 +158,7 @@ fn decide(
     let size = match pool.size_of(spec) {
         Ok(size) => size,
         Err(e) => {
-            return Decision::Invalid {
-                reason: e.reason,
-                message: e.message,
-            };
+            return Decision::Invalid { reason: e.reason, message: e.message };
         }
     };
     if let Some(image) = &spec.boot.image
@@ -198,45 +170,28 @@ fn decide(
             message: format!(
                 "image {image} is not in the catalog of pool {}; it has: {}",
                 pool.name_any(),
-                if known.is_empty() {
-                    "no images".to_string()
-                } else {
-                    known.join(", ")
-                }
+                if known.is_empty() { "no images".to_string() } else { known.join(", ") }
             ),
         };
     }
     let network = match network {
         Ok(n) => n,
         Err(e) => {
-            return Decision::Invalid {
-                reason: e.reason,
-                message: e.message.clone(),
-            };
+            return Decision::Invalid { reason: e.reason, message: e.message.clone() };
         }
     };
-    let wanted = spec
-        .network
-        .as_ref()
-        .map(|n| n.address.as_str())
-        .filter(|a| *a != "auto");
+    let wanted = spec.network.as_ref().map(|n| n.address.as_str()).filter(|a| *a != "auto");
     let address = match wanted {
         Some(a) => match network.check_static(a, used) {
             Ok(ip) => ip,
             Err(e) => {
-                return Decision::Invalid {
-                    reason: e.reason,
-                    message: e.message,
-                };
+                return Decision::Invalid { reason: e.reason, message: e.message };
             }
         },
         None => match network.allocate(used) {
             Ok(ip) => ip,
             Err(e) => {
-                return Decision::Pending {
-                    reason: e.reason,
-                    message: e.message,
-                };
+                return Decision::Pending { reason: e.reason, message: e.message };
             }
         },
     };
@@ -258,10 +213,7 @@ fn decide(
                 memory: covi_placement::format_mib(size.memory_mib),
             }
         }
-        Err(u) => Decision::Pending {
-            reason: u.reason,
-            message: u.message,
-        },
+        Err(u) => Decision::Pending { reason: u.reason, message: u.message },
     }
 }
 

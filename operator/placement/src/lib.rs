@@ -95,12 +95,8 @@ impl PoolRules {
     /// What a host may hold: (physical - reserve) × overcommit ratio, rounded down.
     pub fn schedulable(&self, host: &HostFacts) -> Schedulable {
         let cpus = f64::from(host.cpus.saturating_sub(self.reserve_cpus)) * self.cpu_ratio;
-        let memory =
-            host.memory_mib.saturating_sub(self.reserve_memory_mib) as f64 * self.memory_ratio;
-        Schedulable {
-            cpus: cpus.floor() as u32,
-            memory_mib: memory.floor() as u64,
-        }
+        let memory = host.memory_mib.saturating_sub(self.reserve_memory_mib) as f64 * self.memory_ratio;
+        Schedulable { cpus: cpus.floor() as u32, memory_mib: memory.floor() as u64 }
     }
 }
 
@@ -174,20 +170,14 @@ impl<'a> Pool<'a> {
     /// A pool whose hosts already hold `bound`. Servers bound to hosts outside `hosts`
     /// are ignored (their host left the pool).
     pub fn new(rules: &'a PoolRules, hosts: &'a [HostFacts], bound: &[Bound]) -> Self {
-        let mut loads: BTreeMap<&str, HostLoad> = hosts
-            .iter()
-            .map(|h| (h.name.as_str(), HostLoad::default()))
-            .collect();
+        let mut loads: BTreeMap<&str, HostLoad> =
+            hosts.iter().map(|h| (h.name.as_str(), HostLoad::default())).collect();
         for b in bound {
             if let Some(load) = loads.get_mut(b.host.as_str()) {
                 load.add(b.cpus, b.memory_mib, b.anti_affinity_group.as_ref());
             }
         }
-        Pool {
-            rules,
-            hosts,
-            loads,
-        }
+        Pool { rules, hosts, loads }
     }
 
     /// The current load of `host`.
@@ -205,26 +195,14 @@ impl<'a> Pool<'a> {
         if !host.schedulable {
             return Err(Misfit::Cordoned);
         }
-        if !demand
-            .host_selector
-            .iter()
-            .all(|(k, v)| host.labels.get(k) == Some(v))
-        {
+        if !demand.host_selector.iter().all(|(k, v)| host.labels.get(k) == Some(v)) {
             return Err(Misfit::SelectorMismatch);
         }
         let load = &self.loads[host.name.as_str()];
-        if demand
-            .anti_affinity_group
-            .as_ref()
-            .is_some_and(|g| load.groups.contains(g))
-        {
+        if demand.anti_affinity_group.as_ref().is_some_and(|g| load.groups.contains(g)) {
             return Err(Misfit::AntiAffinity);
         }
-        if self
-            .rules
-            .max_servers_per_host
-            .is_some_and(|max| load.servers >= max)
-        {
+        if self.rules.max_servers_per_host.is_some_and(|max| load.servers >= max) {
             return Err(Misfit::TooManyServers);
         }
         let cap = self.rules.schedulable(host);
@@ -237,10 +215,8 @@ impl<'a> Pool<'a> {
             return Err(Misfit::InsufficientMemory);
         }
         // Fullness after placement: the scarcer of the two resources decides.
-        let fullness = f64::max(
-            f64::from(cpus) / f64::from(cap.cpus.max(1)),
-            memory as f64 / cap.memory_mib.max(1) as f64,
-        );
+        let fullness =
+            f64::max(f64::from(cpus) / f64::from(cap.cpus.max(1)), memory as f64 / cap.memory_mib.max(1) as f64);
         Ok(fullness)
     }
 
@@ -268,15 +244,8 @@ impl<'a> Pool<'a> {
         }
         match best {
             Some((_, host)) => {
-                let load = self
-                    .loads
-                    .get_mut(host.name.as_str())
-                    .expect("every host has a load");
-                load.add(
-                    demand.cpus,
-                    demand.memory_mib,
-                    demand.anti_affinity_group.as_ref(),
-                );
+                let load = self.loads.get_mut(host.name.as_str()).expect("every host has a load");
+                load.add(demand.cpus, demand.memory_mib, demand.anti_affinity_group.as_ref());
                 Ok(host.name.clone())
             }
             None => Err(self.explain(demand, &misfits)),
@@ -286,35 +255,18 @@ impl<'a> Pool<'a> {
     fn explain(&self, demand: &Demand, misfits: &BTreeMap<Misfit, usize>) -> Unschedulable {
         let pool = &self.rules.name;
         if self.hosts.is_empty() {
-            return Unschedulable {
-                reason: "NoHostInPool",
-                message: format!("pool {pool} has no hosts"),
-            };
+            return Unschedulable { reason: "NoHostInPool", message: format!("pool {pool} has no hosts") };
         }
         // Capacity is what people can act on: say how far the best candidate falls short.
         let candidates = || {
-            self.hosts.iter().filter(|h| {
-                matches!(
-                    self.check(h, demand),
-                    Err(Misfit::InsufficientCpu | Misfit::InsufficientMemory)
-                )
-            })
+            self.hosts
+                .iter()
+                .filter(|h| matches!(self.check(h, demand), Err(Misfit::InsufficientCpu | Misfit::InsufficientMemory)))
         };
-        let free_cpus = candidates()
-            .map(|h| {
-                self.rules
-                    .schedulable(h)
-                    .cpus
-                    .saturating_sub(self.loads[h.name.as_str()].cpus)
-            })
-            .max();
+        let free_cpus =
+            candidates().map(|h| self.rules.schedulable(h).cpus.saturating_sub(self.loads[h.name.as_str()].cpus)).max();
         let free_memory = candidates()
-            .map(|h| {
-                self.rules
-                    .schedulable(h)
-                    .memory_mib
-                    .saturating_sub(self.loads[h.name.as_str()].memory_mib)
-            })
+            .map(|h| self.rules.schedulable(h).memory_mib.saturating_sub(self.loads[h.name.as_str()].memory_mib))
             .max();
         let (top, _) = misfits
             .iter()
@@ -333,10 +285,7 @@ impl<'a> Pool<'a> {
             ),
             _ => format!("no host in pool {pool} can take the server"),
         };
-        let summary: Vec<String> = misfits
-            .iter()
-            .map(|(m, n)| m.describe(*n, demand))
-            .collect();
+        let summary: Vec<String> = misfits.iter().map(|(m, n)| m.describe(*n, demand)).collect();
         let _ = write!(
             message,
             " ({} of {} hosts: {})",
@@ -344,20 +293,13 @@ impl<'a> Pool<'a> {
             self.hosts.len(),
             summary.join(", ")
         );
-        Unschedulable {
-            reason: top.reason(),
-            message,
-        }
+        Unschedulable { reason: top.reason(), message }
     }
 }
 
 /// Formats MiB the way a person writes it: "4Gi" when whole, else "1536Mi".
 pub fn format_mib(mib: u64) -> String {
-    if mib != 0 && mib.is_multiple_of(1024) {
-        format!("{}Gi", mib / 1024)
-    } else {
-        format!("{mib}Mi")
-    }
+    if mib != 0 && mib.is_multiple_of(1024) { format!("{}Gi", mib / 1024) } else { format!("{mib}Mi") }
 }
 
 #[cfg(test)]

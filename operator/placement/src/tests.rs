@@ -24,30 +24,18 @@ fn host(name: &str, cpus: u32, memory_gib: u64) -> HostFacts {
 }
 
 fn demand(cpus: u32, memory_gib: u64) -> Demand {
-    Demand {
-        cpus,
-        memory_mib: memory_gib * 1024,
-        ..Demand::default()
-    }
+    Demand { cpus, memory_mib: memory_gib * 1024, ..Demand::default() }
 }
 
 fn grouped(cpus: u32, group: &str) -> Demand {
-    Demand {
-        anti_affinity_group: Some(group.into()),
-        ..demand(cpus, 1)
-    }
+    Demand { anti_affinity_group: Some(group.into()), ..demand(cpus, 1) }
 }
 
 #[test]
 fn spread_prefers_the_emptiest_host() {
     let rules = rules(Strategy::Spread);
     let hosts = [host("a", 8, 16), host("b", 8, 16)];
-    let bound = [Bound {
-        host: "a".into(),
-        cpus: 4,
-        memory_mib: 4096,
-        anti_affinity_group: None,
-    }];
+    let bound = [Bound { host: "a".into(), cpus: 4, memory_mib: 4096, anti_affinity_group: None }];
     let mut pool = Pool::new(&rules, &hosts, &bound);
     assert_eq!(pool.place(&demand(1, 1)), Ok("b".into()));
 }
@@ -56,12 +44,7 @@ fn spread_prefers_the_emptiest_host() {
 fn pack_fills_the_fullest_host_that_fits() {
     let rules = rules(Strategy::Pack);
     let hosts = [host("a", 8, 16), host("b", 8, 16)];
-    let bound = [Bound {
-        host: "b".into(),
-        cpus: 4,
-        memory_mib: 4096,
-        anti_affinity_group: None,
-    }];
+    let bound = [Bound { host: "b".into(), cpus: 4, memory_mib: 4096, anti_affinity_group: None }];
     let mut pool = Pool::new(&rules, &hosts, &bound);
     assert_eq!(pool.place(&demand(4, 4)), Ok("b".into()));
     assert_eq!(pool.place(&demand(4, 4)), Ok("a".into()), "b is full now");
@@ -75,13 +58,7 @@ fn overcommit_and_reserve_set_capacity() {
     rules.reserve_cpus = 2;
     rules.reserve_memory_mib = 2048;
     let cap = rules.schedulable(&host("a", 10, 10));
-    assert_eq!(
-        cap,
-        Schedulable {
-            cpus: 32,
-            memory_mib: 12288
-        }
-    );
+    assert_eq!(cap, Schedulable { cpus: 32, memory_mib: 12288 });
 }
 
 #[test]
@@ -94,13 +71,7 @@ fn a_batch_never_overcommits_a_host() {
     assert_eq!(placed, 10, "exactly the 10 CPUs of the pool are handed out");
     for h in &hosts {
         let load = pool.load(&h.name).unwrap();
-        assert!(
-            load.cpus <= h.cpus,
-            "{} holds {} CPUs of {}",
-            h.name,
-            load.cpus,
-            h.cpus
-        );
+        assert!(load.cpus <= h.cpus, "{} holds {} CPUs of {}", h.name, load.cpus, h.cpus);
     }
     let err = results.last().unwrap().clone().unwrap_err();
     assert_eq!(err.reason, "InsufficientCPU");
@@ -124,34 +95,20 @@ fn anti_affinity_members_never_share_a_host() {
     let rules = rules(Strategy::Pack);
     let hosts = [host("a", 16, 16), host("b", 16, 16), host("c", 16, 16)];
     let mut pool = Pool::new(&rules, &hosts, &[]);
-    let mut chosen: Vec<_> = (0..3)
-        .map(|_| pool.place(&grouped(1, "web")).unwrap())
-        .collect();
+    let mut chosen: Vec<_> = (0..3).map(|_| pool.place(&grouped(1, "web")).unwrap()).collect();
     chosen.sort();
     assert_eq!(chosen, ["a", "b", "c"]);
     let fourth = pool.place(&grouped(1, "web")).unwrap_err();
     assert_eq!(fourth.reason, "AntiAffinity");
-    assert!(
-        fourth.message.contains("anti-affinity group web"),
-        "{}",
-        fourth.message
-    );
-    assert!(
-        pool.place(&grouped(1, "db")).is_ok(),
-        "other groups are unaffected"
-    );
+    assert!(fourth.message.contains("anti-affinity group web"), "{}", fourth.message);
+    assert!(pool.place(&grouped(1, "db")).is_ok(), "other groups are unaffected");
 }
 
 #[test]
 fn existing_members_count_for_anti_affinity() {
     let rules = rules(Strategy::Spread);
     let hosts = [host("a", 16, 16), host("b", 16, 16)];
-    let bound = [Bound {
-        host: "b".into(),
-        cpus: 1,
-        memory_mib: 1024,
-        anti_affinity_group: Some("web".into()),
-    }];
+    let bound = [Bound { host: "b".into(), cpus: 1, memory_mib: 1024, anti_affinity_group: Some("web".into()) }];
     let mut pool = Pool::new(&rules, &hosts, &bound);
     assert_eq!(pool.place(&grouped(1, "web")), Ok("a".into()));
 }
@@ -160,26 +117,12 @@ fn existing_members_count_for_anti_affinity() {
 fn too_large_a_server_names_what_is_short() {
     let rules = rules(Strategy::Spread);
     let hosts = [host("a", 4, 16), host("b", 2, 16)];
-    let err = Pool::new(&rules, &hosts, &[])
-        .place(&demand(8, 1))
-        .unwrap_err();
+    let err = Pool::new(&rules, &hosts, &[]).place(&demand(8, 1)).unwrap_err();
     assert_eq!(err.reason, "InsufficientCPU");
-    assert!(
-        err.message
-            .starts_with("no host in pool idc-a has 8 free CPUs; the largest free is 4"),
-        "{}",
-        err.message
-    );
-    let err = Pool::new(&rules, &hosts, &[])
-        .place(&demand(1, 32))
-        .unwrap_err();
+    assert!(err.message.starts_with("no host in pool idc-a has 8 free CPUs; the largest free is 4"), "{}", err.message);
+    let err = Pool::new(&rules, &hosts, &[]).place(&demand(1, 32)).unwrap_err();
     assert_eq!(err.reason, "InsufficientMemory");
-    assert!(
-        err.message
-            .contains("has 32Gi free memory; the largest free is 16Gi"),
-        "{}",
-        err.message
-    );
+    assert!(err.message.contains("has 32Gi free memory; the largest free is 16Gi"), "{}", err.message);
 }
 
 #[test]
@@ -191,22 +134,11 @@ fn unready_cordoned_and_full_hosts_are_skipped() {
     let mut cordoned = host("cordoned", 64, 64);
     cordoned.schedulable = false;
     let hosts = [down, cordoned, host("full", 64, 64)];
-    let bound = [Bound {
-        host: "full".into(),
-        cpus: 1,
-        memory_mib: 1,
-        anti_affinity_group: None,
-    }];
-    let err = Pool::new(&rules, &hosts, &bound)
-        .place(&demand(1, 1))
-        .unwrap_err();
+    let bound = [Bound { host: "full".into(), cpus: 1, memory_mib: 1, anti_affinity_group: None }];
+    let err = Pool::new(&rules, &hosts, &bound).place(&demand(1, 1)).unwrap_err();
     assert!(err.message.contains("1 host not ready"), "{}", err.message);
     assert!(err.message.contains("1 host cordoned"), "{}", err.message);
-    assert!(
-        err.message.contains("1 host at maxServersPerHost"),
-        "{}",
-        err.message
-    );
+    assert!(err.message.contains("1 host at maxServersPerHost"), "{}", err.message);
 }
 
 #[test]
@@ -219,47 +151,24 @@ fn host_selector_and_pin_restrict_candidates() {
     let mut wants_ssd = demand(1, 1);
     wants_ssd.host_selector.insert("disk".into(), "ssd".into());
     assert_eq!(pool.place(&wants_ssd), Ok("ssd".into()));
-    let pinned = Demand {
-        pinned_host: Some("plain".into()),
-        ..demand(1, 1)
-    };
+    let pinned = Demand { pinned_host: Some("plain".into()), ..demand(1, 1) };
     assert_eq!(pool.place(&pinned), Ok("plain".into()));
     wants_ssd.cpus = 64;
     let err = pool.place(&wants_ssd).unwrap_err();
-    assert!(
-        err.message.contains("not matching hostSelector"),
-        "{}",
-        err.message
-    );
+    assert!(err.message.contains("not matching hostSelector"), "{}", err.message);
 }
 
 #[test]
 fn an_empty_pool_says_so() {
     let rules = rules(Strategy::Spread);
-    let err = Pool::new(&rules, &[], &[])
-        .place(&demand(1, 1))
-        .unwrap_err();
-    assert_eq!(
-        err,
-        Unschedulable {
-            reason: "NoHostInPool",
-            message: "pool idc-a has no hosts".into()
-        }
-    );
+    let err = Pool::new(&rules, &[], &[]).place(&demand(1, 1)).unwrap_err();
+    assert_eq!(err, Unschedulable { reason: "NoHostInPool", message: "pool idc-a has no hosts".into() });
 }
 
 #[test]
 fn servers_on_hosts_outside_the_pool_are_ignored() {
     let rules = rules(Strategy::Spread);
     let hosts = [host("a", 2, 2)];
-    let bound = [Bound {
-        host: "gone".into(),
-        cpus: 2,
-        memory_mib: 2048,
-        anti_affinity_group: None,
-    }];
-    assert_eq!(
-        Pool::new(&rules, &hosts, &bound).place(&demand(2, 2)),
-        Ok("a".into())
-    );
+    let bound = [Bound { host: "gone".into(), cpus: 2, memory_mib: 2048, anti_affinity_group: None }];
+    assert_eq!(Pool::new(&rules, &hosts, &bound).place(&demand(2, 2)), Ok("a".into()));
 }

@@ -63,11 +63,7 @@ pub enum Boot {
     /// PXE.
     Network,
     /// A kernel and initramfs on the host (Xen PV/PVH direct boot).
-    Kernel {
-        kernel: String,
-        initrd: Option<String>,
-        cmdline: String,
-    },
+    Kernel { kernel: String, initrd: Option<String>, cmdline: String },
 }
 
 /// Who owns a domain: the VirtualServer it was defined for.
@@ -111,13 +107,11 @@ fn open(w: &mut W, name: &str, attrs: &[(&str, &str)]) {
     for (k, v) in attrs {
         start.push_attribute((*k, *v));
     }
-    w.write_event(Event::Start(start))
-        .expect("writing to memory cannot fail");
+    w.write_event(Event::Start(start)).expect("writing to memory cannot fail");
 }
 
 fn close(w: &mut W, name: &str) {
-    w.write_event(Event::End(BytesEnd::new(name)))
-        .expect("writing to memory cannot fail");
+    w.write_event(Event::End(BytesEnd::new(name))).expect("writing to memory cannot fail");
 }
 
 fn empty(w: &mut W, name: &str, attrs: &[(&str, &str)]) {
@@ -125,14 +119,12 @@ fn empty(w: &mut W, name: &str, attrs: &[(&str, &str)]) {
     for (k, v) in attrs {
         start.push_attribute((*k, *v));
     }
-    w.write_event(Event::Empty(start))
-        .expect("writing to memory cannot fail");
+    w.write_event(Event::Empty(start)).expect("writing to memory cannot fail");
 }
 
 fn text(w: &mut W, name: &str, attrs: &[(&str, &str)], value: &str) {
     open(w, name, attrs);
-    w.write_event(Event::Text(BytesText::new(value)))
-        .expect("writing to memory cannot fail");
+    w.write_event(Event::Text(BytesText::new(value))).expect("writing to memory cannot fail");
     close(w, name);
 }
 
@@ -156,12 +148,7 @@ pub fn render(spec: &DomainSpec) -> String {
     let memory = spec.memory_mib.to_string();
     text(&mut w, "memory", &[("unit", "MiB")], &memory);
     text(&mut w, "currentMemory", &[("unit", "MiB")], &memory);
-    text(
-        &mut w,
-        "vcpu",
-        &[("placement", "static")],
-        &spec.cpus.to_string(),
-    );
+    text(&mut w, "vcpu", &[("placement", "static")], &spec.cpus.to_string());
     os(&mut w, spec);
     if !spec.guest.is_paravirtual() && spec.driver != Driver::Test {
         open(&mut w, "features", &[]);
@@ -204,46 +191,17 @@ fn os(w: &mut W, spec: &DomainSpec) {
     match (spec.driver, spec.guest) {
         // The test driver offers only i686 "xen" and "hvm" guests and knows no machine
         // types: the OS type alone, with every device below exactly as on Xen or KVM.
-        (Driver::Test, guest) => text(
-            w,
-            "type",
-            &[],
-            if guest.is_paravirtual() { "xen" } else { "hvm" },
-        ),
-        (_, Guest::XenPv) => text(
-            w,
-            "type",
-            &[("arch", "x86_64"), ("machine", "xenpv")],
-            "linux",
-        ),
-        (_, Guest::XenPvh) => text(
-            w,
-            "type",
-            &[("arch", "x86_64"), ("machine", "xenpvh")],
-            "xenpvh",
-        ),
+        (Driver::Test, guest) => text(w, "type", &[], if guest.is_paravirtual() { "xen" } else { "hvm" }),
+        (_, Guest::XenPv) => text(w, "type", &[("arch", "x86_64"), ("machine", "xenpv")], "linux"),
+        (_, Guest::XenPvh) => text(w, "type", &[("arch", "x86_64"), ("machine", "xenpvh")], "xenpvh"),
         (_, Guest::XenHvm) => {
-            text(
-                w,
-                "type",
-                &[("arch", "x86_64"), ("machine", "xenfv")],
-                "hvm",
-            );
-            text(
-                w,
-                "loader",
-                &[("type", "rom")],
-                "/usr/lib/xen/boot/hvmloader",
-            );
+            text(w, "type", &[("arch", "x86_64"), ("machine", "xenfv")], "hvm");
+            text(w, "loader", &[("type", "rom")], "/usr/lib/xen/boot/hvmloader");
         }
         (_, Guest::Hvm) => text(w, "type", &[("arch", "x86_64"), ("machine", "q35")], "hvm"),
     }
     match &spec.boot {
-        Boot::Kernel {
-            kernel,
-            initrd,
-            cmdline,
-        } => {
+        Boot::Kernel { kernel, initrd, cmdline } => {
             text(w, "kernel", &[], kernel);
             if let Some(initrd) = initrd {
                 text(w, "initrd", &[], initrd);
@@ -282,11 +240,7 @@ fn devices(w: &mut W, spec: &DomainSpec) {
     let (disk_dev, disk_bus, cd_devs, cd_bus) = disk_targets(guest);
     open(w, "devices", &[]);
     open(w, "disk", &[("type", "file"), ("device", "disk")]);
-    empty(
-        w,
-        "driver",
-        &[("name", "qemu"), ("type", &spec.disk_format)],
-    );
+    empty(w, "driver", &[("name", "qemu"), ("type", &spec.disk_format)]);
     empty(w, "source", &[("file", &spec.disk_path)]);
     empty(w, "target", &[("dev", disk_dev), ("bus", disk_bus)]);
     close(w, "disk");
@@ -299,11 +253,7 @@ fn devices(w: &mut W, spec: &DomainSpec) {
     }
     for (path, dev) in cds.into_iter().zip(cd_devs) {
         // PV guests have no emulated CD-ROM: the ISO is a read-only xen disk.
-        let device = if guest.is_paravirtual() {
-            "disk"
-        } else {
-            "cdrom"
-        };
+        let device = if guest.is_paravirtual() { "disk" } else { "cdrom" };
         open(w, "disk", &[("type", "file"), ("device", device)]);
         empty(w, "driver", &[("name", "qemu"), ("type", "raw")]);
         empty(w, "source", &[("file", path)]);
@@ -315,11 +265,7 @@ fn devices(w: &mut W, spec: &DomainSpec) {
     empty(w, "mac", &[("address", &spec.mac)]);
     empty(w, "source", &[("bridge", &spec.bridge)]);
     if !guest.is_paravirtual() {
-        empty(
-            w,
-            "model",
-            &[("type", if guest.is_xen() { "netfront" } else { "virtio" })],
-        );
+        empty(w, "model", &[("type", if guest.is_xen() { "netfront" } else { "virtio" })]);
     }
     if let Some(kib) = spec.bandwidth_kib {
         let kib = kib.to_string();
@@ -342,22 +288,13 @@ pub fn ownership(domain_xml: &str) -> Option<Ownership> {
         match reader.read_event().ok()? {
             Event::Start(e) if e.local_name().as_ref() == "metadata" => in_metadata = true,
             Event::End(e) if e.local_name().as_ref() == "metadata" => in_metadata = false,
-            Event::Start(e) | Event::Empty(e)
-                if in_metadata && e.local_name().as_ref() == "server" =>
-            {
+            Event::Start(e) | Event::Empty(e) if in_metadata && e.local_name().as_ref() == "server" => {
                 // libvirt may re-prefix our element; the namespace URI is what identifies it.
-                let mut owner = Ownership {
-                    uid: String::new(),
-                    namespace: String::new(),
-                    name: String::new(),
-                    generation: 0,
-                };
+                let mut owner =
+                    Ownership { uid: String::new(), namespace: String::new(), name: String::new(), generation: 0 };
                 let mut ours = false;
                 for attr in e.attributes().flatten() {
-                    let value = attr
-                        .normalized_value(quick_xml::XmlVersion::Implicit1_0)
-                        .ok()?
-                        .into_owned();
+                    let value = attr.normalized_value(quick_xml::XmlVersion::Implicit1_0).ok()?.into_owned();
                     let key = attr.key.as_ref();
                     if key.starts_with("xmlns") {
                         ours |= value == METADATA_NS;
@@ -398,9 +335,7 @@ pub fn sizing(domain_xml: &str) -> Option<(u32, u64)> {
                     let mut multiplier = 1;
                     for attr in e.attributes().flatten() {
                         if attr.key.local_name().as_ref() == "unit" {
-                            let unit = attr
-                                .normalized_value(quick_xml::XmlVersion::Implicit1_0)
-                                .ok()?;
+                            let unit = attr.normalized_value(quick_xml::XmlVersion::Implicit1_0).ok()?;
                             multiplier = match unit.as_ref() {
                                 "KiB" | "k" | "K" => 1,
                                 "MiB" | "M" => 1024,
@@ -414,11 +349,7 @@ pub fn sizing(domain_xml: &str) -> Option<(u32, u64)> {
             }
             Event::Text(t) => {
                 if let Some((name, multiplier)) = &current {
-                    let value: u64 = t
-                        .xml_content(quick_xml::XmlVersion::Implicit1_0)
-                        .trim()
-                        .parse()
-                        .ok()?;
+                    let value: u64 = t.xml_content(quick_xml::XmlVersion::Implicit1_0).trim().parse().ok()?;
                     match name.as_str() {
                         "vcpu" => vcpus = Some(value as u32),
                         _ => memory = Some(value * multiplier),
@@ -445,11 +376,7 @@ pub fn mac_address(guest: Guest, uid: &str) -> String {
         hash ^= u32::from(b);
         hash = hash.wrapping_mul(0x0100_0193);
     }
-    let prefix = if guest.is_xen() {
-        "00:16:3e"
-    } else {
-        "52:54:00"
-    };
+    let prefix = if guest.is_xen() { "00:16:3e" } else { "52:54:00" };
     let [_, a, b, c] = hash.to_be_bytes();
     format!("{prefix}:{:02x}:{:02x}:{:02x}", a & 0x7f, b, c)
 }

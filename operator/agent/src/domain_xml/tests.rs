@@ -56,10 +56,7 @@ fn ownership_survives_libvirts_reprefixing() {
 
 #[test]
 fn domains_without_covi_metadata_are_not_owned() {
-    assert_eq!(
-        ownership("<domain type='kvm'><name>other</name></domain>"),
-        None
-    );
+    assert_eq!(ownership("<domain type='kvm'><name>other</name></domain>"), None);
     let foreign = "<domain><metadata><server xmlns=\"https://example.com/other\" uid=\"u1\"/></metadata></domain>";
     assert_eq!(ownership(foreign), None);
 }
@@ -94,10 +91,7 @@ fn xen_pv_boots_through_pygrub_or_a_kernel() {
     let xml = render(&direct);
     assert!(!xml.contains("bootloader"), "{xml}");
     assert!(xml.contains("<kernel>/boot/vmlinuz</kernel>"), "{xml}");
-    assert!(
-        xml.contains("<cmdline>console=hvc0 hostname=web-1</cmdline>"),
-        "{xml}"
-    );
+    assert!(xml.contains("<cmdline>console=hvc0 hostname=web-1</cmdline>"), "{xml}");
 }
 
 #[test]
@@ -133,8 +127,5 @@ fn sizing_reads_cpus_and_memory_back() {
         <currentMemory unit='KiB'>1048576</currentMemory><vcpu placement='static'>3</vcpu>\
         <devices><memory model='dimm'><target><size unit='KiB'>1</size></target></memory></devices></domain>";
     assert_eq!(sizing(libvirt), Some((3, 2_097_152)));
-    assert_eq!(
-        sizing(&render(&spec(Driver::Kvm, Guest::Hvm))),
-        Some((2, 2048 * 1024))
-    );
+    assert_eq!(sizing(&render(&spec(Driver::Kvm, Guest::Hvm))), Some((2, 2048 * 1024)));
 }

@@ -54,9 +54,7 @@ unsafe extern "C" fn on_lifecycle(
     let sender = unsafe { &*(opaque as *const UnboundedSender<DomainEvent>) };
     let mut buf = [0 as c_char; sys::VIR_UUID_STRING_BUFLEN as usize];
     if unsafe { sys::virDomainGetUUIDString(dom, buf.as_mut_ptr()) } == 0 {
-        let uuid = unsafe { CStr::from_ptr(buf.as_ptr()) }
-            .to_string_lossy()
-            .into_owned();
+        let uuid = unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned();
         let _ = sender.send(DomainEvent { uuid });
     }
     0
@@ -73,10 +71,9 @@ pub fn subscribe(conn: &Connect, sender: UnboundedSender<DomainEvent>) -> Result
     // SAFETY: libvirt calls lifecycle callbacks with the virConnectDomainEventCallback
     // signature; the generic type in the registration API is a placeholder for it.
     let callback: sys::virConnectDomainEventGenericCallback = unsafe {
-        std::mem::transmute::<
-            sys::virConnectDomainEventCallback,
-            sys::virConnectDomainEventGenericCallback,
-        >(Some(on_lifecycle))
+        std::mem::transmute::<sys::virConnectDomainEventCallback, sys::virConnectDomainEventGenericCallback>(Some(
+            on_lifecycle,
+        ))
     };
     let id = unsafe {
         sys::virConnectDomainEventRegisterAny(

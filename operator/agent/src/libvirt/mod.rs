@@ -77,9 +77,7 @@ impl Hypervisor {
         })
         .await
         .map_err(|e| Error::Join(e.to_string()))??;
-        Ok(Hypervisor {
-            conn: Arc::new(conn),
-        })
+        Ok(Hypervisor { conn: Arc::new(conn) })
     }
 
     /// Runs `f` with the connection on a blocking thread.
@@ -89,9 +87,7 @@ impl Hypervisor {
         F: FnOnce(&Connect) -> Result<T> + Send + 'static,
     {
         let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || f(&conn))
-            .await
-            .map_err(|e| Error::Join(e.to_string()))?
+        tokio::task::spawn_blocking(move || f(&conn)).await.map_err(|e| Error::Join(e.to_string()))?
     }
 
     pub async fn facts(&self) -> Result<HostFacts> {
@@ -147,12 +143,8 @@ impl Hypervisor {
         format: &str,
         capacity: u64,
     ) -> Result<std::result::Result<String, VolumeError>> {
-        let (pool, name, image, format) = (
-            pool.to_string(),
-            name.to_string(),
-            image.map(str::to_string),
-            format.to_string(),
-        );
+        let (pool, name, image, format) =
+            (pool.to_string(), name.to_string(), image.map(str::to_string), format.to_string());
         self.run(move |c| {
             let pool = match find_pool(c, &pool)? {
                 Ok(p) => p,
@@ -204,11 +196,7 @@ impl Hypervisor {
             if let Ok(vol) = pool.lookup_storage_vol_by_name(&name) {
                 return Ok(Ok(vol.path()?));
             }
-            let vol = match StorageVol::create_xml(
-                &pool,
-                &volume_xml(&name, "raw", content.len() as u64),
-                0,
-            ) {
+            let vol = match StorageVol::create_xml(&pool, &volume_xml(&name, "raw", content.len() as u64), 0) {
                 Ok(vol) => vol,
                 Err(e) => return Ok(Err(VolumeError::Failed(e.to_string()))),
             };
@@ -254,21 +242,12 @@ impl Hypervisor {
 
     /// Defines (or redefines) a domain; returns libvirt's error message on failure.
     pub async fn define(&self, xml: String) -> Result<std::result::Result<(), String>> {
-        self.run(move |c| {
-            Ok(c.define_domain_xml(&xml)
-                .map(drop)
-                .map_err(|e| e.to_string()))
-        })
-        .await
+        self.run(move |c| Ok(c.define_domain_xml(&xml).map(drop).map_err(|e| e.to_string()))).await
     }
 
     /// Starts a defined domain; returns libvirt's error message on failure.
     pub async fn start(&self, uuid: &str) -> Result<std::result::Result<(), String>> {
-        let started = self
-            .with_domain(uuid, |d| {
-                Ok(d.create().map(drop).map_err(|e| e.to_string()))
-            })
-            .await?;
+        let started = self.with_domain(uuid, |d| Ok(d.create().map(drop).map_err(|e| e.to_string()))).await?;
         Ok(started.unwrap_or_else(|| Err("the domain is not defined".to_string())))
     }
 
@@ -330,9 +309,9 @@ fn find_pool(c: &Connect, name: &str) -> Result<std::result::Result<StoragePool,
             }
             Ok(Ok(pool))
         }
-        Err(e) if is(&e, ErrorNumber::NoStoragePool) => Ok(Err(VolumeError::StoragePoolNotFound(
-            format!("storage pool {name} does not exist on this host"),
-        ))),
+        Err(e) if is(&e, ErrorNumber::NoStoragePool) => {
+            Ok(Err(VolumeError::StoragePoolNotFound(format!("storage pool {name} does not exist on this host"))))
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -362,15 +341,12 @@ fn volume_xml(name: &str, format: &str, capacity: u64) -> String {
     let mut w = Writer::new(std::io::Cursor::new(Vec::new()));
     let write = |w: &mut Writer<_>| -> std::io::Result<()> {
         w.create_element("volume").write_inner_content(|w| {
-            w.create_element("name")
-                .write_text_content(BytesText::new(name))?;
+            w.create_element("name").write_text_content(BytesText::new(name))?;
             w.create_element("capacity")
                 .with_attribute(("unit", "bytes"))
                 .write_text_content(BytesText::new(&capacity.to_string()))?;
             w.create_element("target").write_inner_content(|w| {
-                w.create_element("format")
-                    .with_attribute(("type", format))
-                    .write_empty()?;
+                w.create_element("format").with_attribute(("type", format)).write_empty()?;
                 Ok(())
             })?;
             Ok(())
@@ -395,13 +371,7 @@ mod tests {
     #[test]
     fn volume_names_are_escaped() {
         let xml = volume_xml("a</name><x/>", "raw", 1024);
-        assert!(
-            xml.contains("<name>a&lt;/name&gt;&lt;x/&gt;</name>"),
-            "{xml}"
-        );
-        assert!(
-            xml.contains("<capacity unit=\"bytes\">1024</capacity>"),
-            "{xml}"
-        );
+        assert!(xml.contains("<name>a&lt;/name&gt;&lt;x/&gt;</name>"), "{xml}");
+        assert!(xml.contains("<capacity unit=\"bytes\">1024</capacity>"), "{xml}");
     }
 }

@@ -33,10 +33,7 @@ fn server(spec: serde_json::Value) -> VirtualServer {
         "spec": base
     }))
     .unwrap();
-    vs.status = Some(VirtualServerStatus {
-        address: Some("10.20.0.15".into()),
-        ..Default::default()
-    });
+    vs.status = Some(VirtualServerStatus { address: Some("10.20.0.15".into()), ..Default::default() });
     vs
 }
 
@@ -52,22 +49,15 @@ fn a_class_server_on_the_test_driver() {
     assert_eq!(p.disk.image_volume.as_deref(), Some("debian-12.img"));
     assert_eq!(p.disk.capacity, 10 << 30);
     assert_eq!(p.disk.volume, "shop.web-1-0f1e2d3c.img");
-    assert_eq!(
-        p.seed.network.as_ref().unwrap().address_cidr,
-        "10.20.0.15/24"
-    );
+    assert_eq!(p.seed.network.as_ref().unwrap().address_cidr, "10.20.0.15/24");
     assert_eq!(p.seed.hostname, "web-1");
     assert!(p.run);
 }
 
 #[test]
 fn xen_images_with_a_kernel_boot_pv_directly_with_the_hostname() {
-    let p = plan(
-        &server(serde_json::json!({"boot": {"image": "tiny"}, "hostname": "pv-1"})),
-        &pool("xen"),
-        "Xen",
-    )
-    .unwrap();
+    let p =
+        plan(&server(serde_json::json!({"boot": {"image": "tiny"}, "hostname": "pv-1"})), &pool("xen"), "Xen").unwrap();
     assert_eq!(p.domain.guest, Guest::XenPv);
     match &p.domain.boot {
         Boot::Kernel { cmdline, .. } => assert_eq!(cmdline, "console=hvc0 covi.hostname=pv-1"),
@@ -77,49 +67,21 @@ fn xen_images_with_a_kernel_boot_pv_directly_with_the_hostname() {
 
 #[test]
 fn xen_iso_and_network_boot_need_hvm() {
-    let iso = plan(
-        &server(serde_json::json!({"boot": {"iso": "/isos/debian.iso"}})),
-        &pool("xen"),
-        "Xen",
-    )
-    .unwrap();
+    let iso = plan(&server(serde_json::json!({"boot": {"iso": "/isos/debian.iso"}})), &pool("xen"), "Xen").unwrap();
     assert_eq!(iso.domain.guest, Guest::XenHvm);
     assert_eq!(iso.disk.image_volume, None);
-    let pxe = plan(
-        &server(serde_json::json!({"boot": {"network": {}}})),
-        &pool("xen"),
-        "Xen",
-    )
-    .unwrap();
+    let pxe = plan(&server(serde_json::json!({"boot": {"network": {}}})), &pool("xen"), "Xen").unwrap();
     assert_eq!(pxe.domain.boot, Boot::Network);
 }
 
 #[test]
 fn unknown_image_or_class_is_a_clear_failure() {
-    let err = plan(
-        &server(serde_json::json!({"boot": {"image": "windows"}})),
-        &pool("test"),
-        "TEST",
-    )
-    .unwrap_err();
+    let err = plan(&server(serde_json::json!({"boot": {"image": "windows"}})), &pool("test"), "TEST").unwrap_err();
     assert_eq!(err.reason, "ImageNotFound");
-    assert_eq!(
-        err.message,
-        "image windows is not in the catalog of pool lab; it has: debian-12, tiny"
-    );
-    let err = plan(
-        &server(serde_json::json!({"class": "huge"})),
-        &pool("test"),
-        "TEST",
-    )
-    .unwrap_err();
+    assert_eq!(err.message, "image windows is not in the catalog of pool lab; it has: debian-12, tiny");
+    let err = plan(&server(serde_json::json!({"class": "huge"})), &pool("test"), "TEST").unwrap_err();
     assert_eq!(err.reason, "ClassNotFound");
-    assert!(
-        err.message
-            .contains("class huge is not defined in pool lab; it defines: small"),
-        "{}",
-        err.message
-    );
+    assert!(err.message.contains("class huge is not defined in pool lab; it defines: small"), "{}", err.message);
 }
 
 #[test]
@@ -130,12 +92,7 @@ fn an_agent_on_the_wrong_hypervisor_refuses() {
 
 #[test]
 fn stopped_policy_plans_no_run() {
-    let p = plan(
-        &server(serde_json::json!({"runPolicy": "Stopped"})),
-        &pool("qemu"),
-        "QEMU",
-    )
-    .unwrap();
+    let p = plan(&server(serde_json::json!({"runPolicy": "Stopped"})), &pool("qemu"), "QEMU").unwrap();
     assert!(!p.run);
     assert_eq!(p.domain.driver, Driver::Qemu);
 }

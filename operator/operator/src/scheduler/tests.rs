@@ -34,7 +34,8 @@ fn host(name: &str, cpus: u32, ready: bool) -> Arc<Host> {
 }
 
 fn server(name: &str, extra: serde_json::Value) -> Arc<VirtualServer> {
-    let mut spec = json!({"hostPool": "idc-a", "class": "small", "boot": {"image": "debian-12"}, "owner": "o", "purpose": "p"});
+    let mut spec =
+        json!({"hostPool": "idc-a", "class": "small", "boot": {"image": "debian-12"}, "owner": "o", "purpose": "p"});
     for (k, v) in extra.as_object().unwrap() {
         spec[k] = v.clone();
     }
@@ -59,17 +60,12 @@ fn bind_of(d: &Decision) -> (&str, String) {
 #[test]
 fn pending_servers_get_a_host_and_distinct_addresses() {
     let hosts = [host("h1", 4, true), host("h2", 4, true)];
-    let servers: Vec<_> = (0..4)
-        .map(|i| server(&format!("s{i}"), json!({})))
-        .collect();
+    let servers: Vec<_> = (0..4).map(|i| server(&format!("s{i}"), json!({}))).collect();
     let decisions = pass(&pool(), &hosts, &servers, &HashMap::new());
     let addresses: BTreeSet<_> = decisions.iter().map(|(_, d)| bind_of(d).1).collect();
     assert_eq!(addresses.len(), 4);
     assert!(addresses.contains("10.20.0.2"), "{addresses:?}");
-    let on_h1 = decisions
-        .iter()
-        .filter(|(_, d)| bind_of(d).0 == "h1")
-        .count();
+    let on_h1 = decisions.iter().filter(|(_, d)| bind_of(d).0 == "h1").count();
     assert_eq!(on_h1, 2, "spread evenly");
 }
 
@@ -77,23 +73,14 @@ fn pending_servers_get_a_host_and_distinct_addresses() {
 fn assumed_bindings_count_for_capacity_and_addresses() {
     let hosts = [host("h1", 1, true)];
     let servers = [server("old", json!({})), server("new", json!({}))];
-    let assumed: HashMap<_, _> = [(
-        "uid-old".to_string(),
-        Assumed {
-            host: "h1".into(),
-            address: Some("10.20.0.2".parse().unwrap()),
-        },
-    )]
-    .into();
+    let assumed: HashMap<_, _> =
+        [("uid-old".to_string(), Assumed { host: "h1".into(), address: Some("10.20.0.2".parse().unwrap()) })].into();
     let decisions = pass(&pool(), &hosts, &servers, &assumed);
     assert_eq!(decisions.len(), 1);
     match &decisions[0].1 {
         Decision::Pending { reason, message } => {
             assert_eq!(*reason, "InsufficientCPU");
-            assert!(
-                message.starts_with("no host in pool idc-a has 1 free CPUs; the largest free is 0"),
-                "{message}"
-            );
+            assert!(message.starts_with("no host in pool idc-a has 1 free CPUs; the largest free is 0"), "{message}");
         }
         other => panic!("{other:?}"),
     }
@@ -117,30 +104,12 @@ fn bad_input_is_invalid_with_a_reason() {
             Decision::Bind { .. } => "Bind",
         })
         .collect();
-    assert_eq!(
-        reasons,
-        [
-            "ClassNotFound",
-            "ImageNotFound",
-            "AddressOutsideNetwork",
-            "Bind",
-            "AddressTaken"
-        ]
-    );
+    assert_eq!(reasons, ["ClassNotFound", "ImageNotFound", "AddressOutsideNetwork", "Bind", "AddressTaken"]);
 }
 
 #[test]
 fn unready_hosts_take_nothing() {
     let hosts = [host("h1", 8, false)];
     let decisions = pass(&pool(), &hosts, &[server("a", json!({}))], &HashMap::new());
-    assert!(
-        matches!(
-            &decisions[0].1,
-            Decision::Pending {
-                reason: "NoReadyHost",
-                ..
-            }
-        ),
-        "{decisions:?}"
-    );
+    assert!(matches!(&decisions[0].1, Decision::Pending { reason: "NoReadyHost", .. }), "{decisions:?}");
 }
