@@ -42,12 +42,19 @@ if [ "${#custom[@]}" -eq 0 ]; then
   phase "build"
   cargo build --workspace --bins --locked
   cargo test --workspace --locked --no-run
+else
+  # Tests start the covi binaries: build them, so a test never runs stale ones.
+  phase "build binaries"
+  cargo build --workspace --bins --locked --quiet
 fi
 export COVI_BIN_DIR="${CARGO_TARGET_DIR:-$COVI_ROOT/target}/debug"
 
 phase "start control plane"
 testbed_start "$COVI_CACHE/testbed/test-$$"
 echo "test bed: $COVI_APISERVER (state in $COVI_TESTBED_DIR)"
+
+phase "start libvirtd"
+testbed_libvirtd
 
 if [ "${#custom[@]}" -gt 0 ]; then
   phase "run: ${custom[*]}"

@@ -162,8 +162,17 @@ testbed_start() {
 }
 
 testbed_stop() {
-  local pid deadline
+  local pid deadline d
   [ "${#_testbed_pids[@]}" -gt 0 ] || return 0
+  # QEMU guests outlive libvirtd by design: remove every domain of a libvirtd we
+  # started, so no guest process is left behind.
+  if [ -n "${_testbed_own_libvirtd:-}" ]; then
+    for d in $(timeout 10 virsh -c qemu:///system list --all --name 2>/dev/null); do
+      timeout 10 virsh -c qemu:///system destroy "$d" >/dev/null 2>&1 || true
+      timeout 10 virsh -c qemu:///system undefine --nvram "$d" >/dev/null 2>&1 || true
+    done
+    _testbed_own_libvirtd=
+  fi
   # Stop in reverse order of start: clients first, etcd last.
   for (( i=${#_testbed_pids[@]}-1; i>=0; i-- )); do
     kill -TERM "${_testbed_pids[$i]}" 2>/dev/null || true
@@ -209,4 +218,21 @@ XML
 # parent-death signal, logging to DIR/logs/NAME.log.
 testbed_spawn_covi() {
   _testbed_spawn "$@"
+}
+
+# testbed_libvirtd: makes sure a system libvirtd answers on qemu:///system, starting
+# virtlogd and libvirtd under the test bed (and stopping them with it) when none runs.
+testbed_libvirtd() {
+  if timeout 5 virsh -c qemu:///system version >/dev/null 2>&1; then
+    echo "testbed: using the libvirtd already running"
+  else
+    _testbed_spawn virtlogd /usr/sbin/virtlogd
+    _testbed_spawn libvirtd /usr/sbin/libvirtd
+    _testbed_own_libvirtd=1
+    if ! wait_for "libvirtd on qemu:///system" 30 timeout 5 virsh -c qemu:///system version; then
+      tail -n 20 "$COVI_TESTBED_DIR/logs/libvirtd.log" >&2
+      return 1
+    fi
+  fi
+  export COVI_QEMU_URI=qemu:///system
 }

@@ -35,17 +35,6 @@ async fn apply_server(api: &Api<VirtualServer>, name: &str, pool: &str, extra: V
         .unwrap_or_else(|e| panic!("applying server {name}: {e}"));
 }
 
-async fn wait_server<F>(api: &Api<VirtualServer>, name: &str, what: &str, check: F) -> VirtualServer
-where
-    F: Fn(&VirtualServer) -> bool,
-{
-    wait_until(&format!("server {name} {what}"), DEADLINE, || async {
-        let s = api.get_opt(name).await.ok()??;
-        check(&s).then_some(s)
-    })
-    .await
-}
-
 fn phase(s: &VirtualServer) -> Option<VirtualServerPhase> {
     s.status.as_ref().and_then(|st| st.phase)
 }
@@ -110,6 +99,24 @@ async fn a_server_becomes_running_with_an_address_from_the_pool() {
         assert!(reasons.contains(reason), "missing Event {reason}: {reasons:?}");
     }
 
+    // Both binaries serve Prometheus metrics and a health endpoint.
+    let operator = fleet.operator.as_ref().expect("operator");
+    let metrics = wait_until("the operator to count the running server", DEADLINE, || async {
+        let m = covi_tests::fleet::scrape(operator, "/metrics").await;
+        // Servers of earlier tests still exist: at least this one runs.
+        let running = m
+            .lines()
+            .find_map(|l| l.strip_prefix("covi_servers{phase=\"Running\"} "))
+            .and_then(|n| n.trim().parse::<i64>().ok())
+            .unwrap_or(0);
+        (running >= 1).then_some(m)
+    })
+    .await;
+    assert!(metrics.contains("covi_operator_reconciles_total{result=\"ok\"}"), "{metrics}");
+    let agent_metrics = covi_tests::fleet::scrape(&fleet.agents[0], "/metrics").await;
+    assert!(agent_metrics.contains("covi_agent_reconcile_duration_seconds"), "{agent_metrics}");
+    assert_eq!(covi_tests::fleet::scrape(operator, "/healthz").await, "ok\n");
+
     let pools: Api<covi_api::HostPool> = Api::all(client.clone());
     let p = wait_until("pool status to count the server", DEADLINE, || async {
         let p = pools.get(&pool).await.ok()?;
@@ -124,17 +131,25 @@ async fn a_server_becomes_running_with_an_address_from_the_pool() {
 #[tokio::test]
 async fn run_policy_stops_and_starts_and_delete_releases_the_finalizer() {
     let _turn = SERIAL.lock().await;
-    let (client, _fleet, pool, ns, api) = setup("policy", &[(8, 16)]).await;
+    let (client, fleet, pool, ns, api) = setup("policy", &[(8, 16)]).await;
     apply_server(&api, "db-1", &pool, json!({})).await;
-    wait_server(&api, "db-1", "to be Ready", ready).await;
+    fleet.wait_server(&api, "db-1", "to be Ready", DEADLINE, ready).await;
 
     apply_server(&api, "db-1", &pool, json!({"runPolicy": "Stopped"})).await;
-    let stopped = wait_server(&api, "db-1", "to be Stopped", |s| phase(s) == Some(VirtualServerPhase::Stopped)).await;
+    let stopped = fleet
+        .wait_server(&api, "db-1", "to be Stopped", DEADLINE, |s| phase(s) == Some(VirtualServerPhase::Stopped))
+        .await;
     let c = condition(&stopped, "Ready").expect("Ready condition");
     assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "Stopped"));
+    let reasons: Vec<_> = events_for(&client, &ns, "db-1").await.into_iter().map(|(r, _)| r).collect();
+    assert!(reasons.iter().any(|r| r == "Stopped"), "an Event says it stopped: {reasons:?}");
 
     apply_server(&api, "db-1", &pool, json!({"runPolicy": "Running"})).await;
-    wait_server(&api, "db-1", "to run again", |s| ready(s) && phase(s) == Some(VirtualServerPhase::Running)).await;
+    fleet
+        .wait_server(&api, "db-1", "to run again", DEADLINE, |s| {
+            ready(s) && phase(s) == Some(VirtualServerPhase::Running)
+        })
+        .await;
 
     api.delete("db-1", &DeleteParams::default()).await.expect("delete");
     wait_until("db-1 to be gone", DEADLINE, || async { api.get_opt("db-1").await.ok()?.is_none().then_some(()) }).await;
@@ -145,17 +160,18 @@ async fn run_policy_stops_and_starts_and_delete_releases_the_finalizer() {
 #[tokio::test]
 async fn anti_affinity_members_never_share_a_host() {
     let _turn = SERIAL.lock().await;
-    let (_client, _fleet, pool, _ns, api) = setup("anti", &[(8, 16), (8, 16), (8, 16)]).await;
+    let (_client, fleet, pool, _ns, api) = setup("anti", &[(8, 16), (8, 16), (8, 16)]).await;
     for i in 1..=4 {
         apply_server(&api, &format!("web-{i}"), &pool, json!({"placement": {"antiAffinityGroup": "web"}})).await;
     }
     let mut hosts = BTreeSet::new();
     let mut pending = Vec::new();
     for i in 1..=4 {
-        let s = wait_server(&api, &format!("web-{i}"), "to be decided", |s| {
-            ready(s) || condition(s, "Scheduled").is_some_and(|c| c.status == "False")
-        })
-        .await;
+        let s = fleet
+            .wait_server(&api, &format!("web-{i}"), "to be decided", DEADLINE, |s| {
+                ready(s) || condition(s, "Scheduled").is_some_and(|c| c.status == "False")
+            })
+            .await;
         match s.status.as_ref().and_then(|st| st.host.clone()) {
             Some(h) => assert!(hosts.insert(h.clone()), "two members of group web share {h}"),
             None => pending.push(condition(&s, "Scheduled").cloned().expect("Scheduled condition")),
@@ -173,10 +189,11 @@ async fn too_large_a_server_waits_with_a_reason_and_binds_when_a_host_joins() {
     let (client, mut fleet, pool, ns, api) = setup("large", &[(4, 16)]).await;
     apply_server(&api, "big", &pool, json!({"class": null, "resources": {"cpus": 8, "memory": "2Gi", "disk": "10Gi"}}))
         .await;
-    let s = wait_server(&api, "big", "to be Pending with a reason", |s| {
-        condition(s, "Scheduled").is_some_and(|c| c.status == "False")
-    })
-    .await;
+    let s = fleet
+        .wait_server(&api, "big", "to be Pending with a reason", DEADLINE, |s| {
+            condition(s, "Scheduled").is_some_and(|c| c.status == "False")
+        })
+        .await;
     assert_eq!(phase(&s), Some(VirtualServerPhase::Pending));
     let c = condition(&s, "Scheduled").expect("Scheduled");
     assert_eq!(c.reason, "InsufficientCPU");
@@ -189,16 +206,16 @@ async fn too_large_a_server_waits_with_a_reason_and_binds_when_a_host_joins() {
     assert!(events.iter().any(|(r, m)| r == "FailedScheduling" && m.contains("8 free CPUs")), "{events:?}");
 
     fleet.start_agent(2, 16, 32);
-    let s = wait_server(&api, "big", "to run once a large host joins", ready).await;
+    let s = fleet.wait_server(&api, "big", "to run once a large host joins", DEADLINE, ready).await;
     assert_eq!(s.status.and_then(|st| st.host), Some(fleet.host_name(2)));
 }
 
 #[tokio::test]
 async fn bad_input_gets_a_reason_and_an_event_and_nothing_is_created() {
     let _turn = SERIAL.lock().await;
-    let (client, _fleet, pool, ns, api) = setup("bad", &[(8, 16)]).await;
+    let (client, fleet, pool, ns, api) = setup("bad", &[(8, 16)]).await;
     apply_server(&api, "taken-first", &pool, json!({"network": {"address": "10.77.0.50"}})).await;
-    wait_server(&api, "taken-first", "to be Ready", ready).await;
+    fleet.wait_server(&api, "taken-first", "to be Ready", DEADLINE, ready).await;
 
     let cases = [
         (
@@ -220,7 +237,8 @@ async fn bad_input_gets_a_reason_and_an_event_and_nothing_is_created() {
         apply_server(&api, name, &pool, extra.clone()).await;
     }
     for (name, _, reason, message) in cases {
-        let s = wait_server(&api, name, "to fail", |s| phase(s) == Some(VirtualServerPhase::Failed)).await;
+        let s =
+            fleet.wait_server(&api, name, "to fail", DEADLINE, |s| phase(s) == Some(VirtualServerPhase::Failed)).await;
         let c = condition(&s, "Scheduled").expect("Scheduled condition");
         assert_eq!(c.reason, reason, "{name}");
         assert!(c.message.contains(message), "{name}: {}", c.message);
@@ -290,7 +308,7 @@ async fn the_standby_operator_takes_over_when_the_leader_dies() {
     let ns = namespace(&client, "leader").await;
     let api: Api<VirtualServer> = Api::namespaced(client.clone(), &ns);
     apply_server(&api, "before", &pool, json!({})).await;
-    wait_server(&api, "before", "to be Ready under the first leader", ready).await;
+    fleet.wait_server(&api, "before", "to be Ready under the first leader", DEADLINE, ready).await;
 
     let leases: Api<Lease> = Api::namespaced(client.clone(), &fleet.lease_namespace);
     let holder =
@@ -302,7 +320,7 @@ async fn the_standby_operator_takes_over_when_the_leader_dies() {
         other => panic!("unexpected leader {other}"),
     }
     apply_server(&api, "after", &pool, json!({})).await;
-    wait_server(&api, "after", "to be Ready under the new leader", ready).await;
+    fleet.wait_server(&api, "after", "to be Ready under the new leader", DEADLINE, ready).await;
     let new_holder = leases.get("covi-operator").await.expect("lease").spec.and_then(|s| s.holder_identity);
     assert_ne!(new_holder.as_deref(), Some(holder.as_str()), "the standby leads now");
     println!("standby bound a new server {:?} after the leader was killed", killed_at.elapsed());

@@ -10,7 +10,7 @@ use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 
-use crate::{FIELD_MANAGER, testbed_dir, wait_until};
+use crate::{FIELD_MANAGER, testbed_dir};
 
 /// Where the covi binaries are: COVI_BIN_DIR (set by hack/test.sh), else target/debug.
 pub fn bin(name: &str) -> PathBuf {
@@ -235,7 +235,7 @@ impl Fleet {
     pub async fn wait_ready_hosts(&self, client: &Client, count: usize) {
         let api: Api<covi_api::Host> = Api::all(client.clone());
         let prefix = format!("{}-host-", self.id);
-        wait_until(&format!("{count} Ready hosts in fleet {}", self.id), Duration::from_secs(30), || async {
+        let found = crate::poll(Duration::from_secs(30), || async {
             let hosts = api.list(&Default::default()).await.ok()?;
             let ready = hosts
                 .items
@@ -248,5 +248,83 @@ impl Fleet {
             (ready >= count).then_some(())
         })
         .await;
+        if found.is_none() {
+            let logs: Vec<_> = self.agents.iter().map(|a| format!("--- {}:\n{}", a.name, a.log_tail())).collect();
+            panic!("timed out waiting for {count} Ready hosts in fleet {}\n{}", self.id, logs.join("\n"));
+        }
     }
+}
+
+impl Fleet {
+    /// Waits until server `name` passes `check`; on timeout the panic shows the
+    /// server's status and the tails of the fleet's logs.
+    pub async fn wait_server<F>(
+        &self,
+        api: &Api<covi_api::VirtualServer>,
+        name: &str,
+        what: &str,
+        deadline: Duration,
+        check: F,
+    ) -> covi_api::VirtualServer
+    where
+        F: Fn(&covi_api::VirtualServer) -> bool,
+    {
+        let found = crate::poll(deadline, || async {
+            let s = api.get_opt(name).await.ok()??;
+            check(&s).then_some(s)
+        })
+        .await;
+        match found {
+            Some(s) => s,
+            None => {
+                let status = api.get_opt(name).await.ok().flatten().map(|s| format!("{:#?}", s.status));
+                let mut logs: Vec<_> =
+                    self.agents.iter().map(|a| format!("--- {}:\n{}", a.name, a.log_tail())).collect();
+                if let Some(op) = &self.operator {
+                    logs.push(format!("--- {}:\n{}", op.name, op.log_tail()));
+                }
+                panic!(
+                    "timed out after {deadline:?} waiting for server {name} {what}\nstatus: {}\n{}",
+                    status.unwrap_or_else(|| "(gone)".into()),
+                    logs.join("\n")
+                );
+            }
+        }
+    }
+}
+
+/// GETs `path` from the metrics endpoint a covi process logged ("bound=ADDR").
+pub async fn scrape(process: &Process, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let log = std::fs::read_to_string(&process.log).expect("log");
+    let plain: String = strip_ansi(&log);
+    let addr = plain
+        .lines()
+        .rev()
+        .find_map(|l| l.contains("serving /metrics").then(|| l.split("bound=").nth(1)).flatten())
+        .map(|a| a.trim().to_string())
+        .unwrap_or_else(|| panic!("{} logged no metrics address", process.name));
+    let mut stream =
+        tokio::net::TcpStream::connect(&addr).await.unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\n\r\n").as_bytes()).await.expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("response");
+    response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default()
+}
+
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }

@@ -60,7 +60,19 @@ pub async fn client_as(user: &str, groups: &[&str]) -> Client {
 }
 
 /// Polls `check` until it returns `Some`, panicking with `what` after `deadline`.
-pub async fn wait_until<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+pub async fn wait_until<T, F, Fut>(what: &str, deadline: Duration, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    match poll(deadline, check).await {
+        Some(value) => value,
+        None => panic!("timed out after {deadline:?} waiting for {what}"),
+    }
+}
+
+/// Polls `check` every 100 ms until it returns `Some`; `None` after `deadline`.
+pub async fn poll<T, F, Fut>(deadline: Duration, mut check: F) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
@@ -68,10 +80,10 @@ where
     let start = Instant::now();
     loop {
         if let Some(value) = check().await {
-            return value;
+            return Some(value);
         }
         if start.elapsed() > deadline {
-            panic!("timed out after {deadline:?} waiting for {what}");
+            return None;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

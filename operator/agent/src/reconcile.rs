@@ -227,7 +227,8 @@ async fn clean_up(server: &VirtualServer, ctx: &Context) -> Result<Action> {
     let pool = ctx.pools.state().into_iter().find(|p| p.name_any() == server.spec.host_pool);
     if let Some(pool) = pool {
         let (disk, seed) = volume_names(&server.namespace().unwrap_or_default(), &server.name_any(), &uid);
-        ctx.hypervisor.delete_volumes(&pool.spec.storage.pool, vec![disk, seed]).await?;
+        let deleted = ctx.hypervisor.delete_volumes(&pool.spec.storage.pool, vec![disk, seed]).await?;
+        tracing::info!(server = %server.name_any(), ?deleted, "removed the server's domain and volumes");
     }
     ctx.stops.lock().expect("stops lock").remove(&uid);
     release_finalizer(&ctx.client, server).await?;
@@ -275,6 +276,9 @@ async fn report(server: &VirtualServer, ctx: &Context, outcome: Outcome) -> Resu
     }
     if outcome.phase == VirtualServerPhase::Failed && status.phase != Some(VirtualServerPhase::Failed) {
         publish(ctx, server, EventType::Warning, outcome.reason, outcome.message.clone()).await;
+    }
+    if outcome.phase == VirtualServerPhase::Stopped && status.phase != Some(VirtualServerPhase::Stopped) {
+        publish(ctx, server, EventType::Normal, "Stopped", format!("shut off on {}", ctx.node)).await;
     }
     let ready: Vec<_> = conditions.into_iter().filter(|c| c.type_ == "Ready").collect();
     let mut patch = json!({

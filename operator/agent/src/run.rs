@@ -109,9 +109,8 @@ pub async fn run(config: Config) -> Result<()> {
             let mut interval = tokio::time::interval(resync);
             loop {
                 interval.tick().await;
-                if servers.wait_until_ready().await.is_err() {
-                    continue;
-                }
+                // No need to wait for the server cache: a domain it does not know is
+                // judged by reading its server from the API.
                 match crate::sweep::sweep(&client, &node, &hv, &servers, &pools).await {
                     Ok(n) if n > 0 => tracing::info!(removed = n, "swept domains no server claims"),
                     Ok(_) => {}
@@ -156,7 +155,7 @@ pub async fn run(config: Config) -> Result<()> {
         .run(reconcile, error_policy, ctx)
         .for_each(|result| {
             if let Err(e) = result {
-                tracing::debug!(error = %e, "controller event");
+                tracing::warn!(error = %e, "controller event");
             }
             futures::future::ready(())
         })

@@ -45,6 +45,7 @@ pub async fn sweep(
 ) -> Result<usize> {
     let known: std::collections::HashSet<String> = servers.state().iter().filter_map(|s| s.uid()).collect();
     let domains = hv.observe().await?;
+    tracing::debug!(domains = domains.len(), known = known.len(), "sweeping");
     let mut removed = 0;
     for domain in domains.iter().filter(|d| !known.contains(&d.owner.uid)) {
         let api: Api<VirtualServer> = Api::namespaced(client.clone(), &domain.owner.namespace);

@@ -220,22 +220,26 @@ impl Hypervisor {
         .await
     }
 
-    /// Deletes the named volumes of `pool` that exist.
-    pub async fn delete_volumes(&self, pool: &str, names: Vec<String>) -> Result<()> {
+    /// Deletes the named volumes of `pool` that exist; returns those it deleted.
+    pub async fn delete_volumes(&self, pool: &str, names: Vec<String>) -> Result<Vec<String>> {
         let pool = pool.to_string();
         self.run(move |c| {
             let pool = match find_pool(c, &pool)? {
                 Ok(p) => p,
-                Err(_) => return Ok(()),
+                Err(_) => return Ok(Vec::new()),
             };
+            let mut deleted = Vec::new();
             for name in names {
                 match pool.lookup_storage_vol_by_name(&name) {
-                    Ok(vol) => vol.delete(0)?,
+                    Ok(vol) => {
+                        vol.delete(0)?;
+                        deleted.push(name);
+                    }
                     Err(e) if is(&e, ErrorNumber::NoStorageVolume) => {}
                     Err(e) => return Err(e.into()),
                 }
             }
-            Ok(())
+            Ok(deleted)
         })
         .await
     }
