@@ -11,6 +11,7 @@
 # script leaves one behind.
 
 _testbed_pids=()
+_testbed_libvirt_pids=()
 
 # free_port: prints a TCP port on 127.0.0.1 that nothing listens on.
 free_port() {
@@ -162,28 +163,38 @@ testbed_start() {
 }
 
 testbed_stop() {
-  local pid deadline d
   [ "${#_testbed_pids[@]}" -gt 0 ] || return 0
+  local others=() libvirt=() pid d i
+  for (( i=${#_testbed_pids[@]}-1; i>=0; i-- )); do
+    pid=${_testbed_pids[$i]}
+    if [[ " ${_testbed_libvirt_pids[*]:-} " == *" $pid "* ]]; then libvirt+=("$pid"); else others+=("$pid"); fi
+  done
+  # Clients first (agents would restart guests), etcd last.
+  _testbed_kill "${others[@]}"
   # QEMU guests outlive libvirtd by design: remove every domain of a libvirtd we
   # started, so no guest process is left behind.
-  if [ -n "${_testbed_own_libvirtd:-}" ]; then
+  if [ "${#libvirt[@]}" -gt 0 ]; then
     for d in $(timeout 10 virsh -c qemu:///system list --all --name 2>/dev/null); do
       timeout 10 virsh -c qemu:///system destroy "$d" >/dev/null 2>&1 || true
       timeout 10 virsh -c qemu:///system undefine --nvram "$d" >/dev/null 2>&1 || true
     done
-    _testbed_own_libvirtd=
+    _testbed_kill "${libvirt[@]}"
   fi
-  # Stop in reverse order of start: clients first, etcd last.
-  for (( i=${#_testbed_pids[@]}-1; i>=0; i-- )); do
-    kill -TERM "${_testbed_pids[$i]}" 2>/dev/null || true
-  done
+  _testbed_pids=()
+  _testbed_libvirt_pids=()
+}
+
+# _testbed_kill PID...: TERM, up to 3 s to exit, then KILL.
+_testbed_kill() {
+  local pid deadline
+  [ "$#" -gt 0 ] || return 0
+  kill -TERM "$@" 2>/dev/null || true
   deadline=$(( $(date +%s) + 3 ))
-  for pid in "${_testbed_pids[@]}"; do
+  for pid in "$@"; do
     while kill -0 "$pid" 2>/dev/null && [ "$(date +%s)" -lt "$deadline" ]; do sleep 0.1; done
     kill -KILL "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
   done
-  _testbed_pids=()
 }
 
 # testbed_node_xml PATH CPUS MEMORY_GIB: a libvirt test-driver node with a storage pool
@@ -227,12 +238,26 @@ testbed_libvirtd() {
     echo "testbed: using the libvirtd already running"
   else
     _testbed_spawn virtlogd /usr/sbin/virtlogd
+    _testbed_libvirt_pids+=("$!")
     _testbed_spawn libvirtd /usr/sbin/libvirtd
-    _testbed_own_libvirtd=1
+    _testbed_libvirt_pids+=("$!")
     if ! wait_for "libvirtd on qemu:///system" 30 timeout 5 virsh -c qemu:///system version; then
       tail -n 20 "$COVI_TESTBED_DIR/logs/libvirtd.log" >&2
       return 1
     fi
   fi
   export COVI_QEMU_URI=qemu:///system
+}
+
+# testbed_qemu_fixtures BRIDGE POOL DIR: what a QEMU host of the lab needs in libvirt:
+# a Linux bridge, a transient directory storage pool and a 16 MiB raw image
+# (tiny.img, no OS: guests stop in their firmware).
+testbed_qemu_fixtures() {
+  local bridge=$1 pool=$2 dir=$3
+  ip link show "$bridge" >/dev/null 2>&1 || { ip link add "$bridge" type bridge && ip link set "$bridge" up; }
+  mkdir -p "$dir"
+  virsh -c qemu:///system pool-info "$pool" >/dev/null 2>&1 ||
+    virsh -c qemu:///system pool-create-as "$pool" dir --target "$dir" >/dev/null
+  virsh -c qemu:///system vol-info --pool "$pool" tiny.img >/dev/null 2>&1 ||
+    virsh -c qemu:///system vol-create-as "$pool" tiny.img 16M --format raw >/dev/null
 }

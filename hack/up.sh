@@ -10,6 +10,14 @@ set -euo pipefail
 . "$COVI_ROOT/hack/testbed.sh"
 cd "$COVI_ROOT"
 
+qemu=""
+for arg in "$@"; do
+  case "$arg" in
+    --qemu) qemu=1 ;;
+    -h|--help) echo "usage: hack/up.sh [--qemu]"; exit 0 ;;
+    *) echo "unknown argument $arg (usage: hack/up.sh [--qemu])" >&2; exit 2 ;;
+  esac
+done
 state="$COVI_CACHE/up"
 trap 'testbed_stop; rm -f "$state.pid"' EXIT
 trap 'exit 130' INT TERM
@@ -40,12 +48,45 @@ for i in 1 2 3; do
     --node-name "host-$i" --label covi.io/pool=lab --libvirt-uri "test://$state/host-$i.xml" \
     --metrics-addr 127.0.0.1:0 --work-dir "$state/work-$i"
 done
+if [ -n "$qemu" ]; then
+  # A fourth host runs real QEMU/TCG guests through libvirtd, in a pool of its own.
+  testbed_libvirtd
+  testbed_qemu_fixtures br-covi-lab covi-lab /var/lib/covi-lab/pool
+  testbed_spawn_covi covi-agent-qemu-1 "$bin/covi-agent" --kubeconfig "$KUBECONFIG" \
+    --node-name qemu-1 --label covi.io/pool=lab-qemu --libvirt-uri qemu:///system \
+    --metrics-addr 127.0.0.1:0 --work-dir "$state/work-qemu-1"
+fi
 wait_for "3 Ready hosts" 60 sh -c '[ "$(kubectl get hosts -o jsonpath="{.items[*].status.conditions[?(@.type==\"Ready\")].status}" | wc -w)" -ge 3 ]'
 
 phase "apply examples"
 # examples/host.yaml describes host-1, which the agent has registered already.
 kubectl apply --server-side --field-manager covi-up -f examples/
 kubectl wait --for condition=Ready --timeout 60s virtualserver/web-1 >/dev/null
+if [ -n "$qemu" ]; then
+  kubectl apply --server-side --field-manager covi-up -f - <<'YAML'
+apiVersion: covi.io/v1alpha1
+kind: HostPool
+metadata: {name: lab-qemu}
+spec:
+  nodeSelector: {covi.io/pool: lab-qemu}
+  hypervisor: qemu
+  storage: {pool: covi-lab}
+  images: [{name: tiny, volume: tiny.img}]
+  network: {bridge: br-covi-lab, cidr: 10.30.0.0/24, gateway: 10.30.0.1}
+---
+apiVersion: covi.io/v1alpha1
+kind: VirtualServer
+metadata: {name: qemu-1}
+spec:
+  hostPool: lab-qemu
+  resources: {cpus: 1, memory: 256Mi, disk: 1Gi}
+  boot: {image: tiny}
+  owner: you
+  purpose: a real QEMU guest (no OS; it stops in its firmware)
+YAML
+  kubectl wait --for condition=Ready --timeout 120s virtualserver/qemu-1 >/dev/null
+  echo "QEMU guest running: virsh -c qemu:///system list"
+fi
 phase ""
 
 cat <<MSG
