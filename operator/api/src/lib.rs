@@ -31,5 +31,56 @@ pub const VERSION: &str = "v1alpha1";
 
 /// The CustomResourceDefinitions of all four kinds, in the order they are installed.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![HostPool::crd(), Host::crd(), VirtualServer::crd(), VmRequest::crd()]
+    [HostPool::crd(), Host::crd(), VirtualServer::crd(), VmRequest::crd()]
+        .into_iter()
+        .map(unwrap_descriptions)
+        .collect()
+}
+
+/// Doc comments are wrapped at 100 columns in the source; `kubectl explain` wraps text
+/// itself, so single line breaks become spaces (blank lines still separate paragraphs).
+fn unwrap_descriptions(crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    fn walk(value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (key, v) in map.iter_mut() {
+                    match v {
+                        serde_json::Value::String(text) if key == "description" => {
+                            *text = text.split("\n\n").map(|p| p.replace('\n', " ")).collect::<Vec<_>>().join("\n\n");
+                        }
+                        _ => walk(v),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    let mut value = serde_json::to_value(&crd).expect("a CRD serialises");
+    walk(&mut value);
+    serde_json::from_value(value).expect("a CRD with edited descriptions deserialises")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn descriptions_read_as_prose() {
+        for crd in super::crds() {
+            let yaml = serde_json::to_string(&crd).unwrap();
+            let value: serde_json::Value = serde_json::from_str(&yaml).unwrap();
+            let mut stack = vec![&value];
+            while let Some(v) = stack.pop() {
+                match v {
+                    serde_json::Value::Object(map) => {
+                        if let Some(serde_json::Value::String(d)) = map.get("description") {
+                            assert!(!d.replace("\n\n", "").contains('\n'), "wrapped description: {d:?}");
+                        }
+                        stack.extend(map.values());
+                    }
+                    serde_json::Value::Array(items) => stack.extend(items),
+                    _ => {}
+                }
+            }
+        }
+    }
 }
