@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use covi_daemon::flags::Flags;
+
 use crate::error::{Error, Result};
 
 pub const USAGE: &str = "usage: covi-agent --node-name NAME [options]
@@ -65,47 +67,23 @@ impl Config {
         let mut work_dir = PathBuf::from("/var/lib/covi-agent");
         let mut stop_grace = Duration::from_secs(30);
 
-        let seconds = |flag: &str, v: String| -> Result<Duration> {
-            v.parse::<u64>()
-                .ok()
-                .filter(|s| *s > 0)
-                .map(Duration::from_secs)
-                .ok_or_else(|| Error::Config(format!("{flag} {v:?} is not a positive number")))
-        };
-        let mut args = args.into_iter();
-        while let Some(flag) = args.next() {
-            let (flag, inline) = match flag.split_once('=') {
-                Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-                _ => (flag, None),
-            };
-            if flag == "-h" || flag == "--help" {
-                return Err(Error::Config(USAGE.to_string()));
-            }
-            let mut value = || {
-                inline
-                    .clone()
-                    .or_else(|| args.next())
-                    .ok_or_else(|| Error::Config(format!("{flag} needs a value\n\n{USAGE}")))
-            };
-            match flag.as_str() {
-                "--node-name" => node_name = Some(value()?),
-                "--libvirt-uri" => libvirt_uri = value()?,
-                "--kubeconfig" => kubeconfig = Some(PathBuf::from(value()?)),
-                "--namespace" => namespace = value()?,
+        let mut flags = Flags::new(args, USAGE);
+        while let Some(flag) = flags.next_flag().map_err(Error::Config)? {
+            match flag.name.as_str() {
+                "--node-name" => node_name = Some(flags.value(&flag).map_err(Error::Config)?),
+                "--libvirt-uri" => libvirt_uri = flags.value(&flag).map_err(Error::Config)?,
+                "--kubeconfig" => kubeconfig = Some(PathBuf::from(flags.value(&flag).map_err(Error::Config)?)),
+                "--namespace" => namespace = flags.value(&flag).map_err(Error::Config)?,
                 "--label" => {
-                    let (k, v) = parse_label(&value()?)?;
+                    let (k, v) = parse_label(&flags.value(&flag).map_err(Error::Config)?)?;
                     labels.insert(k, v);
                 }
-                "--address" => address = Some(value()?),
-                "--resync-seconds" => resync = seconds(&flag, value()?)?,
-                "--stop-grace-seconds" => stop_grace = seconds(&flag, value()?)?,
-                "--metrics-addr" => {
-                    let v = value()?;
-                    metrics_addr =
-                        v.parse().map_err(|_| Error::Config(format!("--metrics-addr {v:?} is not HOST:PORT")))?;
-                }
-                "--work-dir" => work_dir = PathBuf::from(value()?),
-                other => return Err(Error::Config(format!("unknown flag {other}\n\n{USAGE}"))),
+                "--address" => address = Some(flags.value(&flag).map_err(Error::Config)?),
+                "--resync-seconds" => resync = flags.seconds(&flag).map_err(Error::Config)?,
+                "--stop-grace-seconds" => stop_grace = flags.seconds(&flag).map_err(Error::Config)?,
+                "--metrics-addr" => metrics_addr = flags.address(&flag).map_err(Error::Config)?,
+                "--work-dir" => work_dir = PathBuf::from(flags.value(&flag).map_err(Error::Config)?),
+                _ => return Err(Error::Config(flags.unknown(&flag))),
             }
         }
         let node_name = node_name

@@ -3,13 +3,10 @@
 use std::process::ExitCode;
 
 use covi_agent::config::Config;
-use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .init();
+    covi_daemon::init_logging();
     let config = match Config::parse(std::env::args().skip(1), |k| std::env::var(k).ok()) {
         Ok(c) => c,
         Err(e) => {

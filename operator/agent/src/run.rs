@@ -6,7 +6,6 @@ use std::sync::{Arc, Mutex};
 use covi_api::{HostPool, VirtualServer};
 use futures::StreamExt;
 use kube::api::Api;
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
@@ -20,24 +19,14 @@ use crate::libvirt::Hypervisor;
 use crate::reconcile::{Context, error_policy, reconcile};
 
 pub async fn client(config: &Config) -> Result<Client> {
-    let kube_config = match &config.kubeconfig {
-        Some(path) => {
-            let kc = Kubeconfig::read_from(path)
-                .map_err(|e| Error::Config(format!("reading kubeconfig {}: {e}", path.display())))?;
-            kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-                .await
-                .map_err(|e| Error::Config(format!("kubeconfig {}: {e}", path.display())))?
-        }
-        None => kube::Config::infer().await.map_err(|e| Error::Config(format!("no Kubernetes configuration: {e}")))?,
-    };
-    Ok(Client::try_from(kube_config)?)
+    covi_daemon::kube_client(config.kubeconfig.as_deref()).await.map_err(Error::Config)
 }
 
 pub async fn run(config: Config) -> Result<()> {
-    let mut registry = covi_metrics::prometheus_client::registry::Registry::default();
+    let mut registry = covi_daemon::prometheus_client::registry::Registry::default();
     let metrics = crate::metrics::Metrics::new(&mut registry);
-    let health = covi_metrics::Health::default();
-    let bound = covi_metrics::serve(config.metrics_addr, registry, health.clone())
+    let health = covi_daemon::Health::default();
+    let bound = covi_daemon::serve(config.metrics_addr, registry, health.clone())
         .await
         .map_err(|e| Error::Config(format!("serving metrics on {}: {e}", config.metrics_addr)))?;
     tracing::info!(%bound, "metrics endpoint");

@@ -4,6 +4,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use covi_daemon::flags::Flags;
+
 use crate::error::{Error, Result};
 
 pub const USAGE: &str = "usage: covi-operator [options]
@@ -33,40 +35,16 @@ impl Config {
         let mut leader_lease = Duration::from_secs(15);
         let mut resync = Duration::from_secs(10);
         let mut metrics_addr: SocketAddr = "0.0.0.0:9465".parse().expect("valid default");
-        let mut args = args.into_iter();
-        let seconds = |flag: &str, v: String| -> Result<Duration> {
-            v.parse::<u64>()
-                .ok()
-                .filter(|s| *s > 0)
-                .map(Duration::from_secs)
-                .ok_or_else(|| Error::Config(format!("{flag} {v:?} is not a positive number")))
-        };
-        while let Some(flag) = args.next() {
-            let (flag, inline) = match flag.split_once('=') {
-                Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-                _ => (flag, None),
-            };
-            if flag == "-h" || flag == "--help" {
-                return Err(Error::Config(USAGE.into()));
-            }
-            let mut value = || {
-                inline
-                    .clone()
-                    .or_else(|| args.next())
-                    .ok_or_else(|| Error::Config(format!("{flag} needs a value\n\n{USAGE}")))
-            };
-            match flag.as_str() {
-                "--kubeconfig" => kubeconfig = Some(PathBuf::from(value()?)),
-                "--namespace" => namespace = value()?,
-                "--identity" => identity = value()?,
-                "--leader-lease-seconds" => leader_lease = seconds(&flag, value()?)?,
-                "--resync-seconds" => resync = seconds(&flag, value()?)?,
-                "--metrics-addr" => {
-                    let v = value()?;
-                    metrics_addr =
-                        v.parse().map_err(|_| Error::Config(format!("--metrics-addr {v:?} is not HOST:PORT")))?;
-                }
-                other => return Err(Error::Config(format!("unknown flag {other}\n\n{USAGE}"))),
+        let mut flags = Flags::new(args, USAGE);
+        while let Some(flag) = flags.next_flag().map_err(Error::Config)? {
+            match flag.name.as_str() {
+                "--kubeconfig" => kubeconfig = Some(PathBuf::from(flags.value(&flag).map_err(Error::Config)?)),
+                "--namespace" => namespace = flags.value(&flag).map_err(Error::Config)?,
+                "--identity" => identity = flags.value(&flag).map_err(Error::Config)?,
+                "--leader-lease-seconds" => leader_lease = flags.seconds(&flag).map_err(Error::Config)?,
+                "--resync-seconds" => resync = flags.seconds(&flag).map_err(Error::Config)?,
+                "--metrics-addr" => metrics_addr = flags.address(&flag).map_err(Error::Config)?,
+                _ => return Err(Error::Config(flags.unknown(&flag))),
             }
         }
         Ok(Config { kubeconfig, namespace, identity, leader_lease, resync, metrics_addr })

@@ -4,13 +4,10 @@ use std::process::ExitCode;
 
 use covi_operator::config::Config;
 use covi_operator::{leader, metrics::Metrics, run};
-use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .init();
+    covi_daemon::init_logging();
     let config = match Config::parse(std::env::args().skip(1), |k| std::env::var(k).ok()) {
         Ok(c) => c,
         Err(e) => {
@@ -30,8 +27,8 @@ async fn main() -> ExitCode {
 async fn operate(config: Config) -> covi_operator::error::Result<()> {
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Metrics::new(&mut registry);
-    let health = covi_metrics::Health::default();
-    covi_metrics::serve(config.metrics_addr, registry, health.clone())
+    let health = covi_daemon::Health::default();
+    covi_daemon::serve(config.metrics_addr, registry, health.clone())
         .await
         .map_err(|e| covi_operator::error::Error::Config(format!("serving metrics on {}: {e}", config.metrics_addr)))?;
     let client = run::client(&config).await?;

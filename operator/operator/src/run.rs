@@ -13,7 +13,6 @@ use covi_api::{Host, HostPool, VirtualServer};
 use futures::StreamExt;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store, reflector};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -32,17 +31,7 @@ pub const MANAGER: &str = "covi-operator";
 pub const FINALIZER: &str = "covi.io/domain";
 
 pub async fn client(config: &Config) -> Result<Client> {
-    let kube_config = match &config.kubeconfig {
-        Some(path) => {
-            let kc = Kubeconfig::read_from(path)
-                .map_err(|e| Error::Config(format!("reading kubeconfig {}: {e}", path.display())))?;
-            kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-                .await
-                .map_err(|e| Error::Config(format!("kubeconfig {}: {e}", path.display())))?
-        }
-        None => kube::Config::infer().await.map_err(|e| Error::Config(format!("no Kubernetes configuration: {e}")))?,
-    };
-    Ok(Client::try_from(kube_config)?)
+    covi_daemon::kube_client(config.kubeconfig.as_deref()).await.map_err(Error::Config)
 }
 
 /// Watches `api` into a store and pokes `changed` on every event.

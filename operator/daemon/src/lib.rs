@@ -1,0 +1,36 @@
+//! What both covi daemons (covi-operator and covi-agent) need around their own work:
+//! reading flags, a Kubernetes client, logging, and the /metrics and /healthz endpoint.
+
+pub mod endpoint;
+pub mod flags;
+
+pub use endpoint::{Health, serve};
+pub use prometheus_client;
+
+use std::path::Path;
+
+use kube::Client;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+/// Logs to stderr at the level RUST_LOG sets (default info).
+pub fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .init();
+}
+
+/// A client from `kubeconfig` when given, else from KUBECONFIG or the in-cluster
+/// service account. Errors say which source failed.
+pub async fn kube_client(kubeconfig: Option<&Path>) -> Result<Client, String> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = Kubeconfig::read_from(path).map_err(|e| format!("reading kubeconfig {}: {e}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?
+        }
+        None => kube::Config::infer().await.map_err(|e| format!("no Kubernetes configuration: {e}"))?,
+    };
+    Client::try_from(config).map_err(|e| format!("Kubernetes client: {e}"))
+}
