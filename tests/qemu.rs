@@ -84,6 +84,7 @@ async fn setup(id: &str) -> (Client, Fleet, String, Api<VirtualServer>, Connect)
     fleet.start_agent_uri(1, &uri, &["--stop-grace-seconds", "3"]);
     fleet.start_operator();
     fleet.wait_ready_hosts(&client, 1).await;
+    fleet.wait_pool_ready(&client, &pool, 1).await;
     let ns = namespace(&client, id).await;
     (client.clone(), fleet, pool, Api::namespaced(client, &ns), conn)
 }

@@ -67,6 +67,7 @@ async fn setup(id: &str, hosts: &[(u32, u64)]) -> (Client, Fleet, String, String
     }
     fleet.start_operator();
     fleet.wait_ready_hosts(&client, hosts.len()).await;
+    fleet.wait_pool_ready(&client, &pool, hosts.len() as u32).await;
     let ns = namespace(&client, id).await;
     let api = Api::namespaced(client.clone(), &ns);
     (client, fleet, pool, ns, api)
@@ -191,7 +192,7 @@ async fn too_large_a_server_waits_with_a_reason_and_binds_when_a_host_joins() {
         .await;
     let s = fleet
         .wait_server(&api, "big", "to be Pending with a reason", DEADLINE, |s| {
-            condition(s, "Scheduled").is_some_and(|c| c.status == "False")
+            condition(s, "Scheduled").is_some_and(|c| c.status == "False" && c.reason == "InsufficientCPU")
         })
         .await;
     assert_eq!(phase(&s), Some(VirtualServerPhase::Pending));

@@ -256,6 +256,21 @@ impl Fleet {
 }
 
 impl Fleet {
+    /// Waits until the operator counts `count` ready hosts in `pool` (agent Ready and
+    /// its Lease seen renewing), so scheduling decisions are final.
+    pub async fn wait_pool_ready(&self, client: &Client, pool: &str, count: u32) {
+        let api: Api<covi_api::HostPool> = Api::all(client.clone());
+        let found = crate::poll(Duration::from_secs(30), || async {
+            let p = api.get(pool).await.ok()?;
+            (p.status?.ready_hosts >= count).then_some(())
+        })
+        .await;
+        if found.is_none() {
+            let op = self.operator.as_ref().map(|o| o.log_tail()).unwrap_or_default();
+            panic!("timed out waiting for pool {pool} to count {count} ready hosts\n{op}");
+        }
+    }
+
     /// Waits until server `name` passes `check`; on timeout the panic shows the
     /// server's status and the tails of the fleet's logs.
     pub async fn wait_server<F>(

@@ -22,51 +22,72 @@ pub const MANAGER: &str = "covi-agent";
 /// Renewal period when the host's pool does not say.
 pub const DEFAULT_RENEW: Duration = Duration::from_secs(2);
 
-/// Creates or updates this host's Host object: labels from the agent's flags, status
-/// from libvirt's facts. The spec (cordon, maintenance) is the administrator's.
-pub async fn register(
-    client: &Client,
-    node: &str,
-    labels: &BTreeMap<String, String>,
-    address: Option<&str>,
-    facts: &HostFacts,
-    conditions: &mut Vec<Condition>,
-) -> Result<()> {
-    let api: Api<Host> = Api::all(client.clone());
-    let host = json!({
-        "apiVersion": "covi.io/v1alpha1", "kind": "Host",
-        "metadata": {"name": node, "labels": labels},
-        "spec": {}
-    });
-    let params = PatchParams::apply(MANAGER).force();
-    api.patch(node, &params, &Patch::Apply(&host)).await?;
-    set_condition(
-        conditions,
-        "Ready",
-        ConditionStatus::True,
-        "AgentReady",
-        format!(
+/// Writes this host's Host object: labels from the agent's flags, status from
+/// libvirt's facts and the agent's conditions. The spec (cordon, maintenance) is the
+/// administrator's.
+pub struct HostReporter {
+    pub client: Client,
+    pub node: String,
+    pub labels: BTreeMap<String, String>,
+    pub address: Option<String>,
+    conditions: tokio::sync::Mutex<Vec<Condition>>,
+}
+
+impl HostReporter {
+    pub fn new(client: Client, node: String, labels: BTreeMap<String, String>, address: Option<String>) -> Self {
+        HostReporter { client, node, labels, address, conditions: Default::default() }
+    }
+
+    /// Creates or updates the Host; `Ready=True` since the agent reaches both libvirt
+    /// and the API. `fenced`, when given, records a self-fencing in the Fenced condition.
+    pub async fn report(&self, facts: &HostFacts, fenced: Option<String>) -> Result<()> {
+        let api: Api<Host> = Api::all(self.client.clone());
+        let node = self.node.as_str();
+        let params = PatchParams::apply(MANAGER).force();
+        let host = json!({
+            "apiVersion": "covi.io/v1alpha1", "kind": "Host",
+            "metadata": {"name": node, "labels": self.labels},
+            "spec": {}
+        });
+        api.patch(node, &params, &Patch::Apply(&host)).await?;
+        let mut conditions = self.conditions.lock().await;
+        let now = Timestamp::now();
+        let message = format!(
             "covi-agent reaches {} {} through libvirt {}",
             facts.driver, facts.hypervisor_version, facts.libvirt_version
-        ),
-        None,
-        Timestamp::now(),
-    );
-    let status = json!({
-        "apiVersion": "covi.io/v1alpha1", "kind": "Host",
-        "status": {
-            "hypervisor": {"type": facts.driver, "version": facts.hypervisor_version},
-            "libvirtVersion": facts.libvirt_version,
-            "address": address,
-            "capacity": {
-                "cpus": facts.cpus,
-                "memory": format!("{}Mi", facts.memory_kib / 1024),
-            },
-            "conditions": conditions,
-        }
-    });
-    api.patch_status(node, &params, &Patch::Apply(&status)).await?;
-    Ok(())
+        );
+        set_condition(&mut conditions, "Ready", ConditionStatus::True, "AgentReady", message, None, now);
+        match fenced {
+            Some(message) => {
+                set_condition(&mut conditions, "Fenced", ConditionStatus::True, "SelfFenced", message, None, now)
+            }
+            None if conditions.iter().any(|c| c.type_ == "Fenced") => set_condition(
+                &mut conditions,
+                "Fenced",
+                ConditionStatus::False,
+                "Recovered",
+                "the host renews its lease again; domains bound elsewhere were removed",
+                None,
+                now,
+            ),
+            None => false,
+        };
+        let status = json!({
+            "apiVersion": "covi.io/v1alpha1", "kind": "Host",
+            "status": {
+                "hypervisor": {"type": facts.driver, "version": facts.hypervisor_version},
+                "libvirtVersion": facts.libvirt_version,
+                "address": self.address,
+                "capacity": {
+                    "cpus": facts.cpus,
+                    "memory": format!("{}Mi", facts.memory_kib / 1024),
+                },
+                "conditions": *conditions,
+            }
+        });
+        api.patch_status(node, &params, &Patch::Apply(&status)).await?;
+        Ok(())
+    }
 }
 
 /// The pool whose nodeSelector matches these labels (the first by name, if several do).
@@ -78,28 +99,48 @@ pub fn pool_of<'a>(pools: &'a [std::sync::Arc<HostPool>], labels: &BTreeMap<Stri
         .map(|p| p.as_ref())
 }
 
-/// Renews the host's Lease for ever; a failed renewal is logged and retried at the
-/// next tick (self-fencing watches the time since the last success).
-pub async fn renew_lease(
-    client: Client,
-    namespace: String,
-    node: String,
-    labels: BTreeMap<String, String>,
-    pools: Store<HostPool>,
-    renewed: tokio::sync::watch::Sender<Option<std::time::Instant>>,
-) {
-    let api: Api<Lease> = Api::namespaced(client, &namespace);
-    loop {
-        let failover = pool_of(&pools.state(), &labels).map(|p| p.spec.failover.clone()).unwrap_or_default();
-        let renew = Duration::from_secs(failover.renew_seconds.into());
-        let started = std::time::Instant::now();
-        match renew_once(&api, &node, failover.lease_duration_seconds).await {
-            Ok(()) => {
-                let _ = renewed.send(Some(started));
-            }
-            Err(e) => tracing::warn!(error = %e, "renewing the host lease failed"),
+/// Renews the host's Lease for ever. Each success moves the fencing clock; a success
+/// after the host fenced itself wakes `recovered`. A renewal that hangs (a partition)
+/// is abandoned after one period, so the clock is never fed by a late answer.
+pub struct LeaseRenewer {
+    pub api: Api<Lease>,
+    pub node: String,
+    pub labels: BTreeMap<String, String>,
+    pub pools: Store<HostPool>,
+    pub fence: std::sync::Arc<crate::fence::Fence>,
+    pub recovered: std::sync::Arc<tokio::sync::Notify>,
+    pub metrics: crate::metrics::Metrics,
+}
+
+impl LeaseRenewer {
+    pub async fn run(self) {
+        loop {
+            let failover =
+                pool_of(&self.pools.state(), &self.labels).map(|p| p.spec.failover.clone()).unwrap_or_default();
+            let renew = Duration::from_secs(failover.renew_seconds.into());
+            self.fence.set_fence_after(Duration::from_secs(failover.fence_after_seconds.into()));
+            let started = std::time::Instant::now();
+            let attempt = renew_once(&self.api, &self.node, failover.lease_duration_seconds);
+            let result = match tokio::time::timeout(renew, attempt).await {
+                Ok(result) => result,
+                Err(_) => Err(crate::error::Error::Config(format!("no answer within {renew:?}"))),
+            };
+            let label = match &result {
+                Ok(()) => {
+                    self.fence.renewed(started);
+                    if self.fence.is_fenced() {
+                        self.recovered.notify_one();
+                    }
+                    "ok"
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, since = ?self.fence.since_renewal(), "renewing the host lease failed");
+                    "failed"
+                }
+            };
+            self.metrics.lease_renewals.get_or_create(&crate::metrics::ResultLabel { result: label.into() }).inc();
+            tokio::time::sleep(renew.saturating_sub(started.elapsed())).await;
         }
-        tokio::time::sleep(renew).await;
     }
 }
 

@@ -5,6 +5,7 @@ pub mod config;
 pub mod converge;
 pub mod domain_xml;
 pub mod error;
+pub mod fence;
 pub mod host;
 pub mod libvirt;
 pub mod metrics;

@@ -42,6 +42,7 @@ pub struct Context {
     /// When a graceful stop was asked of each server, by UID.
     pub stops: Mutex<HashMap<String, Instant>>,
     pub metrics: crate::metrics::Metrics,
+    pub fence: Arc<crate::fence::Fence>,
 }
 
 /// The outcome of applying a plan, for the status.
@@ -128,6 +129,11 @@ async fn apply(server: &VirtualServer, mut plan: ServerPlan, ctx: &Context) -> R
                 .await;
             }
             Step::Start => {
+                // A host that lost its lease, or fenced and has not yet cleaned up, starts nothing.
+                if !ctx.fence.may_start() {
+                    requeue = Duration::from_secs(1);
+                    continue;
+                }
                 if let Err(message) = hv.start(&uid).await? {
                     publish(ctx, server, EventType::Warning, "StartFailed", message.clone()).await;
                     return Ok((Outcome::failed(Failure::new("StartFailed", message)), ctx.resync));

@@ -2,6 +2,9 @@
 //! the server controller with lifecycle events and a periodic resync as triggers.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use covi_api::host_pool::Failover;
 
 use covi_api::{HostPool, VirtualServer};
 use futures::StreamExt;
@@ -15,6 +18,8 @@ use tokio_stream::wrappers::{IntervalStream, UnboundedReceiverStream};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::fence::Fence;
+use crate::host::HostReporter;
 use crate::libvirt::Hypervisor;
 use crate::reconcile::{Context, error_policy, reconcile};
 
@@ -23,14 +28,6 @@ pub async fn client(config: &Config) -> Result<Client> {
 }
 
 pub async fn run(config: Config) -> Result<()> {
-    let mut registry = covi_daemon::prometheus_client::registry::Registry::default();
-    let metrics = crate::metrics::Metrics::new(&mut registry);
-    let health = covi_daemon::Health::default();
-    let bound = covi_daemon::serve(config.metrics_addr, registry, health.clone())
-        .await
-        .map_err(|e| Error::Config(format!("serving metrics on {}: {e}", config.metrics_addr)))?;
-    tracing::info!(%bound, "metrics endpoint");
-
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
     let hypervisor = Hypervisor::open(&config.libvirt_uri, events_tx).await?;
     let facts = hypervisor.facts().await?;
@@ -39,35 +36,47 @@ pub async fn run(config: Config) -> Result<()> {
         .await
         .map_err(|e| Error::Config(format!("creating --work-dir {}: {e}", config.work_dir.display())))?;
 
-    let client = client(&config).await?;
-    let mut host_conditions = Vec::new();
-    crate::host::register(
-        &client,
-        &config.node_name,
-        &config.labels,
-        config.address.as_deref(),
-        &facts,
-        &mut host_conditions,
-    )
-    .await?;
+    let fence = Arc::new(Fence::new(Failover::default_fence_after()));
+    watchdog(hypervisor.clone(), fence.clone());
 
-    // Pools: every agent needs its pool's images, storage and network.
+    let mut registry = covi_daemon::prometheus_client::registry::Registry::default();
+    let metrics = crate::metrics::Metrics::new(&mut registry);
+    let health = covi_daemon::Health::default();
+    let bound =
+        covi_daemon::serve(config.metrics_addr, registry, health.clone(), Some(domain_route(&hypervisor, &fence)))
+            .await
+            .map_err(|e| Error::Config(format!("serving metrics on {}: {e}", config.metrics_addr)))?;
+    tracing::info!(%bound, "metrics endpoint");
+
+    let client = client(&config).await?;
+    let reporter = Arc::new(HostReporter::new(
+        client.clone(),
+        config.node_name.clone(),
+        config.labels.clone(),
+        config.address.clone(),
+    ));
+    reporter.report(&facts, None).await?;
+
+    // Pools: every agent needs its pool's images, storage, network and timings.
     let (pools, pool_writer) = reflector::store::<HostPool>();
     let pool_watch = reflector(pool_writer, watcher(Api::<HostPool>::all(client.clone()), watcher::Config::default()))
+        .default_backoff()
         .applied_objects()
         .for_each(|_| futures::future::ready(()));
     tokio::spawn(pool_watch);
     pools.wait_until_ready().await.map_err(|e| Error::Config(format!("watching HostPools: {e}")))?;
 
-    let (renewed_tx, _renewed_rx) = tokio::sync::watch::channel(None);
-    tokio::spawn(crate::host::renew_lease(
-        client.clone(),
-        config.namespace.clone(),
-        config.node_name.clone(),
-        config.labels.clone(),
-        pools.clone(),
-        renewed_tx,
-    ));
+    let recovered = Arc::new(tokio::sync::Notify::new());
+    let renewer = crate::host::LeaseRenewer {
+        api: Api::namespaced(client.clone(), &config.namespace),
+        node: config.node_name.clone(),
+        labels: config.labels.clone(),
+        pools: pools.clone(),
+        fence: fence.clone(),
+        recovered: recovered.clone(),
+        metrics: metrics.clone(),
+    };
+    tokio::spawn(renewer.run());
 
     let servers_api: Api<VirtualServer> = Api::all(client.clone());
     let selector = format!("status.host={}", config.node_name);
@@ -82,45 +91,17 @@ pub async fn run(config: Config) -> Result<()> {
     });
     let ticks = IntervalStream::new(tokio::time::interval(config.resync)).map(|_| ());
 
-    // Resync of the host itself: facts, orphans.
-    {
-        let (client, node, hv, servers, pools, resync) = (
-            client.clone(),
-            config.node_name.clone(),
-            hypervisor.clone(),
-            servers.clone(),
-            pools.clone(),
-            config.resync,
-        );
-        let (labels, address, metrics) = (config.labels.clone(), config.address.clone(), metrics.clone());
-        tokio::spawn(async move {
-            let mut conditions = host_conditions;
-            let mut interval = tokio::time::interval(resync);
-            loop {
-                interval.tick().await;
-                // No need to wait for the server cache: a domain it does not know is
-                // judged by reading its server from the API.
-                match crate::sweep::sweep(&client, &node, &hv, &servers, &pools).await {
-                    Ok(n) if n > 0 => tracing::info!(removed = n, "swept domains no server claims"),
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "sweeping orphaned domains failed"),
-                }
-                match hv.observe().await {
-                    Ok(domains) => {
-                        metrics.domains.set(domains.len() as i64);
-                    }
-                    Err(e) => tracing::warn!(error = %e, "listing domains failed"),
-                }
-                if let Ok(facts) = hv.facts().await
-                    && let Err(e) =
-                        crate::host::register(&client, &node, &labels, address.as_deref(), &facts, &mut conditions)
-                            .await
-                {
-                    tracing::warn!(error = %e, "updating the Host failed");
-                }
-            }
-        });
-    }
+    let host = HostLoop {
+        client: client.clone(),
+        node: config.node_name.clone(),
+        hypervisor: hypervisor.clone(),
+        servers: servers.clone(),
+        pools: pools.clone(),
+        reporter,
+        fence: fence.clone(),
+        metrics: metrics.clone(),
+    };
+    tokio::spawn(host.run(config.resync, recovered));
 
     let reporter = Reporter { controller: "covi-agent".into(), instance: Some(config.node_name.clone()) };
     let ctx = Arc::new(Context {
@@ -135,6 +116,7 @@ pub async fn run(config: Config) -> Result<()> {
         stop_grace: config.stop_grace,
         stops: Mutex::new(Default::default()),
         metrics,
+        fence,
     });
     health.set(true);
     controller
@@ -144,10 +126,139 @@ pub async fn run(config: Config) -> Result<()> {
         .run(reconcile, error_policy, ctx)
         .for_each(|result| {
             if let Err(e) = result {
-                tracing::warn!(error = %e, "controller event");
+                tracing::debug!(error = %e, "controller event");
             }
             futures::future::ready(())
         })
         .await;
     Ok(())
+}
+
+/// The fencing watchdog: a plain thread, so a stalled async runtime cannot delay it.
+fn watchdog(hypervisor: Hypervisor, fence: Arc<Fence>) {
+    std::thread::Builder::new()
+        .name("fence-watchdog".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(Duration::from_millis(100));
+                fence_if_due(&hypervisor, &fence);
+            }
+        })
+        .expect("spawning the fencing watchdog");
+}
+
+/// Fences now if the host is overdue; safe to call from any thread, any number of times.
+fn fence_if_due(hypervisor: &Hypervisor, fence: &Fence) {
+    static FENCING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = FENCING.lock().expect("fencing lock");
+    if !fence.due() {
+        return;
+    }
+    let since = fence.since_renewal();
+    match hypervisor.fence_now() {
+        Ok(n) => {
+            fence.set_fenced(true);
+            tracing::warn!(
+                destroyed = n,
+                ?since,
+                "no lease renewal within fenceAfter: fenced, every covi domain destroyed"
+            );
+        }
+        Err(e) => tracing::error!(error = %e, "fencing failed; retrying"),
+    }
+}
+
+/// `/domains`: the covi domains libvirt has on this host, as JSON. A host that is due
+/// to fence does so before answering, so nobody reads a list it must not have.
+fn domain_route(hypervisor: &Hypervisor, fence: &Arc<Fence>) -> covi_daemon::endpoint::Routes {
+    let (hypervisor, fence) = (hypervisor.clone(), fence.clone());
+    Arc::new(move |path: &str| {
+        if path != "/domains" {
+            return None;
+        }
+        let (hv, fence) = (hypervisor.clone(), fence.clone());
+        Some(Box::pin(async move {
+            let checked = {
+                let (hv, fence) = (hv.clone(), fence.clone());
+                tokio::task::spawn_blocking(move || fence_if_due(&hv, &fence)).await.is_ok()
+            };
+            let domains = if checked { hv.observe().await.unwrap_or_default() } else { Vec::new() };
+            let list: Vec<_> = domains
+                .iter()
+                .map(|d| serde_json::json!({"uuid": d.uuid, "name": d.name, "active": d.active, "server": format!("{}/{}", d.owner.namespace, d.owner.name)}))
+                .collect();
+            serde_json::json!({"fenced": fence.is_fenced(), "domains": list}).to_string()
+        }) as covi_daemon::endpoint::JsonFuture)
+    })
+}
+
+/// The host's own periodic work: recover after fencing, sweep orphans, refresh facts.
+struct HostLoop {
+    client: Client,
+    node: String,
+    hypervisor: Hypervisor,
+    servers: kube::runtime::reflector::Store<VirtualServer>,
+    pools: kube::runtime::reflector::Store<HostPool>,
+    reporter: Arc<HostReporter>,
+    fence: Arc<Fence>,
+    metrics: crate::metrics::Metrics,
+}
+
+impl HostLoop {
+    async fn run(self, resync: Duration, recovered: Arc<tokio::sync::Notify>) {
+        let mut interval = tokio::time::interval(resync);
+        loop {
+            tokio::select! {
+                _ = interval.tick() => {}
+                _ = recovered.notified() => {}
+            }
+            if self.fence.is_fenced() && self.fence.since_renewal() < self.fence.fence_after() {
+                self.recover().await;
+                continue;
+            }
+            // No need to wait for the server cache: a domain it does not know is
+            // judged by reading its server from the API.
+            match crate::sweep::sweep(&self.client, &self.node, &self.hypervisor, &self.servers, &self.pools).await {
+                Ok(n) if n > 0 => tracing::info!(removed = n, "swept domains no server claims"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "sweeping orphaned domains failed"),
+            }
+            if let Ok(domains) = self.hypervisor.observe().await {
+                self.metrics.domains.set(domains.len() as i64);
+            }
+            if let Ok(facts) = self.hypervisor.facts().await
+                && let Err(e) = self.reporter.report(&facts, None).await
+            {
+                tracing::warn!(error = %e, "updating the Host failed");
+            }
+        }
+    }
+
+    /// Back in touch after fencing: remove domains now bound elsewhere before anything
+    /// starts, record the fencing on the Host, then allow starts again.
+    async fn recover(&self) {
+        if let Err(e) =
+            crate::sweep::sweep(&self.client, &self.node, &self.hypervisor, &self.servers, &self.pools).await
+        {
+            tracing::warn!(error = %e, "sweeping after fencing failed; staying fenced");
+            return;
+        }
+        let message =
+            "the host lost contact with the API server for longer than fenceAfter and destroyed its covi domains"
+                .to_string();
+        match self.hypervisor.facts().await {
+            Ok(facts) => {
+                if let Err(e) = self.reporter.report(&facts, Some(message)).await {
+                    tracing::warn!(error = %e, "recording the fencing on the Host failed; staying fenced");
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reading host facts failed; staying fenced");
+                return;
+            }
+        }
+        self.fence.set_fenced(false);
+        tracing::info!("recovered from fencing: servers bound here may start again");
+    }
 }

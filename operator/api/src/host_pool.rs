@@ -482,3 +482,10 @@ impl HostPool {
         self.spec.images.iter().find(|i| i.name == name)
     }
 }
+
+impl Failover {
+    /// fenceAfterSeconds when no pool says otherwise.
+    pub fn default_fence_after() -> std::time::Duration {
+        std::time::Duration::from_secs(default_fence_after().into())
+    }
+}

@@ -26,9 +26,19 @@ impl Health {
     }
 }
 
-/// Binds `addr` and serves `registry` and `health` until the process ends. Returns the
-/// bound address (useful when `addr` has port 0).
-pub async fn serve(addr: SocketAddr, registry: Registry, health: Health) -> std::io::Result<SocketAddr> {
+/// A JSON body for a path, computed on request.
+pub type JsonFuture = std::pin::Pin<Box<dyn std::future::Future<Output = String> + Send>>;
+/// Extra GET routes: the path's JSON body, or `None` when the path is not theirs.
+pub type Routes = Arc<dyn Fn(&str) -> Option<JsonFuture> + Send + Sync>;
+
+/// Binds `addr` and serves `registry`, `health` and `routes` until the process ends.
+/// Returns the bound address (useful when `addr` has port 0).
+pub async fn serve(
+    addr: SocketAddr,
+    registry: Registry,
+    health: Health,
+    routes: Option<Routes>,
+) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let registry = Arc::new(registry);
@@ -37,7 +47,7 @@ pub async fn serve(addr: SocketAddr, registry: Registry, health: Health) -> std:
             let Ok((mut stream, _)) = listener.accept().await else {
                 continue;
             };
-            let (registry, health) = (registry.clone(), health.clone());
+            let (registry, health, routes) = (registry.clone(), health.clone(), routes.clone());
             tokio::spawn(async move {
                 let mut buf = [0u8; 1024];
                 let n = match stream.read(&mut buf).await {
@@ -46,7 +56,11 @@ pub async fn serve(addr: SocketAddr, registry: Registry, health: Health) -> std:
                 };
                 let request = String::from_utf8_lossy(&buf[..n]);
                 let path = request.split_whitespace().nth(1).unwrap_or("/");
-                let (status, content_type, body) = respond(path, &registry, &health);
+                let extra = routes.as_ref().and_then(|r| r(path));
+                let (status, content_type, body) = match extra {
+                    Some(body) => ("200 OK", "application/json", body.await),
+                    None => respond(path, &registry, &health),
+                };
                 let head = format!(
                     "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
                     body.len()

@@ -4,6 +4,7 @@
 pub mod address;
 pub mod config;
 pub mod error;
+pub mod health;
 pub mod leader;
 pub mod metrics;
 pub mod run;

@@ -28,7 +28,7 @@ async fn operate(config: Config) -> covi_operator::error::Result<()> {
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Metrics::new(&mut registry);
     let health = covi_daemon::Health::default();
-    covi_daemon::serve(config.metrics_addr, registry, health.clone())
+    covi_daemon::serve(config.metrics_addr, registry, health.clone(), None)
         .await
         .map_err(|e| covi_operator::error::Error::Config(format!("serving metrics on {}: {e}", config.metrics_addr)))?;
     let client = run::client(&config).await?;

@@ -8,9 +8,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use covi_api::condition::{ConditionStatus, find_condition, set_condition};
+use covi_api::virtual_server::FailoverRecord;
 use covi_api::virtual_server::VirtualServerPhase;
 use covi_api::{Host, HostPool, VirtualServer};
 use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -22,11 +25,16 @@ use tokio::sync::Notify;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::health::{Leases, Liveness, mass_failure};
 use crate::metrics::Metrics;
 use crate::scheduler::{Assumed, Decision, bound_host, host_facts, in_pool, pass, rules};
 
 /// Field manager of everything the operator writes.
 pub const MANAGER: &str = "covi-operator";
+/// Field manager of the fields the operator writes for a silent agent (a host's Ready,
+/// a lost server's phase): a manager of its own, so its applies never drop fields of
+/// the operator's other applies, and the agent's forced applies take them back.
+pub const SILENT_AGENT_MANAGER: &str = "covi-operator-for-agent";
 /// The finalizer that keeps a server until its domain and disks are gone.
 pub const FINALIZER: &str = "covi.io/domain";
 
@@ -61,6 +69,10 @@ pub struct Scheduler {
     metrics: Metrics,
     /// Bindings written but perhaps not yet in the server store, by server UID.
     assumed: HashMap<String, Assumed>,
+    /// Host Leases, in the operator's namespace.
+    host_leases: Store<Lease>,
+    /// When this operator saw each host's Lease renew.
+    leases: Leases,
 }
 
 pub async fn run_leader(client: Client, config: &Config, metrics: Metrics) -> Result<()> {
@@ -68,10 +80,13 @@ pub async fn run_leader(client: Client, config: &Config, metrics: Metrics) -> Re
     let pools = watch(Api::<HostPool>::all(client.clone()), changed.clone());
     let hosts = watch(Api::<Host>::all(client.clone()), changed.clone());
     let servers = watch(Api::<VirtualServer>::all(client.clone()), changed.clone());
+    // Renewals are not changes worth a pass; the one-second tick reads them.
+    let host_leases = watch(Api::<Lease>::namespaced(client.clone(), &config.namespace), Arc::new(Notify::new()));
     for (what, ready) in [
         ("HostPools", pools.wait_until_ready().await.is_ok()),
         ("Hosts", hosts.wait_until_ready().await.is_ok()),
         ("VirtualServers", servers.wait_until_ready().await.is_ok()),
+        ("Leases", host_leases.wait_until_ready().await.is_ok()),
     ] {
         if !ready {
             return Err(Error::Config(format!("the watch of {what} ended before it synced")));
@@ -86,6 +101,8 @@ pub async fn run_leader(client: Client, config: &Config, metrics: Metrics) -> Re
         servers,
         metrics,
         assumed: HashMap::new(),
+        host_leases,
+        leases: Leases::default(),
     };
     tracing::info!("leading: scheduling servers");
     loop {
@@ -97,9 +114,10 @@ pub async fn run_leader(client: Client, config: &Config, metrics: Metrics) -> Re
             tokio::time::sleep(Duration::from_millis(500)).await;
             continue;
         }
+        // Host liveness is judged by this clock, so passes also run every second.
         tokio::select! {
             _ = changed.notified() => {}
-            _ = tokio::time::sleep(config.resync) => {}
+            _ = tokio::time::sleep(config.resync.min(Duration::from_secs(1))) => {}
         }
         // Let a burst of watch events land, so 100 new servers bind in one pass.
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -112,13 +130,19 @@ impl Scheduler {
         let hosts = self.hosts.state();
         let pools = self.pools.state();
         self.forget_seen_bindings(&servers);
+        let liveness = self.liveness(&pools, &hosts);
+        let unready: BTreeSet<String> =
+            liveness.iter().filter(|(_, l)| **l != Liveness::Alive).map(|(h, _)| h.clone()).collect();
+        let lost: BTreeSet<String> =
+            liveness.iter().filter(|(_, l)| **l == Liveness::Lost).map(|(h, _)| h.clone()).collect();
 
         self.add_finalizers(&servers).await?;
         self.release_deleted(&servers, &hosts).await?;
 
         for pool in &pools {
             let members: Vec<_> = servers.iter().filter(|s| s.spec.host_pool == pool.name_any()).cloned().collect();
-            let decisions = pass(pool, &hosts, &members, &self.assumed);
+            let failover = pool.spec.failover.enabled && !failover_paused(pool, &hosts, &lost);
+            let decisions = pass(pool, &hosts, &members, &self.assumed, &unready, &lost, failover);
             self.apply(decisions).await;
         }
         let pool_names: BTreeSet<_> = pools.iter().map(|p| p.name_any()).collect();
@@ -132,18 +156,38 @@ impl Scheduler {
             .collect();
         self.apply(orphans).await;
 
-        self.update_host_status(&pools, &hosts, &servers).await;
-        self.update_pool_status(&pools, &hosts, &servers).await;
+        self.update_host_status(&pools, &hosts, &servers, &liveness).await;
+        self.update_pool_status(&pools, &hosts, &servers, &unready, &lost).await;
         self.metrics.count_phases(&servers, &hosts);
         Ok(())
     }
 
-    fn forget_seen_bindings(&mut self, servers: &[Arc<VirtualServer>]) {
-        let live: HashMap<String, bool> = servers
+    /// Every host's liveness by this operator's clock, with its pool's timings.
+    fn liveness(&mut self, pools: &[Arc<HostPool>], hosts: &[Arc<Host>]) -> HashMap<String, Liveness> {
+        let now = Instant::now();
+        for lease in self.host_leases.state() {
+            let renew = lease.spec.as_ref().and_then(|s| s.renew_time.as_ref()).map(|t| t.0.to_string());
+            self.leases.observe(&lease.name_any(), renew, now);
+        }
+        hosts
             .iter()
-            .filter_map(|s| Some((s.uid()?, s.status.as_ref().and_then(|st| st.host.as_ref()).is_some())))
+            .map(|h| {
+                let failover =
+                    pools.iter().find(|p| in_pool(p, h)).map(|p| p.spec.failover.clone()).unwrap_or_default();
+                let lease = Duration::from_secs(failover.lease_duration_seconds.into());
+                let grace = Duration::from_secs(failover.grace_seconds.into());
+                (h.name_any(), self.leases.liveness(&h.name_any(), now, lease, grace))
+            })
+            .collect()
+    }
+
+    /// Drops assumed bindings the store now shows (or whose server is gone).
+    fn forget_seen_bindings(&mut self, servers: &[Arc<VirtualServer>]) {
+        let hosts: HashMap<String, Option<&str>> = servers
+            .iter()
+            .filter_map(|s| Some((s.uid()?, s.status.as_ref().and_then(|st| st.host.as_deref()))))
             .collect();
-        self.assumed.retain(|uid, _| live.get(uid) == Some(&false));
+        self.assumed.retain(|uid, a| matches!(hosts.get(uid), Some(h) if *h != Some(a.host.as_str())));
     }
 
     async fn add_finalizers(&self, servers: &[Arc<VirtualServer>]) -> Result<()> {
@@ -217,14 +261,18 @@ impl Scheduler {
         let generation = server.meta().generation;
         let mut conditions = status.conditions.clone();
         let now = Timestamp::now();
+        if let Decision::HostLost { host } = decision {
+            return self.write_host_lost(server, host).await;
+        }
         let (phase, scheduled, reason, message) = match decision {
-            Decision::Bind { host, address, .. } => (
+            Decision::Bind { host, address, failover_from, .. } => (
                 VirtualServerPhase::Scheduled,
                 ConditionStatus::True,
-                "Bound",
-                match address {
-                    Some(a) => format!("bound to host {host} with address {a}"),
-                    None => format!("bound to host {host}"),
+                if failover_from.is_some() { "FailedOver" } else { "Bound" },
+                match (failover_from, address) {
+                    (Some(from), _) => format!("restarted on host {host} after host {from} was lost"),
+                    (None, Some(a)) => format!("bound to host {host} with address {a}"),
+                    (None, None) => format!("bound to host {host}"),
                 },
             ),
             Decision::Pending { reason, message } => {
@@ -233,6 +281,7 @@ impl Scheduler {
             Decision::Invalid { reason, message } => {
                 (VirtualServerPhase::Failed, ConditionStatus::False, *reason, message.clone())
             }
+            Decision::HostLost { .. } => unreachable!("handled above"),
         };
         let changed = set_condition(&mut conditions, "Scheduled", scheduled, reason, message.clone(), generation, now);
         let unchanged = !changed && status.phase == Some(phase) && status.observed_generation == generation;
@@ -245,19 +294,42 @@ impl Scheduler {
             "phase": phase,
             "conditions": scheduled,
         });
-        if let Decision::Bind { host, address, cpus, memory } = decision {
-            body["host"] = json!(host);
-            body["cpus"] = json!(cpus);
-            body["memory"] = json!(memory);
-            if let Some(a) = address {
-                body["address"] = json!(a.to_string());
+        match decision {
+            Decision::Bind { host, address, cpus, memory, failover_from } => {
+                body["host"] = json!(host);
+                body["cpus"] = json!(cpus);
+                body["memory"] = json!(memory);
+                if let Some(a) = address {
+                    body["address"] = json!(a.to_string());
+                }
+                if let Some(from) = failover_from {
+                    let mut failovers = status.failovers.clone();
+                    failovers.push(FailoverRecord {
+                        from: from.clone(),
+                        to: host.clone(),
+                        at: Time(now),
+                        reason: "HostLost".into(),
+                    });
+                    body["failovers"] = json!(failovers);
+                }
+            }
+            // A server waiting for room elsewhere keeps its address (and its record).
+            _ => {
+                if let Some(a) = &status.address {
+                    body["address"] = json!(a);
+                }
+                if !status.failovers.is_empty() {
+                    body["failovers"] = json!(status.failovers);
+                }
             }
         }
         let patch = json!({"apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer", "status": body});
         let api: Api<VirtualServer> = Api::namespaced(self.client.clone(), &server.namespace().unwrap_or_default());
         api.patch_status(&server.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
         let (type_, event_reason) = match decision {
+            Decision::Bind { failover_from: Some(_), .. } => (EventType::Warning, "FailedOver"),
             Decision::Bind { .. } => (EventType::Normal, "Scheduled"),
+            Decision::HostLost { .. } => (EventType::Warning, "HostLost"),
             Decision::Pending { .. } => (EventType::Warning, "FailedScheduling"),
             Decision::Invalid { .. } => (EventType::Warning, reason),
         };
@@ -274,7 +346,49 @@ impl Scheduler {
         Ok(())
     }
 
-    async fn update_host_status(&self, pools: &[Arc<HostPool>], hosts: &[Arc<Host>], servers: &[Arc<VirtualServer>]) {
+    /// A server that is not highly available stays on its lost host, Failed: it runs
+    /// again if the host comes back.
+    async fn write_host_lost(&self, server: &VirtualServer, host: &str) -> Result<()> {
+        let status = server.status.clone().unwrap_or_default();
+        let mut conditions = status.conditions.clone();
+        let message =
+            format!("host {host} was lost and the server is not highly available; it runs again if the host returns");
+        set_condition(
+            &mut conditions,
+            "Ready",
+            ConditionStatus::False,
+            "HostLost",
+            message.clone(),
+            server.meta().generation,
+            Timestamp::now(),
+        );
+        let ready: Vec<_> = conditions.into_iter().filter(|c| c.type_ == "Ready").collect();
+        let patch = json!({"apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer", "status": {
+            "phase": VirtualServerPhase::Failed, "conditions": ready,
+        }});
+        let api: Api<VirtualServer> = Api::namespaced(self.client.clone(), &server.namespace().unwrap_or_default());
+        api.patch_status(&server.name_any(), &PatchParams::apply(SILENT_AGENT_MANAGER).force(), &Patch::Apply(&patch))
+            .await?;
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "HostLost".into(),
+            note: Some(message),
+            action: "Failover".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &server.object_ref(&())).await {
+            tracing::warn!(error = %e, "publishing an event failed");
+        }
+        Ok(())
+    }
+
+    async fn update_host_status(
+        &self,
+        pools: &[Arc<HostPool>],
+        hosts: &[Arc<Host>],
+        servers: &[Arc<VirtualServer>],
+        liveness: &HashMap<String, Liveness>,
+    ) {
         for host in hosts {
             let pool = pools.iter().find(|p| in_pool(p, host));
             let name = host.name_any();
@@ -286,27 +400,67 @@ impl Scheduler {
             };
             let status = host.status.clone().unwrap_or_default();
             let pool_name = pool.map(|p| p.name_any());
-            if status.pool == pool_name
+            let mut conditions = status.conditions.clone();
+            let transition = liveness_conditions(
+                &mut conditions,
+                liveness.get(&name).copied().unwrap_or(Liveness::Unknown),
+                &self.leases,
+                &name,
+            );
+            if transition.is_none()
+                && status.pool == pool_name
                 && status.servers == on_host.len() as u32
                 && status.cpu_allocation == cpu
                 && status.memory_allocation == memory
             {
                 continue;
             }
+            let mine: Vec<_> = conditions.iter().filter(|c| c.type_ == "Lost").collect();
             let patch = json!({"apiVersion": "covi.io/v1alpha1", "kind": "Host", "status": {
                 "pool": pool_name, "servers": on_host.len(), "cpuAllocation": cpu, "memoryAllocation": memory,
+                "conditions": mine,
             }});
             let api: Api<Host> = Api::all(self.client.clone());
             if let Err(e) = api.patch_status(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await {
                 tracing::warn!(host = %name, error = %e, "updating host status failed");
+                continue;
+            }
+            if let Some((type_, reason, message)) = transition {
+                // Ready is the agent's condition; the operator speaks for a silent agent.
+                let ready: Vec<_> = conditions.iter().filter(|c| c.type_ == "Ready").collect();
+                let patch = json!({"apiVersion": "covi.io/v1alpha1", "kind": "Host", "status": {"conditions": ready}});
+                if let Err(e) = api
+                    .patch_status(&name, &PatchParams::apply(SILENT_AGENT_MANAGER).force(), &Patch::Apply(&patch))
+                    .await
+                {
+                    tracing::warn!(host = %name, error = %e, "updating host readiness failed");
+                }
+                let event = Event {
+                    type_,
+                    reason: reason.into(),
+                    note: Some(message),
+                    action: "Heartbeat".into(),
+                    secondary: None,
+                };
+                if let Err(e) = self.recorder.publish(&event, &host.object_ref(&())).await {
+                    tracing::warn!(error = %e, "publishing an event failed");
+                }
             }
         }
     }
 
-    async fn update_pool_status(&self, pools: &[Arc<HostPool>], hosts: &[Arc<Host>], servers: &[Arc<VirtualServer>]) {
+    async fn update_pool_status(
+        &self,
+        pools: &[Arc<HostPool>],
+        hosts: &[Arc<Host>],
+        servers: &[Arc<VirtualServer>],
+        unready: &BTreeSet<String>,
+        lost: &BTreeSet<String>,
+    ) {
         for pool in pools {
             let members: Vec<_> = hosts.iter().filter(|h| in_pool(pool, h)).cloned().collect();
-            let ready = members.iter().filter(|h| host_facts(h).ready).count() as u32;
+            let ready =
+                members.iter().filter(|h| host_facts(h).ready && !unready.contains(&h.name_any())).count() as u32;
             let names: BTreeSet<_> = members.iter().map(|h| h.name_any()).collect();
             let on_pool: Vec<_> = servers
                 .iter()
@@ -326,7 +480,32 @@ impl Scheduler {
                 (ConditionStatus::False, "NoReadyHost", format!("none of the pool's {} hosts is ready", members.len()))
             };
             let generation = pool.meta().generation;
-            let changed = set_condition(&mut conditions, "Ready", ok, reason, message, generation, Timestamp::now());
+            let mut changed =
+                set_condition(&mut conditions, "Ready", ok, reason, message, generation, Timestamp::now());
+            let lost_here = members.iter().filter(|h| lost.contains(&h.name_any())).count();
+            let paused = failover_paused(pool, hosts, lost);
+            let (status_, reason, message) = if paused {
+                (
+                    ConditionStatus::True,
+                    "MassFailure",
+                    format!(
+                        "{lost_here} of {} hosts are lost at once, more than {}%: failover waits (the operator itself may be cut off)",
+                        members.len(),
+                        pool.spec.failover.max_lost_percent
+                    ),
+                )
+            } else {
+                (ConditionStatus::False, "WithinLimits", format!("{lost_here} of {} hosts are lost", members.len()))
+            };
+            changed |= set_condition(
+                &mut conditions,
+                "FailoverPaused",
+                status_,
+                reason,
+                message.clone(),
+                generation,
+                Timestamp::now(),
+            );
             if !changed
                 && status.observed_generation == generation
                 && status.ready_hosts == ready
@@ -341,7 +520,7 @@ impl Scheduler {
                 "observedGeneration": generation,
                 "readyHosts": ready, "totalHosts": members.len(), "servers": on_pool.len(),
                 "cpuAllocation": cpu, "memoryAllocation": memory,
-                "conditions": conditions.iter().filter(|c| c.type_ == "Ready").collect::<Vec<_>>(),
+                "conditions": conditions.iter().filter(|c| c.type_ == "Ready" || c.type_ == "FailoverPaused").collect::<Vec<_>>(),
             }});
             let api: Api<HostPool> = Api::all(self.client.clone());
             if let Err(e) =
@@ -377,6 +556,54 @@ fn allocation(
         Some(format!("{cpu}/{cap_cpu}")),
         Some(format!("{}/{}", covi_placement::format_mib(mem), covi_placement::format_mib(cap_mem))),
     )
+}
+
+/// Whether failover in `pool` must wait because too many of its hosts are lost at once.
+fn failover_paused(pool: &HostPool, hosts: &[Arc<Host>], lost: &BTreeSet<String>) -> bool {
+    let members: Vec<_> = hosts.iter().filter(|h| in_pool(pool, h)).collect();
+    let lost_here = members.iter().filter(|h| lost.contains(&h.name_any())).count();
+    mass_failure(lost_here, members.len(), pool.spec.failover.max_lost_percent)
+}
+
+/// Sets a host's Ready and Lost conditions from its liveness; returns the Event to
+/// publish when something changed.
+fn liveness_conditions(
+    conditions: &mut Vec<covi_api::Condition>,
+    liveness: Liveness,
+    leases: &Leases,
+    host: &str,
+) -> Option<(EventType, &'static str, String)> {
+    let now = Timestamp::now();
+    let silent = leases.silent_for(host, Instant::now()).map(|d| d.as_secs()).unwrap_or(0);
+    let ready_reason = find_condition(conditions, "Ready").map(|c| (c.status.clone(), c.reason.clone()));
+    let was_lost = find_condition(conditions, "Lost").is_some_and(|c| c.status == "True");
+    match liveness {
+        Liveness::Lost if !was_lost => {
+            let message = format!(
+                "no lease renewal seen for {silent}s: the host is lost and its highly-available servers restart elsewhere"
+            );
+            set_condition(conditions, "Lost", ConditionStatus::True, "HostLost", message.clone(), None, now);
+            set_condition(conditions, "Ready", ConditionStatus::False, "HostLost", message.clone(), None, now);
+            Some((EventType::Warning, "HostLost", message))
+        }
+        Liveness::HeartbeatMissed if ready_reason.as_ref().is_none_or(|(s, _)| s == "True") => {
+            let message = format!("no lease renewal seen for {silent}s");
+            set_condition(conditions, "Ready", ConditionStatus::False, "HeartbeatMissed", message.clone(), None, now);
+            Some((EventType::Warning, "HeartbeatMissed", message))
+        }
+        Liveness::Alive
+            if was_lost
+                || ready_reason
+                    .as_ref()
+                    .is_some_and(|(s, r)| s == "False" && (r == "HeartbeatMissed" || r == "HostLost")) =>
+        {
+            let message = "the host renews its lease again".to_string();
+            set_condition(conditions, "Lost", ConditionStatus::False, "LeaseRenewed", message.clone(), None, now);
+            set_condition(conditions, "Ready", ConditionStatus::True, "LeaseRenewed", message.clone(), None, now);
+            Some((EventType::Normal, "HostRecovered", message))
+        }
+        _ => None,
+    }
 }
 
 /// Whether `server`'s Ready condition is True.

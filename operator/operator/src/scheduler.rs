@@ -24,22 +24,14 @@ pub struct Assumed {
 /// What the pass decided for one server.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {
-    Bind {
-        host: String,
-        address: Option<Ipv4Addr>,
-        cpus: u32,
-        memory: String,
-    },
+    /// Bind to `host`; `failover_from` names the lost host it leaves, if any.
+    Bind { host: String, address: Option<Ipv4Addr>, cpus: u32, memory: String, failover_from: Option<String> },
+    /// Bound to a lost host and not highly available: it stays there, Failed.
+    HostLost { host: String },
     /// Valid, but no host can take it now.
-    Pending {
-        reason: &'static str,
-        message: String,
-    },
+    Pending { reason: &'static str, message: String },
     /// Cannot run as specified; fixing the spec (or the pool) is needed.
-    Invalid {
-        reason: &'static str,
-        message: String,
-    },
+    Invalid { reason: &'static str, message: String },
 }
 
 /// Whether the host may run servers: its agent reports Ready.
@@ -81,13 +73,13 @@ pub fn host_facts(host: &Host) -> HostFacts {
     }
 }
 
-/// Where a server is bound, counting bindings not yet seen.
+/// Where a server is bound: a binding written but not yet seen wins over the status.
 pub fn bound_host<'a>(server: &'a VirtualServer, assumed: &'a HashMap<String, Assumed>) -> Option<&'a str> {
     server
-        .status
-        .as_ref()
-        .and_then(|s| s.host.as_deref())
-        .or_else(|| server.uid().and_then(|uid| assumed.get(&uid)).map(|a| a.host.as_str()))
+        .uid()
+        .and_then(|uid| assumed.get(&uid))
+        .map(|a| a.host.as_str())
+        .or_else(|| server.status.as_ref().and_then(|s| s.host.as_deref()))
 }
 
 fn address_of(server: &VirtualServer, assumed: &HashMap<String, Assumed>) -> Option<Ipv4Addr> {
@@ -99,25 +91,49 @@ fn address_of(server: &VirtualServer, assumed: &HashMap<String, Assumed>) -> Opt
         .or_else(|| server.uid().and_then(|uid| assumed.get(&uid)).and_then(|a| a.address))
 }
 
-/// Decides for every pending server of `pool`. `servers` are all servers of the pool.
+/// Decides for every pending server of `pool`. `servers` are all servers of the pool;
+/// `unready` the hosts whose Lease is not fresh, `lost` the hosts declared lost. With `failover`, highly-available servers of lost
+/// hosts are placed again and the others marked HostLost; without it (disabled, or
+/// paused by the mass-failure guard) they are left where they are.
 pub fn pass(
     pool: &HostPool,
     hosts: &[Arc<Host>],
     servers: &[Arc<VirtualServer>],
     assumed: &HashMap<String, Assumed>,
+    unready: &BTreeSet<String>,
+    lost: &BTreeSet<String>,
+    failover: bool,
 ) -> Vec<(Arc<VirtualServer>, Decision)> {
     let members: Vec<&Arc<Host>> = hosts.iter().filter(|h| in_pool(pool, h)).collect();
-    let facts: Vec<HostFacts> = members.iter().map(|h| host_facts(h)).collect();
+    let facts: Vec<HostFacts> = members
+        .iter()
+        .map(|h| {
+            let mut f = host_facts(h);
+            // A host whose Lease this operator has not seen renew lately takes nothing.
+            f.ready &= !unready.contains(&f.name);
+            f
+        })
+        .collect();
     let rules = rules(pool);
 
     let mut bound = Vec::new();
     let mut used: BTreeSet<Ipv4Addr> = BTreeSet::new();
-    let mut pending = Vec::new();
+    let mut pending: Vec<(Arc<VirtualServer>, Option<String>)> = Vec::new();
+    let mut decisions = Vec::new();
     for server in servers {
         if let Some(a) = address_of(server, assumed) {
             used.insert(a);
         }
         match bound_host(server, assumed) {
+            Some(host) if failover && lost.contains(host) && server.meta().deletion_timestamp.is_none() => {
+                if server.spec.high_availability {
+                    pending.push((server.clone(), Some(host.to_string())));
+                } else if server.status.as_ref().and_then(|s| s.phase)
+                    != Some(covi_api::virtual_server::VirtualServerPhase::Failed)
+                {
+                    decisions.push((server.clone(), Decision::HostLost { host: host.to_string() }));
+                }
+            }
             Some(host) => {
                 if let Ok(size) = pool.size_of(&server.spec) {
                     bound.push(Bound {
@@ -128,20 +144,30 @@ pub fn pass(
                     });
                 }
             }
-            None if server.meta().deletion_timestamp.is_none() => pending.push(server.clone()),
+            None if server.meta().deletion_timestamp.is_none() => pending.push((server.clone(), None)),
             None => {}
         }
     }
     // Oldest first, so a steady stream of new servers cannot starve an old one.
-    pending.sort_by(|a, b| {
-        (a.creation_timestamp().map(|t| t.0), a.name_any()).cmp(&(b.creation_timestamp().map(|t| t.0), b.name_any()))
+    // Servers failing over first, then the oldest, so a steady stream of new servers
+    // cannot starve an old one.
+    pending.sort_by(|(a, fa), (b, fb)| {
+        (fa.is_none(), a.creation_timestamp().map(|t| t.0), a.name_any()).cmp(&(
+            fb.is_none(),
+            b.creation_timestamp().map(|t| t.0),
+            b.name_any(),
+        ))
     });
 
     let network = Network::parse(&pool.spec.network);
     let mut placement = Pool::new(&rules, &facts, &bound);
-    let mut decisions = Vec::new();
-    for server in pending {
-        let decision = decide(pool, &server, &network, &mut placement, &mut used);
+    for (server, from) in pending {
+        let decision = match decide(pool, &server, &network, &mut placement, &mut used) {
+            Decision::Bind { host, address, cpus, memory, .. } => {
+                Decision::Bind { host, address, cpus, memory, failover_from: from }
+            }
+            other => other,
+        };
         decisions.push((server, decision));
     }
     decisions
@@ -181,18 +207,18 @@ fn decide(
         }
     };
     let wanted = spec.network.as_ref().map(|n| n.address.as_str()).filter(|a| *a != "auto");
-    let address = match wanted {
-        Some(a) => match network.check_static(a, used) {
+    // A server moving to another host keeps the address it has.
+    let current: Option<Ipv4Addr> =
+        server.status.as_ref().and_then(|s| s.address.as_deref()).and_then(|a| a.parse().ok());
+    let address = match (current, wanted) {
+        (Some(ip), _) => ip,
+        (None, Some(a)) => match network.check_static(a, used) {
             Ok(ip) => ip,
-            Err(e) => {
-                return Decision::Invalid { reason: e.reason, message: e.message };
-            }
+            Err(e) => return Decision::Invalid { reason: e.reason, message: e.message },
         },
-        None => match network.allocate(used) {
+        (None, None) => match network.allocate(used) {
             Ok(ip) => ip,
-            Err(e) => {
-                return Decision::Pending { reason: e.reason, message: e.message };
-            }
+            Err(e) => return Decision::Pending { reason: e.reason, message: e.message },
         },
     };
     let placement_spec = spec.placement.clone().unwrap_or_default();
@@ -211,6 +237,7 @@ fn decide(
                 address: Some(address),
                 cpus: size.cpus,
                 memory: covi_placement::format_mib(size.memory_mib),
+                failover_from: None,
             }
         }
         Err(u) => Decision::Pending { reason: u.reason, message: u.message },

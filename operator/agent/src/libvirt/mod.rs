@@ -122,6 +122,24 @@ impl Hypervisor {
         .await
     }
 
+    /// Destroys every running covi domain, on the calling thread: the fencing
+    /// watchdog must not depend on the async runtime. Returns how many it destroyed.
+    pub fn fence_now(&self) -> Result<usize> {
+        let mut destroyed = 0;
+        for dom in self.conn.list_all_domains(virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)? {
+            let owned = dom.xml_desc(0).ok().and_then(|xml| ownership(&xml)).is_some();
+            if !owned {
+                continue;
+            }
+            match dom.destroy() {
+                Ok(()) => destroyed += 1,
+                Err(e) if is(&e, ErrorNumber::OperationInvalid) || is(&e, ErrorNumber::NoDomain) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(destroyed)
+    }
+
     /// The covi domain with this UUID, if it exists.
     pub async fn domain(&self, uuid: &str) -> Result<Option<ObservedDomain>> {
         let uuid = uuid.to_string();

@@ -61,7 +61,7 @@ fn bind_of(d: &Decision) -> (&str, String) {
 fn pending_servers_get_a_host_and_distinct_addresses() {
     let hosts = [host("h1", 4, true), host("h2", 4, true)];
     let servers: Vec<_> = (0..4).map(|i| server(&format!("s{i}"), json!({}))).collect();
-    let decisions = pass(&pool(), &hosts, &servers, &HashMap::new());
+    let decisions = pass(&pool(), &hosts, &servers, &HashMap::new(), &BTreeSet::new(), &BTreeSet::new(), true);
     let addresses: BTreeSet<_> = decisions.iter().map(|(_, d)| bind_of(d).1).collect();
     assert_eq!(addresses.len(), 4);
     assert!(addresses.contains("10.20.0.2"), "{addresses:?}");
@@ -75,7 +75,7 @@ fn assumed_bindings_count_for_capacity_and_addresses() {
     let servers = [server("old", json!({})), server("new", json!({}))];
     let assumed: HashMap<_, _> =
         [("uid-old".to_string(), Assumed { host: "h1".into(), address: Some("10.20.0.2".parse().unwrap()) })].into();
-    let decisions = pass(&pool(), &hosts, &servers, &assumed);
+    let decisions = pass(&pool(), &hosts, &servers, &assumed, &BTreeSet::new(), &BTreeSet::new(), true);
     assert_eq!(decisions.len(), 1);
     match &decisions[0].1 {
         Decision::Pending { reason, message } => {
@@ -96,12 +96,13 @@ fn bad_input_is_invalid_with_a_reason() {
         server("d", json!({"network": {"address": "10.20.0.50"}})),
         server("e", json!({"network": {"address": "10.20.0.50"}})),
     ];
-    let decisions = pass(&pool(), &hosts, &servers, &HashMap::new());
+    let decisions = pass(&pool(), &hosts, &servers, &HashMap::new(), &BTreeSet::new(), &BTreeSet::new(), true);
     let reasons: Vec<_> = decisions
         .iter()
         .map(|(_, d)| match d {
             Decision::Invalid { reason, .. } | Decision::Pending { reason, .. } => *reason,
             Decision::Bind { .. } => "Bind",
+            Decision::HostLost { .. } => "HostLost",
         })
         .collect();
     assert_eq!(reasons, ["ClassNotFound", "ImageNotFound", "AddressOutsideNetwork", "Bind", "AddressTaken"]);
@@ -110,6 +111,66 @@ fn bad_input_is_invalid_with_a_reason() {
 #[test]
 fn unready_hosts_take_nothing() {
     let hosts = [host("h1", 8, false)];
-    let decisions = pass(&pool(), &hosts, &[server("a", json!({}))], &HashMap::new());
+    let decisions =
+        pass(&pool(), &hosts, &[server("a", json!({}))], &HashMap::new(), &BTreeSet::new(), &BTreeSet::new(), true);
     assert!(matches!(&decisions[0].1, Decision::Pending { reason: "NoReadyHost", .. }), "{decisions:?}");
+}
+
+fn bound(name: &str, host: &str, ha: bool) -> Arc<VirtualServer> {
+    let mut s = (*server(name, json!({"highAvailability": ha}))).clone();
+    s.status = Some(covi_api::VirtualServerStatus {
+        host: Some(host.into()),
+        address: Some(format!("10.20.0.{}", 10 + name.len())),
+        ..Default::default()
+    });
+    Arc::new(s)
+}
+
+#[test]
+fn lost_host_servers_restart_elsewhere_or_fail() {
+    let hosts = [host("h1", 8, true), host("h2", 8, true)];
+    let servers = [bound("ha", "h1", true), bound("plain", "h1", false)];
+    let lost: BTreeSet<String> = ["h1".to_string()].into();
+    let decisions = pass(&pool(), &hosts, &servers, &HashMap::new(), &lost, &lost, true);
+    let by_name: HashMap<_, _> = decisions.iter().map(|(s, d)| (s.name_any(), d.clone())).collect();
+    match &by_name["ha"] {
+        Decision::Bind { host, address, failover_from, .. } => {
+            assert_eq!(host, "h2");
+            assert_eq!(failover_from.as_deref(), Some("h1"));
+            assert_eq!(address.unwrap().to_string(), "10.20.0.12", "the server keeps its address");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(by_name["plain"], Decision::HostLost { host: "h1".into() });
+}
+
+#[test]
+fn without_failover_servers_of_lost_hosts_stay_put() {
+    let hosts = [host("h1", 8, true), host("h2", 8, true)];
+    let servers = [bound("ha", "h1", true)];
+    let lost: BTreeSet<String> = ["h1".to_string()].into();
+    assert!(pass(&pool(), &hosts, &servers, &HashMap::new(), &lost, &lost, false).is_empty());
+}
+
+#[test]
+fn a_failover_that_fits_nowhere_waits_with_the_reason() {
+    let hosts = [host("h1", 8, true), host("h2", 0, true)];
+    let servers = [bound("ha", "h1", true)];
+    let lost: BTreeSet<String> = ["h1".to_string()].into();
+    let decisions = pass(&pool(), &hosts, &servers, &HashMap::new(), &lost, &lost, true);
+    match &decisions[0].1 {
+        Decision::Pending { message, .. } => {
+            assert!(message.contains("1 host not ready, 1 host short of CPUs"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn an_assumed_binding_wins_over_the_stale_status() {
+    let hosts = [host("h1", 8, true), host("h2", 8, true)];
+    let servers = [bound("ha", "h1", true)];
+    let lost: BTreeSet<String> = ["h1".to_string()].into();
+    let assumed: HashMap<_, _> = [("uid-ha".to_string(), Assumed { host: "h2".into(), address: None })].into();
+    assert!(pass(&pool(), &hosts, &servers, &assumed, &lost, &lost, true).is_empty(), "no second failover");
 }
