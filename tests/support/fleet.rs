@@ -308,23 +308,28 @@ impl Fleet {
     }
 }
 
-/// GETs `path` from the metrics endpoint a covi process logged ("bound=ADDR").
+/// The address of the metrics endpoint a covi process last logged ("bound=ADDR").
+pub fn endpoint_of(process: &Process) -> Option<String> {
+    endpoint_in_log(&process.log)
+}
+
+/// GETs `path` from the metrics endpoint a covi process logged.
 pub async fn scrape(process: &Process, path: &str) -> String {
+    let addr = endpoint_of(process).unwrap_or_else(|| panic!("{} logged no metrics address", process.name));
+    get(&addr, path, Duration::from_secs(10)).await.unwrap_or_else(|| panic!("GET {path} from {addr} failed"))
+}
+
+/// A plain HTTP GET with a deadline; `None` when nothing answered in time.
+pub async fn get(addr: &str, path: &str, deadline: Duration) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let log = std::fs::read_to_string(&process.log).expect("log");
-    let plain: String = strip_ansi(&log);
-    let addr = plain
-        .lines()
-        .rev()
-        .find_map(|l| l.contains("serving /metrics").then(|| l.split("bound=").nth(1)).flatten())
-        .map(|a| a.trim().to_string())
-        .unwrap_or_else(|| panic!("{} logged no metrics address", process.name));
-    let mut stream =
-        tokio::net::TcpStream::connect(&addr).await.unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
-    stream.write_all(format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\n\r\n").as_bytes()).await.expect("request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.expect("response");
-    response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default()
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        stream.write_all(format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\n\r\n").as_bytes()).await.ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.ok()?;
+        response.split_once("\r\n\r\n").map(|(_, body)| body.to_string())
+    };
+    tokio::time::timeout(deadline, exchange).await.ok().flatten()
 }
 
 fn strip_ansi(text: &str) -> String {
@@ -342,4 +347,14 @@ fn strip_ansi(text: &str) -> String {
         }
     }
     out
+}
+
+/// The metrics endpoint address last logged in `log`.
+pub fn endpoint_in_log(log: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(log).ok()?;
+    strip_ansi(&text)
+        .lines()
+        .rev()
+        .find_map(|l| l.contains("serving /metrics").then(|| l.split("bound=").nth(1)).flatten())
+        .map(|a| a.trim().to_string())
 }

@@ -1,0 +1,319 @@
+//! Lost hosts: self-fencing and HA restart, never two copies. Real operator and agents
+//! (libvirt's test driver, one inventory inside each agent process), default timings.
+//!
+//! A sampler reads every host's `/domains` (libvirt's covi domains, as the agent sees
+//! them) every 100 ms and counts servers active on two hosts at once. The test driver
+//! lives inside the agent process, so a killed agent takes its guests with it (power
+//! loss) and a frozen agent freezes them (a frozen host); a host that answers nothing
+//! contributes no running guest. What matters is what a host reports once it answers
+//! again: a host that should have fenced must show no stale guest in its first answer.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use covi_api::condition::find_condition;
+use covi_api::virtual_server::VirtualServerPhase;
+use covi_api::{Host, VirtualServer};
+use covi_tests::fleet::{Fleet, Process, endpoint_of, get};
+use covi_tests::{FIELD_MANAGER, admin, install_crds, namespace, wait_until};
+use kube::Client;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use serde_json::{Value, json};
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+async fn apply_server(api: &Api<VirtualServer>, name: &str, pool: &str, ha: bool) {
+    let server = json!({"apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer", "metadata": {"name": name}, "spec": {
+        "hostPool": pool, "class": "small", "boot": {"image": "debian-12"}, "highAvailability": ha,
+        "owner": "team-test", "purpose": "failover test"
+    }});
+    api.patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&server)).await.expect("apply server");
+}
+
+fn ready(s: &VirtualServer) -> bool {
+    s.status.as_ref().and_then(|st| find_condition(&st.conditions, "Ready")).is_some_and(|c| c.status == "True")
+}
+
+fn host_of(s: &VirtualServer) -> Option<String> {
+    s.status.as_ref().and_then(|st| st.host.clone())
+}
+
+/// Samples every host's domain list and remembers any server seen active twice.
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    doubles: Arc<Mutex<Vec<String>>>,
+    samples: Arc<Mutex<u64>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Sampler {
+    /// `hosts` maps a host name to its agent's log (where the endpoint address is).
+    fn start(hosts: Arc<Mutex<BTreeMap<String, std::path::PathBuf>>>) -> Sampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let doubles = Arc::new(Mutex::new(Vec::new()));
+        let samples = Arc::new(Mutex::new(0));
+        let (s, d, n) = (stop.clone(), doubles.clone(), samples.clone());
+        let task = tokio::spawn(async move {
+            while !s.load(Ordering::Relaxed) {
+                let tick = Instant::now();
+                let targets: Vec<(String, Option<String>)> = hosts
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .map(|(h, log)| (h.clone(), covi_tests::fleet::endpoint_in_log(log)))
+                    .collect();
+                let reads = targets.into_iter().map(|(host, addr)| async move {
+                    let body = match addr {
+                        Some(a) => get(&a, "/domains", Duration::from_millis(90)).await,
+                        None => None,
+                    };
+                    (host, body)
+                });
+                let mut running: BTreeMap<String, Vec<String>> = BTreeMap::new();
+                for (host, body) in futures::future::join_all(reads).await {
+                    let Some(body) = body else { continue };
+                    let Ok(v) = serde_json::from_str::<Value>(&body) else { continue };
+                    for dom in v["domains"].as_array().cloned().unwrap_or_default() {
+                        if dom["active"] == json!(true) {
+                            running
+                                .entry(dom["server"].as_str().unwrap_or_default().to_string())
+                                .or_default()
+                                .push(host.clone());
+                        }
+                    }
+                }
+                for (server, hosts) in running.iter().filter(|(_, h)| h.len() > 1) {
+                    d.lock().unwrap().push(format!("{server} on {hosts:?}"));
+                }
+                *n.lock().unwrap() += 1;
+                tokio::time::sleep(Duration::from_millis(100).saturating_sub(tick.elapsed())).await;
+            }
+        });
+        Sampler { stop, doubles, samples, task }
+    }
+
+    /// Stops sampling; returns (samples taken, double runs seen).
+    async fn finish(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.task.await;
+        let n = *self.samples.lock().unwrap();
+        (n, self.doubles.lock().unwrap().clone())
+    }
+}
+
+/// A pool of three hosts whose servers all start on host 1.
+struct Scene {
+    client: Client,
+    fleet: Fleet,
+    pool: String,
+    api: Api<VirtualServer>,
+    hosts: Arc<Mutex<BTreeMap<String, std::path::PathBuf>>>,
+}
+
+impl Scene {
+    async fn new(id: &str, ha: &[&str], plain: &[&str]) -> Scene {
+        let client = admin().await;
+        install_crds(&client).await;
+        let mut fleet = Fleet::new(&client, id).await;
+        let pool = fleet.apply_pool(&client, json!({})).await;
+        fleet.start_agent(1, 8, 16);
+        fleet.start_operator();
+        fleet.wait_ready_hosts(&client, 1).await;
+        fleet.wait_pool_ready(&client, &pool, 1).await;
+        let ns = namespace(&client, id).await;
+        let api: Api<VirtualServer> = Api::namespaced(client.clone(), &ns);
+        for name in ha {
+            apply_server(&api, name, &pool, true).await;
+        }
+        for name in plain {
+            apply_server(&api, name, &pool, false).await;
+        }
+        for name in ha.iter().chain(plain) {
+            fleet.wait_server(&api, name, "to run on host 1", DEADLINE, ready).await;
+        }
+        fleet.start_agent(2, 8, 16);
+        fleet.start_agent(3, 8, 16);
+        fleet.wait_ready_hosts(&client, 3).await;
+        fleet.wait_pool_ready(&client, &pool, 3).await;
+        let hosts = Arc::new(Mutex::new(
+            (1..=3).map(|n| (fleet.host_name(n), fleet.agents[n - 1].log.clone())).collect::<BTreeMap<_, _>>(),
+        ));
+        Scene { client, fleet, pool, api, hosts }
+    }
+
+    fn agent(&mut self, n: usize) -> &mut Process {
+        &mut self.fleet.agents[n - 1]
+    }
+
+    async fn host(&self, n: usize) -> Host {
+        Api::<Host>::all(self.client.clone()).get(&self.fleet.host_name(n)).await.expect("host")
+    }
+
+    async fn servers(&self) -> Vec<VirtualServer> {
+        self.api.list(&ListParams::default()).await.expect("list").items
+    }
+
+    /// Waits until every server in `names` is Ready on a host other than host 1.
+    async fn wait_moved(&self, names: &[&str]) -> Vec<VirtualServer> {
+        let away = self.fleet.host_name(1);
+        let names: BTreeSet<String> = names.iter().map(|s| s.to_string()).collect();
+        let found = covi_tests::poll(DEADLINE, || async {
+            let all = self.servers().await;
+            let moved: Vec<_> = all
+                .into_iter()
+                .filter(|s| names.contains(s.metadata.name.as_deref().unwrap_or_default()))
+                .filter(|s| ready(s) && host_of(s).is_some_and(|h| h != away))
+                .collect();
+            (moved.len() == names.len()).then_some(moved)
+        })
+        .await;
+        match found {
+            Some(moved) => moved,
+            None => {
+                let states: Vec<_> =
+                    self.servers().await.iter().map(|s| format!("{:?} {:?}", s.metadata.name, s.status)).collect();
+                panic!(
+                    "servers did not move off host 1:\n{}\n{}",
+                    states.join("\n"),
+                    self.fleet.operator.as_ref().unwrap().log_tail()
+                );
+            }
+        }
+    }
+}
+
+fn condition(host: &Host, type_: &str) -> Option<covi_api::Condition> {
+    host.status.as_ref().and_then(|s| find_condition(&s.conditions, type_).cloned())
+}
+
+#[tokio::test]
+async fn power_loss_restarts_ha_servers_elsewhere_and_fails_the_rest() {
+    let _turn = SERIAL.lock().await;
+    let mut scene = Scene::new("power", &["ha-1", "ha-2", "ha-3"], &["plain-1"]).await;
+    let sampler = Sampler::start(scene.hosts.clone());
+
+    let killed = Instant::now();
+    scene.agent(1).kill();
+    scene.hosts.lock().unwrap().remove(&scene.fleet.host_name(1));
+    let moved = scene.wait_moved(&["ha-1", "ha-2", "ha-3"]).await;
+    println!(
+        "power loss: 3 HA servers Ready elsewhere {:.1}s after kill -9 (lease 10s, grace 3s, fence 6s)",
+        killed.elapsed().as_secs_f64()
+    );
+
+    for s in &moved {
+        let record = &s.status.as_ref().unwrap().failovers;
+        assert_eq!(record.len(), 1, "{:?}", s.metadata.name);
+        assert_eq!(
+            (record[0].from.as_str(), record[0].reason.as_str()),
+            (scene.fleet.host_name(1).as_str(), "HostLost")
+        );
+        assert_eq!(Some(record[0].to.clone()), host_of(s));
+    }
+    let plain = scene
+        .fleet
+        .wait_server(&scene.api, "plain-1", "to fail with HostLost", DEADLINE, |s| {
+            s.status.as_ref().is_some_and(|st| {
+                st.phase == Some(VirtualServerPhase::Failed)
+                    && find_condition(&st.conditions, "Ready").is_some_and(|c| c.reason == "HostLost")
+            })
+        })
+        .await;
+    assert_eq!(host_of(&plain), Some(scene.fleet.host_name(1)), "a server that is not HA stays bound to its host");
+    let host = wait_until("host 1 to be marked Lost", DEADLINE, || async {
+        let h = scene.host(1).await;
+        (condition(&h, "Lost")?.status == "True").then_some(h)
+    })
+    .await;
+    assert_eq!(condition(&host, "Ready").map(|c| (c.status, c.reason)), Some(("False".into(), "HostLost".into())));
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::all(scene.client.clone());
+    let reasons: BTreeSet<String> = events
+        .list(&ListParams::default().fields(&format!("involvedObject.name={}", scene.fleet.host_name(1))))
+        .await
+        .expect("events")
+        .items
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
+    assert!(
+        reasons.contains("HeartbeatMissed") && reasons.contains("HostLost"),
+        "host Events tell the story: {reasons:?}"
+    );
+
+    let (samples, doubles) = sampler.finish().await;
+    assert!(samples > 50, "the sampler ran ({samples} samples)");
+    assert!(doubles.is_empty(), "servers ran twice: {doubles:?}");
+}
+
+#[tokio::test]
+async fn a_short_agent_restart_causes_no_failover() {
+    let _turn = SERIAL.lock().await;
+    let mut scene = Scene::new("restart", &["ha-1"], &["plain-1"]).await;
+    let killed = Instant::now();
+    scene.agent(1).kill();
+    scene.agent(1).start();
+    let home = scene.fleet.host_name(1);
+    // Watch through leaseDuration + grace (and a second more) after the kill: the
+    // operator must never move or fail anything.
+    while killed.elapsed() < Duration::from_secs(14) {
+        for s in scene.servers().await {
+            let st = s.status.clone().unwrap_or_default();
+            assert_eq!(st.host.as_deref(), Some(home.as_str()), "{:?} moved", s.metadata.name);
+            assert!(st.failovers.is_empty(), "{:?} failed over", s.metadata.name);
+            assert_ne!(st.phase, Some(VirtualServerPhase::Failed), "{:?} failed", s.metadata.name);
+        }
+        assert_ne!(condition(&scene.host(1).await, "Lost").map(|c| c.status), Some("True".into()));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for name in ["ha-1", "plain-1"] {
+        scene.fleet.wait_server(&scene.api, name, "to run again on its host", DEADLINE, ready).await;
+    }
+}
+
+#[tokio::test]
+async fn a_frozen_host_is_replaced_and_fences_itself_when_it_thaws() {
+    let _turn = SERIAL.lock().await;
+    let mut scene = Scene::new("frozen", &["ha-1", "ha-2"], &[]).await;
+    let sampler = Sampler::start(scene.hosts.clone());
+    let pid = scene.agent(1).pid().expect("agent 1 runs") as i32;
+    // SAFETY: plain signals to our own child process.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let frozen = Instant::now();
+    scene.wait_moved(&["ha-1", "ha-2"]).await;
+    println!("frozen host: HA servers Ready elsewhere {:.1}s after SIGSTOP", frozen.elapsed().as_secs_f64());
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+
+    // Its first answers after thawing must show no running guest, and it reports Fenced.
+    let addr = endpoint_of(scene.agent(1)).expect("agent 1 endpoint");
+    let body = wait_until("the thawed host to answer", DEADLINE, || async {
+        get(&addr, "/domains", Duration::from_secs(2)).await
+    })
+    .await;
+    let v: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(v["fenced"], json!(true), "{v}");
+    assert!(
+        v["domains"].as_array().unwrap().iter().all(|d| d["active"] == json!(false)),
+        "stale guests still run: {v}"
+    );
+    wait_until("host 1 to record the fencing and recover", DEADLINE, || async {
+        let h = scene.host(1).await;
+        let fenced = condition(&h, "Fenced")?;
+        (fenced.reason == "Recovered" || fenced.status == "True").then_some(())
+    })
+    .await;
+    // The servers stay where they were restarted; host 1 removed its stale domains.
+    wait_until("host 1 to undefine the domains bound elsewhere", DEADLINE, || async {
+        let body = get(&addr, "/domains", Duration::from_secs(2)).await?;
+        let v: Value = serde_json::from_str(&body).ok()?;
+        v["domains"].as_array()?.is_empty().then_some(())
+    })
+    .await;
+    let (samples, doubles) = sampler.finish().await;
+    assert!(samples > 50, "the sampler ran ({samples} samples)");
+    assert!(doubles.is_empty(), "servers ran twice: {doubles:?}");
+    let _ = &scene.pool;
+}
