@@ -51,7 +51,7 @@ _testbed_certs() {
   openssl req -x509 -newkey rsa:2048 -nodes -days 7 -subj "/CN=covi-testbed-ca" \
     -keyout "$d/ca.key" -out "$d/ca.crt" 2>/dev/null
   _testbed_sign "$d" apiserver "/CN=kube-apiserver" \
-    "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc,IP:10.0.2.2"
+    "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc,IP:10.0.2.2,IP:10.201.0.1"
   _testbed_sign "$d" admin "/O=system:masters/CN=covi-admin"
   _testbed_sign "$d" controller-manager "/CN=system:kube-controller-manager"
   openssl genrsa -out "$d/sa.key" 2048 2>/dev/null

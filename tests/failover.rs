@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use covi_api::condition::find_condition;
 use covi_api::virtual_server::VirtualServerPhase;
 use covi_api::{Host, VirtualServer};
-use covi_tests::fleet::{Fleet, Process, endpoint_of, get};
+use covi_tests::fleet::{Fleet, NetnsHost, Process, endpoint_of, get};
 use covi_tests::{FIELD_MANAGER, admin, install_crds, namespace, wait_until};
 use kube::Client;
 use kube::api::{Api, ListParams, Patch, PatchParams};
@@ -116,11 +116,28 @@ struct Scene {
 
 impl Scene {
     async fn new(id: &str, ha: &[&str], plain: &[&str]) -> Scene {
+        Scene::with_host_1(id, ha, plain, None).await
+    }
+
+    /// As `new`, with host 1 inside `netns` when given.
+    async fn with_host_1(id: &str, ha: &[&str], plain: &[&str], netns: Option<&NetnsHost>) -> Scene {
         let client = admin().await;
         install_crds(&client).await;
         let mut fleet = Fleet::new(&client, id).await;
         let pool = fleet.apply_pool(&client, json!({})).await;
-        fleet.start_agent(1, 8, 16);
+        match netns {
+            None => {
+                fleet.start_agent(1, 8, 16);
+            }
+            Some(ns) => {
+                let node = fleet.host_name(1);
+                let uri = format!("test://{}", covi_tests::fleet::node_xml(&node, 8, 16).display());
+                let kubeconfig = ns.kubeconfig.display().to_string();
+                let listen = format!("{}:9464", covi_tests::fleet::NETNS_HOST_ADDR);
+                let extra = ["--kubeconfig", kubeconfig.as_str(), "--metrics-addr", listen.as_str()];
+                fleet.start_agent_wrapped(1, &uri, &extra, &ns.wrapper());
+            }
+        }
         fleet.start_operator();
         fleet.wait_ready_hosts(&client, 1).await;
         fleet.wait_pool_ready(&client, &pool, 1).await;
@@ -316,4 +333,54 @@ async fn a_frozen_host_is_replaced_and_fences_itself_when_it_thaws() {
     assert!(samples > 50, "the sampler ran ({samples} samples)");
     assert!(doubles.is_empty(), "servers ran twice: {doubles:?}");
     let _ = &scene.pool;
+}
+
+#[tokio::test]
+async fn a_partitioned_host_fences_itself_before_its_servers_restart_elsewhere() {
+    let _turn = SERIAL.lock().await;
+    let netns = NetnsHost::create("part").await;
+    let scene = Scene::with_host_1("part", &["ha-1", "ha-2"], &[], Some(&netns)).await;
+    let sampler = Sampler::start(scene.hosts.clone());
+    let addr = endpoint_of(&scene.fleet.agents[0]).expect("agent 1 endpoint");
+
+    netns.cut();
+    let cut = Instant::now();
+    // The agent keeps running and answering on its link; it only loses the API server.
+    let fenced_at = wait_until("host 1 to fence itself", DEADLINE, || async {
+        let body = get(&addr, "/domains", Duration::from_secs(1)).await?;
+        let v: Value = serde_json::from_str(&body).ok()?;
+        (v["fenced"] == json!(true)).then(|| cut.elapsed())
+    })
+    .await;
+    let moved = scene.wait_moved(&["ha-1", "ha-2"]).await;
+    let moved_at = cut.elapsed();
+    println!(
+        "partition: fenced after {:.1}s, servers Ready elsewhere after {:.1}s",
+        fenced_at.as_secs_f64(),
+        moved_at.as_secs_f64()
+    );
+    assert!(fenced_at < moved_at, "the host fenced before its servers restarted elsewhere");
+    // Every failover record was written after the fence.
+    for s in &moved {
+        assert_eq!(s.status.as_ref().unwrap().failovers.len(), 1);
+    }
+
+    netns.heal();
+    wait_until("host 1 to recover and remove its stale domains", DEADLINE, || async {
+        let body = get(&addr, "/domains", Duration::from_secs(1)).await?;
+        let v: Value = serde_json::from_str(&body).ok()?;
+        (v["fenced"] == json!(false) && v["domains"].as_array()?.is_empty()).then_some(())
+    })
+    .await;
+    let h = wait_until("host 1 to be Ready again with the fencing on record", DEADLINE, || async {
+        let h = scene.host(1).await;
+        let ready = condition(&h, "Ready")?.status == "True";
+        let fenced = condition(&h, "Fenced")?;
+        (ready && fenced.reason == "Recovered").then_some(h)
+    })
+    .await;
+    assert_eq!(condition(&h, "Lost").map(|c| c.status), Some("False".into()));
+    let (samples, doubles) = sampler.finish().await;
+    assert!(samples > 50, "the sampler ran ({samples} samples)");
+    assert!(doubles.is_empty(), "servers ran twice: {doubles:?}");
 }

@@ -183,6 +183,12 @@ impl Fleet {
     }
 
     pub fn start_agent_uri(&mut self, n: usize, uri: &str, extra: &[&str]) -> usize {
+        self.start_agent_wrapped(n, uri, extra, &[])
+    }
+
+    /// Starts an agent through `wrapper` (e.g. `ip netns exec NS`); later flags in
+    /// `extra` override the defaults.
+    pub fn start_agent_wrapped(&mut self, n: usize, uri: &str, extra: &[&str], wrapper: &[&str]) -> usize {
         let node = self.host_name(n);
         let mut args = vec![
             "--node-name".to_string(),
@@ -201,7 +207,16 @@ impl Fleet {
             "2".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        self.agents.push(Process::spawn(&format!("agent-{node}"), bin("covi-agent"), args));
+        let (program, args) = match wrapper.split_first() {
+            None => (bin("covi-agent"), args),
+            Some((first, rest)) => {
+                let mut wrapped: Vec<String> = rest.iter().map(|s| s.to_string()).collect();
+                wrapped.push(bin("covi-agent").display().to_string());
+                wrapped.extend(args);
+                (PathBuf::from(first), wrapped)
+            }
+        };
+        self.agents.push(Process::spawn(&format!("agent-{node}"), program, args));
         self.agents.len() - 1
     }
 
@@ -357,4 +372,104 @@ pub fn endpoint_in_log(log: &std::path::Path) -> Option<String> {
         .rev()
         .find_map(|l| l.contains("serving /metrics").then(|| l.split("bound=").nth(1)).flatten())
         .map(|a| a.trim().to_string())
+}
+
+/// A host in its own network namespace, reaching the API server only through a proxy
+/// on its veth link, so a test can cut that link while the agent keeps running.
+pub struct NetnsHost {
+    pub netns: String,
+    pub kubeconfig: PathBuf,
+    /// The proxy's port on the root side (10.201.0.1).
+    pub proxy_port: u16,
+    proxy: tokio::task::JoinHandle<()>,
+}
+
+pub const NETNS_ROOT_ADDR: &str = "10.201.0.1";
+pub const NETNS_HOST_ADDR: &str = "10.201.0.2";
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("ip runs");
+    assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+}
+
+impl NetnsHost {
+    pub async fn create(name: &str) -> NetnsHost {
+        let netns = format!("covi-{name}");
+        let _ = Command::new("ip").args(["netns", "del", &netns]).output();
+        ip(&["netns", "add", &netns]);
+        let (root, peer) = (format!("vr-{name}"), format!("vn-{name}"));
+        ip(&["link", "add", &root, "type", "veth", "peer", "name", &peer]);
+        ip(&["link", "set", &peer, "netns", &netns]);
+        ip(&["addr", "add", &format!("{NETNS_ROOT_ADDR}/30"), "dev", &root]);
+        ip(&["link", "set", &root, "up"]);
+        ip(&["netns", "exec", &netns, "ip", "addr", "add", &format!("{NETNS_HOST_ADDR}/30"), "dev", &peer]);
+        ip(&["netns", "exec", &netns, "ip", "link", "set", &peer, "up"]);
+        ip(&["netns", "exec", &netns, "ip", "link", "set", "lo", "up"]);
+
+        let api = std::env::var("COVI_APISERVER").expect("COVI_APISERVER is set by hack/test.sh");
+        let upstream = api.trim_start_matches("https://").to_string();
+        let listener = tokio::net::TcpListener::bind((NETNS_ROOT_ADDR, 0)).await.expect("bind the proxy on the veth");
+        let proxy_port = listener.local_addr().expect("addr").port();
+        let proxy = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else { return };
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        let admin = std::fs::read_to_string(testbed_dir().join("admin.kubeconfig")).expect("admin kubeconfig");
+        let kubeconfig = testbed_dir().join(format!("{netns}.kubeconfig"));
+        std::fs::write(&kubeconfig, admin.replace(&api, &format!("https://{NETNS_ROOT_ADDR}:{proxy_port}")))
+            .expect("write kubeconfig");
+        NetnsHost { netns, kubeconfig, proxy_port, proxy }
+    }
+
+    /// The command prefix that runs a program inside the namespace.
+    pub fn wrapper(&self) -> [&str; 4] {
+        ["ip", "netns", "exec", &self.netns]
+    }
+
+    /// Drops the host's packets to the API server; everything else still flows.
+    pub fn cut(&self) {
+        self.iptables("-A");
+    }
+
+    pub fn heal(&self) {
+        self.iptables("-D");
+    }
+
+    fn iptables(&self, op: &str) {
+        let port = self.proxy_port.to_string();
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.netns,
+                "iptables",
+                op,
+                "OUTPUT",
+                "-p",
+                "tcp",
+                "-d",
+                NETNS_ROOT_ADDR,
+                "--dport",
+                &port,
+                "-j",
+                "DROP",
+            ])
+            .output()
+            .expect("iptables runs");
+        assert!(out.status.success(), "iptables {op}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+impl Drop for NetnsHost {
+    fn drop(&mut self) {
+        self.proxy.abort();
+        let _ = Command::new("ip").args(["netns", "del", &self.netns]).output();
+    }
 }
