@@ -54,6 +54,7 @@ pub fn rules(pool: &HostPool) -> PoolRules {
         reserve_cpus: pool.spec.reserve.cpus,
         reserve_memory_mib,
         max_servers_per_host: pool.spec.max_servers_per_host,
+        reserve_hosts: pool.spec.failover.reserve_hosts,
         strategy: match pool.spec.strategy {
             PoolStrategy::Spread => Strategy::Spread,
             PoolStrategy::Pack => Strategy::Pack,
@@ -141,6 +142,7 @@ pub fn pass(
                         cpus: size.cpus,
                         memory_mib: size.memory_mib,
                         anti_affinity_group: server.spec.placement.as_ref().and_then(|p| p.anti_affinity_group.clone()),
+                        high_availability: server.spec.high_availability,
                     });
                 }
             }
@@ -162,7 +164,7 @@ pub fn pass(
     let network = Network::parse(&pool.spec.network);
     let mut placement = Pool::new(&rules, &facts, &bound);
     for (server, from) in pending {
-        let decision = match decide(pool, &server, &network, &mut placement, &mut used) {
+        let decision = match decide(pool, &server, &network, &mut placement, &mut used, from.is_some()) {
             Decision::Bind { host, address, cpus, memory, .. } => {
                 Decision::Bind { host, address, cpus, memory, failover_from: from }
             }
@@ -179,6 +181,7 @@ fn decide(
     network: &Result<Network, crate::address::AddressError>,
     placement: &mut Pool<'_>,
     used: &mut BTreeSet<Ipv4Addr>,
+    failover: bool,
 ) -> Decision {
     let spec = &server.spec;
     let size = match pool.size_of(spec) {
@@ -228,6 +231,8 @@ fn decide(
         anti_affinity_group: placement_spec.anti_affinity_group,
         host_selector: placement_spec.host_selector,
         pinned_host: placement_spec.host,
+        high_availability: spec.high_availability,
+        failover,
     };
     match placement.place(&demand) {
         Ok(host) => {

@@ -27,6 +27,9 @@ pub struct PoolRules {
     pub reserve_memory_mib: u64,
     pub max_servers_per_host: Option<u32>,
     pub strategy: Strategy,
+    /// Hosts the pool must be able to lose and still restart every highly-available
+    /// server (N+1 admission); 0 turns the check off.
+    pub reserve_hosts: u32,
 }
 
 /// What the scheduler knows of one host.
@@ -53,6 +56,11 @@ pub struct Demand {
     pub host_selector: BTreeMap<String, String>,
     /// Only this host may run the server.
     pub pinned_host: Option<String>,
+    /// Restarted elsewhere when its host is lost.
+    pub high_availability: bool,
+    /// The server is being restarted after its host was lost: it may use the room
+    /// N+1 admission keeps for exactly that.
+    pub failover: bool,
 }
 
 /// A server already bound to a host.
@@ -62,6 +70,7 @@ pub struct Bound {
     pub cpus: u32,
     pub memory_mib: u64,
     pub anti_affinity_group: Option<String>,
+    pub high_availability: bool,
 }
 
 /// Allocation of one host.
@@ -71,15 +80,22 @@ pub struct HostLoad {
     pub memory_mib: u64,
     pub servers: u32,
     pub groups: BTreeSet<String>,
+    /// The part of the load that must restart elsewhere if the host is lost.
+    pub ha_cpus: u32,
+    pub ha_memory_mib: u64,
 }
 
 impl HostLoad {
-    fn add(&mut self, cpus: u32, memory_mib: u64, group: Option<&String>) {
+    fn add(&mut self, cpus: u32, memory_mib: u64, group: Option<&String>, ha: bool) {
         self.cpus += cpus;
         self.memory_mib += memory_mib;
         self.servers += 1;
         if let Some(group) = group {
             self.groups.insert(group.clone());
+        }
+        if ha {
+            self.ha_cpus += cpus;
+            self.ha_memory_mib += memory_mib;
         }
     }
 }
@@ -111,6 +127,7 @@ pub enum Misfit {
     TooManyServers,
     InsufficientCpu,
     InsufficientMemory,
+    FailoverReserve,
 }
 
 impl Misfit {
@@ -128,6 +145,11 @@ impl Misfit {
             Misfit::TooManyServers => format!("{count} {hosts} at maxServersPerHost"),
             Misfit::InsufficientCpu => format!("{count} {hosts} short of CPUs"),
             Misfit::InsufficientMemory => format!("{count} {hosts} short of memory"),
+            Misfit::FailoverReserve => {
+                format!(
+                    "{count} {hosts} would leave too little room to restart the highly-available servers of lost hosts"
+                )
+            }
         }
     }
 
@@ -142,6 +164,7 @@ impl Misfit {
             Misfit::TooManyServers => "MaxServersPerHost",
             Misfit::InsufficientCpu => "InsufficientCPU",
             Misfit::InsufficientMemory => "InsufficientMemory",
+            Misfit::FailoverReserve => "FailoverReserve",
         }
     }
 }
@@ -174,7 +197,7 @@ impl<'a> Pool<'a> {
             hosts.iter().map(|h| (h.name.as_str(), HostLoad::default())).collect();
         for b in bound {
             if let Some(load) = loads.get_mut(b.host.as_str()) {
-                load.add(b.cpus, b.memory_mib, b.anti_affinity_group.as_ref());
+                load.add(b.cpus, b.memory_mib, b.anti_affinity_group.as_ref(), b.high_availability);
             }
         }
         Pool { rules, hosts, loads }
@@ -214,10 +237,46 @@ impl<'a> Pool<'a> {
         if memory > cap.memory_mib {
             return Err(Misfit::InsufficientMemory);
         }
+        if self.rules.reserve_hosts > 0 && !demand.failover && !self.keeps_failover_reserve(&host.name, demand) {
+            return Err(Misfit::FailoverReserve);
+        }
         // Fullness after placement: the scarcer of the two resources decides.
         let fullness =
             f64::max(f64::from(cpus) / f64::from(cap.cpus.max(1)), memory as f64 / cap.memory_mib.max(1) as f64);
         Ok(fullness)
+    }
+
+    /// N+1 admission: with `demand` placed on `host`, could the pool still restart
+    /// every highly-available server of its `reserve_hosts` largest hosts on the rest?
+    /// Aggregate capacity is compared, as vSphere's percentage-based admission does.
+    fn keeps_failover_reserve(&self, host: &str, demand: &Demand) -> bool {
+        let mut loads = self.loads.clone();
+        loads.get_mut(host).expect("every host has a load").add(
+            demand.cpus,
+            demand.memory_mib,
+            None,
+            demand.high_availability,
+        );
+        let mut by_size: Vec<&HostFacts> = self.hosts.iter().filter(|h| h.ready).collect();
+        by_size.sort_by(|a, b| {
+            let (ca, cb) = (self.rules.schedulable(a), self.rules.schedulable(b));
+            (cb.cpus, cb.memory_mib, &a.name).cmp(&(ca.cpus, ca.memory_mib, &b.name))
+        });
+        let n = self.rules.reserve_hosts as usize;
+        let (lost, rest) = by_size.split_at(n.min(by_size.len()));
+        let (mut need_cpu, mut need_mem) = (0u64, 0u64);
+        for h in lost {
+            let l = &loads[h.name.as_str()];
+            need_cpu += u64::from(l.ha_cpus);
+            need_mem += l.ha_memory_mib;
+        }
+        let (mut free_cpu, mut free_mem) = (0u64, 0u64);
+        for h in rest {
+            let (cap, l) = (self.rules.schedulable(h), &loads[h.name.as_str()]);
+            free_cpu += u64::from(cap.cpus.saturating_sub(l.cpus));
+            free_mem += cap.memory_mib.saturating_sub(l.memory_mib);
+        }
+        need_cpu <= free_cpu && need_mem <= free_mem
     }
 
     /// Chooses a host for `demand` and records the placement, so the next call in the
@@ -245,7 +304,7 @@ impl<'a> Pool<'a> {
         match best {
             Some((_, host)) => {
                 let load = self.loads.get_mut(host.name.as_str()).expect("every host has a load");
-                load.add(demand.cpus, demand.memory_mib, demand.anti_affinity_group.as_ref());
+                load.add(demand.cpus, demand.memory_mib, demand.anti_affinity_group.as_ref(), demand.high_availability);
                 Ok(host.name.clone())
             }
             None => Err(self.explain(demand, &misfits)),
@@ -268,9 +327,11 @@ impl<'a> Pool<'a> {
         let free_memory = candidates()
             .map(|h| self.rules.schedulable(h).memory_mib.saturating_sub(self.loads[h.name.as_str()].memory_mib))
             .max();
+        // On a tie, name the misfit of the host that came closest to fitting (filters
+        // run in enum order): "short of CPUs" says more than "not ready".
         let (top, _) = misfits
             .iter()
-            .max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0)))
+            .max_by(|a, b| a.1.cmp(b.1).then(a.0.cmp(b.0)))
             .expect("a pool with hosts and no fit has misfits");
         let mut message = match top {
             Misfit::InsufficientCpu => format!(
@@ -282,6 +343,10 @@ impl<'a> Pool<'a> {
                 "no host in pool {pool} has {} free memory; the largest free is {}",
                 format_mib(demand.memory_mib),
                 format_mib(free_memory.unwrap_or(0))
+            ),
+            Misfit::FailoverReserve => format!(
+                "placing the server would leave pool {pool} unable to restart every highly-available server after losing its {} largest host(s) (failover.reserveHosts)",
+                self.rules.reserve_hosts
             ),
             _ => format!("no host in pool {pool} can take the server"),
         };

@@ -9,6 +9,7 @@ fn rules(strategy: Strategy) -> PoolRules {
         reserve_memory_mib: 0,
         max_servers_per_host: None,
         strategy,
+        reserve_hosts: 0,
     }
 }
 
@@ -35,7 +36,8 @@ fn grouped(cpus: u32, group: &str) -> Demand {
 fn spread_prefers_the_emptiest_host() {
     let rules = rules(Strategy::Spread);
     let hosts = [host("a", 8, 16), host("b", 8, 16)];
-    let bound = [Bound { host: "a".into(), cpus: 4, memory_mib: 4096, anti_affinity_group: None }];
+    let bound =
+        [Bound { host: "a".into(), cpus: 4, memory_mib: 4096, anti_affinity_group: None, high_availability: false }];
     let mut pool = Pool::new(&rules, &hosts, &bound);
     assert_eq!(pool.place(&demand(1, 1)), Ok("b".into()));
 }
@@ -44,7 +46,8 @@ fn spread_prefers_the_emptiest_host() {
 fn pack_fills_the_fullest_host_that_fits() {
     let rules = rules(Strategy::Pack);
     let hosts = [host("a", 8, 16), host("b", 8, 16)];
-    let bound = [Bound { host: "b".into(), cpus: 4, memory_mib: 4096, anti_affinity_group: None }];
+    let bound =
+        [Bound { host: "b".into(), cpus: 4, memory_mib: 4096, anti_affinity_group: None, high_availability: false }];
     let mut pool = Pool::new(&rules, &hosts, &bound);
     assert_eq!(pool.place(&demand(4, 4)), Ok("b".into()));
     assert_eq!(pool.place(&demand(4, 4)), Ok("a".into()), "b is full now");
@@ -108,7 +111,13 @@ fn anti_affinity_members_never_share_a_host() {
 fn existing_members_count_for_anti_affinity() {
     let rules = rules(Strategy::Spread);
     let hosts = [host("a", 16, 16), host("b", 16, 16)];
-    let bound = [Bound { host: "b".into(), cpus: 1, memory_mib: 1024, anti_affinity_group: Some("web".into()) }];
+    let bound = [Bound {
+        host: "b".into(),
+        cpus: 1,
+        memory_mib: 1024,
+        anti_affinity_group: Some("web".into()),
+        high_availability: false,
+    }];
     let mut pool = Pool::new(&rules, &hosts, &bound);
     assert_eq!(pool.place(&grouped(1, "web")), Ok("a".into()));
 }
@@ -134,7 +143,8 @@ fn unready_cordoned_and_full_hosts_are_skipped() {
     let mut cordoned = host("cordoned", 64, 64);
     cordoned.schedulable = false;
     let hosts = [down, cordoned, host("full", 64, 64)];
-    let bound = [Bound { host: "full".into(), cpus: 1, memory_mib: 1, anti_affinity_group: None }];
+    let bound =
+        [Bound { host: "full".into(), cpus: 1, memory_mib: 1, anti_affinity_group: None, high_availability: false }];
     let err = Pool::new(&rules, &hosts, &bound).place(&demand(1, 1)).unwrap_err();
     assert!(err.message.contains("1 host not ready"), "{}", err.message);
     assert!(err.message.contains("1 host cordoned"), "{}", err.message);
@@ -169,6 +179,46 @@ fn an_empty_pool_says_so() {
 fn servers_on_hosts_outside_the_pool_are_ignored() {
     let rules = rules(Strategy::Spread);
     let hosts = [host("a", 2, 2)];
-    let bound = [Bound { host: "gone".into(), cpus: 2, memory_mib: 2048, anti_affinity_group: None }];
+    let bound =
+        [Bound { host: "gone".into(), cpus: 2, memory_mib: 2048, anti_affinity_group: None, high_availability: false }];
     assert_eq!(Pool::new(&rules, &hosts, &bound).place(&demand(2, 2)), Ok("a".into()));
+}
+
+#[test]
+fn reserve_hosts_keeps_room_to_restart_ha_servers() {
+    let mut rules = rules(Strategy::Pack);
+    rules.reserve_hosts = 1;
+    let hosts = [host("a", 4, 64), host("b", 4, 64)];
+    let mut pool = Pool::new(&rules, &hosts, &[]);
+    let ha = Demand { high_availability: true, ..demand(2, 1) };
+    // Two HA servers of 2 CPUs: one host's worth must always stay free on the other.
+    assert!(pool.place(&ha).is_ok());
+    assert!(pool.place(&ha).is_ok());
+    let err = pool.place(&ha).unwrap_err();
+    assert_eq!(err.reason, "FailoverReserve");
+    assert!(
+        err.message.contains("unable to restart every highly-available server after losing its 1 largest host(s)"),
+        "{}",
+        err.message
+    );
+    // Without the reserve the third fits.
+    rules.reserve_hosts = 0;
+    let mut pool = Pool::new(&rules, &hosts, &[]);
+    for _ in 0..3 {
+        assert!(pool.place(&ha).is_ok());
+    }
+}
+
+#[test]
+fn failover_may_use_the_reserve() {
+    let mut rules = rules(Strategy::Pack);
+    rules.reserve_hosts = 1;
+    let hosts = [host("a", 4, 64), host("b", 4, 64)];
+    let bound = [
+        Bound { host: "a".into(), cpus: 4, memory_mib: 1024, anti_affinity_group: None, high_availability: true },
+        Bound { host: "b".into(), cpus: 2, memory_mib: 1024, anti_affinity_group: None, high_availability: true },
+    ];
+    let mut pool = Pool::new(&rules, &hosts, &bound);
+    let restart = Demand { high_availability: true, failover: true, ..demand(2, 1) };
+    assert_eq!(pool.place(&restart), Ok("b".into()));
 }
