@@ -384,3 +384,113 @@ async fn a_partitioned_host_fences_itself_before_its_servers_restart_elsewhere()
     assert!(samples > 50, "the sampler ran ({samples} samples)");
     assert!(doubles.is_empty(), "servers ran twice: {doubles:?}");
 }
+
+/// A small deterministic generator, seeded from the clock (the seed is printed, so a
+/// failing run can be repeated with COVI_CHAOS_SEED).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+#[tokio::test]
+async fn chaos_of_kills_freezes_and_partitions_never_runs_a_server_twice() {
+    let _turn = SERIAL.lock().await;
+    let seed = std::env::var("COVI_CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1
+    });
+    println!("chaos seed {seed}");
+    let mut rng = Rng(seed);
+
+    // Short timings so twenty rounds fit in a few minutes: lost after 5 s.
+    let client = admin().await;
+    install_crds(&client).await;
+    let netns = NetnsHost::create("chaos").await;
+    let mut fleet = Fleet::new(&client, "chaos").await;
+    let timings =
+        json!({"failover": {"renewSeconds": 1, "leaseDurationSeconds": 4, "fenceAfterSeconds": 2, "graceSeconds": 1}});
+    let pool = fleet.apply_pool(&client, timings).await;
+    for n in 1..=3 {
+        fleet.start_agent(n, 8, 16);
+    }
+    let node = fleet.host_name(4);
+    let uri = format!("test://{}", covi_tests::fleet::node_xml(&node, 8, 16).display());
+    let kubeconfig = netns.kubeconfig.display().to_string();
+    let listen = format!("{}:9464", covi_tests::fleet::NETNS_HOST_ADDR);
+    fleet.start_agent_wrapped(4, &uri, &["--kubeconfig", &kubeconfig, "--metrics-addr", &listen], &netns.wrapper());
+    fleet.start_operator();
+    fleet.wait_ready_hosts(&client, 4).await;
+    fleet.wait_pool_ready(&client, &pool, 4).await;
+    let ns = namespace(&client, "chaos").await;
+    let api: Api<VirtualServer> = Api::namespaced(client.clone(), &ns);
+    let servers: Vec<String> = (1..=6).map(|i| format!("ha-{i}")).collect();
+    for name in &servers {
+        apply_server(&api, name, &pool, true).await;
+    }
+    let all_ready = || async {
+        let list = api.list(&ListParams::default()).await.ok()?;
+        (list.items.len() == servers.len() && list.items.iter().all(ready)).then_some(())
+    };
+    wait_until("every server Ready", DEADLINE, all_ready).await;
+    let hosts = Arc::new(Mutex::new((1..=4).map(|n| (fleet.host_name(n), fleet.agents[n - 1].log.clone())).collect()));
+    let sampler = Sampler::start(hosts);
+
+    let rounds = 20;
+    let mut failovers_seen = 0;
+    for round in 1..=rounds {
+        let host = 1 + rng.below(4) as usize;
+        let action = match (host, rng.below(3)) {
+            (4, 2) => "partition",
+            (_, 0) | (_, 2) => "kill",
+            _ => "freeze",
+        };
+        // Sometimes shorter than fencing, sometimes past a lost host.
+        let hold = Duration::from_millis(500 + rng.below(7_500));
+        let pid = fleet.agents[host - 1].pid().expect("agent runs") as i32;
+        match action {
+            "kill" => fleet.agents[host - 1].kill(),
+            // SAFETY: plain signals to our own child process.
+            "freeze" => unsafe {
+                libc::kill(pid, libc::SIGSTOP);
+            },
+            _ => netns.cut(),
+        }
+        tokio::time::sleep(hold).await;
+        match action {
+            "kill" => fleet.agents[host - 1].start(),
+            "freeze" => unsafe {
+                libc::kill(pid, libc::SIGCONT);
+            },
+            _ => netns.heal(),
+        }
+        println!("round {round}: {action} host {host} for {:.1}s", hold.as_secs_f64());
+        if covi_tests::poll(DEADLINE, all_ready).await.is_none() {
+            let states: Vec<_> = api
+                .list(&ListParams::default())
+                .await
+                .map(|l| l.items.iter().map(|s| format!("{:?}: {:?}", s.metadata.name, s.status)).collect())
+                .unwrap_or_default();
+            panic!("round {round}: servers not all Ready again\n{}", states.join("\n"));
+        }
+    }
+    for s in api.list(&ListParams::default()).await.expect("list").items {
+        failovers_seen += s.status.map(|st| st.failovers.len()).unwrap_or(0);
+    }
+    let not_running = api.list(&ListParams::default()).await.expect("list").items.iter().filter(|s| !ready(s)).count();
+    let (samples, doubles) = sampler.finish().await;
+    println!(
+        "chaos: {rounds} rounds, {} servers, {failovers_seen} failovers, {samples} samples, {} double runs, {not_running} servers not Running",
+        servers.len(),
+        doubles.len()
+    );
+    assert!(doubles.is_empty(), "servers ran twice: {doubles:?}");
+    assert_eq!(not_running, 0);
+}
