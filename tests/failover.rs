@@ -494,3 +494,36 @@ async fn chaos_of_kills_freezes_and_partitions_never_runs_a_server_twice() {
     assert!(doubles.is_empty(), "servers ran twice: {doubles:?}");
     assert_eq!(not_running, 0);
 }
+
+#[tokio::test]
+async fn losing_too_much_of_a_pool_at_once_pauses_failover() {
+    let _turn = SERIAL.lock().await;
+    let client = admin().await;
+    install_crds(&client).await;
+    let mut fleet = Fleet::new(&client, "mass").await;
+    let spec = json!({"failover": {"renewSeconds": 1, "leaseDurationSeconds": 4, "fenceAfterSeconds": 2, "graceSeconds": 1, "maxLostPercent": 40}});
+    let pool = fleet.apply_pool(&client, spec).await;
+    fleet.start_agent(1, 8, 16);
+    fleet.start_operator();
+    fleet.wait_pool_ready(&client, &pool, 1).await;
+    let ns = namespace(&client, "mass").await;
+    let api: Api<VirtualServer> = Api::namespaced(client.clone(), &ns);
+    apply_server(&api, "ha-1", &pool, true).await;
+    fleet.wait_server(&api, "ha-1", "to run on host 1", DEADLINE, ready).await;
+    fleet.start_agent(2, 8, 16);
+    fleet.wait_pool_ready(&client, &pool, 2).await;
+
+    fleet.agents[0].kill();
+    let pools: Api<covi_api::HostPool> = Api::all(client.clone());
+    let paused = wait_until("failover to pause", DEADLINE, || async {
+        let p = pools.get(&pool).await.ok()?;
+        let c = find_condition(&p.status?.conditions, "FailoverPaused")?.clone();
+        (c.status == "True").then_some(c)
+    })
+    .await;
+    assert_eq!(paused.reason, "MassFailure");
+    assert!(paused.message.contains("1 of 2 hosts are lost at once, more than 40%"), "{}", paused.message);
+    let s = api.get("ha-1").await.expect("server");
+    assert_eq!(host_of(&s), Some(fleet.host_name(1)), "the server was not moved");
+    assert!(s.status.unwrap().failovers.is_empty());
+}

@@ -8,9 +8,9 @@ use covi_api::{Condition, Host, HostPool};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
+use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::Store;
-use kube::{Client, ResourceExt};
 use serde_json::json;
 
 use crate::error::Result;
@@ -90,13 +90,9 @@ impl HostReporter {
     }
 }
 
-/// The pool whose nodeSelector matches these labels (the first by name, if several do).
+/// The pool this host belongs to (see `covi_api::host_pool::pool_for_labels`).
 pub fn pool_of<'a>(pools: &'a [std::sync::Arc<HostPool>], labels: &BTreeMap<String, String>) -> Option<&'a HostPool> {
-    pools
-        .iter()
-        .filter(|p| p.spec.node_selector.iter().all(|(k, v)| labels.get(k) == Some(v)))
-        .min_by_key(|p| p.name_any())
-        .map(|p| p.as_ref())
+    covi_api::host_pool::pool_for_labels(pools, labels)
 }
 
 /// Renews the host's Lease for ever. Each success moves the fencing clock; a success
@@ -174,6 +170,7 @@ async fn renew_once(api: &Api<Lease>, node: &str, duration: u32) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kube::ResourceExt;
     use std::sync::Arc;
 
     fn pool(name: &str, selector: &[(&str, &str)]) -> Arc<HostPool> {

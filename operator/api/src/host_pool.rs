@@ -489,3 +489,50 @@ impl Failover {
         std::time::Duration::from_secs(default_fence_after().into())
     }
 }
+
+/// The pool a host with `labels` belongs to. A host belongs to one pool only: of the
+/// pools whose nodeSelector matches, the most specific (most selector entries) wins,
+/// then the first by name, so an empty catch-all selector never steals a host.
+pub fn pool_for_labels<'a, P>(
+    pools: &'a [P],
+    labels: &std::collections::BTreeMap<String, String>,
+) -> Option<&'a HostPool>
+where
+    P: std::ops::Deref<Target = HostPool>,
+{
+    pools
+        .iter()
+        .map(|p| &**p)
+        .filter(|p| p.spec.node_selector.iter().all(|(k, v)| labels.get(k) == Some(v)))
+        .min_by_key(|p| (std::cmp::Reverse(p.spec.node_selector.len()), p.metadata.name.clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(name: &str, selector: &[(&str, &str)]) -> HostPool {
+        let selector: BTreeMap<_, _> = selector.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "covi.io/v1alpha1", "kind": "HostPool", "metadata": {"name": name},
+            "spec": {"nodeSelector": selector, "storage": {"pool": "p"}, "network": {"bridge": "b", "cidr": "10.0.0.0/24"}}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_host_belongs_to_the_most_specific_matching_pool() {
+        let pools = vec![
+            Box::new(pool("catch-all", &[])),
+            Box::new(pool("idc-b", &[("covi.io/pool", "b")])),
+            Box::new(pool("idc-a", &[("covi.io/pool", "a")])),
+            Box::new(pool("idc-a-ssd", &[("covi.io/pool", "a"), ("disk", "ssd")])),
+        ];
+        let labels =
+            |l: &[(&str, &str)]| l.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>();
+        let name = |l: &[(&str, &str)]| pool_for_labels(&pools, &labels(l)).and_then(|p| p.metadata.name.clone());
+        assert_eq!(name(&[("covi.io/pool", "a")]).as_deref(), Some("idc-a"));
+        assert_eq!(name(&[("covi.io/pool", "a"), ("disk", "ssd")]).as_deref(), Some("idc-a-ssd"));
+        assert_eq!(name(&[("rack", "r1")]).as_deref(), Some("catch-all"));
+    }
+}

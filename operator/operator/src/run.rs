@@ -141,8 +141,9 @@ impl Scheduler {
 
         for pool in &pools {
             let members: Vec<_> = servers.iter().filter(|s| s.spec.host_pool == pool.name_any()).cloned().collect();
-            let failover = pool.spec.failover.enabled && !failover_paused(pool, &hosts, &lost);
-            let decisions = pass(pool, &hosts, &members, &self.assumed, &unready, &lost, failover);
+            let failover = pool.spec.failover.enabled && !failover_paused(&pools, pool, &hosts, &lost);
+            let hosts_here: Vec<_> = hosts.iter().filter(|h| in_pool(&pools, pool, h)).cloned().collect();
+            let decisions = pass(pool, &hosts_here, &members, &self.assumed, &unready, &lost, failover);
             self.apply(decisions).await;
         }
         let pool_names: BTreeSet<_> = pools.iter().map(|p| p.name_any()).collect();
@@ -172,8 +173,9 @@ impl Scheduler {
         hosts
             .iter()
             .map(|h| {
-                let failover =
-                    pools.iter().find(|p| in_pool(p, h)).map(|p| p.spec.failover.clone()).unwrap_or_default();
+                let failover = covi_api::host_pool::pool_for_labels(pools, h.labels())
+                    .map(|p| p.spec.failover.clone())
+                    .unwrap_or_default();
                 let lease = Duration::from_secs(failover.lease_duration_seconds.into());
                 let grace = Duration::from_secs(failover.grace_seconds.into());
                 (h.name_any(), self.leases.liveness(&h.name_any(), now, lease, grace))
@@ -390,7 +392,7 @@ impl Scheduler {
         liveness: &HashMap<String, Liveness>,
     ) {
         for host in hosts {
-            let pool = pools.iter().find(|p| in_pool(p, host));
+            let pool = covi_api::host_pool::pool_for_labels(pools, host.labels());
             let name = host.name_any();
             let on_host: Vec<_> =
                 servers.iter().filter(|s| bound_host(s, &self.assumed) == Some(name.as_str())).collect();
@@ -458,7 +460,7 @@ impl Scheduler {
         lost: &BTreeSet<String>,
     ) {
         for pool in pools {
-            let members: Vec<_> = hosts.iter().filter(|h| in_pool(pool, h)).cloned().collect();
+            let members: Vec<_> = hosts.iter().filter(|h| in_pool(pools, pool, h)).cloned().collect();
             let ready =
                 members.iter().filter(|h| host_facts(h).ready && !unready.contains(&h.name_any())).count() as u32;
             let names: BTreeSet<_> = members.iter().map(|h| h.name_any()).collect();
@@ -483,7 +485,7 @@ impl Scheduler {
             let mut changed =
                 set_condition(&mut conditions, "Ready", ok, reason, message, generation, Timestamp::now());
             let lost_here = members.iter().filter(|h| lost.contains(&h.name_any())).count();
-            let paused = failover_paused(pool, hosts, lost);
+            let paused = failover_paused(pools, pool, hosts, lost);
             let (status_, reason, message) = if paused {
                 (
                     ConditionStatus::True,
@@ -559,8 +561,8 @@ fn allocation(
 }
 
 /// Whether failover in `pool` must wait because too many of its hosts are lost at once.
-fn failover_paused(pool: &HostPool, hosts: &[Arc<Host>], lost: &BTreeSet<String>) -> bool {
-    let members: Vec<_> = hosts.iter().filter(|h| in_pool(pool, h)).collect();
+fn failover_paused(pools: &[Arc<HostPool>], pool: &HostPool, hosts: &[Arc<Host>], lost: &BTreeSet<String>) -> bool {
+    let members: Vec<_> = hosts.iter().filter(|h| in_pool(pools, pool, h)).collect();
     let lost_here = members.iter().filter(|h| lost.contains(&h.name_any())).count();
     mass_failure(lost_here, members.len(), pool.spec.failover.max_lost_percent)
 }

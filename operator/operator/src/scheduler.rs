@@ -39,10 +39,9 @@ pub fn host_ready(host: &Host) -> bool {
     host.status.as_ref().is_some_and(|s| is_condition_true(&s.conditions, "Ready"))
 }
 
-/// Whether `host` belongs to `pool`.
-pub fn in_pool(pool: &HostPool, host: &Host) -> bool {
-    let labels = host.labels();
-    pool.spec.node_selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+/// Whether `host` belongs to `pool`, among `pools`: a host belongs to one pool only.
+pub fn in_pool(pools: &[Arc<HostPool>], pool: &HostPool, host: &Host) -> bool {
+    covi_api::host_pool::pool_for_labels(pools, host.labels()).is_some_and(|p| p.metadata.name == pool.metadata.name)
 }
 
 pub fn rules(pool: &HostPool) -> PoolRules {
@@ -92,20 +91,20 @@ fn address_of(server: &VirtualServer, assumed: &HashMap<String, Assumed>) -> Opt
         .or_else(|| server.uid().and_then(|uid| assumed.get(&uid)).and_then(|a| a.address))
 }
 
-/// Decides for every pending server of `pool`. `servers` are all servers of the pool;
+/// Decides for every pending server of `pool`. `members` are the pool's hosts and
+/// `servers` all servers of the pool;
 /// `unready` the hosts whose Lease is not fresh, `lost` the hosts declared lost. With `failover`, highly-available servers of lost
 /// hosts are placed again and the others marked HostLost; without it (disabled, or
 /// paused by the mass-failure guard) they are left where they are.
 pub fn pass(
     pool: &HostPool,
-    hosts: &[Arc<Host>],
+    members: &[Arc<Host>],
     servers: &[Arc<VirtualServer>],
     assumed: &HashMap<String, Assumed>,
     unready: &BTreeSet<String>,
     lost: &BTreeSet<String>,
     failover: bool,
 ) -> Vec<(Arc<VirtualServer>, Decision)> {
-    let members: Vec<&Arc<Host>> = hosts.iter().filter(|h| in_pool(pool, h)).collect();
     let facts: Vec<HostFacts> = members
         .iter()
         .map(|h| {
