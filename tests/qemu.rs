@@ -153,6 +153,18 @@ async fn real_qemu_guests_are_created_restored_stopped_and_deleted() {
     println!("destroyed domain running again after {:?}", destroyed_at.elapsed());
     assert_eq!(domains_named(&conn, &dom.name().expect("name")), [true], "exactly one domain");
 
+    // Changed behind covi's back (two CPUs in the persistent definition): restored.
+    let edited = dom
+        .xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE)
+        .expect("inactive XML")
+        .replace("<vcpu placement='static'>1</vcpu>", "<vcpu placement='static'>2</vcpu>");
+    conn.define_domain_xml(&edited).expect("edit the definition like `virsh edit`");
+    wait_until("the definition to be restored to one CPU", DEADLINE, || async {
+        let xml = dom.xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE).ok()?;
+        xml.contains("<vcpu placement='static'>1</vcpu>").then_some(())
+    })
+    .await;
+
     // Stop (the guest has no OS to obey ACPI, so the grace period ends in a forced off) and start.
     apply_server(&api, "guest", &pool, json!({"runPolicy": "Stopped"})).await;
     fleet.wait_server(&api, "guest", "to stop", DEADLINE, |s| phase(s) == Some(VirtualServerPhase::Stopped)).await;

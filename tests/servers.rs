@@ -100,6 +100,16 @@ async fn a_server_becomes_running_with_an_address_from_the_pool() {
         assert!(reasons.contains(reason), "missing Event {reason}: {reasons:?}");
     }
 
+    // The agent reports its host's facts, storage included.
+    let hosts: Api<covi_api::Host> = Api::all(client.clone());
+    let facts = wait_until("the host to report its storage", DEADLINE, || async {
+        let h = hosts.get(&host).await.ok()?;
+        let c = h.status?.capacity?;
+        c.storage.is_some().then_some(c)
+    })
+    .await;
+    assert_eq!((facts.cpus, facts.memory.as_str()), (8, "16384Mi"));
+
     // Both binaries serve Prometheus metrics and a health endpoint.
     let operator = fleet.operator.as_ref().expect("operator");
     let metrics = wait_until("the operator to count the running server", DEADLINE, || async {
@@ -325,4 +335,21 @@ async fn the_standby_operator_takes_over_when_the_leader_dies() {
     let new_holder = leases.get("covi-operator").await.expect("lease").spec.and_then(|s| s.holder_identity);
     assert_ne!(new_holder.as_deref(), Some(holder.as_str()), "the standby leads now");
     println!("standby bound a new server {:?} after the leader was killed", killed_at.elapsed());
+}
+
+#[tokio::test]
+async fn a_server_whose_host_is_gone_for_good_can_still_be_deleted() {
+    let _turn = SERIAL.lock().await;
+    let (client, mut fleet, pool, _ns, api) = setup("gone", &[(8, 16)]).await;
+    apply_server(&api, "orphan", &pool, json!({})).await;
+    fleet.wait_server(&api, "orphan", "to be Ready", DEADLINE, ready).await;
+    // The hypervisor is decommissioned: agent stopped, Host object removed.
+    fleet.agents[0].kill();
+    let hosts: Api<covi_api::Host> = Api::all(client.clone());
+    hosts.delete(&fleet.host_name(1), &DeleteParams::default()).await.expect("delete host");
+    api.delete("orphan", &DeleteParams::default()).await.expect("delete server");
+    wait_until("the server to be gone", DEADLINE, || async {
+        api.get_opt("orphan").await.ok()?.is_none().then_some(())
+    })
+    .await;
 }

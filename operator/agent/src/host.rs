@@ -40,7 +40,7 @@ impl HostReporter {
 
     /// Creates or updates the Host; `Ready=True` since the agent reaches both libvirt
     /// and the API. `fenced`, when given, records a self-fencing in the Fenced condition.
-    pub async fn report(&self, facts: &HostFacts, fenced: Option<String>) -> Result<()> {
+    pub async fn report(&self, facts: &HostFacts, storage: Option<u64>, fenced: Option<String>) -> Result<()> {
         let api: Api<Host> = Api::all(self.client.clone());
         let node = self.node.as_str();
         let params = PatchParams::apply(MANAGER).force();
@@ -81,6 +81,7 @@ impl HostReporter {
                 "capacity": {
                     "cpus": facts.cpus,
                     "memory": format!("{}Mi", facts.memory_kib / 1024),
+                    "storage": storage.map(|bytes| format!("{}Gi", bytes >> 30)),
                 },
                 "conditions": *conditions,
             }
@@ -106,6 +107,8 @@ pub struct LeaseRenewer {
     pub fence: std::sync::Arc<crate::fence::Fence>,
     pub recovered: std::sync::Arc<tokio::sync::Notify>,
     pub metrics: crate::metrics::Metrics,
+    /// Fences the host now if it is overdue (the same function the watchdog runs).
+    pub fence_if_due: std::sync::Arc<dyn Fn() + Send + Sync>,
 }
 
 impl LeaseRenewer {
@@ -116,6 +119,13 @@ impl LeaseRenewer {
             let renew = Duration::from_secs(failover.renew_seconds.into());
             self.fence.set_fence_after(Duration::from_secs(failover.fence_after_seconds.into()));
             let started = std::time::Instant::now();
+            // A renewal sent after the fencing deadline may reach the API server after
+            // the operator declared the host lost: it never rescues the host. Fence
+            // first (after a freeze this thread may wake before the watchdog does).
+            if self.fence.due() {
+                let fence_if_due = self.fence_if_due.clone();
+                let _ = tokio::task::spawn_blocking(move || fence_if_due()).await;
+            }
             let attempt = renew_once(&self.api, &self.node, failover.lease_duration_seconds);
             let result = match tokio::time::timeout(renew, attempt).await {
                 Ok(result) => result,

@@ -55,7 +55,7 @@ pub async fn run(config: Config) -> Result<()> {
         config.labels.clone(),
         config.address.clone(),
     ));
-    reporter.report(&facts, None).await?;
+    reporter.report(&facts, None, None).await?;
 
     // Pools: every agent needs its pool's images, storage, network and timings.
     let (pools, pool_writer) = reflector::store::<HostPool>();
@@ -75,6 +75,10 @@ pub async fn run(config: Config) -> Result<()> {
         fence: fence.clone(),
         recovered: recovered.clone(),
         metrics: metrics.clone(),
+        fence_if_due: {
+            let (hv, fence) = (hypervisor.clone(), fence.clone());
+            Arc::new(move || fence_if_due(&hv, &fence))
+        },
     };
     tokio::spawn(renewer.run());
 
@@ -227,11 +231,17 @@ impl HostLoop {
                 self.metrics.domains.set(domains.len() as i64);
             }
             if let Ok(facts) = self.hypervisor.facts().await
-                && let Err(e) = self.reporter.report(&facts, None).await
+                && let Err(e) = self.reporter.report(&facts, self.storage().await, None).await
             {
                 tracing::warn!(error = %e, "updating the Host failed");
             }
         }
+    }
+
+    /// Free space of this host's pool's storage, as libvirt reports it.
+    async fn storage(&self) -> Option<u64> {
+        let pool = crate::host::pool_of(&self.pools.state(), &self.reporter.labels)?.spec.storage.pool.clone();
+        self.hypervisor.pool_available(&pool).await.ok().flatten()
     }
 
     /// Back in touch after fencing: remove domains now bound elsewhere before anything
@@ -248,7 +258,7 @@ impl HostLoop {
                 .to_string();
         match self.hypervisor.facts().await {
             Ok(facts) => {
-                if let Err(e) = self.reporter.report(&facts, Some(message)).await {
+                if let Err(e) = self.reporter.report(&facts, self.storage().await, Some(message)).await {
                     tracing::warn!(error = %e, "recording the fencing on the Host failed; staying fenced");
                     return;
                 }

@@ -238,6 +238,16 @@ impl Hypervisor {
         .await
     }
 
+    /// Free bytes in storage pool `pool`, when it exists.
+    pub async fn pool_available(&self, pool: &str) -> Result<Option<u64>> {
+        let pool = pool.to_string();
+        self.run(move |c| match find_pool(c, &pool)? {
+            Ok(p) => Ok(Some(p.info()?.available)),
+            Err(_) => Ok(None),
+        })
+        .await
+    }
+
     /// Deletes the named volumes of `pool` that exist; returns those it deleted.
     pub async fn delete_volumes(&self, pool: &str, names: Vec<String>) -> Result<Vec<String>> {
         let pool = pool.to_string();
