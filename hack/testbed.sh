@@ -53,7 +53,8 @@ _testbed_certs() {
   _testbed_sign "$d" apiserver "/CN=kube-apiserver" \
     "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc,IP:10.0.2.2,IP:10.201.0.1"
   _testbed_sign "$d" admin "/O=system:masters/CN=covi-admin"
-  _testbed_sign "$d" controller-manager "/CN=system:kube-controller-manager"
+  # The garbage collector must read and delete any kind, covi's included.
+  _testbed_sign "$d" controller-manager "/O=system:masters/CN=system:kube-controller-manager"
   openssl genrsa -out "$d/sa.key" 2048 2>/dev/null
   openssl rsa -in "$d/sa.key" -pubout -out "$d/sa.pub" 2>/dev/null
 }

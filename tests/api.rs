@@ -253,6 +253,11 @@ fn invalid_cases() -> Vec<Case> {
             with(host_pool(), json!({"spec": {"approval": {"webhookUrl": "ftp://example.com/hook"}}})),
             "webhookUrl must be an http or https URL",
         ),
+        create(
+            "expiry warning in days",
+            with(host_pool(), json!({"spec": {"approval": {"expiryWarning": "1d"}}})),
+            "expiryWarning must be a positive duration such as 24h",
+        ),
     ]
 }
 

@@ -368,6 +368,13 @@ pub struct ApprovalPolicy {
     #[x_kube(validation = Rule::new("isURL(self) && (url(self).getScheme() == 'https' || url(self).getScheme() == 'http')").message("webhookUrl must be an http or https URL"))]
     #[schemars(length(max = 2048))]
     pub webhook_url: Option<String>,
+    /// How long before a request's servers expire its requester is warned (an
+    /// ExpiringSoon Event), as a duration such as 24h (the default). Never more than half
+    /// the lifetime, so short lifetimes are warned too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^([0-9]+(\\\\.[0-9]+)?(ns|us|ms|s|m|h))+$') && duration(self) > duration('0s')").message("expiryWarning must be a positive duration such as 24h"))]
+    #[schemars(length(max = 64))]
+    pub expiry_warning: Option<String>,
 }
 
 /// Limits of automatic approval; a request over any of them waits for a person.

@@ -7,5 +7,6 @@ pub mod error;
 pub mod health;
 pub mod leader;
 pub mod metrics;
+pub mod requests;
 pub mod run;
 pub mod scheduler;

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use covi_api::condition::{ConditionStatus, find_condition, set_condition};
 use covi_api::virtual_server::FailoverRecord;
 use covi_api::virtual_server::VirtualServerPhase;
-use covi_api::{Host, HostPool, VirtualServer};
+use covi_api::vm_request::VmRequestPhase;
+use covi_api::{Host, HostPool, VirtualServer, VmRequest};
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -71,6 +72,7 @@ pub struct Scheduler {
     assumed: HashMap<String, Assumed>,
     /// Host Leases, in the operator's namespace.
     host_leases: Store<Lease>,
+    requests: Store<VmRequest>,
     /// When this operator saw each host's Lease renew.
     leases: Leases,
 }
@@ -82,11 +84,13 @@ pub async fn run_leader(client: Client, config: &Config, metrics: Metrics) -> Re
     let servers = watch(Api::<VirtualServer>::all(client.clone()), changed.clone());
     // Renewals are not changes worth a pass; the one-second tick reads them.
     let host_leases = watch(Api::<Lease>::namespaced(client.clone(), &config.namespace), Arc::new(Notify::new()));
+    let requests = watch(Api::<VmRequest>::all(client.clone()), changed.clone());
     for (what, ready) in [
         ("HostPools", pools.wait_until_ready().await.is_ok()),
         ("Hosts", hosts.wait_until_ready().await.is_ok()),
         ("VirtualServers", servers.wait_until_ready().await.is_ok()),
         ("Leases", host_leases.wait_until_ready().await.is_ok()),
+        ("VmRequests", requests.wait_until_ready().await.is_ok()),
     ] {
         if !ready {
             return Err(Error::Config(format!("the watch of {what} ended before it synced")));
@@ -102,6 +106,7 @@ pub async fn run_leader(client: Client, config: &Config, metrics: Metrics) -> Re
         metrics,
         assumed: HashMap::new(),
         host_leases,
+        requests,
         leases: Leases::default(),
     };
     tracing::info!("leading: scheduling servers");
@@ -157,6 +162,8 @@ impl Scheduler {
             .collect();
         self.apply(orphans).await;
 
+        self.reconcile_requests(&pools, &servers).await;
+        self.expire_servers(&servers).await;
         self.update_host_status(&pools, &hosts, &servers, &liveness).await;
         self.update_pool_status(&pools, &hosts, &servers, &unready, &lost).await;
         self.metrics.count_phases(&servers, &hosts);
@@ -558,6 +565,247 @@ fn allocation(
         Some(format!("{cpu}/{cap_cpu}")),
         Some(format!("{}/{}", covi_placement::format_mib(mem), covi_placement::format_mib(cap_mem))),
     )
+}
+
+impl Scheduler {
+    /// Brings every request's servers in line with its approval, replicas and lifetime.
+    async fn reconcile_requests(&self, pools: &[Arc<HostPool>], servers: &[Arc<VirtualServer>]) {
+        for request in self.requests.state() {
+            if request.meta().deletion_timestamp.is_some() {
+                // Owner references let the garbage collector return the servers.
+                continue;
+            }
+            if let Err(e) = self.reconcile_request(&request, pools, servers).await {
+                tracing::warn!(request = %request.name_any(), error = %e, "reconciling a request failed");
+            }
+        }
+    }
+
+    async fn reconcile_request(
+        &self,
+        request: &VmRequest,
+        pools: &[Arc<HostPool>],
+        servers: &[Arc<VirtualServer>],
+    ) -> Result<()> {
+        use crate::requests::{Approval, REQUEST_LABEL, approval, owned, progress, reconcile_replicas};
+        let ns = request.namespace().unwrap_or_default();
+        let name = request.name_any();
+        let pool = pools.iter().find(|p| p.name_any() == request.spec.template.spec.host_pool);
+        let mine = owned(request, servers);
+        let status = request.status.clone().unwrap_or_default();
+        let now = Timestamp::now();
+        let generation = request.meta().generation;
+        let mut conditions = status.conditions.clone();
+        let mut body = json!({
+            "observedGeneration": generation,
+            "replicas": mine.len(),
+            "selector": format!("{REQUEST_LABEL}={name}"),
+        });
+        let mut events: Vec<(EventType, &str, String)> = Vec::new();
+        let phase = match approval(request, pool.map(|p| p.as_ref())) {
+            Approval::Pending => VmRequestPhase::Pending,
+            Approval::Denied { message } => {
+                if status.phase != Some(VmRequestPhase::Denied) {
+                    events.push((EventType::Normal, "Denied", message));
+                }
+                VmRequestPhase::Denied
+            }
+            Approval::Approved { auto } => {
+                if auto && !covi_api::condition::is_condition_true(&conditions, "Approved") {
+                    let message = "within the pool's auto-approval policy".to_string();
+                    set_condition(
+                        &mut conditions,
+                        "Approved",
+                        ConditionStatus::True,
+                        "AutoApproved",
+                        message.clone(),
+                        generation,
+                        now,
+                    );
+                    events.push((EventType::Normal, "Approved", message));
+                } else if matches!(status.phase, None | Some(VmRequestPhase::Pending)) {
+                    events.push((EventType::Normal, "Approved", "approved".into()));
+                }
+                let warning = pool
+                    .and_then(|p| p.spec.approval.as_ref())
+                    .and_then(|a| a.expiry_warning.as_deref())
+                    .and_then(covi_api::duration::parse)
+                    .unwrap_or(Duration::from_secs(24 * 3600));
+                let p = progress(request, &mine, warning, now);
+                let api: Api<VirtualServer> = Api::namespaced(self.client.clone(), &ns);
+                if p.expired {
+                    for s in &mine {
+                        if s.meta().deletion_timestamp.is_none() {
+                            let _ = api.delete(&s.name_any(), &Default::default()).await;
+                        }
+                    }
+                    if status.phase != Some(VmRequestPhase::Expired) {
+                        let message = format!(
+                            "the lifetime {} ended; its servers are deleted",
+                            request.spec.lifetime.as_deref().unwrap_or_default()
+                        );
+                        set_condition(
+                            &mut conditions,
+                            "Expired",
+                            ConditionStatus::True,
+                            "LifetimeEnded",
+                            message.clone(),
+                            generation,
+                            now,
+                        );
+                        events.push((EventType::Normal, "Expired", message));
+                    }
+                } else {
+                    let existing: Vec<String> = mine.iter().map(|s| s.name_any()).collect();
+                    let (create, delete) = reconcile_replicas(&name, request.spec.replicas, &existing);
+                    for server in &create {
+                        self.create_request_server(request, server).await?;
+                    }
+                    for server in &delete {
+                        let _ = api.delete(server, &Default::default()).await;
+                    }
+                    if !create.is_empty() && status.phase != Some(VmRequestPhase::Provisioning) {
+                        events.push((EventType::Normal, "Provisioning", format!("creating {} servers", create.len())));
+                    }
+                    if p.fulfilled
+                        && status.phase != Some(VmRequestPhase::Fulfilled)
+                        && create.is_empty()
+                        && delete.is_empty()
+                    {
+                        events.push((
+                            EventType::Normal,
+                            "Fulfilled",
+                            format!("all {} servers are Ready", request.spec.replicas),
+                        ));
+                    }
+                    let fulfilled = p.fulfilled && create.is_empty() && delete.is_empty();
+                    let (st, reason, message) = if fulfilled {
+                        (
+                            ConditionStatus::True,
+                            "AllReady",
+                            format!("{} of {} servers Ready", p.ready, request.spec.replicas),
+                        )
+                    } else {
+                        (
+                            ConditionStatus::False,
+                            "Provisioning",
+                            format!("{} of {} servers Ready", p.ready, request.spec.replicas),
+                        )
+                    };
+                    set_condition(&mut conditions, "Fulfilled", st, reason, message, generation, now);
+                    if p.expiring_soon && !covi_api::condition::is_condition_true(&conditions, "ExpiringSoon") {
+                        let at = p.expires_at.map(|t| t.to_string()).unwrap_or_default();
+                        let message = format!("the servers are deleted at {at}");
+                        set_condition(
+                            &mut conditions,
+                            "ExpiringSoon",
+                            ConditionStatus::True,
+                            "LifetimeEnding",
+                            message.clone(),
+                            generation,
+                            now,
+                        );
+                        events.push((EventType::Warning, "ExpiringSoon", message));
+                    }
+                }
+                if let Some(at) = p.expires_at {
+                    body["expiresAt"] = json!(Time(at));
+                }
+                body["readyReplicas"] = json!(p.ready);
+                p.phase
+            }
+        };
+        body["phase"] = json!(phase);
+        let mine_types = ["Fulfilled", "Expired", "ExpiringSoon"];
+        let auto = conditions.iter().any(|c| c.type_ == "Approved" && c.reason == "AutoApproved");
+        let owned_conditions: Vec<_> = conditions
+            .iter()
+            .filter(|c| mine_types.contains(&c.type_.as_str()) || (auto && c.type_ == "Approved"))
+            .collect();
+        body["conditions"] = json!(owned_conditions);
+        // Write only when something the operator owns differs.
+        let mut current = json!({
+            "observedGeneration": status.observed_generation,
+            "replicas": status.replicas,
+            "selector": status.selector,
+            "phase": status.phase,
+            "conditions": status.conditions.iter()
+                .filter(|c| mine_types.contains(&c.type_.as_str()) || (auto && c.type_ == "Approved"))
+                .collect::<Vec<_>>(),
+        });
+        if body.get("readyReplicas").is_some() {
+            current["readyReplicas"] = json!(status.ready_replicas);
+        }
+        if let Some(at) = &status.expires_at {
+            current["expiresAt"] = json!(at);
+        }
+        let unchanged = events.is_empty() && current == body;
+        if !unchanged {
+            let patch = json!({"apiVersion": "covi.io/v1alpha1", "kind": "VmRequest", "status": body});
+            let api: Api<VmRequest> = Api::namespaced(self.client.clone(), &ns);
+            api.patch_status(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
+        }
+        for (type_, reason, note) in events {
+            let event =
+                Event { type_, reason: reason.into(), note: Some(note), action: "Request".into(), secondary: None };
+            if let Err(e) = self.recorder.publish(&event, &request.object_ref(&())).await {
+                tracing::warn!(error = %e, "publishing an event failed");
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates server `name` from the request's template, owned by the request.
+    async fn create_request_server(&self, request: &VmRequest, name: &str) -> Result<()> {
+        let template = &request.spec.template;
+        let meta = template.metadata.clone().unwrap_or_default();
+        let mut labels = meta.labels.clone();
+        labels.insert(crate::requests::REQUEST_LABEL.into(), request.name_any());
+        let server = json!({
+            "apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer",
+            "metadata": {
+                "name": name,
+                "labels": labels,
+                "annotations": meta.annotations,
+                "ownerReferences": [{
+                    "apiVersion": "covi.io/v1alpha1", "kind": "VmRequest",
+                    "name": request.name_any(), "uid": request.uid().unwrap_or_default(),
+                    "controller": true, "blockOwnerDeletion": true,
+                }],
+            },
+            "spec": template.spec,
+        });
+        let server: VirtualServer =
+            serde_json::from_value(server).map_err(|e| Error::Config(format!("server from template: {e}")))?;
+        let api: Api<VirtualServer> = Api::namespaced(self.client.clone(), &request.namespace().unwrap_or_default());
+        match api.create(&Default::default(), &server).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Deletes standalone servers whose spec.expiresAt has passed.
+    async fn expire_servers(&self, servers: &[Arc<VirtualServer>]) {
+        let now = Timestamp::now();
+        for s in servers {
+            let due = s.spec.expires_at.as_ref().is_some_and(|t| t.0 <= now);
+            if !due || s.meta().deletion_timestamp.is_some() {
+                continue;
+            }
+            let api: Api<VirtualServer> = Api::namespaced(self.client.clone(), &s.namespace().unwrap_or_default());
+            if api.delete(&s.name_any(), &Default::default()).await.is_ok() {
+                let event = Event {
+                    type_: EventType::Normal,
+                    reason: "Expired".into(),
+                    note: Some("spec.expiresAt has passed; the server is deleted".into()),
+                    action: "Expire".into(),
+                    secondary: None,
+                };
+                let _ = self.recorder.publish(&event, &s.object_ref(&())).await;
+            }
+        }
+    }
 }
 
 /// Whether failover in `pool` must wait because too many of its hosts are lost at once.

@@ -1,0 +1,205 @@
+//! Requests: approval, the servers a request owns, scaling, fulfilment and expiry,
+//! with the real operator and agents.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use covi_api::condition::find_condition;
+use covi_api::vm_request::VmRequestPhase;
+use covi_api::{VirtualServer, VmRequest};
+use covi_tests::fleet::Fleet;
+use covi_tests::{FIELD_MANAGER, admin, client_as, install_crds, kubectl, namespace, wait_until};
+use k8s_openapi::api::core::v1::Event;
+use kube::Client;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use serde_json::{Value, json};
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+const DEADLINE: Duration = Duration::from_secs(45);
+
+struct Scene {
+    client: Client,
+    _fleet: Fleet,
+    pool: String,
+    ns: String,
+    requests: Api<VmRequest>,
+    servers: Api<VirtualServer>,
+}
+
+async fn scene(id: &str, approval: Value) -> Scene {
+    let client = admin().await;
+    install_crds(&client).await;
+    let mut fleet = Fleet::new(&client, id).await;
+    let pool = fleet.apply_pool(&client, json!({"approval": approval})).await;
+    fleet.start_agent(1, 16, 32);
+    fleet.start_agent(2, 16, 32);
+    fleet.start_operator();
+    fleet.wait_pool_ready(&client, &pool, 2).await;
+    let ns = namespace(&client, id).await;
+    Scene {
+        requests: Api::namespaced(client.clone(), &ns),
+        servers: Api::namespaced(client.clone(), &ns),
+        client,
+        _fleet: fleet,
+        pool,
+        ns,
+    }
+}
+
+impl Scene {
+    async fn request(&self, name: &str, replicas: i32, lifetime: Option<&str>) {
+        let mut spec = json!({
+            "replicas": replicas, "reason": "integration test", "requester": "alice",
+            "template": {"metadata": {"labels": {"app": name}}, "spec": {
+                "hostPool": self.pool, "class": "small", "boot": {"image": "debian-12"},
+                "owner": "team-test", "purpose": "requested in a test"
+            }}
+        });
+        if let Some(l) = lifetime {
+            spec["lifetime"] = json!(l);
+        }
+        let body =
+            json!({"apiVersion": "covi.io/v1alpha1", "kind": "VmRequest", "metadata": {"name": name}, "spec": spec});
+        self.requests
+            .patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body))
+            .await
+            .expect("apply request");
+    }
+
+    async fn wait_request(&self, name: &str, what: &str, check: impl Fn(&VmRequest) -> bool) -> VmRequest {
+        wait_until(&format!("request {name} {what}"), DEADLINE, || async {
+            let r = self.requests.get_opt(name).await.ok()??;
+            check(&r).then_some(r)
+        })
+        .await
+    }
+
+    async fn server_names(&self, request: &str) -> BTreeSet<String> {
+        let list = self
+            .servers
+            .list(&ListParams::default().labels(&format!("covi.io/request={request}")))
+            .await
+            .expect("list");
+        list.items
+            .into_iter()
+            .filter(|s| s.metadata.deletion_timestamp.is_none())
+            .filter_map(|s| s.metadata.name)
+            .collect()
+    }
+
+    async fn events(&self, name: &str) -> BTreeSet<String> {
+        let api: Api<Event> = Api::namespaced(self.client.clone(), &self.ns);
+        let list =
+            api.list(&ListParams::default().fields(&format!("involvedObject.name={name}"))).await.expect("events");
+        list.items.into_iter().filter_map(|e| e.reason).collect()
+    }
+}
+
+fn phase(r: &VmRequest) -> Option<VmRequestPhase> {
+    r.status.as_ref().and_then(|s| s.phase)
+}
+
+fn condition(r: &VmRequest, type_: &str) -> Option<covi_api::Condition> {
+    r.status.as_ref().and_then(|s| find_condition(&s.conditions, type_).cloned())
+}
+
+#[tokio::test]
+async fn an_approved_request_creates_its_servers_and_is_fulfilled() {
+    let _turn = SERIAL.lock().await;
+    let s = scene("approve", json!({})).await;
+    s.request("web", 2, None).await;
+    s.wait_request("web", "to wait for approval", |r| phase(r) == Some(VmRequestPhase::Pending)).await;
+    assert!(s.server_names("web").await.is_empty(), "nothing is created before approval");
+
+    // An approver approves through the status subresource, under their own field manager.
+    let bob = client_as("bob", &["system:masters"]).await;
+    let approval = json!({"apiVersion": "covi.io/v1alpha1", "kind": "VmRequest", "status": {"conditions": [{
+        "type": "Approved", "status": "True", "reason": "ApprovedByBob", "message": "go ahead",
+        "lastTransitionTime": "2026-11-27T00:00:00Z"}]}});
+    Api::<VmRequest>::namespaced(bob, &s.ns)
+        .patch_status("web", &PatchParams::apply("bob").force(), &Patch::Apply(&approval))
+        .await
+        .expect("approve");
+
+    let r = s.wait_request("web", "to be fulfilled", |r| phase(r) == Some(VmRequestPhase::Fulfilled)).await;
+    let st = r.status.clone().unwrap();
+    assert_eq!((st.replicas, st.ready_replicas), (2, 2));
+    assert_eq!(st.selector.as_deref(), Some("covi.io/request=web"));
+    assert_eq!(condition(&r, "Fulfilled").map(|c| c.status), Some("True".into()));
+    assert_eq!(
+        condition(&r, "Approved").map(|c| c.reason),
+        Some("ApprovedByBob".into()),
+        "the approver's condition is kept"
+    );
+    assert_eq!(s.server_names("web").await, ["web-0", "web-1"].map(String::from).into());
+    let server = s.servers.get("web-0").await.expect("server");
+    assert_eq!(server.metadata.labels.unwrap().get("app").map(String::as_str), Some("web"));
+    let events = s.events("web").await;
+    for reason in ["Approved", "Provisioning", "Fulfilled"] {
+        assert!(events.contains(reason), "missing Event {reason}: {events:?}");
+    }
+}
+
+#[tokio::test]
+async fn auto_approval_within_policy_and_a_larger_request_waits() {
+    let _turn = SERIAL.lock().await;
+    let s = scene("auto", json!({"autoApprove": {"maxServers": 2, "maxCpus": 4}})).await;
+    s.request("small", 2, None).await;
+    s.request("large", 3, None).await;
+    let r = s.wait_request("small", "to be fulfilled", |r| phase(r) == Some(VmRequestPhase::Fulfilled)).await;
+    assert_eq!(condition(&r, "Approved").map(|c| c.reason), Some("AutoApproved".into()));
+    let large = s.wait_request("large", "to wait for a person", |r| phase(r) == Some(VmRequestPhase::Pending)).await;
+    assert!(condition(&large, "Approved").is_none());
+    assert!(s.server_names("large").await.is_empty());
+}
+
+#[tokio::test]
+async fn scaling_keeps_the_right_servers_and_deleting_returns_them_all() {
+    let _turn = SERIAL.lock().await;
+    let s = scene("scale", json!({"autoApprove": {"maxServers": 10}})).await;
+    s.request("burst", 1, None).await;
+    s.wait_request("burst", "to be fulfilled", |r| phase(r) == Some(VmRequestPhase::Fulfilled)).await;
+
+    let (ok, out) = kubectl(&["scale", "-n", &s.ns, "vmrequest/burst", "--replicas=5"]);
+    assert!(ok, "{out}");
+    s.wait_request("burst", "to be fulfilled with 5", |r| {
+        phase(r) == Some(VmRequestPhase::Fulfilled) && r.status.as_ref().is_some_and(|st| st.ready_replicas == 5)
+    })
+    .await;
+    assert_eq!(s.server_names("burst").await.len(), 5);
+
+    let (ok, out) = kubectl(&["scale", "-n", &s.ns, "vmrequest/burst", "--replicas=2"]);
+    assert!(ok, "{out}");
+    wait_until("the three newest servers to be gone", DEADLINE, || async {
+        let all = s.servers.list(&ListParams::default().labels("covi.io/request=burst")).await.ok()?;
+        let names: BTreeSet<String> = all.items.into_iter().filter_map(|x| x.metadata.name).collect();
+        (names == ["burst-0", "burst-1"].map(String::from).into()).then_some(())
+    })
+    .await;
+
+    s.requests.delete("burst", &DeleteParams::foreground()).await.expect("delete request");
+    wait_until("every server of the request to be gone", DEADLINE, || async {
+        let all = s.servers.list(&ListParams::default().labels("covi.io/request=burst")).await.ok()?;
+        all.items.is_empty().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_short_lifetime_warns_then_expires_and_keeps_the_request() {
+    let _turn = SERIAL.lock().await;
+    let s = scene("expiry", json!({"autoApprove": {"maxServers": 5}})).await;
+    s.request("trial", 2, Some("8s")).await;
+    let r = s.wait_request("trial", "to be fulfilled", |r| phase(r) == Some(VmRequestPhase::Fulfilled)).await;
+    assert!(r.status.unwrap().expires_at.is_some(), "the lifetime starts at fulfilment");
+    let r = s.wait_request("trial", "to expire", |r| phase(r) == Some(VmRequestPhase::Expired)).await;
+    assert_eq!(condition(&r, "Expired").map(|c| c.status), Some("True".into()));
+    wait_until("its servers to be gone", DEADLINE, || async {
+        let all = s.servers.list(&ListParams::default().labels("covi.io/request=trial")).await.ok()?;
+        all.items.is_empty().then_some(())
+    })
+    .await;
+    let events = s.events("trial").await;
+    assert!(events.contains("ExpiringSoon") && events.contains("Expired"), "{events:?}");
+    assert!(s.requests.get_opt("trial").await.expect("get").is_some(), "the request is kept for the record");
+}
