@@ -203,3 +203,121 @@ async fn a_short_lifetime_warns_then_expires_and_keeps_the_request() {
     assert!(events.contains("ExpiringSoon") && events.contains("Expired"), "{events:?}");
     assert!(s.requests.get_opt("trial").await.expect("get").is_some(), "the request is kept for the record");
 }
+
+/// Removes covi's admission policies when dropped, so other tests in this test bed
+/// are not subject to them.
+struct Policies;
+
+impl Policies {
+    fn install() -> Policies {
+        let root = covi_tests::repo_root();
+        for file in ["deploy/policies", "deploy/rbac"] {
+            let (ok, out) = kubectl(&["apply", "--server-side", "-f", &root.join(file).display().to_string()]);
+            assert!(ok, "applying {file}: {out}");
+        }
+        Policies
+    }
+}
+
+impl Drop for Policies {
+    fn drop(&mut self) {
+        let dir = covi_tests::repo_root().join("deploy/policies").display().to_string();
+        let _ = kubectl(&["delete", "--ignore-not-found", "-f", &dir]);
+    }
+}
+
+async fn bind(client: &Client, ns: &str, user: &str, role: &str, kind: &str) {
+    let binding: k8s_openapi::api::rbac::v1::RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": format!("{user}-{role}"), "namespace": ns},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": role},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]
+    }))
+    .expect("binding");
+    Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(client.clone(), ns)
+        .create(&Default::default(), &binding)
+        .await
+        .expect("create binding");
+}
+
+fn approval(type_: &str, reason: &str) -> Value {
+    json!({"apiVersion": "covi.io/v1alpha1", "kind": "VmRequest", "status": {"conditions": [{
+        "type": type_, "status": "True", "reason": reason, "message": "decided in a test",
+        "lastTransitionTime": "2026-11-27T00:00:00Z"}]}})
+}
+
+#[tokio::test]
+async fn only_an_approver_who_is_not_the_requester_can_approve() {
+    let _turn = SERIAL.lock().await;
+    let s = scene("policy", json!({})).await;
+    let _policies = Policies::install();
+    bind(&s.client, &s.ns, "alice", "covi-requester", "ClusterRole").await;
+    bind(&s.client, &s.ns, "alice", "covi-approver", "ClusterRole").await;
+    bind(&s.client, &s.ns, "bob", "covi-approver", "ClusterRole").await;
+    // carol may write request status but holds no approve verb.
+    let role: k8s_openapi::api::rbac::v1::Role = serde_json::from_value(json!({
+        "metadata": {"name": "status-writer", "namespace": s.ns},
+        "rules": [{"apiGroups": ["covi.io"], "resources": ["vmrequests", "vmrequests/status"], "verbs": ["get", "update", "patch"]}]
+    }))
+    .expect("role");
+    Api::<k8s_openapi::api::rbac::v1::Role>::namespaced(s.client.clone(), &s.ns)
+        .create(&Default::default(), &role)
+        .await
+        .expect("role");
+    bind(&s.client, &s.ns, "carol", "status-writer", "Role").await;
+
+    let ns = s.ns.clone();
+    let as_user = |user: &'static str| {
+        let ns = ns.clone();
+        async move { Api::<VmRequest>::namespaced(client_as(user, &[]).await, &ns) }
+    };
+    let body = |requester: &str| {
+        json!({"apiVersion": "covi.io/v1alpha1", "kind": "VmRequest", "metadata": {"name": "db"}, "spec": {
+            "replicas": 1, "reason": "a database", "requester": requester,
+            "template": {"spec": {"hostPool": s.pool, "class": "small", "boot": {"image": "debian-12"}, "owner": "alice", "purpose": "db"}}
+        }})
+    };
+    let alice = as_user("alice").await;
+    // The policy is active once a forged requester is refused (policies load asynchronously).
+    let forged = wait_until("the requester policy to refuse a forged requester", DEADLINE, || async {
+        match alice.patch("db", &PatchParams::apply("alice"), &Patch::Apply(&body("mallory"))).await {
+            Err(kube::Error::Api(status)) if status.code == 403 || status.code == 422 => Some(status.message),
+            Ok(_) => {
+                let _ = alice.delete("db", &DeleteParams::default()).await;
+                None
+            }
+            Err(_) => None,
+        }
+    })
+    .await;
+    assert!(forged.contains("spec.requester must be the user creating the request: alice"), "{forged}");
+    alice
+        .patch("db", &PatchParams::apply("alice"), &Patch::Apply(&body("alice")))
+        .await
+        .expect("alice requests for herself");
+
+    let refused = |r: Result<VmRequest, kube::Error>| match r {
+        Err(kube::Error::Api(status)) => status.message,
+        Ok(_) => panic!("the approval was accepted"),
+        Err(e) => panic!("unexpected error {e}"),
+    };
+    let own = alice
+        .patch_status("db", &PatchParams::apply("alice").force(), &Patch::Apply(&approval("Approved", "Mine")))
+        .await;
+    assert!(refused(own).contains("a requester cannot approve or deny their own request"));
+    let carol = as_user("carol").await;
+    let unauthorised = carol
+        .patch_status("db", &PatchParams::apply("carol").force(), &Patch::Apply(&approval("Approved", "Carol")))
+        .await;
+    let message = refused(unauthorised);
+    assert!(
+        message.contains("needs the approve verb on vmrequests in namespace") && message.contains("carol"),
+        "{message}"
+    );
+    assert!(s.server_names("db").await.is_empty(), "nothing was created");
+
+    let bob = as_user("bob").await;
+    bob.patch_status("db", &PatchParams::apply("bob").force(), &Patch::Apply(&approval("Approved", "ApprovedByBob")))
+        .await
+        .expect("bob approves");
+    s.wait_request("db", "to be fulfilled", |r| phase(r) == Some(VmRequestPhase::Fulfilled)).await;
+}
