@@ -321,3 +321,47 @@ async fn only_an_approver_who_is_not_the_requester_can_approve() {
         .expect("bob approves");
     s.wait_request("db", "to be fulfilled", |r| phase(r) == Some(VmRequestPhase::Fulfilled)).await;
 }
+
+/// Runs kubectl with covi's binaries first on PATH, so `kubectl covi` finds the plugin.
+fn kubectl_covi(args: &[&str]) -> (bool, String) {
+    let bin = covi_tests::fleet::bin("kubectl-covi");
+    let dir = bin.parent().expect("bin dir").display().to_string();
+    let path = format!("{dir}:{}", std::env::var("PATH").unwrap_or_default());
+    let out = std::process::Command::new("kubectl").args(args).env("PATH", path).output().expect("kubectl runs");
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+#[tokio::test]
+async fn kubectl_covi_lists_approves_and_describes_requests() {
+    let _turn = SERIAL.lock().await;
+    let s = scene("plugin", json!({})).await;
+    s.request("analytics", 1, Some("168h")).await;
+    s.wait_request("analytics", "to wait for approval", |r| phase(r) == Some(VmRequestPhase::Pending)).await;
+
+    let (ok, out) = kubectl_covi(&["covi", "pending", "-n", &s.ns]);
+    assert!(ok, "{out}");
+    let row = out.lines().find(|l| l.contains("analytics")).unwrap_or_else(|| panic!("not listed:\n{out}"));
+    assert!(row.contains("alice") && row.contains("integration test"), "{row}");
+
+    let (ok, out) = kubectl_covi(&["covi", "approve", "analytics", "-m", "for the quarterly report", "-n", &s.ns]);
+    assert!(ok, "{out}");
+    assert_eq!(out.trim(), "vmrequest/analytics approved");
+    s.wait_request("analytics", "to be fulfilled", |r| phase(r) == Some(VmRequestPhase::Fulfilled)).await;
+    let (ok, out) = kubectl_covi(&["covi", "pending", "-n", &s.ns]);
+    assert!(ok && !out.contains("analytics"), "no longer pending:\n{out}");
+
+    let (ok, out) = kubectl_covi(&["covi", "describe", "analytics", "-n", &s.ns]);
+    assert!(ok, "{out}");
+    for expected in [
+        "Requester:  alice",
+        "Phase:      Fulfilled",
+        "Approved=True ApprovedByUser: for the quarterly report (covi-admin)",
+        "analytics-0",
+    ] {
+        assert!(out.contains(expected), "describe lacks {expected:?}:\n{out}");
+    }
+    let (ok, out) = kubectl_covi(&["covi", "deny", "analytics", "-n", &s.ns]);
+    assert!(!ok && out.contains("deny needs -m MESSAGE"), "{out}");
+}

@@ -1,0 +1,217 @@
+//! `kubectl covi`: approve, deny, list and describe VmRequests.
+//!
+//!   kubectl covi approve NAME [-m MESSAGE] [-n NAMESPACE]
+//!   kubectl covi deny NAME -m MESSAGE [-n NAMESPACE]
+//!   kubectl covi pending [-A] [-n NAMESPACE]
+//!   kubectl covi describe NAME [-n NAMESPACE]
+//!
+//! Decisions are written by server-side apply of the Approved or Denied condition
+//! under the user's own field manager; covi's admission policy checks who may decide.
+
+use std::process::ExitCode;
+
+use covi_api::condition::find_condition;
+use covi_api::{VirtualServer, VmRequest};
+use k8s_openapi::api::authentication::v1::SelfSubjectReview;
+use k8s_openapi::api::core::v1::Event;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+
+const USAGE: &str = "usage:
+  kubectl covi approve NAME [-m MESSAGE] [-n NAMESPACE]
+  kubectl covi deny NAME -m MESSAGE [-n NAMESPACE]
+  kubectl covi pending [-A] [-n NAMESPACE]
+  kubectl covi describe NAME [-n NAMESPACE]";
+
+struct Args {
+    command: String,
+    name: Option<String>,
+    message: Option<String>,
+    namespace: Option<String>,
+    all_namespaces: bool,
+}
+
+fn parse(args: &[String]) -> Result<Args, String> {
+    let mut it = args.iter();
+    let command = it.next().cloned().ok_or_else(|| USAGE.to_string())?;
+    let mut a = Args { command, name: None, message: None, namespace: None, all_namespaces: false };
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "-m" | "--message" => a.message = Some(it.next().ok_or("-m needs a message")?.clone()),
+            "-n" | "--namespace" => a.namespace = Some(it.next().ok_or("-n needs a namespace")?.clone()),
+            "-A" | "--all-namespaces" => a.all_namespaces = true,
+            "-h" | "--help" => return Err(USAGE.to_string()),
+            other if other.starts_with('-') => return Err(format!("unknown flag {other}\n{USAGE}")),
+            other if a.name.is_none() => a.name = Some(other.to_string()),
+            other => return Err(format!("unexpected argument {other}\n{USAGE}")),
+        }
+    }
+    Ok(a)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match run(&args).await {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: &[String]) -> Result<String, String> {
+    let a = parse(args)?;
+    let config = kube::Config::infer().await.map_err(|e| format!("no Kubernetes configuration: {e}"))?;
+    let namespace = a.namespace.clone().unwrap_or_else(|| config.default_namespace.clone());
+    let client = Client::try_from(config).map_err(|e| e.to_string())?;
+    let name = || a.name.clone().ok_or_else(|| format!("{} needs a request name\n{USAGE}", a.command));
+    match a.command.as_str() {
+        "approve" => {
+            let message = a.message.clone().unwrap_or_else(|| "approved".into());
+            decide(&client, &namespace, &name()?, "Approved", &message).await
+        }
+        "deny" => {
+            let message = a.message.clone().ok_or("deny needs -m MESSAGE: say why")?;
+            decide(&client, &namespace, &name()?, "Denied", &message).await
+        }
+        "pending" => pending(&client, &namespace, a.all_namespaces).await,
+        "describe" => describe(&client, &namespace, &name()?).await,
+        other => Err(format!("unknown command {other}\n{USAGE}")),
+    }
+}
+
+/// The user the API server sees, for the field manager and the message.
+async fn whoami(client: &Client) -> Result<String, String> {
+    let review: SelfSubjectReview =
+        serde_json::from_value(json!({"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}))
+            .map_err(|e| e.to_string())?;
+    let api: Api<SelfSubjectReview> = Api::all(client.clone());
+    let answer = api.create(&PostParams::default(), &review).await.map_err(|e| format!("asking who you are: {e}"))?;
+    answer
+        .status
+        .and_then(|s| s.user_info)
+        .and_then(|u| u.username)
+        .ok_or_else(|| "the API server did not say who you are".to_string())
+}
+
+async fn decide(client: &Client, ns: &str, name: &str, type_: &str, message: &str) -> Result<String, String> {
+    let user = whoami(client).await?;
+    let reason = if type_ == "Approved" { "ApprovedByUser" } else { "DeniedByUser" };
+    let patch = json!({"apiVersion": "covi.io/v1alpha1", "kind": "VmRequest", "status": {"conditions": [{
+        "type": type_, "status": "True", "reason": reason,
+        "message": format!("{message} ({user})"),
+        "lastTransitionTime": Timestamp::now().to_string(),
+    }]}});
+    let api: Api<VmRequest> = Api::namespaced(client.clone(), ns);
+    let manager = format!("kubectl-covi/{user}");
+    api.patch_status(name, &PatchParams::apply(&manager).force(), &Patch::Apply(&patch)).await.map_err(
+        |e| match e {
+            kube::Error::Api(s) => s.message,
+            other => other.to_string(),
+        },
+    )?;
+    Ok(format!("vmrequest/{name} {}\n", type_.to_lowercase()))
+}
+
+async fn pending(client: &Client, ns: &str, all: bool) -> Result<String, String> {
+    let list = if all {
+        Api::<VmRequest>::all(client.clone()).list(&ListParams::default()).await
+    } else {
+        Api::<VmRequest>::namespaced(client.clone(), ns).list(&ListParams::default()).await
+    }
+    .map_err(|e| format!("listing requests: {e}"))?;
+    let mut out = String::from("NAMESPACE\tNAME\tREQUESTER\tREPLICAS\tREASON\n");
+    for r in list.items {
+        let phase = r.status.as_ref().and_then(|s| s.phase);
+        if phase != Some(covi_api::vm_request::VmRequestPhase::Pending) {
+            continue;
+        }
+        out.push_str(&format!(
+            "{}\t{}\t{}\t{}\t{}\n",
+            r.namespace().unwrap_or_default(),
+            r.name_any(),
+            r.spec.requester.as_deref().unwrap_or("-"),
+            r.spec.replicas,
+            r.spec.reason
+        ));
+    }
+    Ok(out)
+}
+
+async fn describe(client: &Client, ns: &str, name: &str) -> Result<String, String> {
+    let r = Api::<VmRequest>::namespaced(client.clone(), ns)
+        .get(name)
+        .await
+        .map_err(|e| format!("vmrequest/{name}: {e}"))?;
+    let status = r.status.clone().unwrap_or_default();
+    let mut out = format!(
+        "Name:       {}\nNamespace:  {ns}\nRequester:  {}\nReason:     {}\nReplicas:   {} ({} ready)\nLifetime:   {}\nPhase:      {}\nExpires:    {}\n",
+        r.name_any(),
+        r.spec.requester.as_deref().unwrap_or("-"),
+        r.spec.reason,
+        r.spec.replicas,
+        status.ready_replicas,
+        r.spec.lifetime.as_deref().unwrap_or("-"),
+        status.phase.map(|p| format!("{p:?}")).unwrap_or_else(|| "-".into()),
+        status.expires_at.map(|t| t.0.to_string()).unwrap_or_else(|| "-".into()),
+    );
+    out.push_str("Conditions:\n");
+    for t in ["Approved", "Denied", "Fulfilled", "ExpiringSoon", "Expired"] {
+        if let Some(c) = find_condition(&status.conditions, t) {
+            out.push_str(&format!("  {t}={} {}: {}\n", c.status, c.reason, c.message));
+        }
+    }
+    let servers = Api::<VirtualServer>::namespaced(client.clone(), ns)
+        .list(&ListParams::default().labels(&format!("covi.io/request={name}")))
+        .await
+        .map_err(|e| format!("listing servers: {e}"))?;
+    out.push_str("Servers:\n");
+    for s in servers.items {
+        let st = s.status.clone().unwrap_or_default();
+        out.push_str(&format!(
+            "  {}\t{}\t{}\t{}\n",
+            s.name_any(),
+            st.phase.map(|p| format!("{p:?}")).unwrap_or_else(|| "-".into()),
+            st.host.unwrap_or_else(|| "-".into()),
+            st.address.unwrap_or_else(|| "-".into())
+        ));
+    }
+    let events = Api::<Event>::namespaced(client.clone(), ns)
+        .list(&ListParams::default().fields(&format!("involvedObject.name={name}")))
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default();
+    out.push_str("Events:\n");
+    for e in events {
+        out.push_str(&format!("  {}\t{}\n", e.reason.unwrap_or_default(), e.message.unwrap_or_default()));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn reads_commands_and_flags() {
+        let a = parse(&args(&["approve", "web", "-m", "ok", "-n", "shop"])).unwrap();
+        assert_eq!(
+            (a.command.as_str(), a.name.as_deref(), a.message.as_deref(), a.namespace.as_deref()),
+            ("approve", Some("web"), Some("ok"), Some("shop"))
+        );
+        assert!(parse(&args(&["pending", "-A"])).unwrap().all_namespaces);
+        assert!(parse(&args(&[])).unwrap_err().starts_with("usage:"));
+        assert!(parse(&args(&["deny", "a", "b"])).unwrap_err().starts_with("unexpected argument b"));
+    }
+}
