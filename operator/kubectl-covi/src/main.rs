@@ -25,6 +25,7 @@ const USAGE: &str = "usage:
   kubectl covi pending [-A] [-n NAMESPACE]
   kubectl covi describe NAME [-n NAMESPACE]";
 
+#[derive(Debug)]
 struct Args {
     command: String,
     name: Option<String>,
