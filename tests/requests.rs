@@ -27,15 +27,20 @@ struct Scene {
 }
 
 async fn scene(id: &str, approval: Value) -> Scene {
+    scene_in(id, |_| approval.clone()).await
+}
+
+/// A scene whose pool's approval policy may name the test's namespace.
+async fn scene_in(id: &str, approval: impl Fn(&str) -> Value) -> Scene {
     let client = admin().await;
     install_crds(&client).await;
+    let ns = namespace(&client, id).await;
     let mut fleet = Fleet::new(&client, id).await;
-    let pool = fleet.apply_pool(&client, json!({"approval": approval})).await;
+    let pool = fleet.apply_pool(&client, json!({"approval": approval(&ns)})).await;
     fleet.start_agent(1, 16, 32);
     fleet.start_agent(2, 16, 32);
     fleet.start_operator();
     fleet.wait_pool_ready(&client, &pool, 2).await;
-    let ns = namespace(&client, id).await;
     Scene {
         requests: Api::namespaced(client.clone(), &ns),
         servers: Api::namespaced(client.clone(), &ns),
@@ -49,7 +54,7 @@ async fn scene(id: &str, approval: Value) -> Scene {
 impl Scene {
     async fn request(&self, name: &str, replicas: i32, lifetime: Option<&str>) {
         let mut spec = json!({
-            "replicas": replicas, "reason": "integration test", "requester": "alice",
+            "replicas": replicas, "reason": "integration test", "requester": "covi-admin",
             "template": {"metadata": {"labels": {"app": name}}, "spec": {
                 "hostPool": self.pool, "class": "small", "boot": {"image": "debian-12"},
                 "owner": "team-test", "purpose": "requested in a test"
@@ -143,11 +148,34 @@ async fn an_approved_request_creates_its_servers_and_is_fulfilled() {
 #[tokio::test]
 async fn auto_approval_within_policy_and_a_larger_request_waits() {
     let _turn = SERIAL.lock().await;
-    let s = scene("auto", json!({"autoApprove": {"maxServers": 2, "maxCpus": 4}})).await;
+    // A local listener stands in for the team's chat hook.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("listener");
+    let hook = format!("http://{}/covi", listener.local_addr().expect("addr"));
+    let received = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut conn, _) = listener.accept().await.expect("a webhook call");
+        let mut buf = vec![0u8; 16384];
+        let mut text = String::new();
+        while !text.contains("\r\n\r\n") || !text.trim_end().ends_with('}') {
+            let n = conn.read(&mut buf).await.expect("read");
+            if n == 0 {
+                break;
+            }
+            text.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        conn.write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n").await.expect("answer");
+        text
+    });
+    let s = scene("auto", json!({"autoApprove": {"maxServers": 2, "maxCpus": 4}, "webhookUrl": hook})).await;
     s.request("small", 2, None).await;
     s.request("large", 3, None).await;
     let r = s.wait_request("small", "to be fulfilled", |r| phase(r) == Some(VmRequestPhase::Fulfilled)).await;
     assert_eq!(condition(&r, "Approved").map(|c| c.reason), Some("AutoApproved".into()));
+    let call = tokio::time::timeout(DEADLINE, received).await.expect("the webhook was called").expect("listener");
+    assert!(call.starts_with("POST /covi HTTP/1.1"), "{call}");
+    let body: Value = serde_json::from_str(call.split("\r\n\r\n").nth(1).expect("body")).expect("JSON body");
+    assert_eq!((body["event"].as_str(), body["request"].as_str()), (Some("Fulfilled"), Some("small")));
+    assert_eq!(body["servers"].as_array().map(Vec::len), Some(2));
     let large = s.wait_request("large", "to wait for a person", |r| phase(r) == Some(VmRequestPhase::Pending)).await;
     assert!(condition(&large, "Approved").is_none());
     assert!(s.server_names("large").await.is_empty());
@@ -343,9 +371,22 @@ async fn kubectl_covi_lists_approves_and_describes_requests() {
     let (ok, out) = kubectl_covi(&["covi", "pending", "-n", &s.ns]);
     assert!(ok, "{out}");
     let row = out.lines().find(|l| l.contains("analytics")).unwrap_or_else(|| panic!("not listed:\n{out}"));
-    assert!(row.contains("alice") && row.contains("integration test"), "{row}");
+    assert!(row.contains("covi-admin") && row.contains("integration test"), "{row}");
 
-    let (ok, out) = kubectl_covi(&["covi", "approve", "analytics", "-m", "for the quarterly report", "-n", &s.ns]);
+    // bob approves: an approver who is not the requester.
+    let (ok, out) = kubectl_covi(&[
+        "covi",
+        "approve",
+        "analytics",
+        "-m",
+        "for the quarterly report",
+        "-n",
+        &s.ns,
+        "--as",
+        "bob",
+        "--as-group",
+        "system:masters",
+    ]);
     assert!(ok, "{out}");
     assert_eq!(out.trim(), "vmrequest/analytics approved");
     s.wait_request("analytics", "to be fulfilled", |r| phase(r) == Some(VmRequestPhase::Fulfilled)).await;
@@ -355,13 +396,36 @@ async fn kubectl_covi_lists_approves_and_describes_requests() {
     let (ok, out) = kubectl_covi(&["covi", "describe", "analytics", "-n", &s.ns]);
     assert!(ok, "{out}");
     for expected in [
-        "Requester:  alice",
+        "Requester:  covi-admin",
         "Phase:      Fulfilled",
-        "Approved=True ApprovedByUser: for the quarterly report (covi-admin)",
+        "Approved=True ApprovedByUser: for the quarterly report (bob)",
         "analytics-0",
     ] {
         assert!(out.contains(expected), "describe lacks {expected:?}:\n{out}");
     }
     let (ok, out) = kubectl_covi(&["covi", "deny", "analytics", "-n", &s.ns]);
     assert!(!ok && out.contains("deny needs -m MESSAGE"), "{out}");
+}
+
+#[tokio::test]
+async fn a_request_over_the_namespace_quota_is_refused_whole() {
+    let _turn = SERIAL.lock().await;
+    let s = scene_in(
+        "quota",
+        |ns| json!({"autoApprove": {"maxServers": 10}, "quotas": [{"namespace": ns, "maxServers": 3}]}),
+    )
+    .await;
+    s.request("first", 2, None).await;
+    s.wait_request("first", "to be fulfilled", |r| phase(r) == Some(VmRequestPhase::Fulfilled)).await;
+    s.request("second", 2, None).await;
+    let r = s
+        .wait_request("second", "to be held by the quota", |r| {
+            condition(r, "QuotaExceeded").is_some_and(|c| c.status == "True")
+        })
+        .await;
+    let c = condition(&r, "QuotaExceeded").unwrap();
+    assert!(c.message.contains("may hold 3 servers") && c.message.contains("this would make 4"), "{}", c.message);
+    assert_eq!(phase(&r), Some(VmRequestPhase::Pending));
+    assert!(s.server_names("second").await.is_empty(), "never half-fulfilled");
+    assert!(s.events("second").await.contains("QuotaExceeded"));
 }

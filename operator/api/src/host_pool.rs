@@ -375,6 +375,32 @@ pub struct ApprovalPolicy {
     #[x_kube(validation = Rule::new("self.matches('^([0-9]+(\\\\.[0-9]+)?(ns|us|ms|s|m|h))+$') && duration(self) > duration('0s')").message("expiryWarning must be a positive duration such as 24h"))]
     #[schemars(length(max = 64))]
     pub expiry_warning: Option<String>,
+    /// Per-namespace limits on what requests may hold in this pool, checked when a
+    /// request is approved and when it scales up.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["namespace".into()]))]
+    #[schemars(length(max = 1000))]
+    pub quotas: Vec<NamespaceQuota>,
+}
+
+/// What the requests of one namespace may hold in a pool.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NamespaceQuota {
+    /// The namespace the limits apply to.
+    #[schemars(length(min = 1, max = 63))]
+    pub namespace: String,
+    /// Most servers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_servers: Option<u32>,
+    /// Most virtual CPUs over all servers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cpus: Option<u32>,
+    /// Most memory over all servers, as a quantity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("isQuantity(self)").message("maxMemory must be a quantity such as 64Gi"))]
+    #[schemars(length(max = 32))]
+    pub max_memory: Option<String>,
 }
 
 /// Limits of automatic approval; a request over any of them waits for a person.

@@ -23,7 +23,8 @@ const USAGE: &str = "usage:
   kubectl covi approve NAME [-m MESSAGE] [-n NAMESPACE]
   kubectl covi deny NAME -m MESSAGE [-n NAMESPACE]
   kubectl covi pending [-A] [-n NAMESPACE]
-  kubectl covi describe NAME [-n NAMESPACE]";
+  kubectl covi describe NAME [-n NAMESPACE]
+every command also takes --as USER and --as-group GROUP, as kubectl does";
 
 #[derive(Debug)]
 struct Args {
@@ -32,17 +33,30 @@ struct Args {
     message: Option<String>,
     namespace: Option<String>,
     all_namespaces: bool,
+    /// kubectl's --as and --as-group, which kubectl leaves to plugins.
+    impersonate: Option<String>,
+    impersonate_groups: Vec<String>,
 }
 
 fn parse(args: &[String]) -> Result<Args, String> {
     let mut it = args.iter();
     let command = it.next().cloned().ok_or_else(|| USAGE.to_string())?;
-    let mut a = Args { command, name: None, message: None, namespace: None, all_namespaces: false };
+    let mut a = Args {
+        command,
+        name: None,
+        message: None,
+        namespace: None,
+        all_namespaces: false,
+        impersonate: None,
+        impersonate_groups: Vec::new(),
+    };
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "-m" | "--message" => a.message = Some(it.next().ok_or("-m needs a message")?.clone()),
             "-n" | "--namespace" => a.namespace = Some(it.next().ok_or("-n needs a namespace")?.clone()),
             "-A" | "--all-namespaces" => a.all_namespaces = true,
+            "--as" => a.impersonate = Some(it.next().ok_or("--as needs a user")?.clone()),
+            "--as-group" => a.impersonate_groups.push(it.next().ok_or("--as-group needs a group")?.clone()),
             "-h" | "--help" => return Err(USAGE.to_string()),
             other if other.starts_with('-') => return Err(format!("unknown flag {other}\n{USAGE}")),
             other if a.name.is_none() => a.name = Some(other.to_string()),
@@ -69,7 +83,11 @@ async fn main() -> ExitCode {
 
 async fn run(args: &[String]) -> Result<String, String> {
     let a = parse(args)?;
-    let config = kube::Config::infer().await.map_err(|e| format!("no Kubernetes configuration: {e}"))?;
+    let mut config = kube::Config::infer().await.map_err(|e| format!("no Kubernetes configuration: {e}"))?;
+    if a.impersonate.is_some() {
+        config.auth_info.impersonate = a.impersonate.clone();
+        config.auth_info.impersonate_groups = Some(a.impersonate_groups.clone()).filter(|g| !g.is_empty());
+    }
     let namespace = a.namespace.clone().unwrap_or_else(|| config.default_namespace.clone());
     let client = Client::try_from(config).map_err(|e| e.to_string())?;
     let name = || a.name.clone().ok_or_else(|| format!("{} needs a request name\n{USAGE}", a.command));

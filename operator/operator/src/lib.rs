@@ -10,3 +10,4 @@ pub mod metrics;
 pub mod requests;
 pub mod run;
 pub mod scheduler;
+pub mod webhook;

@@ -225,3 +225,66 @@ mod tests {
         assert_eq!(gone.phase, VmRequestPhase::Expired);
     }
 }
+
+/// Why growing a namespace's servers in a pool would break its quota, if it would.
+/// `current` is what the namespace's servers in the pool hold now (servers, CPUs, MiB);
+/// `adding` what the request would add.
+pub fn over_quota(
+    pool: &HostPool,
+    namespace: &str,
+    current: (u32, u64, u64),
+    adding: (u32, u64, u64),
+) -> Option<String> {
+    let quota = pool.spec.approval.as_ref()?.quotas.iter().find(|q| q.namespace == namespace)?;
+    let (servers, cpus, mib) = (current.0 + adding.0, current.1 + adding.1, current.2 + adding.2);
+    if let Some(max) = quota.max_servers
+        && servers > max
+    {
+        return Some(format!(
+            "namespace {namespace} may hold {max} servers in pool {}; this would make {servers}",
+            pool.name_any()
+        ));
+    }
+    if let Some(max) = quota.max_cpus
+        && cpus > u64::from(max)
+    {
+        return Some(format!(
+            "namespace {namespace} may hold {max} CPUs in pool {}; this would make {cpus}",
+            pool.name_any()
+        ));
+    }
+    if let Some(max) = quota.max_memory.as_deref().and_then(|m| covi_api::quantity::parse_mib(m).ok())
+        && mib > max
+    {
+        return Some(format!(
+            "namespace {namespace} may hold {} of memory in pool {}; this would make {}",
+            covi_placement::format_mib(max),
+            pool.name_any(),
+            covi_placement::format_mib(mib)
+        ));
+    }
+    None
+}
+
+#[cfg(test)]
+mod quota_tests {
+    use super::*;
+
+    #[test]
+    fn quotas_name_the_limit_that_is_crossed() {
+        let pool: HostPool = serde_json::from_value(serde_json::json!({
+            "apiVersion": "covi.io/v1alpha1", "kind": "HostPool", "metadata": {"name": "lab"},
+            "spec": {"storage": {"pool": "p"}, "network": {"bridge": "b", "cidr": "10.0.0.0/24"},
+                     "approval": {"quotas": [{"namespace": "shop", "maxServers": 4, "maxCpus": 6, "maxMemory": "8Gi"}]}}
+        }))
+        .unwrap();
+        assert_eq!(over_quota(&pool, "shop", (2, 2, 2048), (2, 2, 2048)), None);
+        assert_eq!(
+            over_quota(&pool, "shop", (2, 2, 2048), (3, 3, 3072)).as_deref(),
+            Some("namespace shop may hold 4 servers in pool lab; this would make 5")
+        );
+        assert!(over_quota(&pool, "shop", (0, 0, 0), (2, 8, 1024)).unwrap().contains("6 CPUs"));
+        assert!(over_quota(&pool, "shop", (0, 0, 0), (1, 1, 9216)).unwrap().contains("8Gi of memory"));
+        assert_eq!(over_quota(&pool, "other", (100, 100, 100_000), (1, 1, 1)), None, "no quota, no limit");
+    }
+}

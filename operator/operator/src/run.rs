@@ -657,7 +657,49 @@ impl Scheduler {
                     }
                 } else {
                     let existing: Vec<String> = mine.iter().map(|s| s.name_any()).collect();
-                    let (create, delete) = reconcile_replicas(&name, request.spec.replicas, &existing);
+                    let (mut create, delete) = reconcile_replicas(&name, request.spec.replicas, &existing);
+                    // Quota: all of the growth fits, or none of it is created.
+                    let quota = match (pool, create.is_empty()) {
+                        (Some(pool), false) => pool.size_of(&request.spec.template.spec).ok().and_then(|size| {
+                            let held = namespace_usage(pool, &ns, servers);
+                            let n = create.len() as u32;
+                            crate::requests::over_quota(
+                                pool,
+                                &ns,
+                                held,
+                                (n, u64::from(size.cpus) * u64::from(n), size.memory_mib * u64::from(n)),
+                            )
+                        }),
+                        _ => None,
+                    };
+                    match &quota {
+                        Some(message) => {
+                            if set_condition(
+                                &mut conditions,
+                                "QuotaExceeded",
+                                ConditionStatus::True,
+                                "OverQuota",
+                                message.clone(),
+                                generation,
+                                now,
+                            ) {
+                                events.push((EventType::Warning, "QuotaExceeded", message.clone()));
+                            }
+                            create.clear();
+                        }
+                        None if conditions.iter().any(|c| c.type_ == "QuotaExceeded") => {
+                            set_condition(
+                                &mut conditions,
+                                "QuotaExceeded",
+                                ConditionStatus::False,
+                                "WithinQuota",
+                                "the request fits the namespace's quota",
+                                generation,
+                                now,
+                            );
+                        }
+                        None => {}
+                    }
                     for server in &create {
                         self.create_request_server(request, server).await?;
                     }
@@ -712,11 +754,12 @@ impl Scheduler {
                     body["expiresAt"] = json!(Time(at));
                 }
                 body["readyReplicas"] = json!(p.ready);
-                p.phase
+                let blocked = covi_api::condition::is_condition_true(&conditions, "QuotaExceeded");
+                if blocked && mine.is_empty() { VmRequestPhase::Pending } else { p.phase }
             }
         };
         body["phase"] = json!(phase);
-        let mine_types = ["Fulfilled", "Expired", "ExpiringSoon"];
+        let mine_types = ["Fulfilled", "Expired", "ExpiringSoon", "QuotaExceeded"];
         let auto = conditions.iter().any(|c| c.type_ == "Approved" && c.reason == "AutoApproved");
         let owned_conditions: Vec<_> = conditions
             .iter()
@@ -745,7 +788,28 @@ impl Scheduler {
             let api: Api<VmRequest> = Api::namespaced(self.client.clone(), &ns);
             api.patch_status(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
         }
+        let webhook = pool.and_then(|p| p.spec.approval.as_ref()).and_then(|a| a.webhook_url.clone());
         for (type_, reason, note) in events {
+            if let Some(url) = &webhook
+                && (reason == "Fulfilled" || reason == "ExpiringSoon")
+            {
+                let message = json!({
+                    "event": reason, "namespace": ns, "request": name, "message": note,
+                    "requester": request.spec.requester,
+                    "servers": mine.iter().map(|s| s.name_any()).collect::<Vec<_>>(),
+                });
+                if let Err(e) = crate::webhook::post(url, &message).await {
+                    let note = format!("{url}: {e}");
+                    let warn = Event {
+                        type_: EventType::Warning,
+                        reason: "WebhookFailed".into(),
+                        note: Some(note),
+                        action: "Notify".into(),
+                        secondary: None,
+                    };
+                    let _ = self.recorder.publish(&warn, &request.object_ref(&())).await;
+                }
+            }
             let event =
                 Event { type_, reason: reason.into(), note: Some(note), action: "Request".into(), secondary: None };
             if let Err(e) = self.recorder.publish(&event, &request.object_ref(&())).await {
@@ -806,6 +870,20 @@ impl Scheduler {
             }
         }
     }
+}
+
+/// What the servers of namespace `ns` hold in `pool`: (servers, CPUs, MiB).
+fn namespace_usage(pool: &HostPool, ns: &str, servers: &[Arc<VirtualServer>]) -> (u32, u64, u64) {
+    let mut held = (0u32, 0u64, 0u64);
+    for s in servers.iter().filter(|s| s.namespace().as_deref() == Some(ns) && s.spec.host_pool == pool.name_any()) {
+        if s.meta().deletion_timestamp.is_some() {
+            continue;
+        }
+        if let Ok(size) = pool.size_of(&s.spec) {
+            held = (held.0 + 1, held.1 + u64::from(size.cpus), held.2 + size.memory_mib);
+        }
+    }
+    held
 }
 
 /// Whether failover in `pool` must wait because too many of its hosts are lost at once.
