@@ -429,3 +429,45 @@ async fn a_request_over_the_namespace_quota_is_refused_whole() {
     assert!(s.server_names("second").await.is_empty(), "never half-fulfilled");
     assert!(s.events("second").await.contains("QuotaExceeded"));
 }
+
+#[tokio::test]
+async fn an_agent_identity_cannot_write_another_hosts_status() {
+    let _turn = SERIAL.lock().await;
+    let client = admin().await;
+    install_crds(&client).await;
+    let _policies = Policies::install();
+    let crb: k8s_openapi::api::rbac::v1::ClusterRoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "covi-agents-test"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "covi-agent"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "covi:agents"}]
+    }))
+    .expect("binding");
+    let crbs: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> = Api::all(client.clone());
+    let _ = crbs.delete("covi-agents-test", &DeleteParams::default()).await;
+    crbs.create(&Default::default(), &crb).await.expect("bind agents");
+
+    let agent = Api::<covi_api::Host>::all(client_as("covi-agent:own-a", &["covi:agents"]).await);
+    let host =
+        |name: &str| json!({"apiVersion": "covi.io/v1alpha1", "kind": "Host", "metadata": {"name": name}, "spec": {}});
+    // Its own Host: allowed (once RBAC and the policy are both in force).
+    wait_until("the agent to register its own Host", DEADLINE, || async {
+        agent.patch("own-a", &PatchParams::apply("covi-agent"), &Patch::Apply(&host("own-a"))).await.ok()
+    })
+    .await;
+    let status = json!({"apiVersion": "covi.io/v1alpha1", "kind": "Host", "status": {"servers": 0}});
+    agent.patch_status("own-a", &PatchParams::apply("covi-agent"), &Patch::Apply(&status)).await.expect("own status");
+    // Another host's: refused by the policy, with its message.
+    Api::<covi_api::Host>::all(client.clone())
+        .patch("own-b", &PatchParams::apply(FIELD_MANAGER), &Patch::Apply(&host("own-b")))
+        .await
+        .expect("admin creates host b");
+    let message = wait_until("the policy to refuse another host's status", DEADLINE, || async {
+        match agent.patch_status("own-b", &PatchParams::apply("covi-agent"), &Patch::Apply(&status)).await {
+            Err(kube::Error::Api(s)) if s.message.contains("may only write its own") => Some(s.message),
+            _ => None,
+        }
+    })
+    .await;
+    assert!(message.contains("a covi agent may only write its own Host and Lease (own-a), not own-b"), "{message}");
+    let _ = crbs.delete("covi-agents-test", &DeleteParams::default()).await;
+}
