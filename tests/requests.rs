@@ -471,3 +471,27 @@ async fn an_agent_identity_cannot_write_another_hosts_status() {
     assert!(message.contains("a covi agent may only write its own Host and Lease (own-a), not own-b"), "{message}");
     let _ = crbs.delete("covi-agents-test", &DeleteParams::default()).await;
 }
+
+#[tokio::test]
+async fn a_standalone_server_honours_expires_at() {
+    let _turn = SERIAL.lock().await;
+    let s = scene("vsexpiry", json!({})).await;
+    let at = k8s_openapi::jiff::Timestamp::now() + Duration::from_secs(8);
+    let server = json!({"apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer", "metadata": {"name": "trial"}, "spec": {
+        "hostPool": s.pool, "class": "small", "boot": {"image": "debian-12"},
+        "owner": "team-test", "purpose": "a one-off trial", "expiresAt": at.to_string()
+    }});
+    s.servers.patch("trial", &PatchParams::apply(FIELD_MANAGER), &Patch::Apply(&server)).await.expect("create server");
+    let warned = wait_until("the server to be warned", DEADLINE, || async {
+        let v = s.servers.get_opt("trial").await.ok()??;
+        find_condition(&v.status?.conditions, "ExpiringSoon").filter(|c| c.status == "True").cloned()
+    })
+    .await;
+    assert!(warned.message.contains("spec.expiresAt"), "{}", warned.message);
+    wait_until("the server to be deleted at expiry", DEADLINE, || async {
+        s.servers.get_opt("trial").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    let events = s.events("trial").await;
+    assert!(events.contains("ExpiringSoon") && events.contains("Expired"), "{events:?}");
+}

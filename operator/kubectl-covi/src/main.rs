@@ -2,7 +2,7 @@
 //!
 //!   kubectl covi approve NAME [-m MESSAGE] [-n NAMESPACE]
 //!   kubectl covi deny NAME -m MESSAGE [-n NAMESPACE]
-//!   kubectl covi pending [-A] [-n NAMESPACE]
+//!   kubectl covi pending [-n NAMESPACE]   (default: every namespace you may list)
 //!   kubectl covi describe NAME [-n NAMESPACE]
 //!
 //! Decisions are written by server-side apply of the Approved or Denied condition
@@ -22,7 +22,7 @@ use serde_json::json;
 const USAGE: &str = "usage:
   kubectl covi approve NAME [-m MESSAGE] [-n NAMESPACE]
   kubectl covi deny NAME -m MESSAGE [-n NAMESPACE]
-  kubectl covi pending [-A] [-n NAMESPACE]
+  kubectl covi pending [-n NAMESPACE]   (default: every namespace you may list)
   kubectl covi describe NAME [-n NAMESPACE]
 every command also takes --as USER and --as-group GROUP, as kubectl does";
 
@@ -100,7 +100,7 @@ async fn run(args: &[String]) -> Result<String, String> {
             let message = a.message.clone().ok_or("deny needs -m MESSAGE: say why")?;
             decide(&client, &namespace, &name()?, "Denied", &message).await
         }
-        "pending" => pending(&client, &namespace, a.all_namespaces).await,
+        "pending" => pending(&client, &namespace, a.namespace.is_some() && !a.all_namespaces).await,
         "describe" => describe(&client, &namespace, &name()?).await,
         other => Err(format!("unknown command {other}\n{USAGE}")),
     }
@@ -139,11 +139,20 @@ async fn decide(client: &Client, ns: &str, name: &str, type_: &str, message: &st
     Ok(format!("vmrequest/{name} {}\n", type_.to_lowercase()))
 }
 
-async fn pending(client: &Client, ns: &str, all: bool) -> Result<String, String> {
-    let list = if all {
-        Api::<VmRequest>::all(client.clone()).list(&ListParams::default()).await
-    } else {
+/// Requests waiting for a person: in every namespace you may list (falling back to
+/// your current namespace when you may not list cluster-wide), or in `-n NAMESPACE`.
+async fn pending(client: &Client, ns: &str, explicit_namespace: bool) -> Result<String, String> {
+    let mut note = String::new();
+    let list = if explicit_namespace {
         Api::<VmRequest>::namespaced(client.clone(), ns).list(&ListParams::default()).await
+    } else {
+        match Api::<VmRequest>::all(client.clone()).list(&ListParams::default()).await {
+            Err(kube::Error::Api(s)) if s.code == 403 => {
+                note = format!("(you may not list requests cluster-wide; showing namespace {ns})\n");
+                Api::<VmRequest>::namespaced(client.clone(), ns).list(&ListParams::default()).await
+            }
+            other => other,
+        }
     }
     .map_err(|e| format!("listing requests: {e}"))?;
     let mut out = String::from("NAMESPACE\tNAME\tREQUESTER\tREPLICAS\tREASON\n");
@@ -161,7 +170,7 @@ async fn pending(client: &Client, ns: &str, all: bool) -> Result<String, String>
             r.spec.reason
         ));
     }
-    Ok(out)
+    Ok(note + &out)
 }
 
 async fn describe(client: &Client, ns: &str, name: &str) -> Result<String, String> {

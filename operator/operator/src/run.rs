@@ -163,7 +163,7 @@ impl Scheduler {
         self.apply(orphans).await;
 
         self.reconcile_requests(&pools, &servers).await;
-        self.expire_servers(&servers).await;
+        self.expire_servers(&pools, &servers).await;
         self.update_host_status(&pools, &hosts, &servers, &liveness).await;
         self.update_pool_status(&pools, &hosts, &servers, &unready, &lost).await;
         self.metrics.count_phases(&servers, &hosts);
@@ -424,26 +424,28 @@ impl Scheduler {
             {
                 continue;
             }
+            let api: Api<Host> = Api::all(self.client.clone());
+            // Ready first: whoever sees Lost=True also sees Ready=False HostLost.
+            if transition.is_some() {
+                // Ready is the agent's condition; the operator speaks for a silent agent.
+                let ready: Vec<_> = conditions.iter().filter(|c| c.type_ == "Ready").collect();
+                let patch = json!({"apiVersion": "covi.io/v1alpha1", "kind": "Host", "status": {"conditions": ready}});
+                let params = PatchParams::apply(SILENT_AGENT_MANAGER).force();
+                if let Err(e) = api.patch_status(&name, &params, &Patch::Apply(&patch)).await {
+                    tracing::warn!(host = %name, error = %e, "updating host readiness failed");
+                    continue;
+                }
+            }
             let mine: Vec<_> = conditions.iter().filter(|c| c.type_ == "Lost").collect();
             let patch = json!({"apiVersion": "covi.io/v1alpha1", "kind": "Host", "status": {
                 "pool": pool_name, "servers": on_host.len(), "cpuAllocation": cpu, "memoryAllocation": memory,
                 "conditions": mine,
             }});
-            let api: Api<Host> = Api::all(self.client.clone());
             if let Err(e) = api.patch_status(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await {
                 tracing::warn!(host = %name, error = %e, "updating host status failed");
                 continue;
             }
             if let Some((type_, reason, message)) = transition {
-                // Ready is the agent's condition; the operator speaks for a silent agent.
-                let ready: Vec<_> = conditions.iter().filter(|c| c.type_ == "Ready").collect();
-                let patch = json!({"apiVersion": "covi.io/v1alpha1", "kind": "Host", "status": {"conditions": ready}});
-                if let Err(e) = api
-                    .patch_status(&name, &PatchParams::apply(SILENT_AGENT_MANAGER).force(), &Patch::Apply(&patch))
-                    .await
-                {
-                    tracing::warn!(host = %name, error = %e, "updating host readiness failed");
-                }
                 let event = Event {
                     type_,
                     reason: reason.into(),
@@ -850,19 +852,66 @@ impl Scheduler {
     }
 
     /// Deletes standalone servers whose spec.expiresAt has passed.
-    async fn expire_servers(&self, servers: &[Arc<VirtualServer>]) {
+    /// Standalone servers honour spec.expiresAt: an ExpiringSoon warning (the pool's
+    /// expiryWarning before, at most half the server's life), then deletion.
+    async fn expire_servers(&self, pools: &[Arc<HostPool>], servers: &[Arc<VirtualServer>]) {
         let now = Timestamp::now();
         for s in servers {
-            let due = s.spec.expires_at.as_ref().is_some_and(|t| t.0 <= now);
-            if !due || s.meta().deletion_timestamp.is_some() {
+            let Some(at) = s.spec.expires_at.as_ref().map(|t| t.0) else { continue };
+            if s.meta().deletion_timestamp.is_some() {
                 continue;
             }
             let api: Api<VirtualServer> = Api::namespaced(self.client.clone(), &s.namespace().unwrap_or_default());
-            if api.delete(&s.name_any(), &Default::default()).await.is_ok() {
+            if at <= now {
+                if api.delete(&s.name_any(), &Default::default()).await.is_ok() {
+                    let note = "spec.expiresAt has passed; the server is deleted".to_string();
+                    let event = Event {
+                        type_: EventType::Normal,
+                        reason: "Expired".into(),
+                        note: Some(note),
+                        action: "Expire".into(),
+                        secondary: None,
+                    };
+                    let _ = self.recorder.publish(&event, &s.object_ref(&())).await;
+                }
+                continue;
+            }
+            let conditions = s.status.as_ref().map(|st| st.conditions.clone()).unwrap_or_default();
+            if covi_api::condition::is_condition_true(&conditions, "ExpiringSoon") {
+                continue;
+            }
+            let configured = pools
+                .iter()
+                .find(|p| p.name_any() == s.spec.host_pool)
+                .and_then(|p| p.spec.approval.as_ref())
+                .and_then(|a| a.expiry_warning.as_deref())
+                .and_then(covi_api::duration::parse)
+                .unwrap_or(Duration::from_secs(24 * 3600));
+            let life = s.creation_timestamp().map(|c| at.duration_since(c.0)).and_then(|d| Duration::try_from(d).ok());
+            let warn = life.map(|l| configured.min(l / 2)).unwrap_or(configured);
+            if now + warn < at {
+                continue;
+            }
+            let message = format!("the server is deleted at {at} (spec.expiresAt)");
+            let mut mine = Vec::new();
+            set_condition(
+                &mut mine,
+                "ExpiringSoon",
+                ConditionStatus::True,
+                "ExpiresAt",
+                message.clone(),
+                s.meta().generation,
+                now,
+            );
+            let patch =
+                json!({"apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer", "status": {"conditions": mine}});
+            // Its own field manager: the operator's other status applies never carry it.
+            let params = PatchParams::apply("covi-operator-expiry").force();
+            if api.patch_status(&s.name_any(), &params, &Patch::Apply(&patch)).await.is_ok() {
                 let event = Event {
-                    type_: EventType::Normal,
-                    reason: "Expired".into(),
-                    note: Some("spec.expiresAt has passed; the server is deleted".into()),
+                    type_: EventType::Warning,
+                    reason: "ExpiringSoon".into(),
+                    note: Some(message),
                     action: "Expire".into(),
                     secondary: None,
                 };
