@@ -251,7 +251,12 @@ fn invalid_cases() -> Vec<Case> {
         create(
             "webhook not http",
             with(host_pool(), json!({"spec": {"approval": {"webhookUrl": "ftp://example.com/hook"}}})),
-            "webhookUrl must be an http or https URL",
+            "webhookUrl must be an http:// URL (https is not supported yet)",
+        ),
+        create(
+            "https webhook",
+            with(host_pool(), json!({"spec": {"approval": {"webhookUrl": "https://hooks.example.com/covi"}}})),
+            "webhookUrl must be an http:// URL (https is not supported yet)",
         ),
         create(
             "expiry warning in days",

@@ -276,7 +276,7 @@ fn approval(type_: &str, reason: &str) -> Value {
 #[tokio::test]
 async fn only_an_approver_who_is_not_the_requester_can_approve() {
     let _turn = SERIAL.lock().await;
-    let s = scene("policy", json!({})).await;
+    let s = scene("approvers", json!({})).await;
     let _policies = Policies::install();
     bind(&s.client, &s.ns, "alice", "covi-requester", "ClusterRole").await;
     bind(&s.client, &s.ns, "alice", "covi-approver", "ClusterRole").await;

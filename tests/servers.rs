@@ -353,3 +353,52 @@ async fn a_server_whose_host_is_gone_for_good_can_still_be_deleted() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn operator_and_agents_run_with_their_least_privilege_roles() {
+    let _turn = SERIAL.lock().await;
+    let client = admin().await;
+    install_crds(&client).await;
+    let root = covi_tests::repo_root();
+    let (ok, out) = kubectl(&["apply", "--server-side", "-f", &root.join("deploy/rbac").display().to_string()]);
+    assert!(ok, "{out}");
+    for (name, role, group) in [
+        ("covi-agents-lp", "covi-agent", "covi:agents-lp"),
+        ("covi-operators-lp", "covi-operator", "covi:operators-lp"),
+    ] {
+        let binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "metadata": {"name": name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": group}]});
+        let api: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> = Api::all(client.clone());
+        api.patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&binding)).await.expect("bind role");
+    }
+    let mut fleet = Fleet::new(&client, "leastpriv").await;
+    let pool = fleet.apply_pool(&client, json!({})).await;
+    for n in 1..=2 {
+        let node = fleet.host_name(n);
+        let kc = covi_tests::fleet::kubeconfig_as(
+            &format!("agent-{node}"),
+            &format!("covi-agent:{node}"),
+            &["covi:agents-lp"],
+        );
+        let uri = format!("test://{}", covi_tests::fleet::node_xml(&node, 8, 16).display());
+        fleet.start_agent_uri(n, &uri, &["--kubeconfig", &kc.display().to_string()]);
+    }
+    let kc = covi_tests::fleet::kubeconfig_as("operator-lp", "covi-operator", &["covi:operators-lp"]);
+    let mut args = fleet.operator_args("leastpriv-operator", 5);
+    args.extend(["--kubeconfig".to_string(), kc.display().to_string()]);
+    fleet.operator = Some(Process::spawn("leastpriv-operator", bin("covi-operator"), args));
+    fleet.wait_ready_hosts(&client, 2).await;
+    fleet.wait_pool_ready(&client, &pool, 2).await;
+
+    let ns = namespace(&client, "leastpriv").await;
+    let api: Api<VirtualServer> = Api::namespaced(client.clone(), &ns);
+    apply_server(&api, "lp-1", &pool, json!({"highAvailability": true})).await;
+    fleet.wait_server(&api, "lp-1", "to run", DEADLINE, ready).await;
+    api.delete("lp-1", &DeleteParams::default()).await.expect("delete");
+    wait_until("lp-1 to be gone", DEADLINE, || async { api.get_opt("lp-1").await.ok()?.is_none().then_some(()) }).await;
+    for log in fleet.agents.iter().map(|a| a.log_tail()).chain(fleet.operator.iter().map(|o| o.log_tail())) {
+        assert!(!log.contains("forbidden"), "a covi process was refused something:\n{log}");
+    }
+}

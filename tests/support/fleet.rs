@@ -473,3 +473,21 @@ impl Drop for NetnsHost {
         let _ = Command::new("ip").args(["netns", "del", &self.netns]).output();
     }
 }
+
+/// A kubeconfig that acts as `user` in `groups` (impersonation by the test bed's admin),
+/// so a covi process runs with the rights of those identities only.
+pub fn kubeconfig_as(name: &str, user: &str, groups: &[&str]) -> PathBuf {
+    let admin = std::fs::read_to_string(testbed_dir().join("admin.kubeconfig")).expect("admin kubeconfig");
+    let mut extra = format!("    as: {user}\n");
+    if !groups.is_empty() {
+        extra.push_str("    as-groups:\n");
+        for g in groups {
+            extra.push_str(&format!("    - \"{g}\"\n"));
+        }
+    }
+    // The admin kubeconfig's user block ends with its client key line.
+    let text = admin.replacen("    client-key: ", &format!("{extra}    client-key: "), 1);
+    let path = testbed_dir().join(format!("{name}.kubeconfig"));
+    std::fs::write(&path, text).expect("kubeconfig");
+    path
+}

@@ -363,9 +363,11 @@ pub struct ApprovalPolicy {
     /// Requests within these limits are approved without a person.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_approve: Option<AutoApprove>,
-    /// URL that receives a JSON message when a request is fulfilled or about to expire.
+    /// http:// URL that receives a JSON POST when a request is fulfilled or about to
+    /// expire (for example an in-cluster Service that relays to chat). https is not
+    /// supported yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("isURL(self) && (url(self).getScheme() == 'https' || url(self).getScheme() == 'http')").message("webhookUrl must be an http or https URL"))]
+    #[x_kube(validation = Rule::new("isURL(self) && url(self).getScheme() == 'http'").message("webhookUrl must be an http:// URL (https is not supported yet)"))]
     #[schemars(length(max = 2048))]
     pub webhook_url: Option<String>,
     /// How long before a request's servers expire its requester is warned (an

@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 pub enum Liveness {
     /// No Lease seen yet: not schedulable, and nothing to fail over.
     Unknown,
+    /// A Lease seen but not yet seen renewing (this operator just started, or the host
+    /// just stopped): not schedulable, not yet lost.
+    Unconfirmed,
     Alive,
     /// No renewal seen for longer than the lease duration, still within the grace.
     HeartbeatMissed,
@@ -21,6 +24,8 @@ pub enum Liveness {
 struct Seen {
     renew_time: Option<String>,
     at: Instant,
+    /// Whether this operator has seen renewTime change: only then is the host known alive.
+    renewed: bool,
 }
 
 /// The operator's observations of host Leases.
@@ -36,9 +41,9 @@ impl Leases {
     pub fn observe(&mut self, host: &str, renew_time: Option<String>, now: Instant) {
         match self.seen.get_mut(host) {
             Some(seen) if seen.renew_time == renew_time => {}
-            Some(seen) => *seen = Seen { renew_time, at: now },
+            Some(seen) => *seen = Seen { renew_time, at: now, renewed: true },
             None => {
-                self.seen.insert(host.to_string(), Seen { renew_time, at: now });
+                self.seen.insert(host.to_string(), Seen { renew_time, at: now, renewed: false });
             }
         }
     }
@@ -49,11 +54,12 @@ impl Leases {
     }
 
     pub fn liveness(&self, host: &str, now: Instant, lease: Duration, grace: Duration) -> Liveness {
-        match self.silent_for(host, now) {
-            None => Liveness::Unknown,
-            Some(silent) if silent >= lease + grace => Liveness::Lost,
-            Some(silent) if silent > lease => Liveness::HeartbeatMissed,
-            Some(_) => Liveness::Alive,
+        let Some(seen) = self.seen.get(host) else { return Liveness::Unknown };
+        match now.saturating_duration_since(seen.at) {
+            silent if silent >= lease + grace => Liveness::Lost,
+            silent if silent > lease => Liveness::HeartbeatMissed,
+            _ if !seen.renewed => Liveness::Unconfirmed,
+            _ => Liveness::Alive,
         }
     }
 }
@@ -75,6 +81,7 @@ mod tests {
     fn a_host_is_lost_only_after_lease_plus_grace_without_a_renewal() {
         let t0 = Instant::now();
         let mut leases = Leases::default();
+        leases.observe("h", Some("r0".into()), t0);
         leases.observe("h", Some("r1".into()), t0);
         assert_eq!(leases.liveness("h", t0 + Duration::from_secs(9), LEASE, GRACE), Liveness::Alive);
         assert_eq!(leases.liveness("h", t0 + Duration::from_secs(11), LEASE, GRACE), Liveness::HeartbeatMissed);
@@ -97,8 +104,12 @@ mod tests {
         let t0 = Instant::now();
         let mut leases = Leases::default();
         // The renewTime may be minutes old; what counts is when this operator saw it.
+        // Until it sees a renewal the host takes no new server, but is not lost either.
         leases.observe("h", Some("2020-01-01T00:00:00Z".into()), t0);
-        assert_eq!(leases.liveness("h", t0 + Duration::from_secs(5), LEASE, GRACE), Liveness::Alive);
+        assert_eq!(leases.liveness("h", t0 + Duration::from_secs(5), LEASE, GRACE), Liveness::Unconfirmed);
+        assert_eq!(leases.liveness("h", t0 + Duration::from_secs(13), LEASE, GRACE), Liveness::Lost);
+        leases.observe("h", Some("2020-01-01T00:00:02Z".into()), t0 + Duration::from_secs(2));
+        assert_eq!(leases.liveness("h", t0 + Duration::from_secs(3), LEASE, GRACE), Liveness::Alive);
         assert_eq!(leases.liveness("unseen", t0, LEASE, GRACE), Liveness::Unknown);
     }
 
