@@ -369,7 +369,7 @@ fn describe(dom: &Domain) -> Result<Option<ObservedDomain>> {
 /// A volume definition. Names are escaped by the XML writer like domain XML.
 fn volume_xml(name: &str, format: &str, capacity: u64) -> String {
     use quick_xml::Writer;
-    use quick_xml::events::{BytesText, Event};
+    use quick_xml::events::BytesText;
     let mut w = Writer::new(std::io::Cursor::new(Vec::new()));
     let write = |w: &mut Writer<_>| -> std::io::Result<()> {
         w.create_element("volume").write_inner_content(|w| {
@@ -383,7 +383,6 @@ fn volume_xml(name: &str, format: &str, capacity: u64) -> String {
             })?;
             Ok(())
         })?;
-        let _ = Event::Eof;
         Ok(())
     };
     write(&mut w).expect("writing to memory cannot fail");
