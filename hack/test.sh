@@ -51,7 +51,7 @@ export COVI_BIN_DIR="${CARGO_TARGET_DIR:-$COVI_ROOT/target}/debug"
 
 phase "start control plane"
 # A failed run leaves its test bed (logs, etcd data) for inspection; keep the last three.
-ls -dt "$COVI_CACHE"/testbed/test-* 2>/dev/null | tail -n +3 | xargs -r rm -rf
+{ ls -dt "$COVI_CACHE"/testbed/test-* 2>/dev/null || true; } | tail -n +3 | xargs -r rm -rf
 testbed_start "$COVI_CACHE/testbed/test-$$"
 echo "test bed: $COVI_APISERVER (state in $COVI_TESTBED_DIR)"
 
