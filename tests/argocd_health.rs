@@ -52,6 +52,15 @@ fn health(script: &str, obj: &Value) -> (String, String) {
     (status.to_string(), message.to_string())
 }
 
+/// Each object must get `status` and a message containing its fragment.
+fn assert_cases<const N: usize>(script: &str, cases: [(Value, &str, &str); N]) {
+    for (obj, status, fragment) in cases {
+        let (got, message) = health(script, &obj);
+        assert_eq!(got, status, "{script}: {obj}");
+        assert!(message.contains(fragment), "{script}: {message:?} lacks {fragment:?}");
+    }
+}
+
 fn condition(type_: &str, status: &str, reason: &str, message: &str) -> Value {
     json!({"type": type_, "status": status, "reason": reason, "message": message, "lastTransitionTime": "2026-11-27T00:00:00Z"})
 }
@@ -113,11 +122,7 @@ fn virtual_server_health_follows_its_lifecycle() {
             "runPolicy is Stopped",
         ),
     ];
-    for (obj, status, fragment) in cases {
-        let (got, message) = health("virtualserver.lua", &obj);
-        assert_eq!(got, status, "{obj}");
-        assert!(message.contains(fragment), "{message:?} lacks {fragment:?}");
-    }
+    assert_cases("virtualserver.lua", cases);
 }
 
 #[test]
@@ -148,11 +153,7 @@ fn vm_request_health_follows_approval_and_fulfilment() {
             "QuotaExceeded",
         ),
     ];
-    for (obj, status, fragment) in cases {
-        let (got, message) = health("vmrequest.lua", &obj);
-        assert_eq!(got, status, "{obj}");
-        assert!(message.contains(fragment), "{message:?} lacks {fragment:?}");
-    }
+    assert_cases("vmrequest.lua", cases);
 }
 
 #[test]

@@ -34,3 +34,33 @@ pub async fn kube_client(kubeconfig: Option<&Path>) -> Result<Client, String> {
     };
     Client::try_from(config).map_err(|e| format!("Kubernetes client: {e}"))
 }
+
+/// The body of a covi daemon's `main`: logging, then `run` with the parsed
+/// configuration. A configuration error prints its message (often the usage) and
+/// exits 2; a run that ends in an error logs it and exits 1.
+pub async fn run_main<C, E1, E2, F>(
+    name: &str,
+    config: Result<C, E1>,
+    run: impl FnOnce(C) -> F,
+) -> std::process::ExitCode
+where
+    E1: std::fmt::Display,
+    E2: std::fmt::Display,
+    F: std::future::Future<Output = Result<(), E2>>,
+{
+    init_logging();
+    let config = match config {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match run(config).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "{name} stopped");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -7,21 +7,8 @@ use covi_operator::{leader, metrics::Metrics, run};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    covi_daemon::init_logging();
-    let config = match Config::parse(std::env::args().skip(1), |k| std::env::var(k).ok()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(2);
-        }
-    };
-    match operate(config).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %e, "covi-operator stopped");
-            ExitCode::FAILURE
-        }
-    }
+    let config = Config::parse(std::env::args().skip(1), |k| std::env::var(k).ok());
+    covi_daemon::run_main("covi-operator", config, operate).await
 }
 
 async fn operate(config: Config) -> covi_operator::error::Result<()> {
