@@ -271,6 +271,24 @@ impl Fleet {
 }
 
 impl Fleet {
+    /// Waits until host `n`'s agent renews its Lease after `since`: by then it has run
+    /// its fencing check (the renewer fences first when overdue), so a disturbance is over.
+    pub async fn wait_lease_renewed_after(&self, client: &Client, n: usize, since: k8s_openapi::jiff::Timestamp) {
+        let api: Api<k8s_openapi::api::coordination::v1::Lease> =
+            Api::namespaced(client.clone(), &self.lease_namespace);
+        let node = self.host_name(n);
+        let renewed = crate::poll(Duration::from_secs(30), || async {
+            let lease = api.get(&node).await.ok()?;
+            let renew = lease.spec?.renew_time?.0;
+            (renew > since).then_some(())
+        })
+        .await;
+        if renewed.is_none() {
+            let agent = self.agents.get(n - 1).map(|a| a.log_tail()).unwrap_or_default();
+            panic!("host {node} did not renew its Lease after {since}\n{agent}");
+        }
+    }
+
     /// Waits until the operator counts `count` ready hosts in `pool` (agent Ready and
     /// its Lease seen renewing), so scheduling decisions are final.
     pub async fn wait_pool_ready(&self, client: &Client, pool: &str, count: u32) {
