@@ -4,6 +4,7 @@ COVI_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 . "$COVI_ROOT/hack/versions.env"
 COVI_CACHE="${COVI_CACHE:-$COVI_ROOT/.cache}"
 CONTROL_PLANE_BIN="$COVI_CACHE/control-plane/k8s-${KUBERNETES_VERSION}-etcd-${ETCD_VERSION}/bin"
+TOOLS_BIN="$COVI_CACHE/tools/helm-${HELM_VERSION}/bin"
 
 _phase_start=0
 _phase_name=""
@@ -19,4 +20,4 @@ phase() {
 }
 
 # The pinned kubectl comes first, so no other kubectl on the machine answers instead.
-export PATH="$CONTROL_PLANE_BIN:$PATH"
+export PATH="$CONTROL_PLANE_BIN:$TOOLS_BIN:$PATH"

@@ -29,6 +29,9 @@ phase "install packages"
 phase "build control plane"
 "$COVI_ROOT/hack/build-control-plane.sh"
 
+phase "build tools"
+"$COVI_ROOT/hack/build-tools.sh"
+
 if [ "${#custom[@]}" -eq 0 ]; then
   phase "cargo fmt --check"
   cargo fmt --all -- --check

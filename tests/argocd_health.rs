@@ -116,7 +116,7 @@ fn virtual_server_health_follows_its_lifecycle() {
         (
             object(
                 1,
-                json!({"observedGeneration": 1, "phase": "Stopped", "conditions": [condition("Ready", "False", "Stopped", "off")]}),
+                json!({"observedGeneration": 1, "phase": "Stopped", "conditions": [condition("Ready", "True", "Stopped", "off")]}),
             ),
             "Suspended",
             "runPolicy is Stopped",

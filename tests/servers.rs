@@ -151,7 +151,7 @@ async fn run_policy_stops_and_starts_and_delete_releases_the_finalizer() {
         .wait_server(&api, "db-1", "to be Stopped", DEADLINE, |s| phase(s) == Some(VirtualServerPhase::Stopped))
         .await;
     let c = condition(&stopped, "Ready").expect("Ready condition");
-    assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "Stopped"));
+    assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "Stopped"), "stopped as the spec asks");
     let reasons: Vec<_> = events_for(&client, &ns, "db-1").await.into_iter().map(|(r, _)| r).collect();
     assert!(reasons.iter().any(|r| r == "Stopped"), "an Event says it stopped: {reasons:?}");
 

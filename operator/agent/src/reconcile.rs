@@ -171,7 +171,9 @@ async fn apply(server: &VirtualServer, mut plan: ServerPlan, ctx: &Context) -> R
             ctx.stops.lock().expect("stops lock").remove(&uid);
             Outcome {
                 phase: VirtualServerPhase::Stopped,
-                ready: ConditionStatus::False,
+                // Ready means "as the spec asks": GitOps tools wait for it, and a
+                // server stopped on purpose is done.
+                ready: ConditionStatus::True,
                 reason: "Stopped",
                 message: "runPolicy is Stopped; the domain is shut off".into(),
                 domain_uuid: Some(d.uuid),

@@ -36,6 +36,9 @@ pub const MANAGER: &str = "covi-operator";
 /// a lost server's phase): a manager of its own, so its applies never drop fields of
 /// the operator's other applies, and the agent's forced applies take them back.
 pub const SILENT_AGENT_MANAGER: &str = "covi-operator-for-agent";
+/// Field manager of a server's Stalled condition, which the operator derives from the
+/// phase whoever wrote it (the agent or the scheduler).
+pub const STALLED_MANAGER: &str = "covi-operator-stalled";
 /// The finalizer that keeps a server until its domain and disks are gone.
 pub const FINALIZER: &str = "covi.io/domain";
 
@@ -162,6 +165,7 @@ impl Scheduler {
             .collect();
         self.apply(orphans).await;
 
+        self.mark_stalled(&servers).await;
         self.reconcile_requests(&pools, &servers).await;
         self.expire_servers(&pools, &servers).await;
         self.update_host_status(&pools, &hosts, &servers, &liveness).await;
@@ -242,6 +246,39 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Keeps each server's Stalled condition in step with its phase (see
+    /// [`crate::readiness::server_stalled`]).
+    async fn mark_stalled(&self, servers: &[Arc<VirtualServer>]) {
+        let writes = servers.iter().filter(|s| s.meta().deletion_timestamp.is_none()).filter_map(|s| {
+            let status = s.status.as_ref()?;
+            let desired = crate::readiness::server_stalled(status)?;
+            if desired.matches(find_condition(&status.conditions, "Stalled")) {
+                return None;
+            }
+            let mut conditions = status.conditions.clone();
+            set_condition(
+                &mut conditions,
+                "Stalled",
+                desired.status,
+                &desired.reason,
+                desired.message,
+                s.meta().generation,
+                Timestamp::now(),
+            );
+            let stalled: Vec<_> = conditions.into_iter().filter(|c| c.type_ == "Stalled").collect();
+            let patch =
+                json!({"apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer", "status": {"conditions": stalled}});
+            let api: Api<VirtualServer> = Api::namespaced(self.client.clone(), &s.namespace().unwrap_or_default());
+            Some(async move {
+                let params = PatchParams::apply(STALLED_MANAGER).force();
+                if let Err(e) = api.patch_status(&s.name_any(), &params, &Patch::Apply(&patch)).await {
+                    tracing::warn!(server = %s.name_any(), error = %e, "updating the Stalled condition failed");
+                }
+            })
+        });
+        futures::stream::iter(writes).buffer_unordered(16).collect::<Vec<_>>().await;
+    }
+
     async fn apply(&mut self, decisions: Vec<(Arc<VirtualServer>, Decision)>) {
         let writes = decisions.into_iter().map(|(server, decision)| {
             let this = &*self;
@@ -292,12 +329,30 @@ impl Scheduler {
             }
             Decision::HostLost { .. } => unreachable!("handled above"),
         };
-        let changed = set_condition(&mut conditions, "Scheduled", scheduled, reason, message.clone(), generation, now);
+        let mut changed =
+            set_condition(&mut conditions, "Scheduled", scheduled, reason, message.clone(), generation, now);
+        // Not Ready until an agent says so: without the condition, GitOps tools (kstatus)
+        // would take a bound but not yet started server as done. The agent's forced
+        // apply takes the condition over.
+        let (ready_reason, ready_message) = match decision {
+            Decision::Bind { host, .. } => ("Scheduled", format!("waiting for the agent on host {host}")),
+            _ => (reason, message.clone()),
+        };
+        changed |= set_condition(
+            &mut conditions,
+            "Ready",
+            ConditionStatus::False,
+            ready_reason,
+            ready_message,
+            generation,
+            now,
+        );
         let unchanged = !changed && status.phase == Some(phase) && status.observed_generation == generation;
         if unchanged && !matches!(decision, Decision::Bind { .. }) {
             return Ok(());
         }
-        let scheduled: Vec<_> = conditions.into_iter().filter(|c| c.type_ == "Scheduled").collect();
+        let scheduled: Vec<_> =
+            conditions.into_iter().filter(|c| c.type_ == "Scheduled" || c.type_ == "Ready").collect();
         let mut body = json!({
             "observedGeneration": generation,
             "phase": phase,
@@ -436,7 +491,7 @@ impl Scheduler {
                     continue;
                 }
             }
-            let mine: Vec<_> = conditions.iter().filter(|c| c.type_ == "Lost").collect();
+            let mine: Vec<_> = conditions.iter().filter(|c| c.type_ == "Lost" || c.type_ == "Stalled").collect();
             let patch = json!({"apiVersion": "covi.io/v1alpha1", "kind": "Host", "status": {
                 "pool": pool_name, "servers": on_host.len(), "cpuAllocation": cpu, "memoryAllocation": memory,
                 "conditions": mine,
@@ -761,7 +816,10 @@ impl Scheduler {
             }
         };
         body["phase"] = json!(phase);
-        let mine_types = ["Fulfilled", "Expired", "ExpiringSoon", "QuotaExceeded"];
+        for (type_, d) in crate::readiness::request_conditions(phase, &conditions) {
+            set_condition(&mut conditions, type_, d.status, &d.reason, d.message, generation, now);
+        }
+        let mine_types = ["Fulfilled", "Expired", "ExpiringSoon", "QuotaExceeded", "Ready", "Stalled"];
         let auto = conditions.iter().any(|c| c.type_ == "Approved" && c.reason == "AutoApproved");
         let owned_conditions: Vec<_> = conditions
             .iter()
@@ -960,6 +1018,7 @@ fn liveness_conditions(
                 "no lease renewal seen for {silent}s: the host is lost and its highly-available servers restart elsewhere"
             );
             set_condition(conditions, "Lost", ConditionStatus::True, "HostLost", message.clone(), None, now);
+            set_condition(conditions, "Stalled", ConditionStatus::True, "HostLost", message.clone(), None, now);
             set_condition(conditions, "Ready", ConditionStatus::False, "HostLost", message.clone(), None, now);
             Some((EventType::Warning, "HostLost", message))
         }
@@ -976,6 +1035,7 @@ fn liveness_conditions(
         {
             let message = "the host renews its lease again".to_string();
             set_condition(conditions, "Lost", ConditionStatus::False, "LeaseRenewed", message.clone(), None, now);
+            set_condition(conditions, "Stalled", ConditionStatus::False, "LeaseRenewed", message.clone(), None, now);
             set_condition(conditions, "Ready", ConditionStatus::True, "LeaseRenewed", message.clone(), None, now);
             Some((EventType::Normal, "HostRecovered", message))
         }

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Builds the tools the tests run, from their Go modules (cached; a second run costs
+# milliseconds):
+#   helm          helm.sh/helm/v3 at HELM_VERSION (hack/versions.env): helm lint/template
+#   covi-kstatus  hack/kstatus, Flux's kstatus library (sigs.k8s.io/cli-utils) on live objects
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+
+export GOFLAGS="-buildvcs=false"
+export CGO_ENABLED=0
+mkdir -p "$TOOLS_BIN"
+
+if [ ! -x "$TOOLS_BIN/helm" ]; then
+  echo "build-tools: building helm ${HELM_VERSION}"
+  GOBIN="$TOOLS_BIN" go install -trimpath \
+    -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=${HELM_VERSION}" \
+    "helm.sh/helm/v3/cmd/helm@${HELM_VERSION}"
+fi
+
+# covi-kstatus is our own program: rebuilt whenever its sources change.
+src="$COVI_ROOT/hack/kstatus"
+key=$(cat "$src/go.mod" "$src/go.sum" "$src/main.go" | sha256sum | cut -c1-12)
+if [ ! -x "$TOOLS_BIN/covi-kstatus-$key" ]; then
+  echo "build-tools: building covi-kstatus"
+  (cd "$src" && go build -trimpath -ldflags "-s -w" -o "$TOOLS_BIN/covi-kstatus-$key" .)
+fi
+ln -sf "covi-kstatus-$key" "$TOOLS_BIN/covi-kstatus"
+echo "build-tools: helm and covi-kstatus in $TOOLS_BIN"
