@@ -2,6 +2,7 @@
 COVI_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck source=hack/versions.env
 . "$COVI_ROOT/hack/versions.env"
+export KUBERNETES_VERSION
 COVI_CACHE="${COVI_CACHE:-$COVI_ROOT/.cache}"
 CONTROL_PLANE_BIN="$COVI_CACHE/control-plane/k8s-${KUBERNETES_VERSION}-etcd-${ETCD_VERSION}/bin"
 TOOLS_BIN="$COVI_CACHE/tools/helm-${HELM_VERSION}/bin"

@@ -39,8 +39,9 @@ if [ "${#custom[@]}" -eq 0 ]; then
   phase "cargo clippy"
   cargo clippy --workspace --all-targets --locked -- -D warnings
 
-  phase "crds/ drift check"
-  cargo run --quiet --locked -p crdgen -- --check crds
+  phase "generated files drift check"
+  cargo run --quiet --locked -p crdgen -- --check crds charts/covi/crds
+  "$COVI_ROOT/hack/render-deploy.sh" --check
 
   phase "build"
   cargo build --workspace --bins --locked

@@ -239,7 +239,7 @@ struct Policies;
 impl Policies {
     fn install() -> Policies {
         let root = covi_tests::repo_root();
-        for file in ["deploy/policies", "deploy/rbac"] {
+        for file in ["deploy/base/policies.yaml", "deploy/base/rbac.yaml", "deploy/base/roles.yaml"] {
             let (ok, out) = kubectl(&["apply", "--server-side", "-f", &root.join(file).display().to_string()]);
             assert!(ok, "applying {file}: {out}");
         }
@@ -249,7 +249,7 @@ impl Policies {
 
 impl Drop for Policies {
     fn drop(&mut self) {
-        let dir = covi_tests::repo_root().join("deploy/policies").display().to_string();
+        let dir = covi_tests::repo_root().join("deploy/base/policies.yaml").display().to_string();
         let _ = kubectl(&["delete", "--ignore-not-found", "-f", &dir]);
     }
 }

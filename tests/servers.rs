@@ -360,7 +360,8 @@ async fn operator_and_agents_run_with_their_least_privilege_roles() {
     let client = admin().await;
     install_crds(&client).await;
     let root = covi_tests::repo_root();
-    let (ok, out) = kubectl(&["apply", "--server-side", "-f", &root.join("deploy/rbac").display().to_string()]);
+    let (ok, out) =
+        kubectl(&["apply", "--server-side", "-f", &root.join("deploy/base/rbac.yaml").display().to_string()]);
     assert!(ok, "{out}");
     for (name, role, group) in [
         ("covi-agents-lp", "covi-agent", "covi:agents-lp"),

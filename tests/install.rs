@@ -1,0 +1,153 @@
+//! Installing covi on a cluster: the Helm chart lints and renders, and what it renders
+//! (and each kustomize overlay) is accepted by the real API server (`--dry-run=server`:
+//! schema, admission, RBAC escalation checks) without creating anything.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use covi_tests::{admin, install_crds, namespace, repo_root};
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Runs `program args`, feeding `stdin`; returns (success, stdout, stderr).
+fn run(program: &str, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    let mut child = Command::new(program)
+        .args(args)
+        .current_dir(repo_root())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{program} runs (hack/test.sh puts it on PATH): {e}"));
+    child.stdin.take().expect("stdin").write_all(stdin.unwrap_or_default().as_bytes()).expect("write stdin");
+    let out = child.wait_with_output().expect("wait");
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.success(), text(&out.stdout), text(&out.stderr))
+}
+
+fn helm_template(ns: &str, set: &[&str]) -> String {
+    let kube_version = std::env::var("KUBERNETES_VERSION").expect("hack/lib.sh exports KUBERNETES_VERSION");
+    let mut args = vec!["template", "covi", "charts/covi", "--namespace", ns, "--kube-version", &kube_version];
+    args.push("--include-crds");
+    for s in set {
+        args.extend(["--set", s]);
+    }
+    let (ok, out, err) = run("helm", &args, None);
+    assert!(ok, "helm template {set:?} failed: {err}");
+    out
+}
+
+/// Applies `manifests` with a server-side dry run; returns what kubectl printed.
+fn dry_run(what: &str, manifests: &str) -> String {
+    let args = ["apply", "--server-side", "--force-conflicts", "--field-manager=covi-install-test", "--dry-run=server"];
+    let (ok, out, err) = run("kubectl", &[&args[..], &["-f", "-"]].concat(), Some(manifests));
+    assert!(ok, "{what}: the API server refused it:\n{err}\n{out}");
+    out
+}
+
+fn kinds(manifests: &str) -> Vec<String> {
+    let mut kinds: Vec<String> =
+        manifests.lines().filter_map(|l| l.strip_prefix("kind: ")).map(|k| k.trim().to_string()).collect();
+    kinds.sort();
+    kinds.dedup();
+    kinds
+}
+
+#[test]
+fn the_chart_passes_helm_lint() {
+    let (ok, out, err) = run("helm", &["lint", "--strict", "charts/covi"], None);
+    assert!(ok, "helm lint failed:\n{out}\n{err}");
+    assert!(out.contains("1 chart(s) linted, 0 chart(s) failed"), "{out}");
+}
+
+#[tokio::test]
+async fn the_rendered_chart_is_accepted_by_the_api_server() {
+    let _turn = SERIAL.lock().await;
+    let client = admin().await;
+    install_crds(&client).await;
+    let ns = namespace(&client, "helm").await;
+
+    let all = helm_template(&ns, &[]);
+    let want = [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "CustomResourceDefinition",
+        "DaemonSet",
+        "Deployment",
+        "PodDisruptionBudget",
+        "PriorityClass",
+        "Service",
+        "ServiceAccount",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+    ];
+    assert_eq!(kinds(&all), want, "what the chart installs by default");
+    let out = dry_run("helm template (defaults)", &all);
+    assert!(out.contains("daemonset.apps/covi-agent serverside-applied (server dry run)"), "{out}");
+    assert!(out.contains("validatingadmissionpolicy.admissionregistration.k8s.io/covi-agent-own-host"), "{out}");
+    // The agent's admission policy names the service account of this release's namespace.
+    assert!(all.contains(&format!("system:serviceaccount:{ns}:covi-agent")), "policy follows the namespace");
+
+    // The optional parts off, and an existing priority class: still valid.
+    let lean = helm_template(
+        &ns,
+        &[
+            "policies=false",
+            "userRoles=false",
+            "metrics.services=false",
+            "operator.podDisruptionBudget.enabled=false",
+            "agent.priorityClass.create=false",
+            "agent.priorityClass.name=system-node-critical",
+        ],
+    );
+    for gone in ["ValidatingAdmissionPolicy", "PodDisruptionBudget", "PriorityClass", "Service"] {
+        assert!(!kinds(&lean).contains(&gone.to_string()), "{gone} is optional");
+    }
+    dry_run("helm template (lean)", &lean);
+
+    // ServiceMonitors (the test bed has no Prometheus Operator CRDs, so only rendered):
+    // they select the metrics Services by the components' labels.
+    let monitored =
+        helm_template(&ns, &["metrics.serviceMonitor.enabled=true", "metrics.serviceMonitor.labels.release=prom"]);
+    let docs: Vec<serde_yaml::Value> = monitored
+        .split("\n---")
+        .filter_map(|d| serde_yaml::from_str(d).ok())
+        .filter(|d: &serde_yaml::Value| d["kind"] == "ServiceMonitor" || d["kind"] == "Service")
+        .collect();
+    for component in ["operator", "agent"] {
+        let monitor = docs
+            .iter()
+            .find(|d| d["kind"] == "ServiceMonitor" && d["metadata"]["name"] == format!("covi-{component}").as_str())
+            .unwrap_or_else(|| panic!("a ServiceMonitor for the {component}"));
+        assert_eq!(monitor["metadata"]["labels"]["release"], "prom");
+        let service = docs
+            .iter()
+            .find(|d| d["kind"] == "Service" && d["metadata"]["name"] == format!("covi-{component}-metrics").as_str())
+            .expect("its Service");
+        let selector = monitor["spec"]["selector"]["matchLabels"].as_mapping().expect("matchLabels");
+        for (k, v) in selector {
+            assert_eq!(&service["metadata"]["labels"][k], v, "the {component} monitor selects its Service");
+        }
+        assert_eq!(monitor["spec"]["endpoints"][0]["port"], service["spec"]["ports"][0]["name"]);
+    }
+}
+
+#[tokio::test]
+async fn the_kustomize_base_and_overlay_are_accepted_by_the_api_server() {
+    let _turn = SERIAL.lock().await;
+    let client = admin().await;
+    install_crds(&client).await;
+    // A dry run creates nothing, so the namespace the base creates must already exist.
+    covi_tests::fleet::ensure_namespace(&client, "covi-system").await;
+    for dir in ["deploy/base", "deploy/overlays/example"] {
+        let (ok, manifests, err) = run("kubectl", &["kustomize", dir], None);
+        assert!(ok, "kubectl kustomize {dir}: {err}");
+        let out = dry_run(dir, &manifests);
+        assert!(out.contains("deployment.apps/covi-operator serverside-applied (server dry run)"), "{dir}: {out}");
+        if dir.ends_with("example") {
+            assert!(manifests.contains("image: registry.example.com/platform/covi-agent:0.1.0"), "overlay images");
+            assert!(manifests.contains("value: covi.io/pool=production"), "overlay host labels");
+            assert!(!manifests.contains("covi.io/hypervisor: \"true\""), "overlay node selector replaces the base's");
+        }
+    }
+}
