@@ -88,6 +88,20 @@ async fn the_rendered_chart_is_accepted_by_the_api_server() {
     // The agent's admission policy names the service account of this release's namespace.
     assert!(all.contains(&format!("system:serviceaccount:{ns}:covi-agent")), "policy follows the namespace");
 
+    // The README's install line: images from your registry, the pool label on every Host.
+    let readme = helm_template(
+        &ns,
+        &[
+            "image.registry=registry.example.com/platform",
+            "image.tag=0.1.0",
+            "agent.hostLabels.covi\\.io/pool=production",
+        ],
+    );
+    assert!(readme.contains("image: registry.example.com/platform/covi-agent:0.1.0"), "agent image");
+    assert!(readme.contains("image: registry.example.com/platform/covi-operator:0.1.0"), "operator image");
+    assert!(readme.contains("- --label=covi.io/pool=production"), "host label");
+    dry_run("helm template (README values)", &readme);
+
     // The optional parts off, and an existing priority class: still valid.
     let lean = helm_template(
         &ns,
@@ -149,5 +163,18 @@ async fn the_kustomize_base_and_overlay_are_accepted_by_the_api_server() {
             assert!(manifests.contains("value: covi.io/pool=production"), "overlay host labels");
             assert!(!manifests.contains("covi.io/hypervisor: \"true\""), "overlay node selector replaces the base's");
         }
+    }
+}
+
+#[tokio::test]
+async fn the_gitops_example_folders_are_accepted_by_the_api_server() {
+    let _turn = SERIAL.lock().await;
+    let client = admin().await;
+    install_crds(&client).await;
+    covi_tests::fleet::ensure_namespace(&client, "checkout").await;
+    for dir in ["examples/gitops/platform", "examples/gitops/teams/checkout"] {
+        let (ok, manifests, err) = run("kubectl", &["kustomize", dir], None);
+        assert!(ok, "kubectl kustomize {dir}: {err}");
+        dry_run(dir, &manifests);
     }
 }
