@@ -9,7 +9,6 @@
 //! again: a host that should have fenced must show no stale guest in its first answer.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,6 +16,7 @@ use covi_api::condition::find_condition;
 use covi_api::virtual_server::VirtualServerPhase;
 use covi_api::{Host, VirtualServer};
 use covi_tests::fleet::{Fleet, NetnsHost, Process, endpoint_of, get};
+use covi_tests::sampler::Sampler;
 use covi_tests::{FIELD_MANAGER, admin, install_crds, namespace, wait_until};
 use kube::Client;
 use kube::api::{Api, ListParams, Patch, PatchParams};
@@ -40,69 +40,6 @@ fn ready(s: &VirtualServer) -> bool {
 
 fn host_of(s: &VirtualServer) -> Option<String> {
     s.status.as_ref().and_then(|st| st.host.clone())
-}
-
-/// Samples every host's domain list and remembers any server seen active twice.
-struct Sampler {
-    stop: Arc<AtomicBool>,
-    doubles: Arc<Mutex<Vec<String>>>,
-    samples: Arc<Mutex<u64>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Sampler {
-    /// `hosts` maps a host name to its agent's log (where the endpoint address is).
-    fn start(hosts: Arc<Mutex<BTreeMap<String, std::path::PathBuf>>>) -> Sampler {
-        let stop = Arc::new(AtomicBool::new(false));
-        let doubles = Arc::new(Mutex::new(Vec::new()));
-        let samples = Arc::new(Mutex::new(0));
-        let (s, d, n) = (stop.clone(), doubles.clone(), samples.clone());
-        let task = tokio::spawn(async move {
-            while !s.load(Ordering::Relaxed) {
-                let tick = Instant::now();
-                let targets: Vec<(String, Option<String>)> = hosts
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .map(|(h, log)| (h.clone(), covi_tests::fleet::endpoint_in_log(log)))
-                    .collect();
-                let reads = targets.into_iter().map(|(host, addr)| async move {
-                    let body = match addr {
-                        Some(a) => get(&a, "/domains", Duration::from_millis(90)).await,
-                        None => None,
-                    };
-                    (host, body)
-                });
-                let mut running: BTreeMap<String, Vec<String>> = BTreeMap::new();
-                for (host, body) in futures::future::join_all(reads).await {
-                    let Some(body) = body else { continue };
-                    let Ok(v) = serde_json::from_str::<Value>(&body) else { continue };
-                    for dom in v["domains"].as_array().cloned().unwrap_or_default() {
-                        if dom["active"] == json!(true) {
-                            running
-                                .entry(dom["server"].as_str().unwrap_or_default().to_string())
-                                .or_default()
-                                .push(host.clone());
-                        }
-                    }
-                }
-                for (server, hosts) in running.iter().filter(|(_, h)| h.len() > 1) {
-                    d.lock().unwrap().push(format!("{server} on {hosts:?}"));
-                }
-                *n.lock().unwrap() += 1;
-                tokio::time::sleep(Duration::from_millis(100).saturating_sub(tick.elapsed())).await;
-            }
-        });
-        Sampler { stop, doubles, samples, task }
-    }
-
-    /// Stops sampling; returns (samples taken, double runs seen).
-    async fn finish(self) -> (u64, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        let _ = self.task.await;
-        let n = *self.samples.lock().unwrap();
-        (n, self.doubles.lock().unwrap().clone())
-    }
 }
 
 /// A pool of three hosts whose servers all start on host 1.

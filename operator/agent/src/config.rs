@@ -23,7 +23,10 @@ pub const USAGE: &str = "usage: covi-agent --node-name NAME [options]
   --resync-seconds N      full comparison of domains with servers every N seconds (default 10)
   --metrics-addr ADDR     serve /metrics and /healthz here (default 0.0.0.0:9464; port 0 picks one)
   --work-dir PATH         scratch space for seed ISOs (default /var/lib/covi-agent)
-  --stop-grace-seconds N  a guest asked to shut down is forced off after N seconds (default 30)";
+  --stop-grace-seconds N  a guest asked to shut down is forced off after N seconds (default 30)
+  --peer-uri TEMPLATE     libvirt URI of another host for live migration; {address} is that
+                          Host's address (env COVI_PEER_URI; default from --libvirt-uri,
+                          e.g. xen+tls://{address}/system)";
 
 /// Everything the agent needs to know to start.
 #[derive(Clone, Debug, PartialEq)]
@@ -38,6 +41,17 @@ pub struct Config {
     pub metrics_addr: SocketAddr,
     pub work_dir: PathBuf,
     pub stop_grace: Duration,
+    pub peer_uri: String,
+}
+
+/// The live-migration peer URI template that matches a local libvirt URI: the same
+/// driver and path over TLS, e.g. `xen:///system` → `xen+tls://{address}/system`.
+pub fn default_peer_uri(libvirt_uri: &str) -> String {
+    let (scheme, rest) = libvirt_uri.split_once("://").unwrap_or((libvirt_uri, ""));
+    let driver = scheme.split('+').next().unwrap_or(scheme);
+    let path = rest.split_once('/').map(|(_, p)| p).unwrap_or("system");
+    let path = path.split('?').next().unwrap_or(path);
+    format!("{driver}+tls://{{address}}/{path}")
 }
 
 fn parse_label(s: &str) -> Result<(String, String)> {
@@ -66,6 +80,7 @@ impl Config {
         let mut metrics_addr: SocketAddr = "0.0.0.0:9464".parse().expect("valid default");
         let mut work_dir = PathBuf::from("/var/lib/covi-agent");
         let mut stop_grace = Duration::from_secs(30);
+        let mut peer_uri = env("COVI_PEER_URI");
 
         let mut flags = Flags::new(args, USAGE);
         while let Some(flag) = flags.next_flag().map_err(Error::Config)? {
@@ -83,12 +98,17 @@ impl Config {
                 "--stop-grace-seconds" => stop_grace = flags.seconds(&flag).map_err(Error::Config)?,
                 "--metrics-addr" => metrics_addr = flags.address(&flag).map_err(Error::Config)?,
                 "--work-dir" => work_dir = PathBuf::from(flags.value(&flag).map_err(Error::Config)?),
+                "--peer-uri" => peer_uri = Some(flags.value(&flag).map_err(Error::Config)?),
                 _ => return Err(Error::Config(flags.unknown(&flag))),
             }
         }
         let node_name = node_name
             .filter(|n| !n.is_empty())
             .ok_or_else(|| Error::Config(format!("--node-name (or COVI_NODE_NAME) is required\n\n{USAGE}")))?;
+        let peer_uri = peer_uri.unwrap_or_else(|| default_peer_uri(&libvirt_uri));
+        if !peer_uri.contains("{address}") {
+            return Err(Error::Config(format!("--peer-uri {peer_uri:?} must contain {{address}}")));
+        }
         Ok(Config {
             node_name,
             libvirt_uri,
@@ -100,6 +120,7 @@ impl Config {
             metrics_addr,
             work_dir,
             stop_grace,
+            peer_uri,
         })
     }
 }
@@ -110,6 +131,13 @@ mod tests {
 
     fn args(list: &[&str]) -> Vec<String> {
         list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn the_peer_uri_follows_the_local_driver() {
+        assert_eq!(default_peer_uri("xen:///system"), "xen+tls://{address}/system");
+        assert_eq!(default_peer_uri("qemu+unix:///system?socket=/run/x"), "qemu+tls://{address}/system");
+        assert_eq!(default_peer_uri("qemu:///session"), "qemu+tls://{address}/session");
     }
 
     #[test]

@@ -7,8 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use covi_api::condition::{ConditionStatus, set_condition};
-use covi_api::virtual_server::VirtualServerPhase;
-use covi_api::{HostPool, VirtualServer};
+use covi_api::virtual_server::{
+    MigrationPhase, MigrationStatus, READY_HANDED_OFF, READY_MIGRATION_FAILED, VirtualServerPhase,
+};
+use covi_api::{Host, HostPool, VirtualServer};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -39,6 +41,8 @@ pub struct Context {
     pub work_dir: PathBuf,
     pub resync: Duration,
     pub stop_grace: Duration,
+    /// Template of another host's libvirt URI for live migration (`{address}`).
+    pub peer_uri: String,
     /// When a graceful stop was asked of each server, by UID.
     pub stops: Mutex<HashMap<String, Instant>>,
     pub metrics: crate::metrics::Metrics,
@@ -91,16 +95,29 @@ async fn reconcile_inner(server: &VirtualServer, ctx: &Context) -> Result<Action
         Some(pool) => plan(server, pool, &ctx.driver),
     };
     // apply
-    let (outcome, requeue) = match planned {
-        Err(failure) => (Outcome::failed(failure), ctx.resync),
-        Ok(plan) => apply(server, plan, ctx).await?,
+    let (outcome, requeue) = match (planned, migrating_away(server, &ctx.node)) {
+        // Leaving this host: hand the server off, whatever the plan says.
+        (_, Some(m)) => hand_off(server, m, ctx).await?,
+        (Err(failure), None) => (Outcome::failed(failure), ctx.resync),
+        (Ok(plan), None) => {
+            // Arriving by migration on real shared storage: the disk must be there
+            // already; a fresh clone would silently replace the server's data.
+            let adopting = arriving(server, &ctx.node).is_some()
+                && pool.as_ref().is_some_and(|p| p.spec.hypervisor != covi_api::host_pool::Hypervisor::Test);
+            apply(server, plan, ctx, adopting).await?
+        }
     };
     // report
     report(server, ctx, outcome).await?;
     Ok(Action::requeue(requeue))
 }
 
-async fn apply(server: &VirtualServer, mut plan: ServerPlan, ctx: &Context) -> Result<(Outcome, Duration)> {
+async fn apply(
+    server: &VirtualServer,
+    mut plan: ServerPlan,
+    ctx: &Context,
+    disk_must_exist: bool,
+) -> Result<(Outcome, Duration)> {
     let hv = &ctx.hypervisor;
     let uid = plan.domain.uuid.clone();
     let observed = hv.observe().await?;
@@ -113,6 +130,13 @@ async fn apply(server: &VirtualServer, mut plan: ServerPlan, ctx: &Context) -> R
                 hv.remove(&uuid).await?;
             }
             Step::Define => {
+                if disk_must_exist && !hv.volume_exists(&plan.disk.storage_pool, &plan.disk.volume).await? {
+                    let message = format!(
+                        "disk {} is not in storage pool {} on {}: is the pool's storage shared between its hosts?",
+                        plan.disk.volume, plan.disk.storage_pool, ctx.node
+                    );
+                    return Ok((Outcome::failed(Failure::new("DiskNotFound", message)), ctx.resync));
+                }
                 if let Err(failure) = prepare_volumes(&mut plan, ctx).await? {
                     return Ok((Outcome::failed(failure), ctx.resync));
                 }
@@ -205,6 +229,98 @@ async fn apply(server: &VirtualServer, mut plan: ServerPlan, ctx: &Context) -> R
 }
 
 /// Clones the boot disk and writes the seed ISO; fills in their paths.
+/// The running migration taking this server away from `node`, if any.
+fn migrating_away<'a>(server: &'a VirtualServer, node: &str) -> Option<&'a MigrationStatus> {
+    let m = server.status.as_ref()?.migration.as_ref()?;
+    (m.phase == MigrationPhase::Running && m.source == node).then_some(m)
+}
+
+/// The running migration bringing this server to `node`, if any.
+fn arriving<'a>(server: &'a VirtualServer, node: &str) -> Option<&'a MigrationStatus> {
+    let m = server.status.as_ref()?.migration.as_ref()?;
+    (m.phase == MigrationPhase::Running && m.target == node).then_some(m)
+}
+
+/// The source's side of a migration: the domain leaves this host, and only then does
+/// the status say HandedOff (the operator binds the server to the target on that).
+/// Live: libvirt moves the running guest peer to peer and undefines it here; if that
+/// fails the guest still runs here and the status says MigrationFailed. Cold: a
+/// graceful shutdown (forced after the grace period), then undefine; the disks stay,
+/// on shared storage, for the target.
+async fn hand_off(server: &VirtualServer, m: &MigrationStatus, ctx: &Context) -> Result<(Outcome, Duration)> {
+    let hv = &ctx.hypervisor;
+    let uid = server.uid().unwrap_or_default();
+    let outcome =
+        |phase, ready, reason, message: String, domain_uuid| Outcome { phase, ready, reason, message, domain_uuid };
+    let Some(domain) = hv.domain(&uid).await? else {
+        ctx.stops.lock().expect("stops lock").remove(&uid);
+        let message = format!("the domain left {} for {}", ctx.node, m.target);
+        return Ok((
+            outcome(VirtualServerPhase::Migrating, ConditionStatus::False, READY_HANDED_OFF, message, None),
+            ctx.resync,
+        ));
+    };
+    if domain.active && m.mode.as_deref() == Some("Live") {
+        let hosts: Api<Host> = Api::all(ctx.client.clone());
+        let address = hosts.get_opt(&m.target).await?.and_then(|h| h.status?.address);
+        let result = match address {
+            None => Err(format!("host {} has no address to migrate to", m.target)),
+            Some(address) => {
+                let uri = ctx.peer_uri.replace("{address}", &address);
+                let started = Instant::now();
+                let result = hv.migrate_live(&uid, &uri).await?;
+                if result.is_ok() {
+                    let took = started.elapsed();
+                    tracing::info!(server = %server.name_any(), %uri, ?took, "live migration done");
+                    publish(ctx, server, EventType::Normal, "LiveMigrated", format!("to {} in {took:.1?}", m.target))
+                        .await;
+                }
+                result
+            }
+        };
+        return Ok(match result {
+            Ok(()) => {
+                let message = format!("live-migrated from {} to {}", ctx.node, m.target);
+                (
+                    outcome(VirtualServerPhase::Migrating, ConditionStatus::False, READY_HANDED_OFF, message, None),
+                    Duration::from_secs(1),
+                )
+            }
+            Err(e) => {
+                publish(ctx, server, EventType::Warning, READY_MIGRATION_FAILED, e.clone()).await;
+                let message = format!("live migration to {} failed, still running on {}: {e}", m.target, ctx.node);
+                (
+                    outcome(
+                        VirtualServerPhase::Running,
+                        ConditionStatus::True,
+                        READY_MIGRATION_FAILED,
+                        message,
+                        Some(domain.uuid),
+                    ),
+                    ctx.resync,
+                )
+            }
+        });
+    }
+    if domain.active {
+        let waited = ctx.stops.lock().expect("stops lock").get(&uid).map(|t| t.elapsed());
+        let force = waited.is_some_and(|w| w >= ctx.stop_grace);
+        hv.stop(&uid, force).await?;
+        ctx.stops.lock().expect("stops lock").entry(uid.clone()).or_insert_with(Instant::now);
+        let message = format!("shutting down on {} to move to {}", ctx.node, m.target);
+        return Ok((
+            outcome(VirtualServerPhase::Migrating, ConditionStatus::False, "ShuttingDown", message, Some(domain.uuid)),
+            Duration::from_secs(1),
+        ));
+    }
+    hv.remove(&uid).await?;
+    ctx.stops.lock().expect("stops lock").remove(&uid);
+    publish(ctx, server, EventType::Normal, READY_HANDED_OFF, format!("undefined on {} for {}", ctx.node, m.target))
+        .await;
+    let message = format!("shut down and undefined on {}; its disks stay for {}", ctx.node, m.target);
+    Ok((outcome(VirtualServerPhase::Migrating, ConditionStatus::False, READY_HANDED_OFF, message, None), ctx.resync))
+}
+
 async fn prepare_volumes(plan: &mut ServerPlan, ctx: &Context) -> Result<std::result::Result<(), Failure>> {
     let hv = &ctx.hypervisor;
     let disk = &plan.disk;

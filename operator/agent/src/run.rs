@@ -118,6 +118,7 @@ pub async fn run(config: Config) -> Result<()> {
         work_dir: config.work_dir.clone(),
         resync: config.resync,
         stop_grace: config.stop_grace,
+        peer_uri: config.peer_uri.clone(),
         stops: Mutex::new(Default::default()),
         metrics,
         fence,

@@ -25,7 +25,12 @@ pub enum Orphan {
 pub fn judge(domain: &ObservedDomain, server: Option<&VirtualServer>, node: &str) -> Orphan {
     match server {
         Some(s) if s.uid().as_deref() == Some(domain.owner.uid.as_str()) => {
-            if s.status.as_ref().and_then(|st| st.host.as_deref()) == Some(node) {
+            let status = s.status.as_ref();
+            // A live migration lands the domain here before the server is bound here.
+            let arriving = status
+                .and_then(|st| st.migration.as_ref())
+                .is_some_and(|m| m.phase == covi_api::virtual_server::MigrationPhase::Running && m.target == node);
+            if status.and_then(|st| st.host.as_deref()) == Some(node) || arriving {
                 Orphan::Keep
             } else {
                 Orphan::RemoveDomain
@@ -99,5 +104,19 @@ mod tests {
         assert_eq!(judge(&domain(), Some(&server("u2", "h1")), "h1"), Orphan::RemoveAll);
         assert_eq!(judge(&domain(), Some(&server("u1", "h2")), "h1"), Orphan::RemoveDomain);
         assert_eq!(judge(&domain(), Some(&server("u1", "h1")), "h1"), Orphan::Keep);
+    }
+
+    #[test]
+    fn a_domain_arriving_by_live_migration_is_kept() {
+        let mut s = server("u1", "h1");
+        s.status.as_mut().unwrap().migration = Some(
+            serde_json::from_value(serde_json::json!(
+                {"source": "h1", "target": "h2", "phase": "Running"}
+            ))
+            .unwrap(),
+        );
+        assert_eq!(judge(&domain(), Some(&s), "h2"), Orphan::Keep);
+        s.status.as_mut().unwrap().migration.as_mut().unwrap().phase = covi_api::virtual_server::MigrationPhase::Failed;
+        assert_eq!(judge(&domain(), Some(&s), "h2"), Orphan::RemoveDomain);
     }
 }

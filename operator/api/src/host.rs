@@ -81,6 +81,23 @@ pub struct HostStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
+    /// In maintenance: the servers that cannot move off the host, and why. They keep
+    /// running where they are.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unmovable: Vec<UnmovableServer>,
+}
+
+/// A server that maintenance cannot move off its host.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct UnmovableServer {
+    /// The server, as namespace/name.
+    pub server: String,
+    /// Why, as a CamelCase word: NoSharedStorage, PinnedToHost, NotRunning,
+    /// MigrationFailed, or the placement's reason (InsufficientCPU, AntiAffinity, ...).
+    pub reason: String,
+    /// Why, for people.
+    pub message: String,
 }
 
 /// The hypervisor of a host.

@@ -106,9 +106,33 @@ pub struct HostPoolSpec {
     #[serde(default)]
     pub strategy: Strategy,
 
+    /// How servers move between hosts (placement.host changes, maintenance).
+    #[serde(default)]
+    pub migration: MigrationPolicy,
+
     /// Which VmRequests for this pool are approved without a person.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approval: Option<ApprovalPolicy>,
+}
+
+/// Limits on moving servers between the pool's hosts.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationPolicy {
+    /// Most migrations running at once in the pool (default 2); the others wait, Pending.
+    #[serde(default = "default_max_concurrent")]
+    #[schemars(range(min = 1, max = 64))]
+    pub max_concurrent: u32,
+}
+
+fn default_max_concurrent() -> u32 {
+    2
+}
+
+impl Default for MigrationPolicy {
+    fn default() -> Self {
+        MigrationPolicy { max_concurrent: default_max_concurrent() }
+    }
 }
 
 /// The hypervisor a pool runs.

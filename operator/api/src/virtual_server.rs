@@ -296,6 +296,12 @@ pub enum VirtualServerPhase {
     Terminating,
 }
 
+/// Ready reason of a server whose source agent has shut it down and undefined it, or
+/// live-migrated it, for a migration: the operator may now bind it to the target.
+pub const READY_HANDED_OFF: &str = "HandedOff";
+/// Ready reason of a server whose live migration failed: it still runs on the source.
+pub const READY_MIGRATION_FAILED: &str = "MigrationFailed";
+
 /// A migration of a server between hosts.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]

@@ -7,6 +7,7 @@ pub mod error;
 pub mod health;
 pub mod leader;
 pub mod metrics;
+pub mod migration;
 pub mod readiness;
 pub mod requests;
 pub mod run;

@@ -3,11 +3,11 @@
 //! that can go, schedules pending servers pool by pool, and keeps Host and HostPool
 //! status current. Only the leader runs it.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use covi_api::condition::{ConditionStatus, find_condition, set_condition};
+use covi_api::condition::{ConditionStatus, find_condition, is_condition_true, set_condition};
 use covi_api::virtual_server::FailoverRecord;
 use covi_api::virtual_server::VirtualServerPhase;
 use covi_api::vm_request::VmRequestPhase;
@@ -39,6 +39,8 @@ pub const SILENT_AGENT_MANAGER: &str = "covi-operator-for-agent";
 /// Field manager of a server's Stalled condition, which the operator derives from the
 /// phase whoever wrote it (the agent or the scheduler).
 pub const STALLED_MANAGER: &str = "covi-operator-stalled";
+/// Field manager of a server's `status.migration`.
+pub const MIGRATION_MANAGER: &str = "covi-operator-migration";
 /// The finalizer that keeps a server until its domain and disks are gone.
 pub const FINALIZER: &str = "covi.io/domain";
 
@@ -147,12 +149,28 @@ impl Scheduler {
         self.add_finalizers(&servers).await?;
         self.release_deleted(&servers, &hosts).await?;
 
+        let mut unmovable = BTreeMap::new();
         for pool in &pools {
             let members: Vec<_> = servers.iter().filter(|s| s.spec.host_pool == pool.name_any()).cloned().collect();
             let failover = pool.spec.failover.enabled && !failover_paused(&pools, pool, &hosts, &lost);
             let hosts_here: Vec<_> = hosts.iter().filter(|h| in_pool(&pools, pool, h)).cloned().collect();
             let decisions = pass(pool, &hosts_here, &members, &self.assumed, &unready, &lost, failover);
+            // Servers rebound in this pass (failover) wait for the next one: their
+            // migration, if any, is judged on the status that records the failover.
+            let rebound: BTreeSet<String> = decisions.iter().filter_map(|(s, _)| s.uid()).collect();
             self.apply(decisions).await;
+            let moves = crate::migration::plan(
+                pool,
+                &hosts_here,
+                &members,
+                &self.assumed,
+                &unready,
+                &lost,
+                &rebound,
+                Timestamp::now(),
+            );
+            unmovable.extend(moves.unmovable);
+            self.migrate(pool, moves.actions).await;
         }
         let pool_names: BTreeSet<_> = pools.iter().map(|p| p.name_any()).collect();
         let orphans: Vec<_> = servers
@@ -168,7 +186,7 @@ impl Scheduler {
         self.mark_stalled(&servers).await;
         self.reconcile_requests(&pools, &servers).await;
         self.expire_servers(&pools, &servers).await;
-        self.update_host_status(&pools, &hosts, &servers, &liveness).await;
+        self.update_host_status(&pools, &hosts, &servers, &liveness, &unmovable).await;
         self.update_pool_status(&pools, &hosts, &servers, &unready, &lost).await;
         self.metrics.count_phases(&servers, &hosts);
         Ok(())
@@ -302,6 +320,104 @@ impl Scheduler {
         }
     }
 
+    /// Carries out the migration plan's actions (see [`crate::migration`]).
+    async fn migrate(&mut self, pool: &HostPool, actions: Vec<(Arc<VirtualServer>, crate::migration::Action)>) {
+        use crate::migration::Action;
+        for (server, action) in actions {
+            let result = match action {
+                Action::Record(record) => self.write_migration(&server, Some(&record)).await,
+                Action::Cancel => self.write_migration(&server, None).await,
+                Action::HandOver { .. } | Action::Return { .. } => {
+                    // Bind to `to`; a return also records why the move failed.
+                    let (from, to, record) = match action {
+                        Action::HandOver { source, target } => (source, target, None),
+                        Action::Return { target, record } => (record.target.clone(), target, Some(record)),
+                        _ => unreachable!("matched above"),
+                    };
+                    let status = server.status.clone().unwrap_or_default();
+                    let size = pool.size_of(&server.spec).ok();
+                    let decision = Decision::Bind {
+                        host: to.clone(),
+                        address: status.address.as_deref().and_then(|a| a.parse().ok()),
+                        cpus: status.cpus.or(size.as_ref().map(|s| s.cpus)).unwrap_or(0),
+                        memory: status
+                            .memory
+                            .clone()
+                            .or(size.map(|s| covi_placement::format_mib(s.memory_mib)))
+                            .unwrap_or_default(),
+                        failover_from: None,
+                        migrated_from: Some(from),
+                    };
+                    let bound = self.write_decision(&server, &decision).await;
+                    if bound.is_ok()
+                        && let (Decision::Bind { host, address, .. }, Some(uid)) = (&decision, server.uid())
+                    {
+                        self.assumed.insert(uid, Assumed { host: host.clone(), address: *address });
+                    }
+                    match (bound, record) {
+                        (Ok(()), Some(record)) => self.write_migration(&server, Some(&record)).await,
+                        (result, _) => result,
+                    }
+                }
+            };
+            if let Err(e) = result {
+                tracing::warn!(server = %server.name_any(), error = %e, "writing a migration step failed");
+            }
+        }
+    }
+
+    /// Writes (or with None removes) a server's migration record, with an Event for
+    /// each change of phase.
+    async fn write_migration(
+        &self,
+        server: &VirtualServer,
+        record: Option<&covi_api::virtual_server::MigrationStatus>,
+    ) -> Result<()> {
+        use covi_api::virtual_server::MigrationPhase;
+        let body = match record {
+            Some(m) => json!({"migration": m}),
+            None => json!({}),
+        };
+        let patch = json!({"apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer", "status": body});
+        let api: Api<VirtualServer> = Api::namespaced(self.client.clone(), &server.namespace().unwrap_or_default());
+        api.patch_status(&server.name_any(), &PatchParams::apply(MIGRATION_MANAGER).force(), &Patch::Apply(&patch))
+            .await?;
+        let before = server.status.as_ref().and_then(|s| s.migration.as_ref());
+        let event = match record {
+            None => Some((EventType::Normal, "MigrationCancelled", "the move was called off before it started".into())),
+            Some(m) if before.map(|b| (b.phase, &b.reason)) == Some((m.phase, &m.reason)) => None,
+            Some(m) => {
+                let what = format!("from {} to {}", m.source, m.target);
+                Some(match m.phase {
+                    MigrationPhase::Pending => (
+                        EventType::Normal,
+                        "MigrationPending",
+                        format!("{what} waits: {}", m.reason.clone().unwrap_or_default()),
+                    ),
+                    MigrationPhase::Running => (
+                        EventType::Normal,
+                        "MigrationStarted",
+                        format!("{what} ({})", m.mode.clone().unwrap_or_default()),
+                    ),
+                    MigrationPhase::Succeeded => (EventType::Normal, "Migrated", format!("moved {what}")),
+                    MigrationPhase::Failed => (
+                        EventType::Warning,
+                        "MigrationFailed",
+                        format!("{what}: {}", m.reason.clone().unwrap_or_default()),
+                    ),
+                })
+            }
+        };
+        if let Some((type_, reason, note)) = event {
+            let event =
+                Event { type_, reason: reason.into(), note: Some(note), action: "Migrate".into(), secondary: None };
+            if let Err(e) = self.recorder.publish(&event, &server.object_ref(&())).await {
+                tracing::warn!(error = %e, "publishing an event failed");
+            }
+        }
+        Ok(())
+    }
+
     async fn write_decision(&self, server: &VirtualServer, decision: &Decision) -> Result<()> {
         let status = server.status.clone().unwrap_or_default();
         let generation = server.meta().generation;
@@ -311,14 +427,19 @@ impl Scheduler {
             return self.write_host_lost(server, host).await;
         }
         let (phase, scheduled, reason, message) = match decision {
-            Decision::Bind { host, address, failover_from, .. } => (
+            Decision::Bind { host, address, failover_from, migrated_from, .. } => (
                 VirtualServerPhase::Scheduled,
                 ConditionStatus::True,
-                if failover_from.is_some() { "FailedOver" } else { "Bound" },
-                match (failover_from, address) {
-                    (Some(from), _) => format!("restarted on host {host} after host {from} was lost"),
-                    (None, Some(a)) => format!("bound to host {host} with address {a}"),
-                    (None, None) => format!("bound to host {host}"),
+                match (failover_from, migrated_from) {
+                    (Some(_), _) => "FailedOver",
+                    (None, Some(_)) => "Migrated",
+                    (None, None) => "Bound",
+                },
+                match (failover_from, migrated_from, address) {
+                    (Some(from), _, _) => format!("restarted on host {host} after host {from} was lost"),
+                    (None, Some(from), _) => format!("moved from host {from} to host {host}"),
+                    (None, None, Some(a)) => format!("bound to host {host} with address {a}"),
+                    (None, None, None) => format!("bound to host {host}"),
                 },
             ),
             Decision::Pending { reason, message } => {
@@ -359,7 +480,7 @@ impl Scheduler {
             "conditions": scheduled,
         });
         match decision {
-            Decision::Bind { host, address, cpus, memory, failover_from } => {
+            Decision::Bind { host, address, cpus, memory, failover_from, .. } => {
                 body["host"] = json!(host);
                 body["cpus"] = json!(cpus);
                 body["memory"] = json!(memory);
@@ -392,6 +513,7 @@ impl Scheduler {
         api.patch_status(&server.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
         let (type_, event_reason) = match decision {
             Decision::Bind { failover_from: Some(_), .. } => (EventType::Warning, "FailedOver"),
+            Decision::Bind { migrated_from: Some(_), .. } => (EventType::Normal, "HandedOver"),
             Decision::Bind { .. } => (EventType::Normal, "Scheduled"),
             Decision::HostLost { .. } => (EventType::Warning, "HostLost"),
             Decision::Pending { .. } => (EventType::Warning, "FailedScheduling"),
@@ -452,6 +574,7 @@ impl Scheduler {
         hosts: &[Arc<Host>],
         servers: &[Arc<VirtualServer>],
         liveness: &HashMap<String, Liveness>,
+        unmovable: &BTreeMap<String, Vec<covi_api::host::UnmovableServer>>,
     ) {
         for host in hosts {
             let pool = covi_api::host_pool::pool_for_labels(pools, host.labels());
@@ -471,7 +594,28 @@ impl Scheduler {
                 &self.leases,
                 &name,
             );
+            let stuck = if host.spec.maintenance { unmovable.get(&name).cloned().unwrap_or_default() } else { vec![] };
+            let was_evacuated = is_condition_true(&conditions, "Evacuated");
+            // Servers handed over but not yet running on their target still count.
+            let in_flight = servers
+                .iter()
+                .filter(|s| bound_host(s, &self.assumed) != Some(name.as_str()))
+                .filter(|s| crate::migration::active(s).is_some_and(|m| m.source == name))
+                .count();
+            let evacuation = crate::migration::evacuation(host.spec.maintenance, on_host.len() + in_flight, &stuck);
+            let evacuation_changed = match &evacuation {
+                Some((st, reason, message)) => {
+                    set_condition(&mut conditions, "Evacuated", *st, reason, message.clone(), None, Timestamp::now())
+                }
+                None => {
+                    let had = conditions.iter().any(|c| c.type_ == "Evacuated");
+                    conditions.retain(|c| c.type_ != "Evacuated");
+                    had
+                }
+            };
             if transition.is_none()
+                && !evacuation_changed
+                && status.unmovable == stuck
                 && status.pool == pool_name
                 && status.servers == on_host.len() as u32
                 && status.cpu_allocation == cpu
@@ -491,16 +635,25 @@ impl Scheduler {
                     continue;
                 }
             }
-            let mine: Vec<_> = conditions.iter().filter(|c| c.type_ == "Lost" || c.type_ == "Stalled").collect();
+            let mine: Vec<_> = conditions
+                .iter()
+                .filter(|c| c.type_ == "Lost" || c.type_ == "Stalled" || c.type_ == "Evacuated")
+                .collect();
             let patch = json!({"apiVersion": "covi.io/v1alpha1", "kind": "Host", "status": {
                 "pool": pool_name, "servers": on_host.len(), "cpuAllocation": cpu, "memoryAllocation": memory,
-                "conditions": mine,
+                "conditions": mine, "unmovable": stuck,
             }});
             if let Err(e) = api.patch_status(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await {
                 tracing::warn!(host = %name, error = %e, "updating host status failed");
                 continue;
             }
-            if let Some((type_, reason, message)) = transition {
+            let evacuated = match &evacuation {
+                Some((ConditionStatus::True, _, message)) if !was_evacuated => {
+                    Some((EventType::Normal, "Evacuated", message.clone()))
+                }
+                _ => None,
+            };
+            for (type_, reason, message) in transition.into_iter().chain(evacuated) {
                 let event = Event {
                     type_,
                     reason: reason.into(),

@@ -24,8 +24,16 @@ pub struct Assumed {
 /// What the pass decided for one server.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {
-    /// Bind to `host`; `failover_from` names the lost host it leaves, if any.
-    Bind { host: String, address: Option<Ipv4Addr>, cpus: u32, memory: String, failover_from: Option<String> },
+    /// Bind to `host`; `failover_from` names the lost host it leaves, if any;
+    /// `migrated_from` the host a migration moves it from.
+    Bind {
+        host: String,
+        address: Option<Ipv4Addr>,
+        cpus: u32,
+        memory: String,
+        failover_from: Option<String>,
+        migrated_from: Option<String>,
+    },
     /// Bound to a lost host and not highly available: it stays there, Failed.
     HostLost { host: String },
     /// Valid, but no host can take it now.
@@ -136,13 +144,21 @@ pub fn pass(
             }
             Some(host) => {
                 if let Ok(size) = pool.size_of(&server.spec) {
-                    bound.push(Bound {
+                    let hold = |host: &str| Bound {
                         host: host.to_string(),
                         cpus: size.cpus,
                         memory_mib: size.memory_mib,
                         anti_affinity_group: server.spec.placement.as_ref().and_then(|p| p.anti_affinity_group.clone()),
                         high_availability: server.spec.high_availability,
-                    });
+                    };
+                    bound.push(hold(host));
+                    // A migration under way holds room on its target too.
+                    if let Some(m) = crate::migration::active(server)
+                        && m.phase == covi_api::virtual_server::MigrationPhase::Running
+                        && m.source == host
+                    {
+                        bound.push(hold(&m.target));
+                    }
                 }
             }
             None if server.meta().deletion_timestamp.is_none() => pending.push((server.clone(), None)),
@@ -165,7 +181,7 @@ pub fn pass(
     for (server, from) in pending {
         let decision = match decide(pool, &server, &network, &mut placement, &mut used, from.is_some()) {
             Decision::Bind { host, address, cpus, memory, .. } => {
-                Decision::Bind { host, address, cpus, memory, failover_from: from }
+                Decision::Bind { host, address, cpus, memory, failover_from: from, migrated_from: None }
             }
             other => other,
         };
@@ -242,6 +258,7 @@ fn decide(
                 cpus: size.cpus,
                 memory: covi_placement::format_mib(size.memory_mib),
                 failover_from: None,
+                migrated_from: None,
             }
         }
         Err(u) => Decision::Pending { reason: u.reason, message: u.message },

@@ -238,6 +238,37 @@ impl Hypervisor {
         .await
     }
 
+    /// Whether volume `name` is in storage pool `pool`, after re-reading the pool (on
+    /// shared storage another host may have created it).
+    pub async fn volume_exists(&self, pool: &str, name: &str) -> Result<bool> {
+        let (pool, name) = (pool.to_string(), name.to_string());
+        self.run(move |c| {
+            let Ok(pool) = find_pool(c, &pool)? else { return Ok(false) };
+            // A failed refresh leaves the last listing, which is still worth a look.
+            let _ = pool.refresh(0);
+            Ok(pool.lookup_storage_vol_by_name(&name).is_ok())
+        })
+        .await
+    }
+
+    /// Live-migrates the domain peer to peer to the libvirt at `dest_uri`: it keeps
+    /// running there, defined persistently, and is undefined here. Returns libvirt's
+    /// message on failure, when the domain still runs here.
+    pub async fn migrate_live(&self, uuid: &str, dest_uri: &str) -> Result<std::result::Result<(), String>> {
+        let dest = dest_uri.to_string();
+        let migrated = self
+            .with_domain(uuid, move |d| {
+                let flags = virt::sys::VIR_MIGRATE_LIVE
+                    | virt::sys::VIR_MIGRATE_PEER2PEER
+                    | virt::sys::VIR_MIGRATE_PERSIST_DEST
+                    | virt::sys::VIR_MIGRATE_UNDEFINE_SOURCE;
+                let params = virt::domain::MigrateParameters::default();
+                Ok(d.migrate_to_uri3(Some(&dest), params, flags).map_err(|e| e.to_string()))
+            })
+            .await?;
+        Ok(migrated.unwrap_or_else(|| Err("the domain is not defined here".to_string())))
+    }
+
     /// Free bytes in storage pool `pool`, when it exists.
     pub async fn pool_available(&self, pool: &str) -> Result<Option<u64>> {
         let pool = pool.to_string();

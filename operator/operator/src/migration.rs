@@ -1,0 +1,356 @@
+//! Moving servers between hosts, as a pure function of one pool's view: which
+//! migrations start, wait, hand over, succeed or fail, and what maintenance cannot move.
+//!
+//! The protocol never lets two copies run: the operator records a Running migration;
+//! the source agent shuts the domain down and undefines it (cold) or live-migrates it,
+//! then reports Ready=False HandedOff; only then does the operator bind the server to
+//! the target, whose agent defines and starts it from the same shared volume (or adopts
+//! the live-migrated domain). A failure before the hand-over leaves the server on the
+//! source; a failure on the target binds it back to the source, which starts it again.
+//! A host lost meanwhile goes down the failover path like any other.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use covi_api::condition::find_condition;
+use covi_api::host::UnmovableServer;
+use covi_api::host_pool::Hypervisor as PoolHypervisor;
+use covi_api::virtual_server::{
+    MigrationPhase, MigrationStatus, READY_HANDED_OFF, READY_MIGRATION_FAILED, VirtualServerPhase,
+};
+use covi_api::{Host, HostPool, VirtualServer};
+use covi_placement::{Bound, Demand, HostFacts, Pool};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::{Resource, ResourceExt};
+
+use crate::scheduler::{Assumed, bound_host, host_facts, rules};
+
+/// What to do about one server's migration.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Write this migration record (Pending, Running, Succeeded or Failed).
+    Record(MigrationStatus),
+    /// Remove the record: the move was called off before it started.
+    Cancel,
+    /// The source handed the server off: bind it to `target`.
+    HandOver { source: String, target: String },
+    /// The target could not run it: bind it back to the source, recording the failure.
+    Return { target: String, record: MigrationStatus },
+}
+
+/// The pass's result for one pool.
+#[derive(Debug, Default, PartialEq)]
+pub struct Plan {
+    pub actions: Vec<(Arc<VirtualServer>, Action)>,
+    /// Hosts in maintenance: the servers that cannot move, and why.
+    pub unmovable: BTreeMap<String, Vec<UnmovableServer>>,
+}
+
+fn key(server: &VirtualServer) -> String {
+    format!("{}/{}", server.namespace().unwrap_or_default(), server.name_any())
+}
+
+fn ready_reason(server: &VirtualServer) -> Option<(&str, &str, &str)> {
+    let c = find_condition(&server.status.as_ref()?.conditions, "Ready")?;
+    Some((c.status.as_str(), c.reason.as_str(), c.message.as_str()))
+}
+
+fn finished(m: &MigrationStatus, phase: MigrationPhase, reason: Option<String>, now: Timestamp) -> MigrationStatus {
+    MigrationStatus { phase, finished_at: Some(Time(now)), reason, ..m.clone() }
+}
+
+/// Plans every migration of `pool`. `members` are its hosts, `servers` its servers;
+/// `unready` and `lost` as for the scheduling pass; `skip` (UIDs) are servers the
+/// scheduling pass just rebound, left alone until the next pass sees their new status.
+#[allow(clippy::too_many_arguments)]
+pub fn plan(
+    pool: &HostPool,
+    members: &[Arc<Host>],
+    servers: &[Arc<VirtualServer>],
+    assumed: &HashMap<String, Assumed>,
+    unready: &BTreeSet<String>,
+    lost: &BTreeSet<String>,
+    skip: &BTreeSet<String>,
+    now: Timestamp,
+) -> Plan {
+    let facts: Vec<HostFacts> = members
+        .iter()
+        .map(|h| {
+            let mut f = host_facts(h);
+            f.ready &= !unready.contains(&f.name);
+            f
+        })
+        .collect();
+    let maintenance: BTreeSet<String> = members.iter().filter(|h| h.spec.maintenance).map(|h| h.name_any()).collect();
+    let ready_hosts: BTreeSet<&str> = facts.iter().filter(|f| f.ready).map(|f| f.name.as_str()).collect();
+    let mut plan = Plan::default();
+    for host in &maintenance {
+        plan.unmovable.insert(host.clone(), Vec::new());
+    }
+
+    // Everything bound counts against capacity, and a running migration also holds
+    // room on its target.
+    let mut bound = Vec::new();
+    let mut running = 0u32;
+    for s in servers.iter().filter(|s| s.meta().deletion_timestamp.is_none()) {
+        let Some(host) = bound_host(s, assumed) else { continue };
+        let Ok(size) = pool.size_of(&s.spec) else { continue };
+        let group = s.spec.placement.as_ref().and_then(|p| p.anti_affinity_group.clone());
+        let hold = |host: &str| Bound {
+            host: host.to_string(),
+            cpus: size.cpus,
+            memory_mib: size.memory_mib,
+            anti_affinity_group: group.clone(),
+            high_availability: s.spec.high_availability,
+        };
+        bound.push(hold(host));
+        if let Some(m) = active(s)
+            && m.phase == MigrationPhase::Running
+        {
+            running += 1;
+            if host == m.source {
+                bound.push(hold(&m.target));
+            }
+        }
+    }
+    let rules = rules(pool);
+    let mut placement = Pool::new(&rules, &facts, &bound);
+    let slots = pool.spec.migration.max_concurrent;
+    let shared = pool.spec.storage.shared;
+
+    // Oldest first, so the order of moves is stable from pass to pass.
+    let mut ordered: Vec<&Arc<VirtualServer>> = servers
+        .iter()
+        .filter(|s| s.meta().deletion_timestamp.is_none())
+        .filter(|s| s.uid().is_none_or(|uid| !skip.contains(&uid)))
+        .collect();
+    ordered.sort_by_key(|s| (s.creation_timestamp().map(|t| t.0), s.name_any()));
+
+    for server in ordered {
+        let Some(host) = bound_host(server, assumed).map(str::to_string) else { continue };
+        let status = server.status.clone().unwrap_or_default();
+        let pin = server.spec.placement.as_ref().and_then(|p| p.host.clone());
+        let in_maintenance = maintenance.contains(&host);
+
+        // A migration under way follows the protocol.
+        if let Some(m) = active(server).filter(|m| m.phase == MigrationPhase::Running) {
+            if let Some(action) = follow(server, m, &host, &ready_hosts, lost, now) {
+                plan.actions.push((server.clone(), action));
+            }
+            continue;
+        }
+
+        // Is a move wanted, and to where?
+        let wanted_target = match (&pin, in_maintenance) {
+            (Some(p), _) if *p != host => Some(Some(p.clone())),
+            (Some(_), true) => {
+                unmovable(&mut plan, &host, server, "PinnedToHost", "spec.placement.host pins it to this host");
+                None
+            }
+            (None, true) => Some(None),
+            _ => None,
+        };
+        let Some(target) = wanted_target else {
+            if active(server).is_some() {
+                // Pending, and no longer wanted (the pin was reverted): called off.
+                plan.actions.push((server.clone(), Action::Cancel));
+            }
+            continue;
+        };
+        // Don't try again what failed, until the spec changes the target.
+        if let Some(m) = &status.migration
+            && m.phase == MigrationPhase::Failed
+            && m.source == host
+            && (target.is_none() || target.as_deref() == Some(m.target.as_str()))
+        {
+            if in_maintenance {
+                let message = format!("the last move to {} failed: {}", m.target, m.reason.clone().unwrap_or_default());
+                unmovable(&mut plan, &host, server, "MigrationFailed", &message);
+            }
+            continue;
+        }
+        // Listed on the host in maintenance; a requested target also gets a Pending record.
+        let blocked = |plan: &mut Plan, reason: &str, message: String| {
+            if in_maintenance {
+                unmovable(plan, &host, server, reason, &message);
+            }
+            let Some(target) = &target else { return };
+            let record = MigrationStatus {
+                source: host.clone(),
+                target: target.clone(),
+                phase: MigrationPhase::Pending,
+                mode: None,
+                started_at: None,
+                finished_at: None,
+                reason: Some(format!("{reason}: {message}")),
+            };
+            if status.migration.as_ref() != Some(&record) {
+                plan.actions.push((server.clone(), Action::Record(record)));
+            }
+        };
+        if !shared {
+            let message = format!("pool {} has no shared storage (storage.shared is false)", pool.name_any());
+            blocked(&mut plan, "NoSharedStorage", message);
+            continue;
+        }
+        let phase = status.phase;
+        if !matches!(phase, Some(VirtualServerPhase::Running) | Some(VirtualServerPhase::Stopped)) {
+            let message = format!("the server is {:?}; it moves once it is Running or Stopped", phase);
+            blocked(&mut plan, "NotRunning", message);
+            continue;
+        }
+        let Ok(size) = pool.size_of(&server.spec) else { continue };
+        let placement_spec = server.spec.placement.clone().unwrap_or_default();
+        let demand = Demand {
+            cpus: size.cpus,
+            memory_mib: size.memory_mib,
+            anti_affinity_group: placement_spec.anti_affinity_group.clone(),
+            host_selector: placement_spec.host_selector.clone(),
+            pinned_host: target.clone(),
+            high_availability: server.spec.high_availability,
+            // Moving is not admission: reserve_hosts does not hold it back.
+            failover: true,
+        };
+        // The source is excluded: in maintenance it is cordoned, and a pin names another host.
+        let mut trial = placement.clone();
+        let chosen = match trial.place(&demand) {
+            Ok(h) => h,
+            Err(misfit) => {
+                blocked(&mut plan, misfit.reason, misfit.message);
+                continue;
+            }
+        };
+        if running >= slots {
+            // Waiting for a slot, not for room: the target may change when it starts.
+            let message = format!("{running} migrations run in the pool, at most {slots} at a time");
+            let record = MigrationStatus {
+                source: host.clone(),
+                target: chosen,
+                phase: MigrationPhase::Pending,
+                mode: None,
+                started_at: None,
+                finished_at: None,
+                reason: Some(format!("WaitingForSlot: {message}")),
+            };
+            if status.migration.as_ref().map(|m| (m.phase, &m.reason)) != Some((record.phase, &record.reason)) {
+                plan.actions.push((server.clone(), Action::Record(record)));
+            }
+            continue;
+        }
+        placement = trial;
+        running += 1;
+        let live = pool.spec.hypervisor != PoolHypervisor::Test && phase == Some(VirtualServerPhase::Running);
+        let record = MigrationStatus {
+            source: host.clone(),
+            target: chosen,
+            phase: MigrationPhase::Running,
+            mode: Some(if live { "Live" } else { "Cold" }.to_string()),
+            started_at: Some(Time(now)),
+            finished_at: None,
+            reason: None,
+        };
+        plan.actions.push((server.clone(), Action::Record(record)));
+    }
+    plan
+}
+
+/// The migration in progress, if any (Pending or Running).
+pub fn active(server: &VirtualServer) -> Option<&MigrationStatus> {
+    server
+        .status
+        .as_ref()
+        .and_then(|s| s.migration.as_ref())
+        .filter(|m| matches!(m.phase, MigrationPhase::Pending | MigrationPhase::Running))
+}
+
+/// The next step of a Running migration, by where the server is bound now.
+fn follow(
+    server: &VirtualServer,
+    m: &MigrationStatus,
+    host: &str,
+    ready_hosts: &BTreeSet<&str>,
+    lost: &BTreeSet<String>,
+    now: Timestamp,
+) -> Option<Action> {
+    let fail = |why: String| Some(Action::Record(finished(m, MigrationPhase::Failed, Some(why), now)));
+    let phase = server.status.as_ref().and_then(|s| s.phase);
+    let ready = ready_reason(server);
+    if host == m.source {
+        if lost.contains(host) {
+            return fail(format!("the source host {host} was lost; failover takes over"));
+        }
+        return match ready {
+            Some((_, READY_HANDED_OFF, _)) if phase == Some(VirtualServerPhase::Migrating) => {
+                if ready_hosts.contains(m.target.as_str()) {
+                    Some(Action::HandOver { source: m.source.clone(), target: m.target.clone() })
+                } else {
+                    // Nothing runs anywhere now: the source starts it again.
+                    fail(format!("the target host {} is not ready; the server starts again on {host}", m.target))
+                }
+            }
+            Some((_, READY_MIGRATION_FAILED, message)) => fail(message.to_string()),
+            _ => None,
+        };
+    }
+    // Failover rebound it after the source was lost: whatever host it runs on now, the
+    // move did not happen.
+    let started = m.started_at.as_ref().map(|t| t.0);
+    let failed_over = server
+        .status
+        .as_ref()
+        .is_some_and(|s| s.failovers.iter().any(|f| f.from == m.source && started.is_none_or(|t| f.at.0 >= t)));
+    if failed_over {
+        return fail(format!("the source host {} was lost; failover restarted the server on {host}", m.source));
+    }
+    if host == m.target {
+        if lost.contains(host) {
+            return fail(format!("the target host {host} was lost; failover takes over"));
+        }
+        return match (phase, ready) {
+            (Some(VirtualServerPhase::Failed), Some((_, reason, message))) => Some(Action::Return {
+                target: m.source.clone(),
+                record: finished(m, MigrationPhase::Failed, Some(format!("{reason}: {message}")), now),
+            }),
+            (Some(VirtualServerPhase::Running | VirtualServerPhase::Stopped), Some(("True", _, _))) => {
+                Some(Action::Record(finished(m, MigrationPhase::Succeeded, None, now)))
+            }
+            _ => None,
+        };
+    }
+    fail(format!("the server is now bound to {host}"))
+}
+
+/// A host's Evacuated condition: absent unless in maintenance; True once no server is
+/// bound to it; False while servers remain, saying which cannot move and why.
+pub fn evacuation(
+    maintenance: bool,
+    servers_left: usize,
+    unmovable: &[UnmovableServer],
+) -> Option<(covi_api::ConditionStatus, &'static str, String)> {
+    use covi_api::ConditionStatus;
+    if !maintenance {
+        return None;
+    }
+    if servers_left == 0 {
+        return Some((ConditionStatus::True, "Evacuated", "every server has moved off; the host is cordoned".into()));
+    }
+    if unmovable.is_empty() {
+        return Some((ConditionStatus::False, "Evacuating", format!("{servers_left} servers left to move")));
+    }
+    let stuck: Vec<String> = unmovable.iter().map(|u| format!("{} ({}: {})", u.server, u.reason, u.message)).collect();
+    Some((
+        ConditionStatus::False,
+        "Blocked",
+        format!("{servers_left} servers left; {} cannot move and keep running here: {}", stuck.len(), stuck.join("; ")),
+    ))
+}
+
+fn unmovable(plan: &mut Plan, host: &str, server: &VirtualServer, reason: &str, message: &str) {
+    if let Some(list) = plan.unmovable.get_mut(host) {
+        list.push(UnmovableServer { server: key(server), reason: reason.into(), message: message.into() });
+    }
+}
+
+#[cfg(test)]
+mod tests;
