@@ -61,6 +61,7 @@ echo "test bed: $COVI_APISERVER (state in $COVI_TESTBED_DIR)"
 
 phase "start libvirtd"
 testbed_libvirtd
+testbed_libvirt_peers
 
 if [ "${#custom[@]}" -gt 0 ]; then
   phase "run: ${custom[*]}"

@@ -12,6 +12,7 @@
 
 _testbed_pids=()
 _testbed_libvirt_pids=()
+_testbed_libvirt_uris=()
 
 # free_port: prints a TCP port on 127.0.0.1 that nothing listens on.
 free_port() {
@@ -175,14 +176,18 @@ testbed_stop() {
   # QEMU guests outlive libvirtd by design: remove every domain of a libvirtd we
   # started, so no guest process is left behind.
   if [ "${#libvirt[@]}" -gt 0 ]; then
-    for d in $(timeout 10 virsh -c qemu:///system list --all --name 2>/dev/null); do
-      timeout 10 virsh -c qemu:///system destroy "$d" >/dev/null 2>&1 || true
-      timeout 10 virsh -c qemu:///system undefine --nvram "$d" >/dev/null 2>&1 || true
+    local uri
+    for uri in qemu:///system "${_testbed_libvirt_uris[@]}"; do
+      for d in $(timeout 10 virsh -c "$uri" list --all --name 2>/dev/null); do
+        timeout 10 virsh -c "$uri" destroy "$d" >/dev/null 2>&1 || true
+        timeout 10 virsh -c "$uri" undefine --nvram "$d" >/dev/null 2>&1 || true
+      done
     done
     _testbed_kill "${libvirt[@]}"
   fi
   _testbed_pids=()
   _testbed_libvirt_pids=()
+  _testbed_libvirt_uris=()
 }
 
 # _testbed_kill PID...: TERM, up to 3 s to exit, then KILL.
@@ -248,6 +253,58 @@ testbed_libvirtd() {
     fi
   fi
   export COVI_QEMU_URI=qemu:///system
+}
+
+# testbed_libvirt_peers: two more libvirt daemons, hosts a and b of the live-migration
+# test. Each runs in its own mount namespace with its own /run, state, configuration and
+# host UUID (libvirt refuses to migrate a guest to the host it runs on), and listens on a
+# socket in the test bed folder: COVI_PEER_A_SOCKET, COVI_PEER_B_SOCKET. They share this
+# machine's network and every other folder, so a folder serves as their shared storage.
+# Needs root; without it the live-migration test says what is missing.
+testbed_libvirt_peers() {
+  if [ "$(id -u)" != 0 ]; then
+    echo "testbed: not root, so no libvirt peers for the live-migration test"
+    return 0
+  fi
+  local p dir uri cache
+  for p in a b; do
+    dir="$COVI_TESTBED_DIR/peer-$p"
+    # The QEMU capabilities cache outlives the test bed: probing QEMU takes seconds.
+    cache="$COVI_CACHE/libvirt-peers/$p"
+    mkdir -p "$dir"/run "$dir"/lib/qemu "$dir"/lib/images "$dir"/etc "$dir"/log/qemu "$cache"
+    cp -a /etc/libvirt/. "$dir/etc/"
+    cat >>"$dir/etc/libvirtd.conf" <<CONF
+host_uuid = "$(cat /proc/sys/kernel/random/uuid)"
+auth_unix_rw = "none"
+auth_unix_ro = "none"
+CONF
+    # No cgroups (both daemons would name their guests' scopes alike), logs to files
+    # (no virtlogd in the namespace), guests as root.
+    cat >>"$dir/etc/qemu.conf" <<'CONF'
+user = "root"
+group = "root"
+cgroup_controllers = [ ]
+stdio_handler = "file"
+security_driver = "none"
+namespaces = [ ]
+CONF
+    _testbed_spawn "libvirtd-peer-$p" unshare -m --propagation private bash -c "
+      mount --bind '$dir/run' /run && mount --bind '$dir/lib' /var/lib/libvirt &&
+      mount --bind '$dir/etc' /etc/libvirt && mount --bind '$dir/log' /var/log/libvirt &&
+      mount --bind '$cache' /var/cache/libvirt && exec /usr/sbin/libvirtd"
+    _testbed_libvirt_pids+=("$!")
+    _testbed_libvirt_uris+=("qemu+unix:///system?socket=$dir/run/libvirt/libvirt-sock")
+  done
+  # Both start at once (each takes seconds probing the machine); then wait for both.
+  for p in a b; do
+    uri="qemu+unix:///system?socket=$COVI_TESTBED_DIR/peer-$p/run/libvirt/libvirt-sock"
+    if ! wait_for "libvirtd peer $p" 30 timeout 5 virsh -c "$uri" version; then
+      tail -n 20 "$COVI_TESTBED_DIR/logs/libvirtd-peer-$p.log" >&2
+      return 1
+    fi
+  done
+  export COVI_PEER_A_SOCKET="$COVI_TESTBED_DIR/peer-a/run/libvirt/libvirt-sock"
+  export COVI_PEER_B_SOCKET="$COVI_TESTBED_DIR/peer-b/run/libvirt/libvirt-sock"
 }
 
 # testbed_qemu_fixtures BRIDGE POOL DIR: what a QEMU host of the lab needs in libvirt:

@@ -32,6 +32,11 @@ fn qemu_uri() -> String {
 /// The test's fixtures in libvirt: a bridge, a transient directory pool, and a small
 /// raw image (no OS: the guest stops in its firmware).
 fn fixtures(conn: &Connect) {
+    fixtures_in(conn, STORAGE_POOL, "/var/lib/covi-test/pool");
+}
+
+/// The fixtures, with storage pool `name` on folder `dir`.
+fn fixtures_in(conn: &Connect, name: &str, dir: &str) {
     // Expected misses (a domain already gone) come back as values; don't print them.
     virt::error::clear_error_callback();
     let bridge = std::process::Command::new("ip").args(["link", "show", BRIDGE]).output().expect("ip runs");
@@ -41,13 +46,12 @@ fn fixtures(conn: &Connect) {
             assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         }
     }
-    let dir = "/var/lib/covi-test/pool";
     std::fs::create_dir_all(dir).expect("pool directory");
-    let pool = match conn.lookup_storage_pool_by_name(STORAGE_POOL) {
+    let pool = match conn.lookup_storage_pool_by_name(name) {
         Ok(p) => p,
         Err(_) => conn
             .create_storage_pool_xml(
-                &format!("<pool type='dir'><name>{STORAGE_POOL}</name><target><path>{dir}</path></target></pool>"),
+                &format!("<pool type='dir'><name>{name}</name><target><path>{dir}</path></target></pool>"),
                 0,
             )
             .expect("transient storage pool"),
@@ -244,4 +248,100 @@ async fn an_agent_killed_mid_create_adopts_its_domain_and_leaves_others_alone() 
         api.get_opt("adopted").await.ok()?.is_none().then_some(())
     })
     .await;
+}
+
+/// The live-migration hosts: libvirt daemons in their own mount namespaces
+/// (`testbed_libvirt_peers` in hack/testbed.sh), sharing a folder as storage.
+fn peer_sockets() -> (String, String) {
+    let get = |v: &str| {
+        std::env::var(v).unwrap_or_else(|_| {
+            panic!("{v} is unset: run through hack/test.sh as root, which starts the libvirt peers")
+        })
+    };
+    (get("COVI_PEER_A_SOCKET"), get("COVI_PEER_B_SOCKET"))
+}
+
+#[tokio::test]
+async fn a_running_guest_moves_live_between_two_libvirt_daemons() {
+    // Its operator schedules every pool: one test at a time.
+    let _turn = SERIAL.lock().await;
+    const POOL: &str = "covi-shared";
+    let (a, b) = peer_sockets();
+    let uri = |socket: &str| format!("qemu+unix:///system?socket={socket}");
+    let (conn_a, conn_b) =
+        (Connect::open(Some(&uri(&a))).expect("peer a"), Connect::open(Some(&uri(&b))).expect("peer b"));
+    let shared = covi_tests::testbed_dir().join("shared-pool").display().to_string();
+    fixtures_in(&conn_a, POOL, &shared);
+    fixtures_in(&conn_b, POOL, &shared);
+
+    let client = admin().await;
+    install_crds(&client).await;
+    let mut fleet = Fleet::new(&client, "live").await;
+    let pool = fleet
+        .apply_pool(
+            &client,
+            json!({
+                "hypervisor": "qemu",
+                "storage": {"pool": POOL, "shared": true},
+                "images": [{"name": "tiny", "volume": "tiny.img"}],
+                "network": {"bridge": BRIDGE},
+            }),
+        )
+        .await;
+    // Each Host's address is its daemon's socket, and the peer URI template points there.
+    let peer_uri = "qemu+unix:///system?socket={address}";
+    for (n, socket) in [(1, &a), (2, &b)] {
+        let extra = ["--address", socket.as_str(), "--peer-uri", peer_uri, "--unsafe-migration"];
+        fleet.start_agent_uri(n, &uri(socket), &extra);
+    }
+    fleet.start_operator();
+    fleet.wait_pool_ready(&client, &pool, 2).await;
+    let ns = namespace(&client, "live").await;
+    let api: Api<VirtualServer> = Api::namespaced(client.clone(), &ns);
+    let (h1, h2) = (fleet.host_name(1), fleet.host_name(2));
+    apply_server(&api, "guest", &pool, json!({"placement": {"host": h1}})).await;
+    let before = fleet.wait_server(&api, "guest", "to run on host 1", DEADLINE, ready).await;
+    let uid = before.uid().expect("uid");
+    assert!(conn_a.lookup_domain_by_uuid_string(&uid).expect("on a").is_active().unwrap());
+    let hosts = [(h1.clone(), fleet.agents[0].log.clone()), (h2.clone(), fleet.agents[1].log.clone())];
+    let sampler = covi_tests::sampler::Sampler::start(std::sync::Arc::new(std::sync::Mutex::new(hosts.into())));
+
+    let patch = json!({"spec": {"placement": {"host": h2}}});
+    api.patch("guest", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("pin to host 2");
+    let after = fleet
+        .wait_server(&api, "guest", "to run on host 2 after a live migration", DEADLINE, |s| {
+            ready(s)
+                && s.status.as_ref().and_then(|st| st.host.as_deref()) == Some(h2.as_str())
+                && s.status
+                    .as_ref()
+                    .and_then(|st| st.migration.as_ref())
+                    .is_some_and(|m| m.phase == covi_api::virtual_server::MigrationPhase::Succeeded)
+        })
+        .await;
+    let m = after.status.as_ref().unwrap().migration.clone().unwrap();
+    assert_eq!(m.mode.as_deref(), Some("Live"));
+
+    // The same guest, never restarted: running on b because it migrated there, gone from a.
+    let dom = conn_b.lookup_domain_by_uuid_string(&uid).expect("the domain is on b");
+    let (state, reason) = dom.state().expect("state");
+    assert_eq!(format!("{state:?}"), "Known(Running)");
+    assert!(format!("{reason:?}").contains("Migrated"), "running because it migrated: {reason:?}");
+    assert!(conn_a.lookup_domain_by_uuid_string(&uid).is_err(), "undefined on a");
+    assert_eq!(after.status.as_ref().unwrap().domain_uuid.as_deref(), Some(uid.as_str()));
+    let stats = dom.job_stats(virt::sys::VIR_DOMAIN_JOB_STATS_COMPLETED).expect("completed job stats");
+    println!(
+        "live migration: downtime {} ms, total {} ms, {} bytes moved",
+        stats.downtime.unwrap_or_default(),
+        stats.time_elapsed.unwrap_or_default(),
+        stats.data_processed.unwrap_or_default()
+    );
+    let (samples, doubles) = sampler.finish().await;
+    assert!(doubles.is_empty(), "ran twice: {doubles:?} ({samples} samples)");
+
+    api.delete("guest", &DeleteParams::default()).await.expect("delete");
+    wait_until("the guest to be removed", DEADLINE, || async {
+        api.get_opt("guest").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert!(conn_b.lookup_domain_by_uuid_string(&uid).is_err(), "removed from b");
 }

@@ -26,7 +26,10 @@ pub const USAGE: &str = "usage: covi-agent --node-name NAME [options]
   --stop-grace-seconds N  a guest asked to shut down is forced off after N seconds (default 30)
   --peer-uri TEMPLATE     libvirt URI of another host for live migration; {address} is that
                           Host's address (env COVI_PEER_URI; default from --libvirt-uri,
-                          e.g. xen+tls://{address}/system)";
+                          e.g. xen+tls://{address}/system)
+  --unsafe-migration      labs only: live-migrate even where libvirt cannot tell that the
+                          disks are on shared storage (VIR_MIGRATE_UNSAFE), e.g. two
+                          libvirt daemons on one machine sharing a local folder";
 
 /// Everything the agent needs to know to start.
 #[derive(Clone, Debug, PartialEq)]
@@ -42,6 +45,7 @@ pub struct Config {
     pub work_dir: PathBuf,
     pub stop_grace: Duration,
     pub peer_uri: String,
+    pub unsafe_migration: bool,
 }
 
 /// The live-migration peer URI template that matches a local libvirt URI: the same
@@ -81,6 +85,7 @@ impl Config {
         let mut work_dir = PathBuf::from("/var/lib/covi-agent");
         let mut stop_grace = Duration::from_secs(30);
         let mut peer_uri = env("COVI_PEER_URI");
+        let mut unsafe_migration = false;
 
         let mut flags = Flags::new(args, USAGE);
         while let Some(flag) = flags.next_flag().map_err(Error::Config)? {
@@ -99,6 +104,7 @@ impl Config {
                 "--metrics-addr" => metrics_addr = flags.address(&flag).map_err(Error::Config)?,
                 "--work-dir" => work_dir = PathBuf::from(flags.value(&flag).map_err(Error::Config)?),
                 "--peer-uri" => peer_uri = Some(flags.value(&flag).map_err(Error::Config)?),
+                "--unsafe-migration" => unsafe_migration = true,
                 _ => return Err(Error::Config(flags.unknown(&flag))),
             }
         }
@@ -121,6 +127,7 @@ impl Config {
             work_dir,
             stop_grace,
             peer_uri,
+            unsafe_migration,
         })
     }
 }

@@ -117,6 +117,7 @@ mod tests {
             uuid: uuid.into(),
             name: "ns.s".into(),
             active,
+            running: active,
             owner: Ownership { uid: uuid.into(), namespace: "ns".into(), name: "s".into(), generation },
             vcpus: 2,
             memory_kib: 1024 * 1024,

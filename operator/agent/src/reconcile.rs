@@ -43,6 +43,8 @@ pub struct Context {
     pub stop_grace: Duration,
     /// Template of another host's libvirt URI for live migration (`{address}`).
     pub peer_uri: String,
+    /// Lab setting: live-migrate even where libvirt cannot see that storage is shared.
+    pub unsafe_migration: bool,
     /// When a graceful stop was asked of each server, by UID.
     pub stops: Mutex<HashMap<String, Instant>>,
     pub metrics: crate::metrics::Metrics,
@@ -268,7 +270,7 @@ async fn hand_off(server: &VirtualServer, m: &MigrationStatus, ctx: &Context) ->
             Some(address) => {
                 let uri = ctx.peer_uri.replace("{address}", &address);
                 let started = Instant::now();
-                let result = hv.migrate_live(&uid, &uri).await?;
+                let result = hv.migrate_live(&uid, &uri, ctx.unsafe_migration).await?;
                 if result.is_ok() {
                     let took = started.elapsed();
                     tracing::info!(server = %server.name_any(), %uri, ?took, "live migration done");

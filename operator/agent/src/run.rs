@@ -119,6 +119,7 @@ pub async fn run(config: Config) -> Result<()> {
         resync: config.resync,
         stop_grace: config.stop_grace,
         peer_uri: config.peer_uri.clone(),
+        unsafe_migration: config.unsafe_migration,
         stops: Mutex::new(Default::default()),
         metrics,
         fence,
@@ -190,7 +191,7 @@ fn domain_route(hypervisor: &Hypervisor, fence: &Arc<Fence>) -> covi_daemon::end
             let domains = if checked { hv.observe().await.unwrap_or_default() } else { Vec::new() };
             let list: Vec<_> = domains
                 .iter()
-                .map(|d| serde_json::json!({"uuid": d.uuid, "name": d.name, "active": d.active, "server": format!("{}/{}", d.owner.namespace, d.owner.name)}))
+                .map(|d| serde_json::json!({"uuid": d.uuid, "name": d.name, "active": d.active, "running": d.running, "server": format!("{}/{}", d.owner.namespace, d.owner.name)}))
                 .collect();
             serde_json::json!({"fenced": fence.is_fenced(), "domains": list}).to_string()
         }) as covi_daemon::endpoint::JsonFuture)

@@ -82,6 +82,7 @@ mod tests {
             uuid: "u1".into(),
             name: "ns.s".into(),
             active: true,
+            running: true,
             owner: Ownership { uid: "u1".into(), namespace: "ns".into(), name: "s".into(), generation: 1 },
             vcpus: 1,
             memory_kib: 1024,

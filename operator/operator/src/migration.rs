@@ -128,7 +128,15 @@ pub fn plan(
     ordered.sort_by_key(|s| (s.creation_timestamp().map(|t| t.0), s.name_any()));
 
     for server in ordered {
-        let Some(host) = bound_host(server, assumed).map(str::to_string) else { continue };
+        let Some(host) = bound_host(server, assumed).map(str::to_string) else {
+            // Unbound while moving: failover took it off a lost host and waits for room.
+            if let Some(m) = active(server).filter(|m| m.phase == MigrationPhase::Running) {
+                let why = "the server lost its host in the middle of the move; failover places it again";
+                plan.actions
+                    .push((server.clone(), Action::Record(finished(m, MigrationPhase::Failed, Some(why.into()), now))));
+            }
+            continue;
+        };
         let status = server.status.clone().unwrap_or_default();
         let pin = server.spec.placement.as_ref().and_then(|p| p.host.clone());
         let in_maintenance = maintenance.contains(&host);

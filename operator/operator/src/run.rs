@@ -157,7 +157,11 @@ impl Scheduler {
             let decisions = pass(pool, &hosts_here, &members, &self.assumed, &unready, &lost, failover);
             // Servers rebound in this pass (failover) wait for the next one: their
             // migration, if any, is judged on the status that records the failover.
-            let rebound: BTreeSet<String> = decisions.iter().filter_map(|(s, _)| s.uid()).collect();
+            let rebound: BTreeSet<String> = decisions
+                .iter()
+                .filter(|(_, d)| matches!(d, Decision::Bind { .. }))
+                .filter_map(|(s, _)| s.uid())
+                .collect();
             self.apply(decisions).await;
             let moves = crate::migration::plan(
                 pool,

@@ -35,6 +35,8 @@ pub struct ObservedDomain {
     pub uuid: String,
     pub name: String,
     pub active: bool,
+    /// Active and executing: not paused (an incoming live migration, a frozen guest).
+    pub running: bool,
     pub owner: Ownership,
     pub vcpus: u32,
     pub memory_kib: u64,
@@ -254,14 +256,22 @@ impl Hypervisor {
     /// Live-migrates the domain peer to peer to the libvirt at `dest_uri`: it keeps
     /// running there, defined persistently, and is undefined here. Returns libvirt's
     /// message on failure, when the domain still runs here.
-    pub async fn migrate_live(&self, uuid: &str, dest_uri: &str) -> Result<std::result::Result<(), String>> {
+    pub async fn migrate_live(
+        &self,
+        uuid: &str,
+        dest_uri: &str,
+        unsafe_storage: bool,
+    ) -> Result<std::result::Result<(), String>> {
         let dest = dest_uri.to_string();
         let migrated = self
             .with_domain(uuid, move |d| {
-                let flags = virt::sys::VIR_MIGRATE_LIVE
+                let mut flags = virt::sys::VIR_MIGRATE_LIVE
                     | virt::sys::VIR_MIGRATE_PEER2PEER
                     | virt::sys::VIR_MIGRATE_PERSIST_DEST
                     | virt::sys::VIR_MIGRATE_UNDEFINE_SOURCE;
+                if unsafe_storage {
+                    flags |= virt::sys::VIR_MIGRATE_UNSAFE;
+                }
                 let params = virt::domain::MigrateParameters::default();
                 Ok(d.migrate_to_uri3(Some(&dest), params, flags).map_err(|e| e.to_string()))
             })
@@ -391,6 +401,7 @@ fn describe(dom: &Domain) -> Result<Option<ObservedDomain>> {
         uuid: dom.uuid_string()?,
         name: dom.name()?,
         active: dom.is_active()?,
+        running: matches!(dom.state()?.0, virt::enumutil::Enum::Known(virt::domain::DomainState::Running)),
         owner,
         vcpus,
         memory_kib,

@@ -216,3 +216,12 @@ fn evacuated_says_when_a_host_is_empty_and_names_what_is_stuck() {
     assert_eq!((status, reason), (covi_api::ConditionStatus::False, "Blocked"));
     assert!(message.contains("ns/db (NoSharedStorage: m)"), "{message}");
 }
+
+#[test]
+fn a_move_whose_server_failover_unbound_is_failed() {
+    let hosts = [host("h1", 4, false), host("h2", 4, false)];
+    let mut unbound = (*server("web", "h1", json!({}), json!({"migration": migration("Running", "h1", "h2")}))).clone();
+    unbound.status.as_mut().unwrap().host = None;
+    let p = run(&pool(true, 2), &hosts, &[Arc::new(unbound)], &["h2"]);
+    assert_eq!(records(&p), [("web".into(), MigrationPhase::Failed, "h2".into())]);
+}
