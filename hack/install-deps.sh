@@ -7,7 +7,8 @@ set -euo pipefail
 
 packages=(pkg-config libvirt-dev libvirt-daemon libvirt-daemon-driver-qemu
   libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils
-  openssl curl jq iproute2 iptables xorriso libxml2-utils lua5.4)
+  openssl curl jq iproute2 iptables xorriso libxml2-utils lua5.4
+  debootstrap cpio socat e2fsprogs)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -32,6 +32,10 @@ phase "build control plane"
 phase "build tools"
 "$COVI_ROOT/hack/build-tools.sh"
 
+phase "Xen lab image"
+# dom0's root file system for tests/xen.rs (cached; a few minutes on a fresh machine).
+"$COVI_ROOT/hack/xen-lab.sh" image
+
 if [ "${#custom[@]}" -eq 0 ]; then
   phase "cargo fmt --check"
   cargo fmt --all -- --check
