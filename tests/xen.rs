@@ -196,7 +196,7 @@ async fn a_server_runs_as_a_pv_guest_on_a_real_xen_host() {
     assert!(seen.is_some(), "xl list and the guest console in dom0:\n{}", lab.tail());
     println!("{}", lab.xl_list().unwrap_or_default());
     let serial = lab.serial();
-    let console = serial.lines().filter(|l| l.contains("COVI-GUEST-UP")).last().unwrap_or_default();
+    let console = serial.lines().rfind(|l| l.contains("COVI-GUEST-UP")).unwrap_or_default();
     println!("{console}");
 
     api.delete("pv-1", &DeleteParams::default()).await.unwrap();
