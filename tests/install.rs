@@ -45,6 +45,14 @@ fn dry_run(what: &str, manifests: &str) -> String {
     out
 }
 
+/// `kubectl kustomize DIR`, applied with a server-side dry run: (manifests, kubectl's output).
+fn kustomize_dry_run(dir: &str) -> (String, String) {
+    let (ok, manifests, err) = run("kubectl", &["kustomize", dir], None);
+    assert!(ok, "kubectl kustomize {dir}: {err}");
+    let out = dry_run(dir, &manifests);
+    (manifests, out)
+}
+
 fn kinds(manifests: &str) -> Vec<String> {
     let mut kinds: Vec<String> =
         manifests.lines().filter_map(|l| l.strip_prefix("kind: ")).map(|k| k.trim().to_string()).collect();
@@ -154,9 +162,7 @@ async fn the_kustomize_base_and_overlay_are_accepted_by_the_api_server() {
     // A dry run creates nothing, so the namespace the base creates must already exist.
     covi_tests::fleet::ensure_namespace(&client, "covi-system").await;
     for dir in ["deploy/base", "deploy/overlays/example"] {
-        let (ok, manifests, err) = run("kubectl", &["kustomize", dir], None);
-        assert!(ok, "kubectl kustomize {dir}: {err}");
-        let out = dry_run(dir, &manifests);
+        let (manifests, out) = kustomize_dry_run(dir);
         assert!(out.contains("deployment.apps/covi-operator serverside-applied (server dry run)"), "{dir}: {out}");
         if dir.ends_with("example") {
             assert!(manifests.contains("image: registry.example.com/platform/covi-agent:0.1.0"), "overlay images");
@@ -173,8 +179,6 @@ async fn the_gitops_example_folders_are_accepted_by_the_api_server() {
     install_crds(&client).await;
     covi_tests::fleet::ensure_namespace(&client, "checkout").await;
     for dir in ["examples/gitops/platform", "examples/gitops/teams/checkout"] {
-        let (ok, manifests, err) = run("kubectl", &["kustomize", dir], None);
-        assert!(ok, "kubectl kustomize {dir}: {err}");
-        dry_run(dir, &manifests);
+        kustomize_dry_run(dir);
     }
 }

@@ -126,8 +126,7 @@ async fn changing_the_pinned_host_moves_a_running_server_cold() {
     let uuid = |v: &VirtualServer| v.status.as_ref().and_then(|st| st.domain_uuid.clone());
     assert_eq!(uuid(&after), uuid(&before), "the same domain UUID on the new host");
     assert_eq!(after.status.as_ref().unwrap().address, before.status.as_ref().unwrap().address, "same address");
-    let (samples, doubles) = sampler.finish().await;
-    assert!(doubles.is_empty(), "ran twice: {doubles:?} ({samples} samples)");
+    sampler.assert_never_twice().await;
     let events = s.events("web").await;
     for reason in ["MigrationStarted", "HandedOff", "HandedOver", "Migrated"] {
         assert!(events.iter().any(|e| e == reason), "Event {reason}: {events:?}");
@@ -216,8 +215,7 @@ async fn maintenance_empties_a_host_with_anti_affinity_intact_then_uncordons() {
         let fresh = groups.entry(group.clone()).or_default().insert(host_of(v).unwrap().to_string());
         assert!(fresh, "group {group} shares a host: {:?}", v.metadata.name);
     }
-    let (samples, doubles) = sampler.finish().await;
-    assert!(doubles.is_empty(), "ran twice: {doubles:?} ({samples} samples)");
+    sampler.assert_never_twice().await;
     let evacuated_events = {
         let events: Api<Event> = Api::all(s.client.clone());
         let list = events.list(&ListParams::default().fields(&format!("involvedObject.name={h1}"))).await.unwrap();
@@ -252,8 +250,7 @@ async fn maintenance_empties_a_host_with_anti_affinity_intact_then_uncordons() {
 /// Runs until the server is Ready again; returns it, with the sampler's verdict.
 async fn settle(s: &Scene, sampler: Sampler, name: &str) -> VirtualServer {
     let server = s.wait(name, "to run again, exactly once", ready).await;
-    let (samples, doubles) = sampler.finish().await;
-    assert!(doubles.is_empty(), "ran twice: {doubles:?} ({samples} samples)");
+    sampler.assert_never_twice().await;
     server
 }
 

@@ -335,8 +335,7 @@ async fn a_running_guest_moves_live_between_two_libvirt_daemons() {
         stats.time_elapsed.unwrap_or_default(),
         stats.data_processed.unwrap_or_default()
     );
-    let (samples, doubles) = sampler.finish().await;
-    assert!(doubles.is_empty(), "ran twice: {doubles:?} ({samples} samples)");
+    sampler.assert_never_twice().await;
 
     api.delete("guest", &DeleteParams::default()).await.expect("delete");
     wait_until("the guest to be removed", DEADLINE, || async {

@@ -76,4 +76,11 @@ impl Sampler {
         let n = *self.samples.lock().unwrap();
         (n, self.doubles.lock().unwrap().clone())
     }
+
+    /// Stops sampling and fails the test if any server was seen running twice.
+    pub async fn assert_never_twice(self) {
+        let (samples, doubles) = self.finish().await;
+        assert!(samples > 0, "the sampler read no host");
+        assert!(doubles.is_empty(), "servers ran on two hosts at once: {doubles:?} ({samples} samples)");
+    }
 }

@@ -19,12 +19,12 @@ use covi_api::virtual_server::{
     MigrationPhase, MigrationStatus, READY_HANDED_OFF, READY_MIGRATION_FAILED, VirtualServerPhase,
 };
 use covi_api::{Host, HostPool, VirtualServer};
-use covi_placement::{Bound, Demand, HostFacts, Pool};
+use covi_placement::{Demand, Pool};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::{Resource, ResourceExt};
 
-use crate::scheduler::{Assumed, bound_host, host_facts, rules};
+use crate::scheduler::{Assumed, bound_host, holds, live_facts, rules};
 
 /// What to do about one server's migration.
 #[derive(Clone, Debug, PartialEq)]
@@ -74,14 +74,7 @@ pub fn plan(
     skip: &BTreeSet<String>,
     now: Timestamp,
 ) -> Plan {
-    let facts: Vec<HostFacts> = members
-        .iter()
-        .map(|h| {
-            let mut f = host_facts(h);
-            f.ready &= !unready.contains(&f.name);
-            f
-        })
-        .collect();
+    let facts = live_facts(members, unready);
     let maintenance: BTreeSet<String> = members.iter().filter(|h| h.spec.maintenance).map(|h| h.name_any()).collect();
     let ready_hosts: BTreeSet<&str> = facts.iter().filter(|f| f.ready).map(|f| f.name.as_str()).collect();
     let mut plan = Plan::default();
@@ -95,23 +88,9 @@ pub fn plan(
     let mut running = 0u32;
     for s in servers.iter().filter(|s| s.meta().deletion_timestamp.is_none()) {
         let Some(host) = bound_host(s, assumed) else { continue };
-        let Ok(size) = pool.size_of(&s.spec) else { continue };
-        let group = s.spec.placement.as_ref().and_then(|p| p.anti_affinity_group.clone());
-        let hold = |host: &str| Bound {
-            host: host.to_string(),
-            cpus: size.cpus,
-            memory_mib: size.memory_mib,
-            anti_affinity_group: group.clone(),
-            high_availability: s.spec.high_availability,
-        };
-        bound.push(hold(host));
-        if let Some(m) = active(s)
-            && m.phase == MigrationPhase::Running
-        {
+        bound.extend(holds(pool, s, host));
+        if active(s).is_some_and(|m| m.phase == MigrationPhase::Running) {
             running += 1;
-            if host == m.source {
-                bound.push(hold(&m.target));
-            }
         }
     }
     let rules = rules(pool);

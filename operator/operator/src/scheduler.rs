@@ -81,6 +81,40 @@ pub fn host_facts(host: &Host) -> HostFacts {
     }
 }
 
+/// The pool's hosts as placement sees them: a host whose Lease this operator has not
+/// seen renew lately (`unready`) takes nothing.
+pub fn live_facts(members: &[Arc<Host>], unready: &BTreeSet<String>) -> Vec<HostFacts> {
+    members
+        .iter()
+        .map(|h| {
+            let mut f = host_facts(h);
+            f.ready &= !unready.contains(&f.name);
+            f
+        })
+        .collect()
+}
+
+/// The room a server bound to `host` holds: there, and on its target while a migration
+/// from there is running. Nothing for a server whose size the pool cannot resolve.
+pub fn holds(pool: &HostPool, server: &VirtualServer, host: &str) -> Vec<Bound> {
+    let Ok(size) = pool.size_of(&server.spec) else { return Vec::new() };
+    let hold = |host: &str| Bound {
+        host: host.to_string(),
+        cpus: size.cpus,
+        memory_mib: size.memory_mib,
+        anti_affinity_group: server.spec.placement.as_ref().and_then(|p| p.anti_affinity_group.clone()),
+        high_availability: server.spec.high_availability,
+    };
+    let mut held = vec![hold(host)];
+    if let Some(m) = crate::migration::active(server)
+        && m.phase == covi_api::virtual_server::MigrationPhase::Running
+        && m.source == host
+    {
+        held.push(hold(&m.target));
+    }
+    held
+}
+
 /// Where a server is bound: a binding written but not yet seen wins over the status.
 pub fn bound_host<'a>(server: &'a VirtualServer, assumed: &'a HashMap<String, Assumed>) -> Option<&'a str> {
     server
@@ -113,15 +147,7 @@ pub fn pass(
     lost: &BTreeSet<String>,
     failover: bool,
 ) -> Vec<(Arc<VirtualServer>, Decision)> {
-    let facts: Vec<HostFacts> = members
-        .iter()
-        .map(|h| {
-            let mut f = host_facts(h);
-            // A host whose Lease this operator has not seen renew lately takes nothing.
-            f.ready &= !unready.contains(&f.name);
-            f
-        })
-        .collect();
+    let facts = live_facts(members, unready);
     let rules = rules(pool);
 
     let mut bound = Vec::new();
@@ -142,25 +168,7 @@ pub fn pass(
                     decisions.push((server.clone(), Decision::HostLost { host: host.to_string() }));
                 }
             }
-            Some(host) => {
-                if let Ok(size) = pool.size_of(&server.spec) {
-                    let hold = |host: &str| Bound {
-                        host: host.to_string(),
-                        cpus: size.cpus,
-                        memory_mib: size.memory_mib,
-                        anti_affinity_group: server.spec.placement.as_ref().and_then(|p| p.anti_affinity_group.clone()),
-                        high_availability: server.spec.high_availability,
-                    };
-                    bound.push(hold(host));
-                    // A migration under way holds room on its target too.
-                    if let Some(m) = crate::migration::active(server)
-                        && m.phase == covi_api::virtual_server::MigrationPhase::Running
-                        && m.source == host
-                    {
-                        bound.push(hold(&m.target));
-                    }
-                }
-            }
+            Some(host) => bound.extend(holds(pool, server, host)),
             None if server.meta().deletion_timestamp.is_none() => pending.push((server.clone(), None)),
             None => {}
         }
