@@ -55,7 +55,8 @@ else
   phase "build binaries"
   cargo build --workspace --bins --locked --quiet
 fi
-export COVI_BIN_DIR="${CARGO_TARGET_DIR:-$COVI_ROOT/target}/debug"
+# hack/bench.sh sets it to the release binaries.
+export COVI_BIN_DIR="${COVI_BIN_DIR:-${CARGO_TARGET_DIR:-$COVI_ROOT/target}/debug}"
 
 phase "start control plane"
 # A failed run leaves its test bed (logs, etcd data) for inspection; keep the last three.

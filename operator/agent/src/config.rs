@@ -27,6 +27,10 @@ pub const USAGE: &str = "usage: covi-agent --node-name NAME [options]
   --peer-uri TEMPLATE     libvirt URI of another host for live migration; {address} is that
                           Host's address (env COVI_PEER_URI; default from --libvirt-uri,
                           e.g. xen+tls://{address}/system)
+  --fleet DIR             benchmarks and scale tests: run one simulated host per libvirt
+                          test-driver inventory DIR/NAME.xml (host NAME), each with its
+                          own Host, Lease, connection and endpoint, in this one process
+                          (--node-name and --libvirt-uri are then not used)
   --unsafe-migration      labs only: live-migrate even where libvirt cannot tell that the
                           disks are on shared storage (VIR_MIGRATE_UNSAFE), e.g. two
                           libvirt daemons on one machine sharing a local folder";
@@ -46,6 +50,8 @@ pub struct Config {
     pub stop_grace: Duration,
     pub peer_uri: String,
     pub unsafe_migration: bool,
+    /// Fleet mode: a folder of test-driver inventories, one simulated host each.
+    pub fleet: Option<PathBuf>,
 }
 
 /// The live-migration peer URI template that matches a local libvirt URI: the same
@@ -86,6 +92,7 @@ impl Config {
         let mut stop_grace = Duration::from_secs(30);
         let mut peer_uri = env("COVI_PEER_URI");
         let mut unsafe_migration = false;
+        let mut fleet = None;
 
         let mut flags = Flags::new(args, USAGE);
         while let Some(flag) = flags.next_flag().map_err(Error::Config)? {
@@ -105,12 +112,18 @@ impl Config {
                 "--work-dir" => work_dir = PathBuf::from(flags.value(&flag).map_err(Error::Config)?),
                 "--peer-uri" => peer_uri = Some(flags.value(&flag).map_err(Error::Config)?),
                 "--unsafe-migration" => unsafe_migration = true,
+                "--fleet" => fleet = Some(PathBuf::from(flags.value(&flag).map_err(Error::Config)?)),
                 _ => return Err(Error::Config(flags.unknown(&flag))),
             }
         }
-        let node_name = node_name
-            .filter(|n| !n.is_empty())
-            .ok_or_else(|| Error::Config(format!("--node-name (or COVI_NODE_NAME) is required\n\n{USAGE}")))?;
+        // In fleet mode every host is named after its inventory file.
+        let node_name = match (&fleet, node_name.filter(|n| !n.is_empty())) {
+            (_, Some(n)) => n,
+            (Some(_), None) => "fleet".to_string(),
+            (None, None) => {
+                return Err(Error::Config(format!("--node-name (or COVI_NODE_NAME) is required\n\n{USAGE}")));
+            }
+        };
         let peer_uri = peer_uri.unwrap_or_else(|| default_peer_uri(&libvirt_uri));
         if !peer_uri.contains("{address}") {
             return Err(Error::Config(format!("--peer-uri {peer_uri:?} must contain {{address}}")));
@@ -128,6 +141,7 @@ impl Config {
             stop_grace,
             peer_uri,
             unsafe_migration,
+            fleet,
         })
     }
 }

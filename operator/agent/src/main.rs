@@ -7,5 +7,5 @@ use covi_agent::config::Config;
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse(std::env::args().skip(1), |k| std::env::var(k).ok());
-    covi_daemon::run_main("covi-agent", config, covi_agent::run::run).await
+    covi_daemon::run_main("covi-agent", config, covi_agent::run::main).await
 }

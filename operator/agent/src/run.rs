@@ -27,6 +27,61 @@ pub async fn client(config: &Config) -> Result<Client> {
     covi_daemon::kube_client(config.kubeconfig.as_deref()).await.map_err(Error::Config)
 }
 
+/// The agent's entry point: one host, or with `--fleet` many simulated ones.
+pub async fn main(config: Config) -> Result<()> {
+    match config.fleet.clone() {
+        Some(dir) => run_fleet(config, &dir).await,
+        None => run(config).await,
+    }
+}
+
+/// Fleet mode: one host per test-driver inventory `DIR/NAME.xml`, each running exactly
+/// the agent's code (its own libvirt connection, Host, Lease, watches, endpoint on a
+/// free port and work folder), in one process. Returns when every host has stopped.
+pub async fn run_fleet(config: Config, dir: &std::path::Path) -> Result<()> {
+    let hosts = fleet_hosts(&config, dir)?;
+    tracing::info!(hosts = hosts.len(), dir = %dir.display(), "fleet mode");
+    let mut tasks = tokio::task::JoinSet::new();
+    for host in hosts {
+        tasks.spawn(async move {
+            let node = host.node_name.clone();
+            if let Err(e) = run(host).await {
+                tracing::error!(%node, error = %e, "simulated host stopped");
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// One host configuration per `*.xml` file of `dir`, sorted by name.
+pub fn fleet_hosts(config: &Config, dir: &std::path::Path) -> Result<Vec<Config>> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::Config(format!("--fleet {}: {e}", dir.display())))?;
+    let mut files: Vec<_> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "xml"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::Config(format!("--fleet {}: no NAME.xml inventories there", dir.display())));
+    }
+    Ok(files
+        .into_iter()
+        .map(|path| {
+            let node = path.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+            Config {
+                libvirt_uri: format!("test://{}", path.display()),
+                work_dir: config.work_dir.join(&node),
+                // Every host its own endpoint, on a port the system picks.
+                metrics_addr: std::net::SocketAddr::new(config.metrics_addr.ip(), 0),
+                node_name: node,
+                fleet: None,
+                ..config.clone()
+            }
+        })
+        .collect())
+}
+
 pub async fn run(config: Config) -> Result<()> {
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
     let hypervisor = Hypervisor::open(&config.libvirt_uri, events_tx).await?;
@@ -272,5 +327,33 @@ impl HostLoop {
         }
         self.fence.set_fenced(false);
         tracing::info!("recovered from fencing: servers bound here may start again");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fleet_is_one_host_per_inventory_file() {
+        let dir = std::env::temp_dir().join(format!("covi-fleet-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["b-2.xml", "b-1.xml", "notes.txt"] {
+            std::fs::write(dir.join(f), "<node/>").unwrap();
+        }
+        let args = ["--fleet", dir.to_str().unwrap(), "--metrics-addr", "127.0.0.1:9000", "--label", "covi.io/pool=b"];
+        let config = Config::parse(args.iter().map(|s| s.to_string()), |_| None).unwrap();
+        let hosts = fleet_hosts(&config, &dir).unwrap();
+        let names: Vec<_> = hosts.iter().map(|h| h.node_name.as_str()).collect();
+        assert_eq!(names, ["b-1", "b-2"]);
+        assert_eq!(hosts[0].libvirt_uri, format!("test://{}", dir.join("b-1.xml").display()));
+        assert_eq!(hosts[0].metrics_addr.port(), 0, "each host its own port");
+        assert_eq!(hosts[1].labels.get("covi.io/pool").map(String::as_str), Some("b"));
+        assert!(hosts.iter().all(|h| h.fleet.is_none()));
+        std::fs::remove_dir_all(&dir).unwrap();
+        let empty = std::env::temp_dir().join(format!("covi-fleet-empty-{}", std::process::id()));
+        std::fs::create_dir_all(&empty).unwrap();
+        assert!(fleet_hosts(&config, &empty).is_err());
+        std::fs::remove_dir_all(&empty).unwrap();
     }
 }

@@ -1,0 +1,412 @@
+//! covi-bench: the scale and speed benchmark. `hack/bench.sh` runs it inside a test bed
+//! with release binaries; it prints a report and writes it as JSON to `.cache/bench/`.
+//! Simulated hosts are one `covi-agent --fleet` process (libvirt's test driver, one
+//! inventory per host), running exactly the agent's code paths.
+//!
+//! Sizes come from the environment: COVI_BENCH_BURSTS ("100x50,1000x200": servers x
+//! hosts), COVI_BENCH_SCALE ("2000x20000": hosts x servers, or "off").
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use covi_api::VirtualServer;
+use covi_api::condition::find_condition;
+use covi_tests::fleet::{Fleet, Process, bin};
+use covi_tests::{FIELD_MANAGER, admin, install_crds, namespace, poll, repo_root, testbed_dir};
+use futures::StreamExt;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::watcher;
+use kube::{Client, ResourceExt};
+use serde_json::{Value, json};
+
+fn sizes(var: &str, default: &str) -> Vec<(usize, usize)> {
+    let text = std::env::var(var).unwrap_or_else(|_| default.to_string());
+    text.split(',')
+        .filter_map(|p| {
+            let (a, b) = p.trim().split_once('x')?;
+            Some((a.parse().ok()?, b.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Resident memory of a process, in MiB.
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    kib / 1024.0
+}
+
+/// CPU seconds (user + system) a process has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The API server's request counters: (writes to covi resources, every request).
+async fn api_counters(client: &Client) -> (f64, f64) {
+    let req = http::Request::get("/metrics").body(Vec::new()).expect("request");
+    let text = client.request_text(req).await.unwrap_or_default();
+    let (mut writes, mut all) = (0.0, 0.0);
+    for line in text.lines().filter(|l| l.starts_with("apiserver_request_total{")) {
+        let value: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+        all += value;
+        let write = ["\"POST\"", "\"PUT\"", "\"PATCH\"", "\"APPLY\"", "\"DELETE\""].iter().any(|v| line.contains(v));
+        if write && line.contains("group=\"covi.io\"") {
+            writes += value;
+        }
+    }
+    (writes, all)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn ready(s: &VirtualServer) -> bool {
+    s.status.as_ref().and_then(|st| find_condition(&st.conditions, "Ready")).is_some_and(|c| c.status == "True")
+}
+
+/// Writes one test-driver inventory per host into `dir`; returns the host names.
+fn inventories(fleet: &Fleet, dir: &Path, hosts: usize, cpus: u32, memory_gib: u64) -> Vec<String> {
+    std::fs::create_dir_all(dir).expect("fleet folder");
+    (1..=hosts)
+        .map(|n| {
+            let name = fleet.host_name(n);
+            let xml = std::fs::read_to_string(covi_tests::fleet::node_xml(&name, cpus, memory_gib)).expect("node XML");
+            std::fs::write(dir.join(format!("{name}.xml")), xml).expect("inventory");
+            name
+        })
+        .collect()
+}
+
+fn fleet_agent(fleet: &Fleet, dir: &Path, name: &str) -> Process {
+    let args = [
+        "--fleet",
+        &dir.display().to_string(),
+        "--label",
+        &format!("covi.io/pool={}", fleet.pool_label()),
+        "--namespace",
+        &fleet.lease_namespace,
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--work-dir",
+        &testbed_dir().join(format!("work-{name}")).display().to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    Process::spawn(name, bin("covi-agent"), args)
+}
+
+async fn wait_hosts(client: &Client, pool: &str, count: usize, deadline: Duration) -> Option<Duration> {
+    let pools: Api<covi_api::HostPool> = Api::all(client.clone());
+    let started = Instant::now();
+    poll(deadline, || async {
+        let p = pools.get(pool).await.ok()?;
+        (p.status?.ready_hosts as usize >= count).then_some(())
+    })
+    .await
+    .map(|_| started.elapsed())
+}
+
+/// Per server: when the watch first saw it, and when it first saw it Ready.
+type Seen = Arc<Mutex<HashMap<String, (Instant, Option<Instant>)>>>;
+
+/// Records, per server of `ns`, when it was first seen and first seen Ready.
+fn watch_servers(client: &Client, ns: &str) -> Seen {
+    let seen: Seen = Arc::default();
+    let api: Api<VirtualServer> = Api::namespaced(client.clone(), ns);
+    let record = seen.clone();
+    tokio::spawn(async move {
+        let mut events = watcher(api, watcher::Config::default()).boxed();
+        while let Some(Ok(event)) = events.next().await {
+            let objects = match event {
+                watcher::Event::Apply(s) | watcher::Event::InitApply(s) => vec![s],
+                _ => continue,
+            };
+            let now = Instant::now();
+            let mut map = record.lock().unwrap();
+            for s in objects {
+                let entry = map.entry(s.name_any()).or_insert((now, None));
+                if ready(&s) && entry.1.is_none() {
+                    entry.1 = Some(now);
+                }
+            }
+        }
+    });
+    seen
+}
+
+/// What a burst leaves running, for more measurements and then the clean-up.
+struct Running {
+    fleet: Fleet,
+    agent: Process,
+    ns: String,
+    hosts: Vec<String>,
+}
+
+/// A burst: an auto-approved request of `servers` on `hosts` fresh simulated hosts.
+async fn burst(client: &Client, servers: usize, hosts: usize) -> (Value, Running) {
+    let id = format!("burst{servers}");
+    let mut fleet = Fleet::new(client, &id).await;
+    let per_host = servers.div_ceil(hosts) as u32 + 2;
+    let dir = testbed_dir().join(format!("fleet-{id}"));
+    let host_names = inventories(&fleet, &dir, hosts, per_host, u64::from(per_host) * 2);
+    let pool = fleet
+        .apply_pool(
+            client,
+            json!({"approval": {"autoApprove": {"maxServers": 1000}}, "network": {"cidr": "10.80.0.0/20"}}),
+        )
+        .await;
+    let agent = fleet_agent(&fleet, &dir, &format!("agent-{id}"));
+    fleet.start_operator();
+    let hosts_up = wait_hosts(client, &pool, hosts, Duration::from_secs(300)).await;
+    let ns = namespace(client, &id).await;
+    let seen = watch_servers(client, &ns);
+    let (writes_before, _) = api_counters(client).await;
+    let request = json!({"apiVersion": "covi.io/v1alpha1", "kind": "VmRequest", "metadata": {"name": "burst"},
+        "spec": {"replicas": servers, "reason": "benchmark", "requester": "covi-admin",
+                 "template": {"spec": {"hostPool": pool, "class": "small", "boot": {"image": "debian-12"},
+                                       "owner": "bench", "purpose": "burst"}}}});
+    let requests: Api<covi_api::VmRequest> = Api::namespaced(client.clone(), &ns);
+    let started = Instant::now();
+    requests.patch("burst", &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&request)).await.unwrap();
+    let all_ready = poll(Duration::from_secs(600), || async {
+        let map = seen.lock().unwrap();
+        (map.len() == servers && map.values().all(|(_, r)| r.is_some())).then_some(())
+    })
+    .await
+    .map(|_| started.elapsed());
+    let (writes_after, _) = api_counters(client).await;
+    let mut latencies: Vec<f64> =
+        seen.lock().unwrap().values().filter_map(|(c, r)| r.map(|r| (r - *c).as_secs_f64())).collect();
+    latencies.sort_by(f64::total_cmp);
+    let agent_rss = agent.pid().map(rss_mib).unwrap_or_default();
+    let operator_rss = fleet.operator.as_ref().and_then(|o| o.pid()).map(rss_mib).unwrap_or_default();
+    let value = json!({
+        "servers": servers, "hosts": hosts,
+        "hostsReadySeconds": hosts_up.map(|d| d.as_secs_f64()),
+        "allReadySeconds": all_ready.map(|d| d.as_secs_f64()),
+        "readyCount": latencies.len(),
+        "createToReadySeconds": {"p50": percentile(&latencies, 0.5), "p95": percentile(&latencies, 0.95),
+                                 "max": latencies.last().copied().unwrap_or_default()},
+        "apiWritesPerServer": (writes_after - writes_before) / servers as f64,
+        "agentRssMiB": agent_rss, "agentRssMiBPerHost": agent_rss / hosts as f64, "operatorRssMiB": operator_rss,
+    });
+    (value, Running { fleet, agent, ns, hosts: host_names })
+}
+
+/// Deletes the burst's servers (the agents remove their domains), then stops its
+/// processes and removes its Hosts, so the next measurement starts clean.
+async fn clean_up(client: &Client, running: Running) {
+    let requests: Api<covi_api::VmRequest> = Api::namespaced(client.clone(), &running.ns);
+    let _ = requests.delete("burst", &Default::default()).await;
+    let api: Api<VirtualServer> = Api::namespaced(client.clone(), &running.ns);
+    let gone = poll(Duration::from_secs(600), || async {
+        api.list(&ListParams::default()).await.ok()?.items.is_empty().then_some(())
+    })
+    .await;
+    if gone.is_none() {
+        eprintln!("bench: servers of {} still there after 10 minutes", running.ns);
+    }
+    drop(running.agent);
+    drop(running.fleet);
+    let hosts: Api<covi_api::Host> = Api::all(client.clone());
+    for h in running.hosts {
+        let _ = hosts.delete(&h, &Default::default()).await;
+    }
+}
+
+/// A restarted operator's full resync: from its start until a server created right then
+/// is bound (the operator must have listed and placed everything first).
+async fn resync_after_restart(client: &Client, running: &mut Running) -> Option<f64> {
+    running.fleet.operator = None;
+    let started = Instant::now();
+    running.fleet.start_operator();
+    let api: Api<VirtualServer> = Api::namespaced(client.clone(), &running.ns);
+    let probe = json!({"apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer", "metadata": {"name": "probe"},
+        "spec": {"hostPool": format!("{}-pool", running.fleet.id), "class": "small", "boot": {"image": "debian-12"},
+                 "owner": "bench", "purpose": "resync probe"}});
+    api.patch("probe", &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&probe)).await.ok()?;
+    let bound =
+        poll(Duration::from_secs(300), || async { api.get("probe").await.ok()?.status?.host.map(|_| ()) }).await;
+    let _ = api.delete("probe", &Default::default()).await;
+    bound.map(|_| started.elapsed().as_secs_f64())
+}
+
+/// The floor: the same number of bare creates and status patches straight to the API
+/// server (32 at a time), and bare define+start on `hosts` test-driver connections.
+async fn floor(client: &Client, servers: usize, hosts: usize) -> Value {
+    let ns = namespace(client, "floor").await;
+    let api: Api<VirtualServer> = Api::namespaced(client.clone(), &ns);
+    let started = Instant::now();
+    let writes = (0..servers).map(|i| {
+        let api = api.clone();
+        async move {
+            let name = format!("f-{i}");
+            let s: VirtualServer = serde_json::from_value(json!({"apiVersion": "covi.io/v1alpha1",
+                "kind": "VirtualServer", "metadata": {"name": name},
+                "spec": {"hostPool": "floor", "class": "small", "boot": {"image": "debian-12"},
+                         "owner": "bench", "purpose": "floor"}}))
+            .unwrap();
+            api.create(&PostParams::default(), &s).await.unwrap();
+            let status = json!({"status": {"phase": "Running", "host": "h", "conditions": [{"type": "Ready",
+                "status": "True", "reason": "Running", "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}});
+            api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status)).await.unwrap();
+        }
+    });
+    futures::stream::iter(writes).buffer_unordered(32).collect::<Vec<_>>().await;
+    let api_seconds = started.elapsed().as_secs_f64();
+
+    let dir = testbed_dir().join("floor-libvirt");
+    std::fs::create_dir_all(&dir).unwrap();
+    let started = Instant::now();
+    let threads: Vec<_> = (0..hosts)
+        .map(|h| {
+            let xml = covi_tests::fleet::node_xml(&format!("floor-{h}"), 64, 256);
+            let count = servers / hosts + usize::from(h < servers % hosts);
+            std::thread::spawn(move || {
+                let conn = virt::connect::Connect::open(Some(&format!("test://{}", xml.display()))).unwrap();
+                for i in 0..count {
+                    let domain = format!(
+                        "<domain type='test'><name>floor-{h}-{i}</name><memory unit='MiB'>1024</memory>\
+                         <vcpu>1</vcpu><os><type>hvm</type></os></domain>"
+                    );
+                    let d = conn.define_domain_xml(&domain).unwrap();
+                    d.create().unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let libvirt_seconds = started.elapsed().as_secs_f64();
+    json!({"servers": servers, "apiCreateAndStatusSeconds": api_seconds, "libvirtDefineStartSeconds": libvirt_seconds,
+           "floorSeconds": api_seconds + libvirt_seconds})
+}
+
+/// Failover with default timings: one host (its own agent process) holds `servers` HA
+/// servers; it is killed; time until every one runs elsewhere.
+async fn failover(client: &Client, servers: usize) -> Value {
+    let mut fleet = Fleet::new(client, "bfail").await;
+    let pool = fleet.apply_pool(client, json!({"network": {"cidr": "10.81.0.0/22"}})).await;
+    fleet.start_agent(1, servers as u32 + 2, 64);
+    fleet.start_operator();
+    wait_hosts(client, &pool, 1, Duration::from_secs(60)).await.expect("host 1");
+    let ns = namespace(client, "bfail").await;
+    let api: Api<VirtualServer> = Api::namespaced(client.clone(), &ns);
+    for i in 0..servers {
+        let s = json!({"apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer", "metadata": {"name": format!("ha-{i}")},
+            "spec": {"hostPool": pool, "class": "small", "boot": {"image": "debian-12"}, "highAvailability": true,
+                     "owner": "bench", "purpose": "failover"}});
+        api.patch(&format!("ha-{i}"), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&s)).await.unwrap();
+    }
+    let host1 = fleet.host_name(1);
+    let all_on = |host: String| {
+        let api = api.clone();
+        move || {
+            let (api, host) = (api.clone(), host.clone());
+            async move {
+                let list = api.list(&ListParams::default()).await.ok()?;
+                let here = list
+                    .items
+                    .iter()
+                    .filter(|s| ready(s) && s.status.as_ref().and_then(|st| st.host.as_deref()) == Some(host.as_str()));
+                (here.count() == servers).then_some(())
+            }
+        }
+    };
+    poll(Duration::from_secs(120), all_on(host1.clone())).await.expect("servers on host 1");
+    let dir = testbed_dir().join("fleet-bfail");
+    std::fs::create_dir_all(&dir).unwrap();
+    for n in 2..=3 {
+        let name = fleet.host_name(n);
+        let xml = std::fs::read_to_string(covi_tests::fleet::node_xml(&name, servers as u32 + 2, 64)).unwrap();
+        std::fs::write(dir.join(format!("{name}.xml")), xml).unwrap();
+    }
+    let _others = fleet_agent(&fleet, &dir, "agent-bfail-others");
+    wait_hosts(client, &pool, 3, Duration::from_secs(60)).await.expect("hosts 2 and 3");
+    fleet.agents[0].kill();
+    let killed = Instant::now();
+    let moved = poll(Duration::from_secs(180), || async {
+        let list = api.list(&ListParams::default()).await.ok()?;
+        let elsewhere = list
+            .items
+            .iter()
+            .filter(|s| ready(s) && s.status.as_ref().and_then(|st| st.host.as_deref()) != Some(&host1));
+        (elsewhere.count() == servers).then_some(())
+    })
+    .await
+    .map(|_| killed.elapsed().as_secs_f64());
+    let f = covi_api::host_pool::Failover::default();
+    json!({"servers": servers, "allRunningElsewhereSeconds": moved,
+           "timings": {"renewSeconds": f.renew_seconds, "leaseDurationSeconds": f.lease_duration_seconds,
+                       "fenceAfterSeconds": f.fence_after_seconds, "graceSeconds": f.grace_seconds}})
+}
+
+/// Steady state: operator and agent CPU and the API request rate over `window`.
+async fn steady(client: &Client, running: &Running, window: Duration) -> Value {
+    let pid = running.fleet.operator.as_ref().and_then(|o| o.pid()).unwrap_or_default();
+    let agent = running.agent.pid().unwrap_or_default();
+    let agent_cpu0 = cpu_seconds(agent);
+    let (cpu0, (_, req0)) = (cpu_seconds(pid), api_counters(client).await);
+    tokio::time::sleep(window).await;
+    let (cpu1, (_, req1)) = (cpu_seconds(pid), api_counters(client).await);
+    json!({"windowSeconds": window.as_secs_f64(),
+           "operatorCpuPercent": (cpu1 - cpu0) / window.as_secs_f64() * 100.0,
+           "agentCpuPercent": (cpu_seconds(agent) - agent_cpu0) / window.as_secs_f64() * 100.0,
+           "agentRssMiB": rss_mib(agent),
+           "apiRequestsPerSecond": (req1 - req0) / window.as_secs_f64(),
+           "operatorRssMiB": rss_mib(pid)})
+}
+
+#[tokio::main]
+async fn main() {
+    let client = admin().await;
+    install_crds(&client).await;
+    let mut report = serde_json::Map::new();
+    let mut bursts = Vec::new();
+    for (servers, hosts) in sizes("COVI_BENCH_BURSTS", "100x50,1000x200") {
+        eprintln!("bench: burst of {servers} servers on {hosts} hosts");
+        let (mut b, running) = burst(&client, servers, hosts).await;
+        eprintln!("bench: {b}");
+        clean_up(&client, running).await;
+        eprintln!("bench: floor for {servers} servers");
+        let f = floor(&client, servers, hosts).await;
+        eprintln!("bench: {f}");
+        b["ratioToFloor"] = json!(b["allReadySeconds"].as_f64().map(|t| t / f["floorSeconds"].as_f64().unwrap_or(1.0)));
+        b["floor"] = f;
+        bursts.push(b);
+    }
+    report.insert("bursts".into(), json!(bursts));
+    eprintln!("bench: failover of 20 HA servers");
+    report.insert("failover".into(), failover(&client, 20).await);
+    eprintln!("bench: {}", report["failover"]);
+    for (hosts, servers) in sizes("COVI_BENCH_SCALE", "off") {
+        eprintln!("bench: scale {hosts} hosts, {servers} servers");
+        let (mut b, mut running) = burst(&client, servers, hosts).await;
+        b["steady"] = steady(&client, &running, Duration::from_secs(30)).await;
+        b["resyncAfterRestartSeconds"] = json!(resync_after_restart(&client, &mut running).await);
+        eprintln!("bench: {b}");
+        report.insert("scale".into(), b);
+        clean_up(&client, running).await;
+    }
+    let report = Value::Object(report);
+    let out = repo_root().join(".cache/bench");
+    std::fs::create_dir_all(&out).unwrap();
+    let file = out.join(format!("report-{}.json", std::process::id()));
+    std::fs::write(&file, serde_json::to_string_pretty(&report).unwrap()).unwrap();
+    println!("{}", serde_json::to_string_pretty(&report).unwrap());
+    eprintln!("bench: report written to {}", file.display());
+}
