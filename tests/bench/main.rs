@@ -50,20 +50,41 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-/// The API server's request counters: (writes to covi resources, every request).
-async fn api_counters(client: &Client) -> (f64, f64) {
+/// The API server's request counters: writes to covi resources by "VERB resource[/sub]",
+/// and every request.
+async fn api_counters(client: &Client) -> (HashMap<String, f64>, f64) {
     let req = http::Request::get("/metrics").body(Vec::new()).expect("request");
     let text = client.request_text(req).await.unwrap_or_default();
-    let (mut writes, mut all) = (0.0, 0.0);
+    let label = |line: &str, name: &str| {
+        let key = format!("{name}=\"");
+        line.split_once(&key).and_then(|(_, r)| r.split_once('"')).map(|(v, _)| v.to_string()).unwrap_or_default()
+    };
+    let (mut writes, mut all) = (HashMap::new(), 0.0);
     for line in text.lines().filter(|l| l.starts_with("apiserver_request_total{")) {
         let value: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
         all += value;
-        let write = ["\"POST\"", "\"PUT\"", "\"PATCH\"", "\"APPLY\"", "\"DELETE\""].iter().any(|v| line.contains(v));
-        if write && line.contains("group=\"covi.io\"") {
-            writes += value;
+        let verb = label(line, "verb");
+        if ["POST", "PUT", "PATCH", "APPLY", "DELETE"].contains(&verb.as_str()) && label(line, "group") == "covi.io" {
+            let sub = label(line, "subresource");
+            let what = format!("{verb} {}{}", label(line, "resource"), if sub.is_empty() { "".into() } else { format!("/{sub}") });
+            *writes.entry(what).or_insert(0.0) += value;
         }
     }
     (writes, all)
+}
+
+/// Writes between two counter readings, per server: (total, by kind).
+fn writes_per_server(before: &HashMap<String, f64>, after: &HashMap<String, f64>, servers: usize) -> (f64, Value) {
+    let mut by_kind = serde_json::Map::new();
+    let mut total = 0.0;
+    for (k, v) in after {
+        let d = (v - before.get(k).copied().unwrap_or(0.0)) / servers as f64;
+        if d > 0.0 {
+            total += d;
+            by_kind.insert(k.clone(), json!(d));
+        }
+    }
+    (total, Value::Object(by_kind))
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -165,7 +186,7 @@ async fn burst(client: &Client, servers: usize, hosts: usize) -> (Value, Running
     let pool = fleet
         .apply_pool(
             client,
-            json!({"approval": {"autoApprove": {"maxServers": 1000}}, "network": {"cidr": "10.80.0.0/20"}}),
+            json!({"approval": {"autoApprove": {"maxServers": 1000}}, "network": {"cidr": "10.80.0.0/20", "gateway": "10.80.0.1"}}),
         )
         .await;
     let agent = fleet_agent(&fleet, &dir, &format!("agent-{id}"));
@@ -188,6 +209,7 @@ async fn burst(client: &Client, servers: usize, hosts: usize) -> (Value, Running
     .await
     .map(|_| started.elapsed());
     let (writes_after, _) = api_counters(client).await;
+    let writes = writes_per_server(&writes_before, &writes_after, servers);
     let mut latencies: Vec<f64> =
         seen.lock().unwrap().values().filter_map(|(c, r)| r.map(|r| (r - *c).as_secs_f64())).collect();
     latencies.sort_by(f64::total_cmp);
@@ -200,7 +222,8 @@ async fn burst(client: &Client, servers: usize, hosts: usize) -> (Value, Running
         "readyCount": latencies.len(),
         "createToReadySeconds": {"p50": percentile(&latencies, 0.5), "p95": percentile(&latencies, 0.95),
                                  "max": latencies.last().copied().unwrap_or_default()},
-        "apiWritesPerServer": (writes_after - writes_before) / servers as f64,
+        "apiWritesPerServer": writes.0,
+        "apiWritesPerServerByKind": writes.1,
         "agentRssMiB": agent_rss, "agentRssMiBPerHost": agent_rss / hosts as f64, "operatorRssMiB": operator_rss,
     });
     (value, Running { fleet, agent, ns, hosts: host_names })
@@ -300,7 +323,7 @@ async fn floor(client: &Client, servers: usize, hosts: usize) -> Value {
 /// servers; it is killed; time until every one runs elsewhere.
 async fn failover(client: &Client, servers: usize) -> Value {
     let mut fleet = Fleet::new(client, "bfail").await;
-    let pool = fleet.apply_pool(client, json!({"network": {"cidr": "10.81.0.0/22"}})).await;
+    let pool = fleet.apply_pool(client, json!({"network": {"cidr": "10.81.0.0/22", "gateway": "10.81.0.1"}})).await;
     fleet.start_agent(1, servers as u32 + 2, 64);
     fleet.start_operator();
     wait_hosts(client, &pool, 1, Duration::from_secs(60)).await.expect("host 1");

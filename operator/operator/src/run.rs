@@ -914,9 +914,11 @@ impl Scheduler {
                         }
                         None => {}
                     }
-                    for server in &create {
-                        self.create_request_server(request, server).await?;
-                    }
+                    // Many at once: a request of a thousand servers is a thousand POSTs.
+                    let creates = create.iter().map(|server| self.create_request_server(request, server));
+                    let created: Vec<Result<()>> =
+                        futures::stream::iter(creates).buffer_unordered(32).collect().await;
+                    created.into_iter().collect::<Result<Vec<()>>>()?;
                     for server in &delete {
                         let _ = api.delete(server, &Default::default()).await;
                     }
@@ -1048,6 +1050,8 @@ impl Scheduler {
                 "name": name,
                 "labels": labels,
                 "annotations": meta.annotations,
+                // Born with covi's finalizer: one write fewer per server than adding it later.
+                "finalizers": [FINALIZER],
                 "ownerReferences": [{
                     "apiVersion": "covi.io/v1alpha1", "kind": "VmRequest",
                     "name": request.name_any(), "uid": request.uid().unwrap_or_default(),
