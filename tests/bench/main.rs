@@ -66,7 +66,11 @@ async fn api_counters(client: &Client) -> (HashMap<String, f64>, f64) {
         let verb = label(line, "verb");
         if ["POST", "PUT", "PATCH", "APPLY", "DELETE"].contains(&verb.as_str()) && label(line, "group") == "covi.io" {
             let sub = label(line, "subresource");
-            let what = format!("{verb} {}{}", label(line, "resource"), if sub.is_empty() { "".into() } else { format!("/{sub}") });
+            let what = format!(
+                "{verb} {}{}",
+                label(line, "resource"),
+                if sub.is_empty() { "".into() } else { format!("/{sub}") }
+            );
             *writes.entry(what).or_insert(0.0) += value;
         }
     }
@@ -186,7 +190,7 @@ async fn burst(client: &Client, servers: usize, hosts: usize) -> (Value, Running
     let pool = fleet
         .apply_pool(
             client,
-            json!({"approval": {"autoApprove": {"maxServers": 1000}}, "network": {"cidr": "10.80.0.0/20", "gateway": "10.80.0.1"}}),
+            json!({"approval": {"autoApprove": {"maxServers": 1000}}, "network": {"cidr": "10.64.0.0/16", "gateway": "10.64.0.1"}}),
         )
         .await;
     let agent = fleet_agent(&fleet, &dir, &format!("agent-{id}"));
@@ -195,13 +199,21 @@ async fn burst(client: &Client, servers: usize, hosts: usize) -> (Value, Running
     let ns = namespace(client, &id).await;
     let seen = watch_servers(client, &ns);
     let (writes_before, _) = api_counters(client).await;
-    let request = json!({"apiVersion": "covi.io/v1alpha1", "kind": "VmRequest", "metadata": {"name": "burst"},
-        "spec": {"replicas": servers, "reason": "benchmark", "requester": "covi-admin",
-                 "template": {"spec": {"hostPool": pool, "class": "small", "boot": {"image": "debian-12"},
-                                       "owner": "bench", "purpose": "burst"}}}});
+    // A request holds at most 1,000 servers: larger bursts are several requests at once.
     let requests: Api<covi_api::VmRequest> = Api::namespaced(client.clone(), &ns);
     let started = Instant::now();
-    requests.patch("burst", &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&request)).await.unwrap();
+    for (i, first) in (0..servers).step_by(1000).enumerate() {
+        let replicas = (servers - first).min(1000);
+        let request = json!({"apiVersion": "covi.io/v1alpha1", "kind": "VmRequest",
+            "metadata": {"name": format!("burst-{i}")},
+            "spec": {"replicas": replicas, "reason": "benchmark", "requester": "covi-admin",
+                     "template": {"spec": {"hostPool": pool, "class": "small", "boot": {"image": "debian-12"},
+                                           "owner": "bench", "purpose": "burst"}}}});
+        requests
+            .patch(&format!("burst-{i}"), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&request))
+            .await
+            .unwrap();
+    }
     let all_ready = poll(Duration::from_secs(600), || async {
         let map = seen.lock().unwrap();
         (map.len() == servers && map.values().all(|(_, r)| r.is_some())).then_some(())
@@ -233,7 +245,7 @@ async fn burst(client: &Client, servers: usize, hosts: usize) -> (Value, Running
 /// processes and removes its Hosts, so the next measurement starts clean.
 async fn clean_up(client: &Client, running: Running) {
     let requests: Api<covi_api::VmRequest> = Api::namespaced(client.clone(), &running.ns);
-    let _ = requests.delete("burst", &Default::default()).await;
+    let _ = requests.delete_collection(&Default::default(), &ListParams::default()).await;
     let api: Api<VirtualServer> = Api::namespaced(client.clone(), &running.ns);
     let gone = poll(Duration::from_secs(600), || async {
         api.list(&ListParams::default()).await.ok()?.items.is_empty().then_some(())

@@ -916,8 +916,7 @@ impl Scheduler {
                     }
                     // Many at once: a request of a thousand servers is a thousand POSTs.
                     let creates = create.iter().map(|server| self.create_request_server(request, server));
-                    let created: Vec<Result<()>> =
-                        futures::stream::iter(creates).buffer_unordered(32).collect().await;
+                    let created: Vec<Result<()>> = futures::stream::iter(creates).buffer_unordered(32).collect().await;
                     created.into_iter().collect::<Result<Vec<()>>>()?;
                     for server in &delete {
                         let _ = api.delete(server, &Default::default()).await;
