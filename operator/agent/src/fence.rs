@@ -17,6 +17,10 @@ pub struct Fence {
     last_renewal: Mutex<Instant>,
     fence_after_ms: AtomicU64,
     fenced: AtomicBool,
+    /// Whether any renewal succeeded since this process started: until then the host
+    /// may have been declared lost (and its servers restarted elsewhere) while no agent
+    /// ran here, so it starts nothing.
+    renewed_once: AtomicBool,
 }
 
 impl Fence {
@@ -27,11 +31,13 @@ impl Fence {
             last_renewal: Mutex::new(Instant::now()),
             fence_after_ms: AtomicU64::new(fence_after.as_millis() as u64),
             fenced: AtomicBool::new(false),
+            renewed_once: AtomicBool::new(false),
         }
     }
 
     /// Records a successful renewal whose request started at `started`.
     pub fn renewed(&self, started: Instant) {
+        self.renewed_once.store(true, Ordering::SeqCst);
         let mut last = self.last_renewal.lock().expect("fence lock");
         if started > *last {
             *last = started;
@@ -65,7 +71,9 @@ impl Fence {
 
     /// Whether the agent may start domains: not fenced and not overdue.
     pub fn may_start(&self) -> bool {
-        !self.is_fenced() && !overdue(self.since_renewal(), self.fence_after())
+        self.renewed_once.load(Ordering::SeqCst)
+            && !self.is_fenced()
+            && !overdue(self.since_renewal(), self.fence_after())
     }
 }
 
@@ -82,6 +90,7 @@ mod tests {
     #[test]
     fn a_fresh_renewal_keeps_the_host_running() {
         let fence = Fence::new(Duration::from_millis(50));
+        fence.renewed(Instant::now());
         assert!(fence.may_start() && !fence.due());
         std::thread::sleep(Duration::from_millis(60));
         assert!(fence.due() && !fence.may_start());
@@ -107,5 +116,14 @@ mod tests {
         let before = fence.since_renewal();
         fence.renewed(earlier);
         assert!(fence.since_renewal() >= before);
+    }
+
+    #[test]
+    fn a_new_process_starts_nothing_before_its_first_renewal() {
+        let fence = Fence::new(Duration::from_secs(60));
+        assert!(!fence.may_start(), "the host may have been lost while no agent ran");
+        assert!(!fence.due(), "nor does it fence a host it just started on");
+        fence.renewed(Instant::now());
+        assert!(fence.may_start());
     }
 }

@@ -160,6 +160,12 @@ async fn apply(
                     requeue = Duration::from_secs(1);
                     continue;
                 }
+                // The watch may lag behind a failover that moved the server while this
+                // agent was away: start only what the API server says is bound here now.
+                if !bound_here_now(server, ctx).await? {
+                    requeue = Duration::from_secs(1);
+                    continue;
+                }
                 if let Err(message) = hv.start(&uid).await? {
                     publish(ctx, server, EventType::Warning, "StartFailed", message.clone()).await;
                     return Ok((Outcome::failed(Failure::new("StartFailed", message)), ctx.resync));
@@ -231,6 +237,15 @@ async fn apply(
 }
 
 /// Clones the boot disk and writes the seed ISO; fills in their paths.
+/// Whether the API server (not the watch cache) has `server` bound to this host.
+async fn bound_here_now(server: &VirtualServer, ctx: &Context) -> Result<bool> {
+    let api: Api<VirtualServer> = Api::namespaced(ctx.client.clone(), &server.namespace().unwrap_or_default());
+    let fresh = api.get_opt(&server.name_any()).await?;
+    Ok(fresh.is_some_and(|s| {
+        s.uid() == server.uid() && s.status.and_then(|st| st.host).as_deref() == Some(ctx.node.as_str())
+    }))
+}
+
 /// The running migration taking this server away from `node`, if any.
 fn migrating_away<'a>(server: &'a VirtualServer, node: &str) -> Option<&'a MigrationStatus> {
     let m = server.status.as_ref()?.migration.as_ref()?;
