@@ -1,10 +1,10 @@
 //! A sampler of every host's running domains, for tests that must show a server never
-//! runs twice (failover, migration). It reads all hosts at once every 100 ms; the reads
-//! of two hosts are a few milliseconds apart, so a hand-over inside that gap could be
-//! seen twice, never the other way round (a real double run is always caught if it lasts
-//! longer than one period).
+//! runs twice (failover, migration). It reads all hosts at once every 100 ms and reports
+//! a server seen running on two hosts in two samples in a row: the reads of two hosts
+//! are milliseconds apart, so a hand-over inside that gap shows up in one sample only,
+//! while a double run that lasts longer than two periods (200 ms) is always caught.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,6 +29,7 @@ impl Sampler {
         let samples = Arc::new(Mutex::new(0));
         let (s, d, n) = (stop.clone(), doubles.clone(), samples.clone());
         let task = tokio::spawn(async move {
+            let mut previous: BTreeSet<String> = BTreeSet::new();
             while !s.load(Ordering::Relaxed) {
                 let tick = Instant::now();
                 let targets: Vec<(String, Option<String>)> = hosts
@@ -59,9 +60,15 @@ impl Sampler {
                         }
                     }
                 }
-                for (server, hosts) in running.iter().filter(|(_, h)| h.len() > 1) {
-                    d.lock().unwrap().push(format!("{server} on {hosts:?}"));
+                // Twice in a row, so at least one sampling period: a hand-over (a live
+                // migration's few milliseconds of switch-over) can fall between the reads
+                // of two hosts in one sample; a split brain lasts far longer.
+                let twice: BTreeSet<String> =
+                    running.iter().filter(|(_, h)| h.len() > 1).map(|(s, _)| s.clone()).collect();
+                for server in twice.intersection(&previous) {
+                    d.lock().unwrap().push(format!("{server} on {:?}", running[server]));
                 }
+                previous = twice;
                 *n.lock().unwrap() += 1;
                 tokio::time::sleep(Duration::from_millis(100).saturating_sub(tick.elapsed())).await;
             }
