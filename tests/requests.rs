@@ -219,7 +219,11 @@ async fn a_short_lifetime_warns_then_expires_and_keeps_the_request() {
     let s = scene("expiry", json!({"autoApprove": {"maxServers": 5}})).await;
     s.request("trial", 2, Some("8s")).await;
     let r = s.wait_request("trial", "to be fulfilled", |r| phase(r) == Some(VmRequestPhase::Fulfilled)).await;
-    assert!(r.status.unwrap().expires_at.is_some(), "the lifetime starts at fulfilment");
+    let expires = r.status.unwrap().expires_at.expect("the lifetime starts at fulfilment");
+    // `kubectl get` shows when, not "<invalid>" (what a date column shows for the future).
+    let (ok, table) = kubectl(&["get", "vmrequest", "trial", "-n", &s.ns]);
+    assert!(ok, "{table}");
+    assert!(table.contains(&expires.0.to_string()) && !table.contains("<invalid>"), "{table}");
     let r = s.wait_request("trial", "to expire", |r| phase(r) == Some(VmRequestPhase::Expired)).await;
     assert_eq!(condition(&r, "Expired").map(|c| c.status), Some("True".into()));
     wait_until("its servers to be gone", DEADLINE, || async {

@@ -35,7 +35,8 @@ use crate::virtual_server::VirtualServerSpec;
     printcolumn(name = "Replicas", type_ = "integer", json_path = ".spec.replicas"),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
     printcolumn(name = "Requester", type_ = "string", json_path = ".spec.requester"),
-    printcolumn(name = "Expires", type_ = "date", json_path = ".status.expiresAt"),
+    // A string, not a date: kubectl shows a date as an age, and a future one as <invalid>.
+    printcolumn(name = "Expires", type_ = "string", json_path = ".status.expiresAt"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     derive = "PartialEq"
 )]
