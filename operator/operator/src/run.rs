@@ -413,13 +413,25 @@ impl Scheduler {
             }
         };
         if let Some((type_, reason, note)) = event {
-            let event =
-                Event { type_, reason: reason.into(), note: Some(note), action: "Migrate".into(), secondary: None };
-            if let Err(e) = self.recorder.publish(&event, &server.object_ref(&())).await {
-                tracing::warn!(error = %e, "publishing an event failed");
-            }
+            self.publish(server.object_ref(&()), type_, reason, note, "Migrate").await;
         }
         Ok(())
+    }
+
+    /// Publishes an Event about `object`; a failure to publish is logged, never fatal.
+    async fn publish(
+        &self,
+        object: k8s_openapi::api::core::v1::ObjectReference,
+        type_: EventType,
+        reason: impl Into<String>,
+        note: impl Into<String>,
+        action: &str,
+    ) {
+        let event =
+            Event { type_, reason: reason.into(), note: Some(note.into()), action: action.into(), secondary: None };
+        if let Err(e) = self.recorder.publish(&event, &object).await {
+            tracing::warn!(error = %e, "publishing an event failed");
+        }
     }
 
     async fn write_decision(&self, server: &VirtualServer, decision: &Decision) -> Result<()> {
@@ -523,16 +535,7 @@ impl Scheduler {
             Decision::Pending { .. } => (EventType::Warning, "FailedScheduling"),
             Decision::Invalid { .. } => (EventType::Warning, reason),
         };
-        let event = Event {
-            type_,
-            reason: event_reason.into(),
-            note: Some(message),
-            action: "Schedule".into(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&event, &server.object_ref(&())).await {
-            tracing::warn!(error = %e, "publishing an event failed");
-        }
+        self.publish(server.object_ref(&()), type_, event_reason, message, "Schedule").await;
         Ok(())
     }
 
@@ -559,16 +562,7 @@ impl Scheduler {
         let api: Api<VirtualServer> = Api::namespaced(self.client.clone(), &server.namespace().unwrap_or_default());
         api.patch_status(&server.name_any(), &PatchParams::apply(SILENT_AGENT_MANAGER).force(), &Patch::Apply(&patch))
             .await?;
-        let event = Event {
-            type_: EventType::Warning,
-            reason: "HostLost".into(),
-            note: Some(message),
-            action: "Failover".into(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&event, &server.object_ref(&())).await {
-            tracing::warn!(error = %e, "publishing an event failed");
-        }
+        self.publish(server.object_ref(&()), EventType::Warning, "HostLost", message, "Failover").await;
         Ok(())
     }
 
@@ -658,16 +652,7 @@ impl Scheduler {
                 _ => None,
             };
             for (type_, reason, message) in transition.into_iter().chain(evacuated) {
-                let event = Event {
-                    type_,
-                    reason: reason.into(),
-                    note: Some(message),
-                    action: "Heartbeat".into(),
-                    secondary: None,
-                };
-                if let Err(e) = self.recorder.publish(&event, &host.object_ref(&())).await {
-                    tracing::warn!(error = %e, "publishing an event failed");
-                }
+                self.publish(host.object_ref(&()), type_, reason, message, "Heartbeat").await;
             }
         }
     }
@@ -1018,21 +1003,10 @@ impl Scheduler {
                 });
                 if let Err(e) = crate::webhook::post(url, &message).await {
                     let note = format!("{url}: {e}");
-                    let warn = Event {
-                        type_: EventType::Warning,
-                        reason: "WebhookFailed".into(),
-                        note: Some(note),
-                        action: "Notify".into(),
-                        secondary: None,
-                    };
-                    let _ = self.recorder.publish(&warn, &request.object_ref(&())).await;
+                    self.publish(request.object_ref(&()), EventType::Warning, "WebhookFailed", note, "Notify").await;
                 }
             }
-            let event =
-                Event { type_, reason: reason.into(), note: Some(note), action: "Request".into(), secondary: None };
-            if let Err(e) = self.recorder.publish(&event, &request.object_ref(&())).await {
-                tracing::warn!(error = %e, "publishing an event failed");
-            }
+            self.publish(request.object_ref(&()), type_, reason, note, "Request").await;
         }
         Ok(())
     }
@@ -1083,14 +1057,7 @@ impl Scheduler {
             if at <= now {
                 if api.delete(&s.name_any(), &Default::default()).await.is_ok() {
                     let note = "spec.expiresAt has passed; the server is deleted".to_string();
-                    let event = Event {
-                        type_: EventType::Normal,
-                        reason: "Expired".into(),
-                        note: Some(note),
-                        action: "Expire".into(),
-                        secondary: None,
-                    };
-                    let _ = self.recorder.publish(&event, &s.object_ref(&())).await;
+                    self.publish(s.object_ref(&()), EventType::Normal, "Expired", note, "Expire").await;
                 }
                 continue;
             }
@@ -1126,14 +1093,7 @@ impl Scheduler {
             // Its own field manager: the operator's other status applies never carry it.
             let params = PatchParams::apply("covi-operator-expiry").force();
             if api.patch_status(&s.name_any(), &params, &Patch::Apply(&patch)).await.is_ok() {
-                let event = Event {
-                    type_: EventType::Warning,
-                    reason: "ExpiringSoon".into(),
-                    note: Some(message),
-                    action: "Expire".into(),
-                    secondary: None,
-                };
-                let _ = self.recorder.publish(&event, &s.object_ref(&())).await;
+                self.publish(s.object_ref(&()), EventType::Warning, "ExpiringSoon", message, "Expire").await;
             }
         }
     }
