@@ -290,8 +290,17 @@ async fn a_target_frozen_in_the_middle_of_a_move_never_yields_two_copies() {
     // SAFETY: plain signals to our own child process.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
     s.pin("db", Some(&h2)).await;
-    // The fault lasts past the lease: the target is lost (and fences itself when it thaws).
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    // The fault lasts until the operator declares the target lost (it fences itself
+    // when it thaws).
+    let h2_for_wait = h2.clone();
+    wait_until("the frozen target to be declared lost", DEADLINE, || {
+        let (hosts, name) = (s.hosts.clone(), h2_for_wait.clone());
+        async move {
+            let host = hosts.get(&name).await.ok()?;
+            find_condition(&host.status?.conditions, "Lost").is_some_and(|c| c.status == "True").then_some(())
+        }
+    })
+    .await;
     unsafe { libc::kill(pid, libc::SIGCONT) };
     let server = settle(&s, sampler, "db").await;
     let m = migration(&server).expect("a migration record");
