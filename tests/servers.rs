@@ -95,10 +95,14 @@ async fn a_server_becomes_running_with_an_address_from_the_pool() {
     assert_eq!(status.observed_generation, s.metadata.generation);
     assert!(s.finalizers().iter().any(|f| f == "covi.io/domain"));
 
-    let reasons: BTreeSet<_> = events_for(&client, &ns, "web-1").await.into_iter().map(|(r, _)| r).collect();
-    for reason in ["Scheduled", "Defined", "Started"] {
+    let events = events_for(&client, &ns, "web-1").await;
+    let reasons: BTreeSet<_> = events.iter().map(|(r, _)| r.as_str()).collect();
+    for reason in ["Scheduled", "Started"] {
         assert!(reasons.contains(reason), "missing Event {reason}: {reasons:?}");
     }
+    // Defined and started in one go: one Event says both.
+    let started = events.iter().find(|(r, _)| r == "Started").map(|(_, note)| note.as_str()).unwrap_or_default();
+    assert!(started.contains("defined and started on run-host-"), "{started}");
 
     // The agent reports its host's facts, storage included.
     let hosts: Api<covi_api::Host> = Api::all(client.clone());

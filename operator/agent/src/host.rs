@@ -9,7 +9,8 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::ResourceExt;
+use kube::api::{Api, GetParams, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::Store;
 use serde_json::json;
 
@@ -44,12 +45,6 @@ impl HostReporter {
         let api: Api<Host> = Api::all(self.client.clone());
         let node = self.node.as_str();
         let params = PatchParams::apply(MANAGER).force();
-        let host = json!({
-            "apiVersion": "covi.io/v1alpha1", "kind": "Host",
-            "metadata": {"name": node, "labels": self.labels},
-            "spec": {}
-        });
-        api.patch(node, &params, &Patch::Apply(&host)).await?;
         let mut conditions = self.conditions.lock().await;
         let now = Timestamp::now();
         let message = format!(
@@ -86,9 +81,59 @@ impl HostReporter {
                 "conditions": *conditions,
             }
         });
-        api.patch_status(node, &params, &Patch::Apply(&status)).await?;
+        // Every host reports every resync: most reports change nothing, and at a few
+        // hundred hosts the writes alone would load the API server. The Host is read
+        // from the API server's cache and written only when it differs, so a Ready
+        // the operator overwrote (host lost) is still put right.
+        let current = api.get_with(node, &GetParams::any()).await.ok();
+        let labelled = current.as_ref().is_some_and(|c| self.labels.iter().all(|(k, v)| c.labels().get(k) == Some(v)));
+        if !labelled {
+            let host = json!({
+                "apiVersion": "covi.io/v1alpha1", "kind": "Host",
+                "metadata": {"name": node, "labels": self.labels},
+                "spec": {}
+            });
+            api.patch(node, &params, &Patch::Apply(&host)).await?;
+        }
+        let reported = current
+            .is_some_and(|c| status_matches(&status["status"], &serde_json::to_value(&c.status).unwrap_or_default()));
+        if !reported {
+            api.patch_status(node, &params, &Patch::Apply(&status)).await?;
+        }
         Ok(())
     }
+}
+
+/// Whether `have` says what `want` says; an absent field and null are the same.
+fn same(want: &serde_json::Value, have: &serde_json::Value) -> bool {
+    let null = serde_json::Value::Null;
+    match want {
+        serde_json::Value::Object(fields) => {
+            fields.iter().all(|(k, w)| same(w, have.get(k).unwrap_or(&null)))
+                && have.as_object().is_some_and(|h| h.keys().all(|k| fields.contains_key(k)))
+        }
+        _ => want == have,
+    }
+}
+
+/// Whether the Host's status already says what `desired` (the agent's part) says:
+/// every field equal (absent counts as null), and every condition with the same
+/// status, reason and message (its transition time aside).
+pub fn status_matches(desired: &serde_json::Value, current: &serde_json::Value) -> bool {
+    let Some(fields) = desired.as_object() else { return false };
+    let null = serde_json::Value::Null;
+    fields.iter().all(|(key, want)| {
+        let have = current.get(key).unwrap_or(&null);
+        if key != "conditions" {
+            return same(want, have);
+        }
+        let empty = vec![];
+        let have = have.as_array().unwrap_or(&empty);
+        want.as_array()
+            .unwrap_or(&empty)
+            .iter()
+            .all(|w| have.iter().any(|h| ["type", "status", "reason", "message"].iter().all(|f| h.get(f) == w.get(f))))
+    })
 }
 
 /// The pool this host belongs to (see `covi_api::host_pool::pool_for_labels`).
@@ -193,6 +238,34 @@ mod tests {
             }))
             .unwrap(),
         )
+    }
+
+    #[test]
+    fn an_unchanged_host_status_is_not_written_again() {
+        let desired = json!({
+            "hypervisor": {"type": "test", "version": "2.0.0"}, "address": null,
+            "capacity": {"cpus": 4, "memory": "8192Mi", "storage": null},
+            "conditions": [{"type": "Ready", "status": "True", "reason": "AgentReady", "message": "m",
+                            "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+        });
+        // The operator's fields and conditions beside the agent's, an older transition time.
+        let current = json!({
+            "hypervisor": {"type": "test", "version": "2.0.0"},
+            "capacity": {"cpus": 4, "memory": "8192Mi"}, "pool": "p", "servers": 3,
+            "conditions": [{"type": "Lost", "status": "False", "reason": "LeaseRenewed", "message": ""},
+                           {"type": "Ready", "status": "True", "reason": "AgentReady", "message": "m",
+                            "lastTransitionTime": "2025-01-01T00:00:00Z"}],
+        });
+        assert!(status_matches(&desired, &current));
+        // The operator said the host was lost: Ready must be written again.
+        let mut lost = current.clone();
+        lost["conditions"][1]["status"] = json!("False");
+        lost["conditions"][1]["reason"] = json!("HostLost");
+        assert!(!status_matches(&desired, &lost));
+        let mut grown = current.clone();
+        grown["capacity"]["cpus"] = json!(8);
+        assert!(!status_matches(&desired, &grown));
+        assert!(!status_matches(&desired, &json!({})), "a Host without status is written");
     }
 
     #[test]

@@ -47,11 +47,39 @@ pub struct Context {
     pub unsafe_migration: bool,
     /// When a graceful stop was asked of each server, by UID.
     pub stops: Mutex<HashMap<String, Instant>>,
+    pub reported: Reported,
     pub metrics: crate::metrics::Metrics,
     pub fence: Arc<crate::fence::Fence>,
 }
 
+/// What the agent last wrote to each server's status (by UID), and the version of the
+/// server it wrote on top of. The watch cache lags behind the agent's own writes: a
+/// reconcile woken by libvirt's "started" event still sees the version before the
+/// agent's Running, and would write Running again (a new transition time, a new
+/// version, another write per server). Until the cache holds a newer version, the
+/// same outcome is not written twice; a newer version (the operator's, anyone's) is
+/// compared as usual.
+#[derive(Default)]
+pub struct Reported(Mutex<HashMap<String, (String, String)>>);
+
+impl Reported {
+    /// Whether `outcome` was already written on top of version `based_on`.
+    pub fn written(&self, uid: &str, based_on: &str, outcome: &str) -> bool {
+        let map = self.0.lock().expect("reported lock");
+        map.get(uid).is_some_and(|(rv, o)| rv == based_on && o == outcome)
+    }
+
+    pub fn record(&self, uid: &str, based_on: &str, outcome: &str) {
+        self.0.lock().expect("reported lock").insert(uid.to_string(), (based_on.to_string(), outcome.to_string()));
+    }
+
+    pub fn forget(&self, uid: &str) {
+        self.0.lock().expect("reported lock").remove(uid);
+    }
+}
+
 /// The outcome of applying a plan, for the status.
+#[derive(Debug)]
 struct Outcome {
     phase: VirtualServerPhase,
     ready: ConditionStatus,
@@ -125,6 +153,7 @@ async fn apply(
     let observed = hv.observe().await?;
     let stop_waited = ctx.stops.lock().expect("stops lock").get(&uid).map(|t| t.elapsed());
     let mut requeue = ctx.resync;
+    let mut defined = None;
     for step in steps(&plan, &observed, stop_waited, ctx.stop_grace) {
         match step {
             Step::RemoveStale { uuid } => {
@@ -145,14 +174,8 @@ async fn apply(
                 if let Err(message) = hv.define(render(&plan.domain)).await? {
                     return Ok((Outcome::failed(Failure::new("DefineFailed", message)), ctx.resync));
                 }
-                publish(
-                    ctx,
-                    server,
-                    EventType::Normal,
-                    "Defined",
-                    format!("domain {} defined on {}", plan.domain.name, ctx.node),
-                )
-                .await;
+                // Said with the start when both happen now: an Event is an API write.
+                defined = Some(format!("domain {} defined on {}", plan.domain.name, ctx.node));
             }
             Step::Start => {
                 // A host that lost its lease, or fenced and has not yet cleaned up, starts nothing.
@@ -167,11 +190,18 @@ async fn apply(
                     continue;
                 }
                 if let Err(message) = hv.start(&uid).await? {
+                    if let Some(note) = defined.take() {
+                        publish(ctx, server, EventType::Normal, "Defined", note).await;
+                    }
                     publish(ctx, server, EventType::Warning, "StartFailed", message.clone()).await;
                     return Ok((Outcome::failed(Failure::new("StartFailed", message)), ctx.resync));
                 }
                 ctx.stops.lock().expect("stops lock").remove(&uid);
-                publish(ctx, server, EventType::Normal, "Started", format!("started on {}", ctx.node)).await;
+                let note = match defined.take() {
+                    Some(_) => format!("domain {} defined and started on {}", plan.domain.name, ctx.node),
+                    None => format!("started on {}", ctx.node),
+                };
+                publish(ctx, server, EventType::Normal, "Started", note).await;
             }
             Step::Stop { force } => {
                 hv.stop(&uid, force).await?;
@@ -189,6 +219,9 @@ async fn apply(
                 requeue = Duration::from_secs(2);
             }
         }
+    }
+    if let Some(note) = defined {
+        publish(ctx, server, EventType::Normal, "Defined", note).await;
     }
     let now = hv.domain(&uid).await?;
     let outcome = match (now, plan.run) {
@@ -372,6 +405,7 @@ async fn clean_up(server: &VirtualServer, ctx: &Context) -> Result<Action> {
         tracing::info!(server = %server.name_any(), ?deleted, "removed the server's domain and volumes");
     }
     ctx.stops.lock().expect("stops lock").remove(&uid);
+    ctx.reported.forget(&uid);
     release_finalizer(&ctx.client, server).await?;
     publish(ctx, server, EventType::Normal, "Removed", format!("domain and disks removed from {}", ctx.node)).await;
     Ok(Action::await_change())
@@ -412,7 +446,9 @@ async fn report(server: &VirtualServer, ctx: &Context, outcome: Outcome) -> Resu
         && status.phase == Some(outcome.phase)
         && status.domain_uuid == outcome.domain_uuid
         && status.observed_generation == generation;
-    if same {
+    let (uid, based_on, key) =
+        (server.uid().unwrap_or_default(), server.resource_version().unwrap_or_default(), format!("{outcome:?}"));
+    if same || ctx.reported.written(&uid, &based_on, &key) {
         return Ok(());
     }
     if outcome.phase == VirtualServerPhase::Failed && status.phase != Some(VirtualServerPhase::Failed) {
@@ -437,6 +473,7 @@ async fn report(server: &VirtualServer, ctx: &Context, outcome: Outcome) -> Resu
     }
     let api: Api<VirtualServer> = Api::namespaced(ctx.client.clone(), &server.namespace().unwrap_or_default());
     api.patch_status(&server.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
+    ctx.reported.record(&uid, &based_on, &key);
     Ok(())
 }
 
@@ -451,4 +488,24 @@ async fn publish(ctx: &Context, server: &VirtualServer, type_: EventType, reason
 pub fn error_policy(server: Arc<VirtualServer>, error: &Error, _ctx: Arc<Context>) -> Action {
     tracing::warn!(server = %server.name_any(), error = %error, "reconcile failed");
     Action::requeue(Duration::from_secs(2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Reported;
+
+    #[test]
+    fn an_outcome_is_written_once_per_version_it_was_written_on() {
+        let reported = Reported::default();
+        assert!(!reported.written("u", "10", "Running"));
+        reported.record("u", "10", "Running");
+        // The cache still shows version 10: the same outcome was written already.
+        assert!(reported.written("u", "10", "Running"));
+        // Something else to say on the same version is written.
+        assert!(!reported.written("u", "10", "Failed"));
+        // A newer version (someone wrote after the agent) is judged as usual.
+        assert!(!reported.written("u", "12", "Running"));
+        reported.forget("u");
+        assert!(!reported.written("u", "10", "Running"));
+    }
 }

@@ -176,6 +176,7 @@ pub async fn run(config: Config) -> Result<()> {
         peer_uri: config.peer_uri.clone(),
         unsafe_migration: config.unsafe_migration,
         stops: Mutex::new(Default::default()),
+        reported: Default::default(),
         metrics,
         fence,
     });

@@ -80,7 +80,16 @@ pub struct Scheduler {
     requests: Store<VmRequest>,
     /// When this operator saw each host's Lease renew.
     leases: Leases,
+    /// Servers created for requests ("namespace/name") and when, until the server
+    /// store shows them: the next pass must not POST them again.
+    created: std::sync::Mutex<HashMap<String, Instant>>,
+    /// Events published at once, in the background.
+    event_slots: Arc<tokio::sync::Semaphore>,
 }
+
+/// How long a created server may take to show up in the store before it counts as
+/// missing again (say, deleted before the watch saw it).
+const CREATED_GRACE: Duration = Duration::from_secs(30);
 
 pub async fn run_leader(client: Client, config: &Config, metrics: Metrics) -> Result<()> {
     let changed = Arc::new(Notify::new());
@@ -113,6 +122,8 @@ pub async fn run_leader(client: Client, config: &Config, metrics: Metrics) -> Re
         host_leases,
         requests,
         leases: Leases::default(),
+        created: Default::default(),
+        event_slots: Arc::new(tokio::sync::Semaphore::new(16)),
     };
     tracing::info!("leading: scheduling servers");
     loop {
@@ -309,7 +320,7 @@ impl Scheduler {
                 (server, decision, result)
             }
         });
-        let results: Vec<_> = futures::stream::iter(writes).buffer_unordered(32).collect().await;
+        let results: Vec<_> = futures::stream::iter(writes).buffer_unordered(64).collect().await;
         for (server, decision, result) in results {
             match result {
                 Ok(()) => {
@@ -418,7 +429,9 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Publishes an Event about `object`; a failure to publish is logged, never fatal.
+    /// Publishes an Event about `object` in the background: the write it follows is
+    /// not held up by it (a burst of binds would wait for twice as many round trips).
+    /// A failure to publish is logged, never fatal.
     async fn publish(
         &self,
         object: k8s_openapi::api::core::v1::ObjectReference,
@@ -429,9 +442,13 @@ impl Scheduler {
     ) {
         let event =
             Event { type_, reason: reason.into(), note: Some(note.into()), action: action.into(), secondary: None };
-        if let Err(e) = self.recorder.publish(&event, &object).await {
-            tracing::warn!(error = %e, "publishing an event failed");
-        }
+        let (recorder, slots) = (self.recorder.clone(), self.event_slots.clone());
+        tokio::spawn(async move {
+            let _slot = slots.acquire().await;
+            if let Err(e) = recorder.publish(&event, &object).await {
+                tracing::warn!(error = %e, "publishing an event failed");
+            }
+        });
     }
 
     async fn write_decision(&self, server: &VirtualServer, decision: &Decision) -> Result<()> {
@@ -574,13 +591,30 @@ impl Scheduler {
         liveness: &HashMap<String, Liveness>,
         unmovable: &BTreeMap<String, Vec<covi_api::host::UnmovableServer>>,
     ) {
-        for host in hosts {
+        // Computed once, not per host: a pass at thousands of hosts and servers.
+        let mut by_host: HashMap<&str, Vec<&Arc<VirtualServer>>> = HashMap::new();
+        let mut leaving: HashMap<&str, usize> = HashMap::new();
+        for s in servers {
+            let bound = bound_host(s, &self.assumed);
+            if let Some(h) = bound {
+                by_host.entry(h).or_default().push(s);
+            }
+            // Servers handed over but not yet running on their target still count.
+            if let Some(m) = crate::migration::active(s)
+                && bound != Some(m.source.as_str())
+            {
+                *leaving.entry(m.source.as_str()).or_default() += 1;
+            }
+        }
+        let (by_host, leaving) = (&by_host, &leaving);
+        // One write per changed host, several at once: while a burst lands, most hosts
+        // change in every pass, and one at a time would hold up the next pass.
+        let writes = hosts.iter().map(|host| async move {
             let pool = covi_api::host_pool::pool_for_labels(pools, host.labels());
             let name = host.name_any();
-            let on_host: Vec<_> =
-                servers.iter().filter(|s| bound_host(s, &self.assumed) == Some(name.as_str())).collect();
+            let on_host: &[&Arc<VirtualServer>] = by_host.get(name.as_str()).map(Vec::as_slice).unwrap_or_default();
             let (cpu, memory) = match pool {
-                Some(pool) => allocation(pool, std::slice::from_ref(host), &on_host),
+                Some(pool) => allocation(pool, std::slice::from_ref(host), on_host),
                 None => (None, None),
             };
             let status = host.status.clone().unwrap_or_default();
@@ -594,12 +628,7 @@ impl Scheduler {
             );
             let stuck = if host.spec.maintenance { unmovable.get(&name).cloned().unwrap_or_default() } else { vec![] };
             let was_evacuated = is_condition_true(&conditions, "Evacuated");
-            // Servers handed over but not yet running on their target still count.
-            let in_flight = servers
-                .iter()
-                .filter(|s| bound_host(s, &self.assumed) != Some(name.as_str()))
-                .filter(|s| crate::migration::active(s).is_some_and(|m| m.source == name))
-                .count();
+            let in_flight = leaving.get(name.as_str()).copied().unwrap_or(0);
             let evacuation = crate::migration::evacuation(host.spec.maintenance, on_host.len() + in_flight, &stuck);
             let evacuation_changed = match &evacuation {
                 Some((st, reason, message)) => {
@@ -619,7 +648,7 @@ impl Scheduler {
                 && status.cpu_allocation == cpu
                 && status.memory_allocation == memory
             {
-                continue;
+                return;
             }
             let api: Api<Host> = Api::all(self.client.clone());
             // Ready first: whoever sees Lost=True also sees Ready=False HostLost.
@@ -630,7 +659,7 @@ impl Scheduler {
                 let params = PatchParams::apply(SILENT_AGENT_MANAGER).force();
                 if let Err(e) = api.patch_status(&name, &params, &Patch::Apply(&patch)).await {
                     tracing::warn!(host = %name, error = %e, "updating host readiness failed");
-                    continue;
+                    return;
                 }
             }
             let mine: Vec<_> = conditions
@@ -643,7 +672,7 @@ impl Scheduler {
             }});
             if let Err(e) = api.patch_status(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await {
                 tracing::warn!(host = %name, error = %e, "updating host status failed");
-                continue;
+                return;
             }
             let evacuated = match &evacuation {
                 Some((ConditionStatus::True, _, message)) if !was_evacuated => {
@@ -654,7 +683,8 @@ impl Scheduler {
             for (type_, reason, message) in transition.into_iter().chain(evacuated) {
                 self.publish(host.object_ref(&()), type_, reason, message, "Heartbeat").await;
             }
-        }
+        });
+        futures::stream::iter(writes).buffer_unordered(16).collect::<Vec<()>>().await;
     }
 
     async fn update_pool_status(
@@ -769,6 +799,12 @@ fn allocation(
 impl Scheduler {
     /// Brings every request's servers in line with its approval, replicas and lifetime.
     async fn reconcile_requests(&self, pools: &[Arc<HostPool>], servers: &[Arc<VirtualServer>]) {
+        {
+            let seen: BTreeSet<String> =
+                servers.iter().map(|s| format!("{}/{}", s.namespace().unwrap_or_default(), s.name_any())).collect();
+            let mut created = self.created.lock().expect("created lock");
+            created.retain(|name, at| !seen.contains(name) && at.elapsed() < CREATED_GRACE);
+        }
         for request in self.requests.state() {
             if request.meta().deletion_timestamp.is_some() {
                 // Owner references let the garbage collector return the servers.
@@ -900,7 +936,13 @@ impl Scheduler {
                         None => {}
                     }
                     // Many at once: a request of a thousand servers is a thousand POSTs.
-                    let creates = create.iter().map(|server| self.create_request_server(request, server));
+                    let recent = |server: &&String| {
+                        self.created.lock().expect("created lock").contains_key(&format!("{ns}/{server}"))
+                    };
+                    let creates = create
+                        .iter()
+                        .filter(|server| !recent(server))
+                        .map(|server| self.create_request_server(request, server));
                     let created: Vec<Result<()>> = futures::stream::iter(creates).buffer_unordered(32).collect().await;
                     created.into_iter().collect::<Result<Vec<()>>>()?;
                     for server in &delete {
@@ -1036,11 +1078,16 @@ impl Scheduler {
         let server: VirtualServer =
             serde_json::from_value(server).map_err(|e| Error::Config(format!("server from template: {e}")))?;
         let api: Api<VirtualServer> = Api::namespaced(self.client.clone(), &request.namespace().unwrap_or_default());
-        match api.create(&Default::default(), &server).await {
+        let result = match api.create(&Default::default(), &server).await {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
             Err(e) => Err(e.into()),
+        };
+        if result.is_ok() {
+            let key = format!("{}/{name}", request.namespace().unwrap_or_default());
+            self.created.lock().expect("created lock").insert(key, Instant::now());
         }
+        result
     }
 
     /// Deletes standalone servers whose spec.expiresAt has passed.
