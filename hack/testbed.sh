@@ -140,8 +140,7 @@ testbed_start() {
     --service-account-signing-key-file "$d/certs/sa.key" \
     --service-cluster-ip-range 10.0.0.0/24 \
     --allow-privileged=true \
-    --disable-admission-plugins ServiceAccount \
-    --enable-priority-and-fairness=false
+    --disable-admission-plugins ServiceAccount
 
   testbed_kubeconfig admin
   testbed_kubeconfig controller-manager

@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use covi_tests::{admin, install_crds, namespace, repo_root};
+use covi_tests::{admin, client_as, install_crds, namespace, repo_root, wait_until};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -82,6 +82,7 @@ async fn the_rendered_chart_is_accepted_by_the_api_server() {
         "CustomResourceDefinition",
         "DaemonSet",
         "Deployment",
+        "FlowSchema",
         "PodDisruptionBudget",
         "PriorityClass",
         "Service",
@@ -116,13 +117,14 @@ async fn the_rendered_chart_is_accepted_by_the_api_server() {
         &[
             "policies=false",
             "userRoles=false",
+            "apiPriority.enabled=false",
             "metrics.services=false",
             "operator.podDisruptionBudget.enabled=false",
             "agent.priorityClass.create=false",
             "agent.priorityClass.name=system-node-critical",
         ],
     );
-    for gone in ["ValidatingAdmissionPolicy", "PodDisruptionBudget", "PriorityClass", "Service"] {
+    for gone in ["ValidatingAdmissionPolicy", "PodDisruptionBudget", "PriorityClass", "Service", "FlowSchema"] {
         assert!(!kinds(&lean).contains(&gone.to_string()), "{gone} is optional");
     }
     dry_run("helm template (lean)", &lean);
@@ -181,4 +183,69 @@ async fn the_gitops_example_folders_are_accepted_by_the_api_server() {
     for dir in ["examples/gitops/platform", "examples/gitops/teams/checkout"] {
         kustomize_dry_run(dir);
     }
+}
+
+/// The FlowSchema and priority level (their UIDs) API Priority and Fairness put a
+/// Lease read in `ns` by `client` under, from the response's headers.
+async fn classified(client: &kube::Client, ns: &str) -> (String, String) {
+    let uri = format!("/apis/coordination.k8s.io/v1/namespaces/{ns}/leases/some-host");
+    let req = http::Request::get(uri).body(kube::client::Body::empty()).expect("request");
+    let res = client.send(req).await.expect("the API server answers");
+    let header = |h: &str| res.headers().get(h).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    (header("X-Kubernetes-PF-FlowSchema-UID"), header("X-Kubernetes-PF-PriorityLevel-UID"))
+}
+
+#[tokio::test]
+async fn agents_heartbeats_get_the_node_lease_priority_level() {
+    let _turn = SERIAL.lock().await;
+    let client = admin().await;
+    let ns = namespace(&client, "apf").await;
+    // Only the FlowSchemas are applied for real (they name this test's namespace).
+    let rendered = helm_template(&ns, &[]);
+    let schemas: Vec<&str> = rendered.split("\n---").filter(|d| d.contains("\nkind: FlowSchema")).collect();
+    assert_eq!(schemas.len(), 2, "the agents' and the operator's FlowSchemas");
+    let args = ["apply", "--server-side", "--force-conflicts", "--field-manager=covi-install-test", "-f", "-"];
+    let (ok, out, err) = run("kubectl", &args, Some(&schemas.join("\n---\n")));
+    assert!(ok, "applying the FlowSchemas: {err}{out}");
+
+    use k8s_openapi::api::flowcontrol::v1::{FlowSchema, PriorityLevelConfiguration};
+    let schemas: kube::Api<FlowSchema> = kube::Api::all(client.clone());
+    let levels: kube::Api<PriorityLevelConfiguration> = kube::Api::all(client.clone());
+    fn uid<K: kube::Resource>(o: &K) -> String {
+        o.meta().uid.clone().unwrap_or_default()
+    }
+    let heartbeat = schemas.get("covi-agent-heartbeat").await.expect("FlowSchema");
+    let operator = schemas.get("covi-operator").await.expect("FlowSchema");
+    let node_high = levels.get("node-high").await.expect("the cluster's node-high priority level");
+    let workload_high = levels.get("workload-high").await.expect("the cluster's workload-high priority level");
+    let deadline = std::time::Duration::from_secs(30);
+
+    let sa = |name: &str| format!("system:serviceaccount:{ns}:{name}");
+    let sa_groups = ["system:serviceaccounts".to_string(), format!("system:serviceaccounts:{ns}")];
+    let groups: Vec<&str> = sa_groups.iter().map(String::as_str).chain(["system:authenticated"]).collect();
+    let agent = client_as(&sa("covi-agent"), &groups).await;
+    wait_until("the agent's Lease request to be classified as its heartbeat", deadline, || async {
+        let (schema, level) = classified(&agent, &ns).await;
+        (schema == uid(&heartbeat) && level == uid(&node_high)).then_some(())
+    })
+    .await;
+    // An agent outside the cluster, by its group.
+    let outside = client_as("host-7", &["covi:agents", "system:authenticated"]).await;
+    assert_eq!(classified(&outside, &ns).await, (uid(&heartbeat), uid(&node_high)), "covi:agents' renewals");
+    // Another namespace's Leases are not covi's heartbeats.
+    let other = namespace(&client, "apf-other").await;
+    assert_ne!(classified(&agent, &other).await.0, uid(&heartbeat), "only Leases in covi's namespace");
+
+    let operator_client = client_as(&sa("covi-operator"), &groups).await;
+    wait_until("the operator's requests to be classified at workload-high", deadline, || async {
+        let (schema, level) = classified(&operator_client, &ns).await;
+        (schema == uid(&operator) && level == uid(&workload_high)).then_some(())
+    })
+    .await;
+    // Anyone else's service account keeps the cluster's default rules.
+    let stranger = client_as(&sa("someone"), &groups).await;
+    let (schema, _) = classified(&stranger, &ns).await;
+    assert!(!schema.is_empty() && schema != uid(&heartbeat) && schema != uid(&operator), "{schema}");
+    let _ = schemas.delete("covi-agent-heartbeat", &Default::default()).await;
+    let _ = schemas.delete("covi-operator", &Default::default()).await;
 }
