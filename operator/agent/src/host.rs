@@ -141,9 +141,9 @@ pub fn pool_of<'a>(pools: &'a [std::sync::Arc<HostPool>], labels: &BTreeMap<Stri
     covi_api::host_pool::pool_for_labels(pools, labels)
 }
 
-/// Renews the host's Lease for ever. Each success moves the fencing clock; a success
-/// after the host fenced itself wakes `recovered`. A renewal that hangs (a partition)
-/// is abandoned after one period, so the clock is never fed by a late answer.
+/// Renews the host's Lease for ever. Each success moves the fencing clock to when that
+/// renewal was sent; a success after the host fenced itself wakes `recovered`. A
+/// renewal that hangs (a partition) is abandoned after fenceAfter and sent again.
 pub struct LeaseRenewer {
     pub api: Api<Lease>,
     pub node: String,
@@ -171,10 +171,15 @@ impl LeaseRenewer {
                 let fence_if_due = self.fence_if_due.clone();
                 let _ = tokio::task::spawn_blocking(move || fence_if_due()).await;
             }
+            // A slow answer still counts, from when the renewal was sent (the operator
+            // saw it no earlier): an API server answering in 3 s under load must not
+            // make healthy hosts fence. Past fenceAfter the host fences anyway, so a
+            // renewal is given up then and sent afresh.
+            let patience = renew.max(self.fence.fence_after());
             let attempt = renew_once(&self.api, &self.node, failover.lease_duration_seconds);
-            let result = match tokio::time::timeout(renew, attempt).await {
+            let result = match tokio::time::timeout(patience, attempt).await {
                 Ok(result) => result,
-                Err(_) => Err(crate::error::Error::Config(format!("no answer within {renew:?}"))),
+                Err(_) => Err(crate::error::Error::Config(format!("no answer within {patience:?}"))),
             };
             let label = match &result {
                 Ok(()) => {

@@ -4,8 +4,15 @@ use std::process::ExitCode;
 
 use covi_agent::config::Config;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let config = Config::parse(std::env::args().skip(1), |k| std::env::var(k).ok());
-    covi_daemon::run_main("covi-agent", config, covi_agent::run::main).await
+    // One host's agent does little at once. Tokio's defaults (a worker per core, up to
+    // 512 threads for blocking libvirt calls) would give it a hundred threads and their
+    // memory on a large hypervisor; a fleet of simulated hosts keeps the defaults.
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if matches!(&config, Ok(c) if c.fleet.is_none()) {
+        runtime.worker_threads(2).max_blocking_threads(16);
+    }
+    let runtime = runtime.enable_all().build().expect("the async runtime starts");
+    runtime.block_on(covi_daemon::run_main("covi-agent", config, covi_agent::run::main))
 }

@@ -54,13 +54,13 @@ where
     K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
 {
     let (store, writer) = reflector::store();
-    let stream = reflector(writer, watcher(api, watcher::Config::default()))
-        .default_backoff()
-        .touched_objects()
-        .for_each(move |_| {
-            changed.notify_one();
-            futures::future::ready(())
-        });
+    // Managed fields are most of a stored object and the operator never reads them:
+    // without them the cache of 20,000 servers is a fraction of the size.
+    let events = watcher(api, watcher::Config::default()).modify(|o| o.managed_fields_mut().clear());
+    let stream = reflector(writer, events).default_backoff().touched_objects().for_each(move |_| {
+        changed.notify_one();
+        futures::future::ready(())
+    });
     tokio::spawn(stream);
     store
 }
@@ -85,6 +85,8 @@ pub struct Scheduler {
     created: std::sync::Mutex<HashMap<String, Instant>>,
     /// Events published at once, in the background.
     event_slots: Arc<tokio::sync::Semaphore>,
+    /// Host liveness as the last full pass saw it.
+    acted_on: HashMap<String, Liveness>,
 }
 
 /// How long a created server may take to show up in the store before it counts as
@@ -124,6 +126,7 @@ pub async fn run_leader(client: Client, config: &Config, metrics: Metrics) -> Re
         leases: Leases::default(),
         created: Default::default(),
         event_slots: Arc::new(tokio::sync::Semaphore::new(16)),
+        acted_on: HashMap::new(),
     };
     tracing::info!("leading: scheduling servers");
     loop {
@@ -135,10 +138,19 @@ pub async fn run_leader(client: Client, config: &Config, metrics: Metrics) -> Re
             tokio::time::sleep(Duration::from_millis(500)).await;
             continue;
         }
-        // Host liveness is judged by this clock, so passes also run every second.
-        tokio::select! {
-            _ = changed.notified() => {}
-            _ = tokio::time::sleep(config.resync.min(Duration::from_secs(1))) => {}
+        // A full pass on every change, at least every resync, and as soon as a host's
+        // liveness changes: Leases are read every second (liveness is judged by this
+        // clock), but a pass over every server each second would cost a steady share
+        // of a core at twenty thousand servers for nothing.
+        let last_full = Instant::now();
+        loop {
+            let woken = tokio::select! {
+                _ = changed.notified() => true,
+                _ = tokio::time::sleep(config.resync.min(Duration::from_secs(1))) => false,
+            };
+            if woken || last_full.elapsed() >= config.resync || scheduler.liveness_changed() {
+                break;
+            }
         }
         // Let a burst of watch events land, so 100 new servers bind in one pass.
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -152,6 +164,7 @@ impl Scheduler {
         let pools = self.pools.state();
         self.forget_seen_bindings(&servers);
         let liveness = self.liveness(&pools, &hosts);
+        self.acted_on = liveness.clone();
         let unready: BTreeSet<String> =
             liveness.iter().filter(|(_, l)| **l != Liveness::Alive).map(|(h, _)| h.clone()).collect();
         let lost: BTreeSet<String> =
@@ -205,6 +218,13 @@ impl Scheduler {
         self.update_pool_status(&pools, &hosts, &servers, &unready, &lost).await;
         self.metrics.count_phases(&servers, &hosts);
         Ok(())
+    }
+
+    /// Between full passes: reads the Leases and says whether any host's liveness
+    /// differs from what the last pass acted on.
+    fn liveness_changed(&mut self) -> bool {
+        let (pools, hosts) = (self.pools.state(), self.hosts.state());
+        self.liveness(&pools, &hosts) != self.acted_on
     }
 
     /// Every host's liveness by this operator's clock, with its pool's timings.
