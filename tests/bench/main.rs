@@ -622,7 +622,14 @@ fn targets(report: &serde_json::Map<String, Value>) -> Vec<Value> {
     );
     let scale = report.get("scale").cloned().unwrap_or_default();
     let at = format!(" (at {} servers on {} hosts)", scale["servers"], scale["hosts"]);
-    add("operator RSS at 20,000 servers", scale["steady"]["operatorRssMiB"].as_f64(), 300.0, " MiB", at.clone());
+    // Said to be met only when measured at that size.
+    let rss = scale["steady"]["operatorRssMiB"].as_f64();
+    let rss_at_size = rss.filter(|_| scale["servers"].as_u64().is_some_and(|n| n >= 20_000));
+    let context = match (rss, rss_at_size) {
+        (Some(r), None) => format!(" (not run at that size; {r:.0} MiB{at})"),
+        _ => at.clone(),
+    };
+    add("operator RSS at 20,000 servers", rss_at_size, 300.0, " MiB", context);
     add("steady-state operator CPU, % of a core", scale["steady"]["operatorCpuPercent"].as_f64(), 5.0, " %", at);
     out
 }
