@@ -7,6 +7,7 @@
 #   COVI_BENCH_SCALE=2000x20000 hack/bench.sh       also the scale run (hosts x servers)
 #   COVI_BENCH_FAILOVER=off                         skip the failover measurement
 #   COVI_BENCH_PPROF=1                              CPU profile of kube-apiserver per burst (.cache/bench/*.pprof)
+#   COVI_BENCH_RENEW_SECONDS=5                      bursts' pool: renew 5 s, fence 15 s, lease 25 s (large fleets)
 # Targets (reported against, never asserted): see README.md, "Benchmark".
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"

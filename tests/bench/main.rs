@@ -5,7 +5,8 @@
 //!
 //! Sizes come from the environment: COVI_BENCH_BURSTS ("100x50,1000x200": servers x
 //! hosts), COVI_BENCH_SCALE ("2000x20000": hosts x servers, or "off"), COVI_BENCH_FAILOVER
-//! ("off" skips it), COVI_BENCH_PPROF (set: a CPU profile of kube-apiserver per burst).
+//! ("off" skips it), COVI_BENCH_PPROF (set: a CPU profile of kube-apiserver per burst),
+//! COVI_BENCH_RENEW_SECONDS (R: the bursts' pool renews every R s, fences after 3R).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -39,7 +40,12 @@ fn rss_mib(pid: u32) -> f64 {
 
 /// A memory field of /proc/PID/status (VmRSS, RssAnon, RssFile...), in MiB.
 fn status_mib(pid: u32, field: &str) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    proc_mib(pid, "status", field)
+}
+
+/// A field in kB of /proc/PID/FILE, in MiB.
+fn proc_mib(pid: u32, file: &str, field: &str) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/{file}")).unwrap_or_default();
     let kib: f64 = status
         .lines()
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
@@ -296,12 +302,15 @@ async fn burst(client: &Client, servers: usize, hosts: usize) -> (Value, Running
     let per_host = servers.div_ceil(hosts) as u32 + 2;
     let dir = testbed_dir().join(format!("fleet-{id}"));
     let host_names = inventories(&fleet, &dir, hosts, per_host, u64::from(per_host) * 2);
-    let pool = fleet
-        .apply_pool(
-            client,
-            json!({"approval": {"autoApprove": {"maxServers": 1000}}, "network": {"cidr": "10.64.0.0/16", "gateway": "10.64.0.1"}}),
-        )
-        .await;
+    let mut spec = json!({"approval": {"autoApprove": {"maxServers": 1000}},
+                          "network": {"cidr": "10.64.0.0/16", "gateway": "10.64.0.1"}});
+    // Slower heartbeats for large fleets: renew R, fence 3R, lease 5R, grace 1.5R.
+    if let Some(r) = std::env::var("COVI_BENCH_RENEW_SECONDS").ok().and_then(|v| v.parse::<u32>().ok()) {
+        spec["failover"] = json!({"renewSeconds": r, "fenceAfterSeconds": 3 * r,
+                                  "leaseDurationSeconds": 5 * r, "graceSeconds": (3 * r).div_ceil(2)});
+    }
+    let timings = spec.get("failover").cloned();
+    let pool = fleet.apply_pool(client, spec).await;
     let agent = fleet_agent(&fleet, &dir, &format!("agent-{id}"));
     start_operator(&mut fleet);
     let hosts_up = wait_hosts(client, &pool, hosts, Duration::from_secs(300)).await;
@@ -373,7 +382,7 @@ async fn burst(client: &Client, servers: usize, hosts: usize) -> (Value, Running
     let agent_rss = agent.pid().map(rss_mib).unwrap_or_default();
     let operator_rss = fleet.operator.as_ref().and_then(|o| o.pid()).map(rss_mib).unwrap_or_default();
     let value = json!({
-        "servers": servers, "hosts": hosts,
+        "servers": servers, "hosts": hosts, "failoverTimings": timings,
         "hostsReadySeconds": hosts_up.map(|d| d.as_secs_f64()),
         "allReadySeconds": all_ready.map(|d| d.as_secs_f64()),
         "readyCount": latencies.len(),
@@ -549,6 +558,40 @@ async fn failover(client: &Client, servers: usize) -> Value {
                        "fenceAfterSeconds": f.fence_after_seconds, "graceSeconds": f.grace_seconds}})
 }
 
+/// One agent for one host connected to a real libvirtd (the test bed's own peer A, not
+/// the machine's qemu:///system, whose covi domains another test bed may own), as on a
+/// hypervisor, after `settle`: its memory, private and file-mapped. The test driver
+/// runs inside the agent's libvirt library; this one does not.
+async fn libvirtd_agent(client: &Client, settle: Duration) -> Value {
+    let Ok(socket) = std::env::var("COVI_PEER_A_SOCKET") else {
+        return json!({"skipped": "COVI_PEER_A_SOCKET is unset (hack/test.sh starts the libvirtd peers)"});
+    };
+    let uri = format!("qemu+unix:///system?socket={socket}");
+    let mut fleet = Fleet::new(client, "breal").await;
+    fleet.apply_pool(client, json!({})).await;
+    fleet.start_agent_uri(1, &uri, &[]);
+    let (host, hosts) = (fleet.host_name(1), Api::<covi_api::Host>::all(client.clone()));
+    let registered = poll(Duration::from_secs(60), || async {
+        let h = hosts.get(&host).await.ok()?;
+        find_condition(&h.status?.conditions, "Ready").filter(|c| c.status == "True").map(|_| ())
+    })
+    .await;
+    if registered.is_none() {
+        return json!({"failed": "the agent's Host did not become Ready within 60 s"});
+    }
+    tokio::time::sleep(settle).await;
+    let pid = fleet.agents[0].pid();
+    let value = json!({"uri": uri, "servers": 0, "settleSeconds": settle.as_secs_f64(),
+        "rssMiB": pid.map(rss_mib), "anonMiB": pid.map(|p| status_mib(p, "RssAnon")),
+        "fileMiB": pid.map(|p| status_mib(p, "RssFile")),
+        // Shared pages divided among the processes sharing them (libvirtd maps the same
+        // libraries): what this agent adds to the host's memory.
+        "pssMiB": pid.map(|p| proc_mib(p, "smaps_rollup", "Pss"))});
+    drop(fleet);
+    let _ = hosts.delete(&host, &Default::default()).await;
+    value
+}
+
 /// Steady state: CPU of the operator, the agents and the control plane, and the API
 /// request rate (the busiest kinds too) over `window`.
 async fn steady(client: &Client, running: &Running, window: Duration) -> Value {
@@ -618,8 +661,10 @@ fn targets(report: &serde_json::Map<String, Value>) -> Vec<Value> {
         failover["singleHostAgentRssMiB"].as_f64(),
         20.0,
         " MiB",
-        " (one agent, one host, 20 servers)".into(),
+        " (one agent, one test-driver host, 20 servers)".into(),
     );
+    let real = report.get("libvirtdAgent").cloned().unwrap_or_default();
+    add("agent RSS per real host", real["rssMiB"].as_f64(), 20.0, " MiB", " (one agent on libvirtd, idle)".into());
     let scale = report.get("scale").cloned().unwrap_or_default();
     let at = format!(" (at {} servers on {} hosts)", scale["servers"], scale["hosts"]);
     // Said to be met only when measured at that size.
@@ -657,6 +702,11 @@ async fn main() {
         eprintln!("bench: failover of 20 HA servers");
         report.insert("failover".into(), failover(&client, 20).await);
         eprintln!("bench: {}", report["failover"]);
+    }
+    if std::env::var("COVI_BENCH_FAILOVER").as_deref() != Ok("off") {
+        eprintln!("bench: one agent on libvirtd");
+        report.insert("libvirtdAgent".into(), libvirtd_agent(&client, Duration::from_secs(25)).await);
+        eprintln!("bench: {}", report["libvirtdAgent"]);
     }
     for (hosts, servers) in sizes("COVI_BENCH_SCALE", "off") {
         eprintln!("bench: scale {hosts} hosts, {servers} servers");

@@ -47,7 +47,7 @@ pub struct Context {
     pub unsafe_migration: bool,
     /// When a graceful stop was asked of each server, by UID.
     pub stops: Mutex<HashMap<String, Instant>>,
-    pub reported: Reported,
+    pub reported: Arc<Reported>,
     pub metrics: crate::metrics::Metrics,
     pub fence: Arc<crate::fence::Fence>,
 }
@@ -75,6 +75,11 @@ impl Reported {
 
     pub fn forget(&self, uid: &str) {
         self.0.lock().expect("reported lock").remove(uid);
+    }
+
+    /// Keeps only the servers `keep` says are still this host's.
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        self.0.lock().expect("reported lock").retain(|uid, _| keep(uid));
     }
 }
 
@@ -507,5 +512,10 @@ mod tests {
         assert!(!reported.written("u", "12", "Running"));
         reported.forget("u");
         assert!(!reported.written("u", "10", "Running"));
+        reported.record("u", "10", "Running");
+        reported.record("v", "3", "Running");
+        reported.retain(|uid| uid == "v");
+        assert!(!reported.written("u", "10", "Running"), "a server that left is forgotten");
+        assert!(reported.written("v", "3", "Running"));
     }
 }

@@ -150,6 +150,7 @@ pub async fn run(config: Config) -> Result<()> {
     });
     let ticks = IntervalStream::new(tokio::time::interval(config.resync)).map(|_| ());
 
+    let reported = Arc::new(crate::reconcile::Reported::default());
     let host = HostLoop {
         client: client.clone(),
         node: config.node_name.clone(),
@@ -159,6 +160,7 @@ pub async fn run(config: Config) -> Result<()> {
         reporter,
         fence: fence.clone(),
         metrics: metrics.clone(),
+        reported: reported.clone(),
     };
     tokio::spawn(host.run(config.resync, recovered));
 
@@ -176,7 +178,7 @@ pub async fn run(config: Config) -> Result<()> {
         peer_uri: config.peer_uri.clone(),
         unsafe_migration: config.unsafe_migration,
         stops: Mutex::new(Default::default()),
-        reported: Default::default(),
+        reported,
         metrics,
         fence,
     });
@@ -264,6 +266,7 @@ struct HostLoop {
     reporter: Arc<HostReporter>,
     fence: Arc<Fence>,
     metrics: crate::metrics::Metrics,
+    reported: Arc<crate::reconcile::Reported>,
 }
 
 impl HostLoop {
@@ -285,6 +288,9 @@ impl HostLoop {
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "sweeping orphaned domains failed"),
             }
+            // Servers that left this host (moved, deleted elsewhere) leave the cache.
+            let here: std::collections::HashSet<String> = self.servers.state().iter().filter_map(|s| s.uid()).collect();
+            self.reported.retain(|uid| here.contains(uid));
             if let Ok(domains) = self.hypervisor.observe().await {
                 self.metrics.domains.set(domains.len() as i64);
             }
