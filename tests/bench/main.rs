@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use covi_api::VirtualServer;
-use covi_api::condition::find_condition;
+use covi_api::condition::{find_condition, is_condition_true};
 use covi_tests::fleet::{Fleet, Process, bin};
 use covi_tests::{FIELD_MANAGER, admin, install_crds, namespace, poll, repo_root, testbed_dir};
 use futures::StreamExt;
@@ -160,12 +160,19 @@ fn pid_of(name: &str) -> Option<u32> {
     })
 }
 
-/// CPU seconds used by a few processes between `start` and `stop`.
+/// CPU seconds used by the operator, the agents, kube-apiserver and etcd between
+/// `start` and `stop`.
 struct CpuMeter(Vec<(&'static str, u32, f64)>);
 
 impl CpuMeter {
-    fn start(processes: &[(&'static str, Option<u32>)]) -> CpuMeter {
-        CpuMeter(processes.iter().filter_map(|(n, pid)| Some((*n, (*pid)?, cpu_seconds((*pid)?)))).collect())
+    fn start(operator: Option<u32>, agents: Option<u32>) -> CpuMeter {
+        let processes = [
+            ("operator", operator),
+            ("agents", agents),
+            ("kube-apiserver", pid_of("kube-apiserver")),
+            ("etcd", pid_of("etcd")),
+        ];
+        CpuMeter(processes.into_iter().filter_map(|(n, pid)| Some((n, pid?, cpu_seconds(pid?)))).collect())
     }
 
     fn stop(&self) -> Value {
@@ -181,13 +188,20 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 fn ready(s: &VirtualServer) -> bool {
-    s.status.as_ref().and_then(|st| find_condition(&st.conditions, "Ready")).is_some_and(|c| c.status == "True")
+    s.status.as_ref().is_some_and(|st| is_condition_true(&st.conditions, "Ready"))
 }
 
-/// Writes one test-driver inventory per host into `dir`; returns the host names.
-fn inventories(fleet: &Fleet, dir: &Path, hosts: usize, cpus: u32, memory_gib: u64) -> Vec<String> {
+/// Writes one test-driver inventory per host number into `dir`; returns the host names.
+fn inventories(
+    fleet: &Fleet,
+    dir: &Path,
+    hosts: impl IntoIterator<Item = usize>,
+    cpus: u32,
+    memory_gib: u64,
+) -> Vec<String> {
     std::fs::create_dir_all(dir).expect("fleet folder");
-    (1..=hosts)
+    hosts
+        .into_iter()
         .map(|n| {
             let name = fleet.host_name(n);
             let xml = std::fs::read_to_string(covi_tests::fleet::node_xml(&name, cpus, memory_gib)).expect("node XML");
@@ -301,7 +315,7 @@ async fn burst(client: &Client, servers: usize, hosts: usize) -> (Value, Running
     let mut fleet = Fleet::new(client, &id).await;
     let per_host = servers.div_ceil(hosts) as u32 + 2;
     let dir = testbed_dir().join(format!("fleet-{id}"));
-    let host_names = inventories(&fleet, &dir, hosts, per_host, u64::from(per_host) * 2);
+    let host_names = inventories(&fleet, &dir, 1..=hosts, per_host, u64::from(per_host) * 2);
     let mut spec = json!({"approval": {"autoApprove": {"maxServers": 1000}},
                           "network": {"cidr": "10.64.0.0/16", "gateway": "10.64.0.1"}});
     // Slower heartbeats for large fleets: renew R, fence 3R, lease 5R, grace 1.5R.
@@ -318,12 +332,7 @@ async fn burst(client: &Client, servers: usize, hosts: usize) -> (Value, Running
     let seen = watch_servers(client, &ns);
     let (writes_before, _, requests_before) = api_requests(client).await;
     let profile = profile_apiserver(client, &format!("apiserver-burst{servers}"), 10);
-    let cpu = CpuMeter::start(&[
-        ("operator", fleet.operator.as_ref().and_then(|o| o.pid())),
-        ("agents", agent.pid()),
-        ("kube-apiserver", pid_of("kube-apiserver")),
-        ("etcd", pid_of("etcd")),
-    ]);
+    let cpu = CpuMeter::start(fleet.operator.as_ref().and_then(|o| o.pid()), agent.pid());
     // A request holds at most 1,000 servers: larger bursts are several requests at once.
     let requests: Api<covi_api::VmRequest> = Api::namespaced(client.clone(), &ns);
     let started = Instant::now();
@@ -526,12 +535,7 @@ async fn failover(client: &Client, servers: usize) -> Value {
     };
     poll(Duration::from_secs(120), all_on(host1.clone())).await.expect("servers on host 1");
     let dir = testbed_dir().join("fleet-bfail");
-    std::fs::create_dir_all(&dir).unwrap();
-    for n in 2..=3 {
-        let name = fleet.host_name(n);
-        let xml = std::fs::read_to_string(covi_tests::fleet::node_xml(&name, servers as u32 + 2, 64)).unwrap();
-        std::fs::write(dir.join(format!("{name}.xml")), xml).unwrap();
-    }
+    inventories(&fleet, &dir, 2..=3, servers as u32 + 2, 64);
     let _others = fleet_agent(&fleet, &dir, "agent-bfail-others");
     wait_hosts(client, &pool, 3, Duration::from_secs(60)).await.expect("hosts 2 and 3");
     // One agent process for one host, as on a real hypervisor, holding 20 servers.
@@ -573,7 +577,7 @@ async fn libvirtd_agent(client: &Client, settle: Duration) -> Value {
     let (host, hosts) = (fleet.host_name(1), Api::<covi_api::Host>::all(client.clone()));
     let registered = poll(Duration::from_secs(60), || async {
         let h = hosts.get(&host).await.ok()?;
-        find_condition(&h.status?.conditions, "Ready").filter(|c| c.status == "True").map(|_| ())
+        is_condition_true(&h.status?.conditions, "Ready").then_some(())
     })
     .await;
     if registered.is_none() {
@@ -597,12 +601,7 @@ async fn libvirtd_agent(client: &Client, settle: Duration) -> Value {
 async fn steady(client: &Client, running: &Running, window: Duration) -> Value {
     let pid = running.fleet.operator.as_ref().and_then(|o| o.pid());
     let agent = running.agent.pid();
-    let cpu = CpuMeter::start(&[
-        ("operator", pid),
-        ("agents", agent),
-        ("kube-apiserver", pid_of("kube-apiserver")),
-        ("etcd", pid_of("etcd")),
-    ]);
+    let cpu = CpuMeter::start(pid, agent);
     let (_, req0, every0) = api_requests(client).await;
     tokio::time::sleep(window).await;
     let (_, req1, every1) = api_requests(client).await;
@@ -666,7 +665,10 @@ fn targets(report: &serde_json::Map<String, Value>) -> Vec<Value> {
     let real = report.get("libvirtdAgent").cloned().unwrap_or_default();
     add("agent RSS per real host", real["rssMiB"].as_f64(), 20.0, " MiB", " (one agent on libvirtd, idle)".into());
     let scale = report.get("scale").cloned().unwrap_or_default();
-    let at = format!(" (at {} servers on {} hosts)", scale["servers"], scale["hosts"]);
+    let at = match (scale["servers"].as_u64(), scale["hosts"].as_u64()) {
+        (Some(servers), Some(hosts)) => format!(" (at {servers} servers on {hosts} hosts)"),
+        _ => " (no scale run: COVI_BENCH_SCALE)".to_string(),
+    };
     // Said to be met only when measured at that size.
     let rss = scale["steady"]["operatorRssMiB"].as_f64();
     let rss_at_size = rss.filter(|_| scale["servers"].as_u64().is_some_and(|n| n >= 20_000));
