@@ -18,7 +18,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, Store, reflector};
+use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
@@ -444,7 +444,7 @@ impl Scheduler {
             }
         };
         if let Some((type_, reason, note)) = event {
-            self.publish(server.object_ref(&()), type_, reason, note, "Migrate").await;
+            self.publish(server.object_ref(&()), type_, reason, note, "Migrate");
         }
         Ok(())
     }
@@ -452,7 +452,7 @@ impl Scheduler {
     /// Publishes an Event about `object` in the background: the write it follows is
     /// not held up by it (a burst of binds would wait for twice as many round trips).
     /// A failure to publish is logged, never fatal.
-    async fn publish(
+    fn publish(
         &self,
         object: k8s_openapi::api::core::v1::ObjectReference,
         type_: EventType,
@@ -572,7 +572,7 @@ impl Scheduler {
             Decision::Pending { .. } => (EventType::Warning, "FailedScheduling"),
             Decision::Invalid { .. } => (EventType::Warning, reason),
         };
-        self.publish(server.object_ref(&()), type_, event_reason, message, "Schedule").await;
+        self.publish(server.object_ref(&()), type_, event_reason, message, "Schedule");
         Ok(())
     }
 
@@ -599,7 +599,7 @@ impl Scheduler {
         let api: Api<VirtualServer> = Api::namespaced(self.client.clone(), &server.namespace().unwrap_or_default());
         api.patch_status(&server.name_any(), &PatchParams::apply(SILENT_AGENT_MANAGER).force(), &Patch::Apply(&patch))
             .await?;
-        self.publish(server.object_ref(&()), EventType::Warning, "HostLost", message, "Failover").await;
+        self.publish(server.object_ref(&()), EventType::Warning, "HostLost", message, "Failover");
         Ok(())
     }
 
@@ -701,7 +701,7 @@ impl Scheduler {
                 _ => None,
             };
             for (type_, reason, message) in transition.into_iter().chain(evacuated) {
-                self.publish(host.object_ref(&()), type_, reason, message, "Heartbeat").await;
+                self.publish(host.object_ref(&()), type_, reason, message, "Heartbeat");
             }
         });
         futures::stream::iter(writes).buffer_unordered(16).collect::<Vec<()>>().await;
@@ -819,12 +819,11 @@ fn allocation(
 impl Scheduler {
     /// Brings every request's servers in line with its approval, replicas and lifetime.
     async fn reconcile_requests(&self, pools: &[Arc<HostPool>], servers: &[Arc<VirtualServer>]) {
-        {
-            let seen: BTreeSet<String> =
-                servers.iter().map(|s| format!("{}/{}", s.namespace().unwrap_or_default(), s.name_any())).collect();
-            let mut created = self.created.lock().expect("created lock");
-            created.retain(|name, at| !seen.contains(name) && at.elapsed() < CREATED_GRACE);
-        }
+        // Forgotten once the store shows them (a lookup each, not a set of every server).
+        self.created.lock().expect("created lock").retain(|name, at| {
+            let (ns, name) = name.split_once('/').unwrap_or_default();
+            at.elapsed() < CREATED_GRACE && self.servers.get(&ObjectRef::new(name).within(ns)).is_none()
+        });
         for request in self.requests.state() {
             if request.meta().deletion_timestamp.is_some() {
                 // Owner references let the garbage collector return the servers.
@@ -1065,10 +1064,10 @@ impl Scheduler {
                 });
                 if let Err(e) = crate::webhook::post(url, &message).await {
                     let note = format!("{url}: {e}");
-                    self.publish(request.object_ref(&()), EventType::Warning, "WebhookFailed", note, "Notify").await;
+                    self.publish(request.object_ref(&()), EventType::Warning, "WebhookFailed", note, "Notify");
                 }
             }
-            self.publish(request.object_ref(&()), type_, reason, note, "Request").await;
+            self.publish(request.object_ref(&()), type_, reason, note, "Request");
         }
         Ok(())
     }
@@ -1124,7 +1123,7 @@ impl Scheduler {
             if at <= now {
                 if api.delete(&s.name_any(), &Default::default()).await.is_ok() {
                     let note = "spec.expiresAt has passed; the server is deleted".to_string();
-                    self.publish(s.object_ref(&()), EventType::Normal, "Expired", note, "Expire").await;
+                    self.publish(s.object_ref(&()), EventType::Normal, "Expired", note, "Expire");
                 }
                 continue;
             }
@@ -1160,7 +1159,7 @@ impl Scheduler {
             // Its own field manager: the operator's other status applies never carry it.
             let params = PatchParams::apply("covi-operator-expiry").force();
             if api.patch_status(&s.name_any(), &params, &Patch::Apply(&patch)).await.is_ok() {
-                self.publish(s.object_ref(&()), EventType::Warning, "ExpiringSoon", message, "Expire").await;
+                self.publish(s.object_ref(&()), EventType::Warning, "ExpiringSoon", message, "Expire");
             }
         }
     }
