@@ -67,6 +67,16 @@ fn fixtures_in(conn: &Connect, name: &str, dir: &str) {
     }
 }
 
+/// A QEMU pool spec booting the tiny image from storage pool `storage` on the bridge.
+fn qemu_pool(storage: &str, shared: bool) -> serde_json::Value {
+    json!({
+        "hypervisor": "qemu",
+        "storage": {"pool": storage, "shared": shared},
+        "images": [{"name": "tiny", "volume": "tiny.img"}],
+        "network": {"bridge": BRIDGE},
+    })
+}
+
 async fn setup(id: &str) -> (Client, Fleet, String, Api<VirtualServer>, Connect) {
     let uri = qemu_uri();
     let conn = Connect::open(Some(&uri)).unwrap_or_else(|e| panic!("opening {uri}: {e}"));
@@ -74,17 +84,7 @@ async fn setup(id: &str) -> (Client, Fleet, String, Api<VirtualServer>, Connect)
     let client = admin().await;
     install_crds(&client).await;
     let mut fleet = Fleet::new(&client, id).await;
-    let pool = fleet
-        .apply_pool(
-            &client,
-            json!({
-                "hypervisor": "qemu",
-                "storage": {"pool": STORAGE_POOL, "shared": false},
-                "images": [{"name": "tiny", "volume": "tiny.img"}],
-                "network": {"bridge": BRIDGE},
-            }),
-        )
-        .await;
+    let pool = fleet.apply_pool(&client, qemu_pool(STORAGE_POOL, false)).await;
     fleet.start_agent_uri(1, &uri, &["--stop-grace-seconds", "3"]);
     fleet.start_operator();
     fleet.wait_ready_hosts(&client, 1).await;
@@ -277,17 +277,7 @@ async fn a_running_guest_moves_live_between_two_libvirt_daemons() {
     let client = admin().await;
     install_crds(&client).await;
     let mut fleet = Fleet::new(&client, "live").await;
-    let pool = fleet
-        .apply_pool(
-            &client,
-            json!({
-                "hypervisor": "qemu",
-                "storage": {"pool": POOL, "shared": true},
-                "images": [{"name": "tiny", "volume": "tiny.img"}],
-                "network": {"bridge": BRIDGE},
-            }),
-        )
-        .await;
+    let pool = fleet.apply_pool(&client, qemu_pool(POOL, true)).await;
     // Each Host's address is its daemon's socket, and the peer URI template points there.
     let peer_uri = "qemu+unix:///system?socket={address}";
     for (n, socket) in [(1, &a), (2, &b)] {
