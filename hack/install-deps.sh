@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs the Debian packages covi's build and tests need: libvirt 11 and QEMU 10
 # from bookworm-backports (the agent links against libvirt; tests use its test driver
-# and libvirtd with QEMU/TCG), plus the small tools the test bed uses.
+# and libvirtd with QEMU/TCG), virtlockd and its lockd plugin (disk leases on the test
+# bed's libvirt peers), plus the small tools the test bed uses.
 # Idempotent: a second run with everything present costs about a second.
 set -euo pipefail
 
 packages=(pkg-config libvirt-dev libvirt-daemon libvirt-daemon-driver-qemu
   libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils
+  libvirt-daemon-lock libvirt-daemon-plugin-lockd
   openssl curl jq iproute2 iptables xorriso libxml2-utils lua5.4
   debootstrap cpio socat e2fsprogs)
 

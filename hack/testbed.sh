@@ -255,22 +255,33 @@ testbed_libvirtd() {
 }
 
 # testbed_libvirt_peers: two more libvirt daemons, hosts a and b of the live-migration
-# test. Each runs in its own mount namespace with its own /run, state, configuration and
-# host UUID (libvirt refuses to migrate a guest to the host it runs on), and listens on a
-# socket in the test bed folder: COVI_PEER_A_SOCKET, COVI_PEER_B_SOCKET. They share this
-# machine's network and every other folder, so a folder serves as their shared storage.
-# Needs root; without it the live-migration test says what is missing.
+# and disk-lease tests. Each runs in its own mount namespace with its own /run, state,
+# configuration and host UUID (libvirt refuses to migrate a guest to the host it runs
+# on), and listens on a socket in the test bed folder: COVI_PEER_A_SOCKET,
+# COVI_PEER_B_SOCKET. They share this machine's network and every other folder, so a
+# folder serves as their shared storage.
+#
+# Disk leases: each daemon runs its own virtlockd and the lockd lock manager
+# (lock_manager = "lockd"), with one lockspace folder shared by both
+# (COVI_LOCKSPACE_DIR), as production hosts share one on their storage: a disk a running
+# guest holds cannot be started by the other daemon. QEMU's own image lock would refuse
+# that second start too, but only because both daemons share one kernel; so that the
+# tests see what the lock manager does, COVI_SPLIT_POOL_DIR is a path that each daemon
+# sees backed by a folder of its own (a per-namespace bind mount): the same disk path,
+# two files, one lease.
+# Needs root; without it the tests that need the peers say what is missing.
 testbed_libvirt_peers() {
   if [ "$(id -u)" != 0 ]; then
     echo "testbed: not root, so no libvirt peers for the live-migration test"
     return 0
   fi
-  local p dir uri cache
+  local p dir uri cache lockspace=$COVI_TESTBED_DIR/lockspace split=/var/lib/covi-split
+  mkdir -p "$lockspace" "$split"
   for p in a b; do
     dir="$COVI_TESTBED_DIR/peer-$p"
     # The QEMU capabilities cache outlives the test bed: probing QEMU takes seconds.
     cache="$COVI_CACHE/libvirt-peers/$p"
-    mkdir -p "$dir"/run "$dir"/lib/qemu "$dir"/lib/images "$dir"/etc "$dir"/log/qemu "$cache"
+    mkdir -p "$dir"/run "$dir"/lib/qemu "$dir"/lib/images "$dir"/etc "$dir"/log/qemu "$dir"/split "$cache"
     cp -a /etc/libvirt/. "$dir/etc/"
     cat >>"$dir/etc/libvirtd.conf" <<CONF
 host_uuid = "$(cat /proc/sys/kernel/random/uuid)"
@@ -286,11 +297,33 @@ cgroup_controllers = [ ]
 stdio_handler = "file"
 security_driver = "none"
 namespaces = [ ]
+lock_manager = "lockd"
 CONF
+    # Every disk a guest writes gets a lease named after its path, in the shared
+    # lockspace; a guest starts only with all its leases.
+    cat >"$dir/etc/qemu-lockd.conf" <<CONF
+auto_disk_leases = 1
+require_lease_for_disks = 1
+file_lockspace_dir = "$lockspace"
+CONF
+    # virtlockd first (libvirtd running as root expects it), in the same namespace so
+    # its socket is the daemon's /run/libvirt/virtlockd-sock. libvirtd is restarted
+    # when it exits, as systemd would (tests restart it under a running agent: kill the
+    # pid in DIR/libvirtd.pid; while DIR/libvirtd.hold exists it stays down);
+    # virtlockd, and the leases it holds, stay meanwhile.
     _testbed_spawn "libvirtd-peer-$p" unshare -m --propagation private bash -c "
       mount --bind '$dir/run' /run && mount --bind '$dir/lib' /var/lib/libvirt &&
       mount --bind '$dir/etc' /etc/libvirt && mount --bind '$dir/log' /var/log/libvirt &&
-      mount --bind '$cache' /var/cache/libvirt && exec /usr/sbin/libvirtd"
+      mount --bind '$cache' /var/cache/libvirt && mount --bind '$dir/split' '$split' || exit 1
+      mkdir -p /run/libvirt
+      setpriv --pdeathsig KILL -- /usr/sbin/virtlockd >'$dir/virtlockd.log' 2>&1 &
+      trap 'kill \$(jobs -p) 2>/dev/null; exit 0' TERM
+      while :; do
+        setpriv --pdeathsig TERM -- /usr/sbin/libvirtd & echo \$! >'$dir/libvirtd.pid'
+        wait \$!
+        sleep 0.5
+        while [ -e '$dir/libvirtd.hold' ]; do sleep 0.1; done
+      done"
     _testbed_libvirt_pids+=("$!")
     _testbed_libvirt_uris+=("qemu+unix:///system?socket=$dir/run/libvirt/libvirt-sock")
   done
@@ -304,6 +337,7 @@ CONF
   done
   export COVI_PEER_A_SOCKET="$COVI_TESTBED_DIR/peer-a/run/libvirt/libvirt-sock"
   export COVI_PEER_B_SOCKET="$COVI_TESTBED_DIR/peer-b/run/libvirt/libvirt-sock"
+  export COVI_LOCKSPACE_DIR=$lockspace COVI_SPLIT_POOL_DIR=$split
 }
 
 # testbed_qemu_fixtures BRIDGE POOL DIR: what a QEMU host of the lab needs in libvirt:

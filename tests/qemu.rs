@@ -6,13 +6,13 @@
 use std::time::{Duration, Instant};
 
 use covi_api::VirtualServer;
-use covi_api::condition::find_condition;
 use covi_api::virtual_server::VirtualServerPhase;
 use covi_tests::fleet::Fleet;
-use covi_tests::{FIELD_MANAGER, admin, install_crds, namespace, wait_until};
+use covi_tests::guests::{apply_server, fixtures_in, peer_sockets, qemu_pool, ready};
+use covi_tests::{admin, install_crds, namespace, wait_until};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
-use serde_json::{Value, json};
+use serde_json::json;
 use virt::connect::Connect;
 
 /// One agent at a time owns qemu:///system: an agent removes covi domains it does
@@ -20,7 +20,6 @@ use virt::connect::Connect;
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const STORAGE_POOL: &str = "covi-test";
-const BRIDGE: &str = "br-covi-test";
 const DEADLINE: Duration = Duration::from_secs(60);
 
 fn qemu_uri() -> String {
@@ -33,48 +32,6 @@ fn qemu_uri() -> String {
 /// raw image (no OS: the guest stops in its firmware).
 fn fixtures(conn: &Connect) {
     fixtures_in(conn, STORAGE_POOL, "/var/lib/covi-test/pool");
-}
-
-/// The fixtures, with storage pool `name` on folder `dir`.
-fn fixtures_in(conn: &Connect, name: &str, dir: &str) {
-    // Expected misses (a domain already gone) come back as values; don't print them.
-    virt::error::clear_error_callback();
-    let bridge = std::process::Command::new("ip").args(["link", "show", BRIDGE]).output().expect("ip runs");
-    if !bridge.status.success() {
-        for args in [vec!["link", "add", BRIDGE, "type", "bridge"], vec!["link", "set", BRIDGE, "up"]] {
-            let out = std::process::Command::new("ip").args(&args).output().expect("ip runs");
-            assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        }
-    }
-    std::fs::create_dir_all(dir).expect("pool directory");
-    let pool = match conn.lookup_storage_pool_by_name(name) {
-        Ok(p) => p,
-        Err(_) => conn
-            .create_storage_pool_xml(
-                &format!("<pool type='dir'><name>{name}</name><target><path>{dir}</path></target></pool>"),
-                0,
-            )
-            .expect("transient storage pool"),
-    };
-    pool.refresh(0).expect("refresh pool");
-    if pool.lookup_storage_vol_by_name("tiny.img").is_err() {
-        virt::storage_vol::StorageVol::create_xml(
-            &pool,
-            "<volume><name>tiny.img</name><capacity unit='MiB'>16</capacity><target><format type='raw'/></target></volume>",
-            0,
-        )
-        .expect("image volume");
-    }
-}
-
-/// A QEMU pool spec booting the tiny image from storage pool `storage` on the bridge.
-fn qemu_pool(storage: &str, shared: bool) -> serde_json::Value {
-    json!({
-        "hypervisor": "qemu",
-        "storage": {"pool": storage, "shared": shared},
-        "images": [{"name": "tiny", "volume": "tiny.img"}],
-        "network": {"bridge": BRIDGE},
-    })
 }
 
 async fn setup(id: &str) -> (Client, Fleet, String, Api<VirtualServer>, Connect) {
@@ -91,24 +48,6 @@ async fn setup(id: &str) -> (Client, Fleet, String, Api<VirtualServer>, Connect)
     fleet.wait_pool_ready(&client, &pool, 1).await;
     let ns = namespace(&client, id).await;
     (client.clone(), fleet, pool, Api::namespaced(client, &ns), conn)
-}
-
-async fn apply_server(api: &Api<VirtualServer>, name: &str, pool: &str, extra: Value) {
-    let mut spec = json!({
-        "hostPool": pool,
-        // No bandwidth here: libvirt enforces it with tc's sfq qdisc, which this
-        // machine's kernel lacks. tests/domain_xml.rs checks bandwidth in libvirt's XML.
-        "resources": {"cpus": 1, "memory": "256Mi", "disk": "1Gi"},
-        "boot": {"image": "tiny"}, "owner": "team-test", "purpose": "real QEMU guest"
-    });
-    covi_tests::merge(&mut spec, &extra);
-    let server =
-        json!({"apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer", "metadata": {"name": name}, "spec": spec});
-    api.patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&server)).await.expect("apply server");
-}
-
-fn ready(s: &VirtualServer) -> bool {
-    s.status.as_ref().and_then(|st| find_condition(&st.conditions, "Ready")).is_some_and(|c| c.status == "True")
 }
 
 fn phase(s: &VirtualServer) -> Option<VirtualServerPhase> {
@@ -141,7 +80,7 @@ async fn real_qemu_guests_are_created_restored_stopped_and_deleted() {
     assert!(xml.contains("<vcpu placement='static'>1</vcpu>"), "{xml}");
     assert!(xml.contains("<memory unit='KiB'>262144</memory>"), "{xml}");
     assert!(xml.contains("hostname=\"qemu-guest-one\""), "{xml}");
-    assert!(xml.contains(&format!("<source bridge='{BRIDGE}'/>")), "{xml}");
+    assert!(xml.contains(&format!("<source bridge='{}'/>", covi_tests::guests::BRIDGE)), "{xml}");
     // The guest executes: QEMU accumulates CPU time in the firmware.
     let first = dom.info().expect("info").cpu_time;
     wait_until("the guest to use CPU", DEADLINE, || async { (dom.info().ok()?.cpu_time > first).then_some(()) }).await;
@@ -248,17 +187,6 @@ async fn an_agent_killed_mid_create_adopts_its_domain_and_leaves_others_alone() 
         api.get_opt("adopted").await.ok()?.is_none().then_some(())
     })
     .await;
-}
-
-/// The live-migration hosts: libvirt daemons in their own mount namespaces
-/// (`testbed_libvirt_peers` in hack/testbed.sh), sharing a folder as storage.
-fn peer_sockets() -> (String, String) {
-    let get = |v: &str| {
-        std::env::var(v).unwrap_or_else(|_| {
-            panic!("{v} is unset: run through hack/test.sh as root, which starts the libvirt peers")
-        })
-    };
-    (get("COVI_PEER_A_SOCKET"), get("COVI_PEER_B_SOCKET"))
 }
 
 #[tokio::test]

@@ -70,6 +70,24 @@ impl Process {
         }
     }
 
+    /// SIGTERM, as a DaemonSet's rolling update does, and waits up to `deadline` for
+    /// the process to exit; returns whether it did (it is killed otherwise).
+    pub fn terminate(&mut self, deadline: Duration) -> bool {
+        let Some(mut child) = self.child.take() else { return true };
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let until = std::time::Instant::now() + deadline;
+        while std::time::Instant::now() < until {
+            if let Ok(Some(_)) = child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
     }

@@ -18,7 +18,7 @@ pub struct Sampler {
     stop: Arc<AtomicBool>,
     doubles: Arc<Mutex<Vec<String>>>,
     samples: Arc<Mutex<u64>>,
-    task: tokio::task::JoinHandle<()>,
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Sampler {
@@ -60,26 +60,58 @@ impl Sampler {
                         }
                     }
                 }
-                // Twice in a row, so at least one sampling period: a hand-over (a live
-                // migration's few milliseconds of switch-over) can fall between the reads
-                // of two hosts in one sample; a split brain lasts far longer.
-                let twice: BTreeSet<String> =
-                    running.iter().filter(|(_, h)| h.len() > 1).map(|(s, _)| s.clone()).collect();
-                for server in twice.intersection(&previous) {
-                    d.lock().unwrap().push(format!("{server} on {:?}", running[server]));
-                }
-                previous = twice;
+                previous = tally(&running, &previous, &d);
                 *n.lock().unwrap() += 1;
                 tokio::time::sleep(Duration::from_millis(100).saturating_sub(tick.elapsed())).await;
             }
         });
-        Sampler { stop, doubles, samples, task }
+        Sampler { stop, doubles, samples, task: Some(task) }
+    }
+
+    /// Samples libvirt daemons directly (`daemons` maps a host name to its libvirt
+    /// URI), so that guests are seen whether or not their agent lives: the test of a
+    /// killed agent whose guests run on. A server is a covi domain's name
+    /// (`namespace.name`), running meaning executing, not paused.
+    pub fn on_daemons(daemons: Vec<(String, String)>) -> Sampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let doubles = Arc::new(Mutex::new(Vec::new()));
+        let samples = Arc::new(Mutex::new(0));
+        let (s, d, n) = (stop.clone(), doubles.clone(), samples.clone());
+        let task = tokio::task::spawn_blocking(move || {
+            let conns: Vec<(String, virt::connect::Connect)> = daemons
+                .into_iter()
+                .map(|(host, uri)| {
+                    let conn =
+                        virt::connect::Connect::open(Some(&uri)).unwrap_or_else(|e| panic!("sampler: {uri}: {e}"));
+                    (host, conn)
+                })
+                .collect();
+            let mut previous: BTreeSet<String> = BTreeSet::new();
+            while !s.load(Ordering::Relaxed) {
+                let tick = Instant::now();
+                let mut running: BTreeMap<String, Vec<String>> = BTreeMap::new();
+                for (host, conn) in &conns {
+                    let active = conn.list_all_domains(virt::sys::VIR_CONNECT_LIST_DOMAINS_RUNNING).unwrap_or_default();
+                    for dom in active {
+                        if let Ok(name) = dom.name() {
+                            running.entry(name).or_default().push(host.clone());
+                        }
+                    }
+                }
+                previous = tally(&running, &previous, &d);
+                *n.lock().unwrap() += 1;
+                std::thread::sleep(Duration::from_millis(100).saturating_sub(tick.elapsed()));
+            }
+        });
+        Sampler { stop, doubles, samples, task: Some(task) }
     }
 
     /// Stops sampling; returns (samples taken, double runs seen).
-    pub async fn finish(self) -> (u64, Vec<String>) {
+    pub async fn finish(mut self) -> (u64, Vec<String>) {
         self.stop.store(true, Ordering::Relaxed);
-        let _ = self.task.await;
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
         let n = *self.samples.lock().unwrap();
         (n, self.doubles.lock().unwrap().clone())
     }
@@ -90,4 +122,28 @@ impl Sampler {
         assert!(samples > 0, "the sampler read no host");
         assert!(doubles.is_empty(), "servers ran on two hosts at once: {doubles:?} ({samples} samples)");
     }
+}
+
+impl Drop for Sampler {
+    /// A test that fails before `finish` stops the sampler too: a sampling thread left
+    /// running would keep the test's runtime from shutting down.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Records servers running on more than one host in this sample and the one before:
+/// twice in a row, so at least one sampling period. A hand-over (a live migration's
+/// few milliseconds of switch-over) can fall between the reads of two hosts in one
+/// sample; a split brain lasts far longer. Returns this sample's doubles.
+fn tally(
+    running: &BTreeMap<String, Vec<String>>,
+    previous: &BTreeSet<String>,
+    doubles: &Mutex<Vec<String>>,
+) -> BTreeSet<String> {
+    let twice: BTreeSet<String> = running.iter().filter(|(_, h)| h.len() > 1).map(|(s, _)| s.clone()).collect();
+    for server in twice.intersection(previous) {
+        doubles.lock().unwrap().push(format!("{server} on {:?}", running[server]));
+    }
+    twice
 }

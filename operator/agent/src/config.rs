@@ -24,6 +24,11 @@ pub const USAGE: &str = "usage: covi-agent --node-name NAME [options]
   --metrics-addr ADDR     serve /metrics and /healthz here (default 0.0.0.0:9464; port 0 picks one)
   --work-dir PATH         scratch space for seed ISOs (default /var/lib/covi-agent)
   --stop-grace-seconds N  a guest asked to shut down is forced off after N seconds (default 30)
+  --restart-grace-seconds N
+                          on SIGTERM (a rolling update, a restart), the last renewal asks
+                          the operator to wait N seconds more before it declares the host
+                          lost; the next agent must be back within that, or it fences the
+                          host when it starts (default 120)
   --peer-uri TEMPLATE     libvirt URI of another host for live migration; {address} is that
                           Host's address (env COVI_PEER_URI; default from --libvirt-uri,
                           e.g. xen+tls://{address}/system)
@@ -48,6 +53,8 @@ pub struct Config {
     pub metrics_addr: SocketAddr,
     pub work_dir: PathBuf,
     pub stop_grace: Duration,
+    /// How long a gracefully stopped agent asks the operator to wait for its successor.
+    pub restart_grace: Duration,
     pub peer_uri: String,
     pub unsafe_migration: bool,
     /// Fleet mode: a folder of test-driver inventories, one simulated host each.
@@ -90,6 +97,7 @@ impl Config {
         let mut metrics_addr: SocketAddr = "0.0.0.0:9464".parse().expect("valid default");
         let mut work_dir = PathBuf::from("/var/lib/covi-agent");
         let mut stop_grace = Duration::from_secs(30);
+        let mut restart_grace = Duration::from_secs(120);
         let mut peer_uri = env("COVI_PEER_URI");
         let mut unsafe_migration = false;
         let mut fleet = None;
@@ -108,6 +116,7 @@ impl Config {
                 "--address" => address = Some(flags.value(&flag).map_err(Error::Config)?),
                 "--resync-seconds" => resync = flags.seconds(&flag).map_err(Error::Config)?,
                 "--stop-grace-seconds" => stop_grace = flags.seconds(&flag).map_err(Error::Config)?,
+                "--restart-grace-seconds" => restart_grace = flags.seconds(&flag).map_err(Error::Config)?,
                 "--metrics-addr" => metrics_addr = flags.address(&flag).map_err(Error::Config)?,
                 "--work-dir" => work_dir = PathBuf::from(flags.value(&flag).map_err(Error::Config)?),
                 "--peer-uri" => peer_uri = Some(flags.value(&flag).map_err(Error::Config)?),
@@ -139,6 +148,7 @@ impl Config {
             metrics_addr,
             work_dir,
             stop_grace,
+            restart_grace,
             peer_uri,
             unsafe_migration,
             fleet,

@@ -1,10 +1,12 @@
 //! Self-fencing: a host that cannot renew its Lease for `fenceAfter` (by its own
 //! monotonic clock) destroys every covi domain before the operator, which waits
-//! `leaseDuration + grace` by its clock, may restart them elsewhere. It starts nothing
-//! again until it reaches the API and has removed domains now bound elsewhere.
+//! `leaseDuration + grace` by its clock, may restart them elsewhere. It keeps
+//! destroying whatever becomes active while it is overdue (an incoming live migration,
+//! a start that raced the deadline), and starts nothing again until it reaches the API
+//! and has removed domains now bound elsewhere.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// Whether a host that last renewed `since` ago must fence itself.
@@ -16,11 +18,18 @@ pub fn overdue(since: Duration, fence_after: Duration) -> bool {
 pub struct Fence {
     last_renewal: Mutex<Instant>,
     fence_after_ms: AtomicU64,
+    /// The fenceAfter a previous agent process recorded on the Lease: it holds until
+    /// this process renews, so a restart inside a graceful stop's window is not overdue
+    /// by the pool's shorter timings.
+    carried_ms: AtomicU64,
     fenced: AtomicBool,
     /// Whether any renewal succeeded since this process started: until then the host
     /// may have been declared lost (and its servers restarted elsewhere) while no agent
     /// ran here, so it starts nothing.
     renewed_once: AtomicBool,
+    /// Held while fencing, and across a start's last check and the start itself: a
+    /// start never slips in between the deadline and the destroy.
+    acting: Mutex<()>,
 }
 
 impl Fence {
@@ -30,14 +39,29 @@ impl Fence {
         Fence {
             last_renewal: Mutex::new(Instant::now()),
             fence_after_ms: AtomicU64::new(fence_after.as_millis() as u64),
+            carried_ms: AtomicU64::new(0),
             fenced: AtomicBool::new(false),
             renewed_once: AtomicBool::new(false),
+            acting: Mutex::new(()),
         }
+    }
+
+    /// Takes over the deadline of the agent process before this one: its last renewal
+    /// was `age` ago and it promised to fence after `fence_after`. Overdue already (it
+    /// crashed, or a graceful stop outlasted its window): the watchdog fences at once.
+    pub fn carry_over(&self, age: Duration, fence_after: Duration) {
+        // A renewal older than the machine's monotonic clock predates a reboot, which
+        // no guest outlived: nothing to carry over then.
+        if let Some(then) = Instant::now().checked_sub(age) {
+            *self.last_renewal.lock().expect("fence lock") = then;
+        }
+        self.carried_ms.store(fence_after.as_millis() as u64, Ordering::SeqCst);
     }
 
     /// Records a successful renewal whose request started at `started`.
     pub fn renewed(&self, started: Instant) {
         self.renewed_once.store(true, Ordering::SeqCst);
+        self.carried_ms.store(0, Ordering::SeqCst);
         let mut last = self.last_renewal.lock().expect("fence lock");
         if started > *last {
             *last = started;
@@ -48,17 +72,19 @@ impl Fence {
         self.fence_after_ms.store(d.as_millis() as u64, Ordering::Relaxed);
     }
 
+    /// The pool's fenceAfter, or a previous process's longer one until this one renews.
     pub fn fence_after(&self) -> Duration {
-        Duration::from_millis(self.fence_after_ms.load(Ordering::Relaxed))
+        let own = self.fence_after_ms.load(Ordering::Relaxed);
+        Duration::from_millis(own.max(self.carried_ms.load(Ordering::SeqCst)))
     }
 
     pub fn since_renewal(&self) -> Duration {
         self.last_renewal.lock().expect("fence lock").elapsed()
     }
 
-    /// The host must fence now: overdue and not fenced yet.
+    /// The host must fence now: overdue. Fencing repeats for as long as this holds.
     pub fn due(&self) -> bool {
-        !self.is_fenced() && overdue(self.since_renewal(), self.fence_after())
+        overdue(self.since_renewal(), self.fence_after())
     }
 
     pub fn is_fenced(&self) -> bool {
@@ -69,11 +95,24 @@ impl Fence {
         self.fenced.store(fenced, Ordering::SeqCst);
     }
 
-    /// Whether the agent may start domains: not fenced and not overdue.
+    /// Whether the agent may start domains: renewed in this process, not fenced, not
+    /// overdue.
     pub fn may_start(&self) -> bool {
         self.renewed_once.load(Ordering::SeqCst)
             && !self.is_fenced()
             && !overdue(self.since_renewal(), self.fence_after())
+    }
+
+    /// Runs `start` only if the agent may start, holding the fencing lock across the
+    /// check and the start; `None` when it may not.
+    pub fn start_if_allowed<T>(&self, start: impl FnOnce() -> T) -> Option<T> {
+        let _held = self.hold();
+        self.may_start().then(start)
+    }
+
+    /// The fencing lock: the watchdog holds it while it destroys.
+    pub fn hold(&self) -> MutexGuard<'_, ()> {
+        self.acting.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -104,8 +143,58 @@ mod tests {
         fence.set_fenced(true);
         fence.renewed(Instant::now());
         assert!(!fence.may_start() && !fence.due());
+        assert_eq!(fence.start_if_allowed(|| "started"), None);
         fence.set_fenced(false);
         assert!(fence.may_start());
+        assert_eq!(fence.start_if_allowed(|| "started"), Some("started"));
+    }
+
+    #[test]
+    fn an_overdue_host_keeps_fencing_until_it_renews() {
+        let fence = Fence::new(Duration::from_millis(20));
+        fence.renewed(Instant::now());
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(fence.due());
+        fence.set_fenced(true);
+        assert!(fence.due(), "a domain that became active since must be destroyed too");
+        fence.renewed(Instant::now());
+        assert!(!fence.due());
+    }
+
+    #[test]
+    fn a_start_waits_for_a_fencing_in_progress() {
+        let fence = std::sync::Arc::new(Fence::new(Duration::from_millis(50)));
+        fence.renewed(Instant::now());
+        let held = fence.hold();
+        let starter = {
+            let fence = fence.clone();
+            std::thread::spawn(move || fence.start_if_allowed(|| "started"))
+        };
+        // The deadline passes while the watchdog holds the lock: the waiting start,
+        // checked after the lock is released, is refused.
+        std::thread::sleep(Duration::from_millis(60));
+        fence.set_fenced(true);
+        drop(held);
+        assert_eq!(starter.join().unwrap(), None);
+    }
+
+    #[test]
+    fn a_restarted_agent_inherits_its_predecessors_deadline() {
+        // Stopped gracefully 60 s ago with a 126 s window: not overdue, though the
+        // pool fences after 6 s.
+        let fence = Fence::new(Duration::from_secs(6));
+        fence.carry_over(Duration::from_secs(60), Duration::from_secs(126));
+        assert!(!fence.due());
+        assert!(fence.since_renewal() >= Duration::from_secs(60));
+        // Crashed 30 s ago, promising 6 s: fence at once.
+        let fence = Fence::new(Duration::from_secs(6));
+        fence.carry_over(Duration::from_secs(30), Duration::from_secs(6));
+        assert!(fence.due());
+        // The first renewal of the new process ends the inherited window.
+        let fence = Fence::new(Duration::from_secs(6));
+        fence.carry_over(Duration::from_secs(60), Duration::from_secs(126));
+        fence.renewed(Instant::now());
+        assert_eq!(fence.fence_after(), Duration::from_secs(6));
     }
 
     #[test]

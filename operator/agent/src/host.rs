@@ -141,9 +141,11 @@ pub fn pool_of<'a>(pools: &'a [std::sync::Arc<HostPool>], labels: &BTreeMap<Stri
     covi_api::host_pool::pool_for_labels(pools, labels)
 }
 
-/// Renews the host's Lease for ever. Each success moves the fencing clock to when that
-/// renewal was sent; a success after the host fenced itself wakes `recovered`. A
-/// renewal that hangs (a partition) is abandoned after fenceAfter and sent again.
+/// Renews the host's Lease until a graceful stop. Each success moves the fencing clock
+/// to when that renewal was sent; a success after the host fenced itself wakes
+/// `recovered`. A renewal that hangs (a partition) is abandoned after fenceAfter and
+/// sent again. Every renewal records the agent's fenceAfter on the Lease, so the
+/// operator never judges the host by shorter timings than the agent keeps.
 pub struct LeaseRenewer {
     pub api: Api<Lease>,
     pub node: String,
@@ -154,10 +156,15 @@ pub struct LeaseRenewer {
     pub metrics: crate::metrics::Metrics,
     /// Fences the host now if it is overdue (the same function the watchdog runs).
     pub fence_if_due: std::sync::Arc<dyn Fn() + Send + Sync>,
+    /// How much longer the last renewal of a graceful stop asks the operator to wait.
+    pub restart_grace: Duration,
 }
 
 impl LeaseRenewer {
-    pub async fn run(self) {
+    /// Returns once `stopping` turned true and a renewal asking for `restart_grace`
+    /// more succeeded: the operator then waits that long before it may declare the
+    /// host lost, so a restarted agent finds its guests still its own.
+    pub async fn run(self, mut stopping: tokio::sync::watch::Receiver<bool>) {
         loop {
             let failover =
                 pool_of(&self.pools.state(), &self.labels).map(|p| p.spec.failover.clone()).unwrap_or_default();
@@ -171,12 +178,18 @@ impl LeaseRenewer {
                 let fence_if_due = self.fence_if_due.clone();
                 let _ = tokio::task::spawn_blocking(move || fence_if_due()).await;
             }
+            let stop = *stopping.borrow_and_update();
+            let extra = if stop { self.restart_grace.as_secs() } else { 0 };
+            let timings = Recorded {
+                lease_duration_seconds: u64::from(failover.lease_duration_seconds) + extra,
+                fence_after_seconds: self.fence.fence_after().as_secs() + extra,
+            };
             // A slow answer still counts, from when the renewal was sent (the operator
             // saw it no earlier): an API server answering in 3 s under load must not
             // make healthy hosts fence. Past fenceAfter the host fences anyway, so a
             // renewal is given up then and sent afresh.
             let patience = renew.max(self.fence.fence_after());
-            let attempt = renew_once(&self.api, &self.node, failover.lease_duration_seconds);
+            let attempt = renew_once(&self.api, &self.node, timings);
             let result = match tokio::time::timeout(patience, attempt).await {
                 Ok(result) => result,
                 Err(_) => Err(crate::error::Error::Config(format!("no answer within {patience:?}"))),
@@ -195,26 +208,48 @@ impl LeaseRenewer {
                 }
             };
             self.metrics.lease_renewals.get_or_create(&crate::metrics::ResultLabel { result: label.into() }).inc();
-            tokio::time::sleep(renew.saturating_sub(started.elapsed())).await;
+            if stop && result.is_ok() {
+                tracing::info!(
+                    lease_seconds = timings.lease_duration_seconds,
+                    "stopping: the operator waits this long for the next agent before it declares the host lost"
+                );
+                return;
+            }
+            let pause = renew.saturating_sub(started.elapsed());
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = stopping.changed(), if !stop => {}
+            }
         }
     }
 }
 
-async fn renew_once(api: &Api<Lease>, node: &str, duration: u32) -> Result<()> {
+/// What one renewal records on the Lease.
+#[derive(Clone, Copy, Debug)]
+struct Recorded {
+    lease_duration_seconds: u64,
+    fence_after_seconds: u64,
+}
+
+async fn renew_once(api: &Api<Lease>, node: &str, timings: Recorded) -> Result<()> {
     let now = MicroTime(Timestamp::now());
-    let patch = json!({"spec": {
-        "holderIdentity": node,
-        "leaseDurationSeconds": duration,
-        "renewTime": now,
-    }});
+    let annotations = json!({ covi_api::host::LEASE_FENCE_AFTER: timings.fence_after_seconds.to_string() });
+    let patch = json!({
+        "metadata": {"annotations": annotations},
+        "spec": {
+            "holderIdentity": node,
+            "leaseDurationSeconds": timings.lease_duration_seconds,
+            "renewTime": now,
+        }
+    });
     match api.patch(node, &PatchParams::default(), &Patch::Merge(&patch)).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 404 => {
             let lease: Lease = serde_json::from_value(json!({
-                "metadata": {"name": node},
+                "metadata": {"name": node, "annotations": annotations},
                 "spec": {
                     "holderIdentity": node,
-                    "leaseDurationSeconds": duration,
+                    "leaseDurationSeconds": timings.lease_duration_seconds,
                     "acquireTime": now,
                     "renewTime": now,
                 }
@@ -225,6 +260,18 @@ async fn renew_once(api: &Api<Lease>, node: &str, duration: u32) -> Result<()> {
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// What the previous agent process of this host left on its Lease: how long ago it
+/// last renewed (by this host's own clock, which wrote that time) and the fenceAfter
+/// it recorded. `None` when there is no Lease or the API cannot be read now.
+pub async fn predecessor(api: &Api<Lease>, node: &str) -> Option<(Duration, Option<Duration>)> {
+    let lease = api.get_opt(node).await.ok()??;
+    let renewed = lease.spec.as_ref()?.renew_time.as_ref()?.0;
+    let age = Timestamp::now().duration_since(renewed);
+    let age = Duration::try_from(age).unwrap_or_default();
+    let fence_after = covi_api::host::lease_timings(&lease).fence_after_seconds.map(|s| Duration::from_secs(s.into()));
+    Some((age, fence_after))
 }
 
 #[cfg(test)]

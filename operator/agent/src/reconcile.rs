@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use covi_api::condition::{ConditionStatus, set_condition};
 use covi_api::virtual_server::{
-    MigrationPhase, MigrationStatus, READY_HANDED_OFF, READY_MIGRATION_FAILED, VirtualServerPhase,
+    MigrationPhase, MigrationStatus, READY_DISK_LEASE_HELD, READY_HANDED_OFF, READY_MIGRATION_FAILED,
+    VirtualServerPhase,
 };
 use covi_api::{Host, HostPool, VirtualServer};
 use k8s_openapi::jiff::Timestamp;
@@ -23,7 +24,7 @@ use crate::converge::{Step, steps};
 use crate::domain_xml::render;
 use crate::error::{Error, Result};
 use crate::host::MANAGER;
-use crate::libvirt::{Hypervisor, VolumeError};
+use crate::libvirt::{Hypervisor, StartRefused, VolumeError};
 use crate::seed::build_iso;
 use crate::server::{Failure, ServerPlan, plan, volume_names};
 
@@ -183,7 +184,8 @@ async fn apply(
                 defined = Some(format!("domain {} defined on {}", plan.domain.name, ctx.node));
             }
             Step::Start => {
-                // A host that lost its lease, or fenced and has not yet cleaned up, starts nothing.
+                // A host that lost its lease, or fenced and has not yet cleaned up, starts
+                // nothing (checked again, under the fencing lock, at the start itself).
                 if !ctx.fence.may_start() {
                     requeue = Duration::from_secs(1);
                     continue;
@@ -194,12 +196,23 @@ async fn apply(
                     requeue = Duration::from_secs(1);
                     continue;
                 }
-                if let Err(message) = hv.start(&uid).await? {
-                    if let Some(note) = defined.take() {
-                        publish(ctx, server, EventType::Normal, "Defined", note).await;
+                match hv.start(&uid, ctx.fence.clone()).await? {
+                    Ok(()) => {}
+                    Err(StartRefused::Fenced) => {
+                        requeue = Duration::from_secs(1);
+                        continue;
                     }
-                    publish(ctx, server, EventType::Warning, "StartFailed", message.clone()).await;
-                    return Ok((Outcome::failed(Failure::new("StartFailed", message)), ctx.resync));
+                    // Another copy of this server still runs somewhere and holds its
+                    // disk: not a failure of this host. Try again until it is gone.
+                    Err(StartRefused::DiskLeaseHeld(message)) => {
+                        announce_defined(ctx, server, defined.take()).await;
+                        return Ok((disk_lease_held(server, ctx, &message).await, DISK_LEASE_RETRY));
+                    }
+                    Err(StartRefused::Failed(message)) => {
+                        announce_defined(ctx, server, defined.take()).await;
+                        publish(ctx, server, EventType::Warning, "StartFailed", message.clone()).await;
+                        return Ok((Outcome::failed(Failure::new("StartFailed", message)), ctx.resync));
+                    }
                 }
                 ctx.stops.lock().expect("stops lock").remove(&uid);
                 let note = match defined.take() {
@@ -274,7 +287,50 @@ async fn apply(
     Ok((outcome, requeue))
 }
 
-/// Clones the boot disk and writes the seed ISO; fills in their paths.
+/// Publishes the Defined Event of a domain that was defined but not started.
+async fn announce_defined(ctx: &Context, server: &VirtualServer, note: Option<String>) {
+    if let Some(note) = note {
+        publish(ctx, server, EventType::Normal, "Defined", note).await;
+    }
+}
+
+/// How often a start refused for a held disk lease is tried again.
+const DISK_LEASE_RETRY: Duration = Duration::from_secs(3);
+
+/// The status of a server whose start the lock manager refused: a copy elsewhere
+/// still holds its disk (a host cut off with its guests running, an agent that died
+/// while its guests live). Not Failed: nothing is wrong on this host, and the server
+/// starts here once that copy stops. Names the likely holder: the host the server was
+/// last failed over or moved from.
+async fn disk_lease_held(server: &VirtualServer, ctx: &Context, libvirt: &str) -> Outcome {
+    let status = server.status.as_ref();
+    let holder = status
+        .and_then(|s| s.failovers.last().map(|f| f.from.clone()))
+        .or_else(|| status.and_then(|s| s.migration.as_ref()).map(|m| m.source.clone()))
+        .filter(|h| h != &ctx.node);
+    let whose = match holder {
+        Some(host) => format!("a copy still running on {host} (the host it was failed over or moved from)"),
+        None => "a copy still running on another host".to_string(),
+    };
+    let message = format!(
+        "not started on {}: its disk lease is held by {whose}; it starts here once that copy stops ({libvirt})",
+        ctx.node
+    );
+    let already = status
+        .and_then(|s| covi_api::condition::find_condition(&s.conditions, "Ready"))
+        .is_some_and(|c| c.reason == READY_DISK_LEASE_HELD);
+    if !already {
+        publish(ctx, server, EventType::Warning, READY_DISK_LEASE_HELD, message.clone()).await;
+    }
+    Outcome {
+        phase: VirtualServerPhase::Provisioning,
+        ready: ConditionStatus::False,
+        reason: READY_DISK_LEASE_HELD,
+        message,
+        domain_uuid: None,
+    }
+}
+
 /// Whether the API server (not the watch cache) has `server` bound to this host.
 async fn bound_here_now(server: &VirtualServer, ctx: &Context) -> Result<bool> {
     let api: Api<VirtualServer> = Api::namespaced(ctx.client.clone(), &server.namespace().unwrap_or_default());

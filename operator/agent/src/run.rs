@@ -1,6 +1,7 @@
 //! Wiring: connect to libvirt and the API, register the host, renew its Lease, and run
 //! the server controller with lifecycle events and a periodic resync as triggers.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -8,6 +9,7 @@ use covi_api::host_pool::Failover;
 
 use covi_api::{HostPool, VirtualServer};
 use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::Api;
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
@@ -21,6 +23,7 @@ use crate::error::{Error, Result};
 use crate::fence::Fence;
 use crate::host::HostReporter;
 use crate::libvirt::Hypervisor;
+use crate::libvirt::fencing::FencingLink;
 use crate::reconcile::{Context, error_policy, reconcile};
 
 pub async fn client(config: &Config) -> Result<Client> {
@@ -83,6 +86,35 @@ pub fn fleet_hosts(config: &Config, dir: &std::path::Path) -> Result<Vec<Config>
 }
 
 pub async fn run(config: Config) -> Result<()> {
+    // The watchdog comes first, on its own libvirt connection: from here on, whatever
+    // fails, a host that does not renew its Lease fences itself.
+    let fence = Arc::new(Fence::new(Failover::default_fence_after()));
+    let link = Arc::new(Mutex::new(FencingLink::new(&config.libvirt_uri)));
+    let health = covi_daemon::Health::default();
+    let serving = Arc::new(AtomicBool::new(false));
+    watchdog(link.clone(), fence.clone(), health.clone(), serving.clone());
+    let result = serve(config, fence.clone(), link.clone(), health, serving).await;
+    if let Err(e) = &result {
+        // Exiting now would leave the guests running with nobody to fence them (a
+        // crash-looping agent renews nothing): wait until the watchdog has fenced.
+        tracing::error!(error = %e, "the agent cannot run; it renews nothing and exits once the host is fenced");
+        // Done once fenced, or once due with libvirt unreachable (nothing to destroy
+        // with then: the next agent, overdue, fences as it starts).
+        let gave_up = || fence.due() && !link.lock().unwrap_or_else(|p| p.into_inner()).reachable();
+        while !fence.is_fenced() && !gave_up() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    result
+}
+
+async fn serve(
+    config: Config,
+    fence: Arc<Fence>,
+    link: Arc<Mutex<FencingLink>>,
+    health: covi_daemon::Health,
+    serving: Arc<AtomicBool>,
+) -> Result<()> {
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
     let hypervisor = Hypervisor::open(&config.libvirt_uri, events_tx).await?;
     let facts = hypervisor.facts().await?;
@@ -91,26 +123,35 @@ pub async fn run(config: Config) -> Result<()> {
         .await
         .map_err(|e| Error::Config(format!("creating --work-dir {}: {e}", config.work_dir.display())))?;
 
-    let fence = Arc::new(Fence::new(Failover::default_fence_after()));
-    watchdog(hypervisor.clone(), fence.clone());
-
     let mut registry = covi_daemon::prometheus_client::registry::Registry::default();
     let metrics = crate::metrics::Metrics::new(&mut registry);
-    let health = covi_daemon::Health::default();
     let bound =
-        covi_daemon::serve(config.metrics_addr, registry, health.clone(), Some(domain_route(&hypervisor, &fence)))
+        covi_daemon::serve(config.metrics_addr, registry, health, Some(domain_route(&hypervisor, &link, &fence)))
             .await
             .map_err(|e| Error::Config(format!("serving metrics on {}: {e}", config.metrics_addr)))?;
     tracing::info!(%bound, "metrics endpoint");
 
     let client = client(&config).await?;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &config.namespace);
+    // A restarted agent keeps its predecessor's promise: if that agent's deadline has
+    // passed (it crashed, or a graceful stop outlasted its window) the host may have
+    // been declared lost, and the watchdog fences at once.
+    if let Some((age, recorded)) = crate::host::predecessor(&leases, &config.node_name).await {
+        let fence_after = recorded.unwrap_or_else(|| fence.fence_after());
+        fence.carry_over(age, fence_after);
+        tracing::info!(?age, ?fence_after, overdue = fence.due(), "the previous agent's last renewal");
+    }
     let reporter = Arc::new(HostReporter::new(
         client.clone(),
         config.node_name.clone(),
         config.labels.clone(),
         config.address.clone(),
     ));
-    reporter.report(&facts, None, None).await?;
+    // Cut off at start: keep trying (the watchdog fences meanwhile if it must).
+    while let Err(e) = reporter.report(&facts, None, None).await {
+        tracing::warn!(error = %e, "registering the Host failed; retrying");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
 
     // Pools: every agent needs its pool's images, storage, network and timings.
     let (pools, pool_writer) = reflector::store::<HostPool>();
@@ -123,7 +164,7 @@ pub async fn run(config: Config) -> Result<()> {
 
     let recovered = Arc::new(tokio::sync::Notify::new());
     let renewer = crate::host::LeaseRenewer {
-        api: Api::namespaced(client.clone(), &config.namespace),
+        api: leases,
         node: config.node_name.clone(),
         labels: config.labels.clone(),
         pools: pools.clone(),
@@ -131,11 +172,13 @@ pub async fn run(config: Config) -> Result<()> {
         recovered: recovered.clone(),
         metrics: metrics.clone(),
         fence_if_due: {
-            let (hv, fence) = (hypervisor.clone(), fence.clone());
-            Arc::new(move || fence_if_due(&hv, &fence))
+            let (link, fence) = (link.clone(), fence.clone());
+            Arc::new(move || fence_if_due(&link, &fence))
         },
+        restart_grace: config.restart_grace,
     };
-    tokio::spawn(renewer.run());
+    let (stopping, stop_rx) = tokio::sync::watch::channel(false);
+    let mut renewing = tokio::spawn(renewer.run(stop_rx));
 
     let servers_api: Api<VirtualServer> = Api::all(client.clone());
     let selector = format!("status.host={}", config.node_name);
@@ -180,9 +223,9 @@ pub async fn run(config: Config) -> Result<()> {
         stops: Mutex::new(Default::default()),
         reported,
         metrics,
-        fence,
+        fence: fence.clone(),
     });
-    health.set(true);
+    serving.store(true, Ordering::SeqCst);
     controller
         .reconcile_on(lifecycle)
         .reconcile_all_on(ticks)
@@ -195,38 +238,73 @@ pub async fn run(config: Config) -> Result<()> {
             futures::future::ready(())
         })
         .await;
-    Ok(())
+    // SIGTERM or Ctrl-C: the guests stay. One last renewal asks the operator to wait
+    // --restart-grace-seconds for the next agent; until it succeeds the watchdog keeps
+    // its deadline, and if that passes the host is fenced before this process exits.
+    tracing::info!(restart_grace = ?config.restart_grace, "stopping; the guests keep running");
+    let _ = stopping.send(true);
+    loop {
+        tokio::select! {
+            _ = &mut renewing => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                if fence.is_fenced() {
+                    tracing::warn!("stopping: the last renewal did not get through before fenceAfter; the host fenced");
+                    return Ok(());
+                }
+            }
+        }
+    }
 }
 
-/// The fencing watchdog: a plain thread, so a stalled async runtime cannot delay it.
-fn watchdog(hypervisor: Hypervisor, fence: Arc<Fence>) {
+/// The fencing watchdog: a plain thread with its own libvirt connection, so neither a
+/// stalled async runtime nor a busy connection can delay it. It also keeps `/healthz`
+/// honest: healthy only while the agent serves and libvirt answers.
+fn watchdog(link: Arc<Mutex<FencingLink>>, fence: Arc<Fence>, health: covi_daemon::Health, serving: Arc<AtomicBool>) {
     std::thread::Builder::new()
         .name("fence-watchdog".into())
         .spawn(move || {
+            let mut was_reachable = true;
             loop {
                 std::thread::sleep(Duration::from_millis(100));
-                fence_if_due(&hypervisor, &fence);
+                let reachable = link.lock().unwrap_or_else(|p| p.into_inner()).reachable();
+                if reachable != was_reachable {
+                    match reachable {
+                        true => tracing::info!("libvirt answers again"),
+                        false => tracing::error!("libvirt is unreachable; /healthz fails until it answers"),
+                    }
+                    was_reachable = reachable;
+                }
+                health.set(reachable && serving.load(Ordering::SeqCst));
+                fence_if_due(&link, &fence);
             }
         })
         .expect("spawning the fencing watchdog");
 }
 
-/// Fences now if the host is overdue; safe to call from any thread, any number of times.
-fn fence_if_due(hypervisor: &Hypervisor, fence: &Fence) {
-    static FENCING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one_at_a_time = FENCING.lock().expect("fencing lock");
+/// How long one fencing may take before it counts as failed and is tried again: the
+/// pool's margin between fenceAfter and the lease is a few seconds.
+const FENCE_DEADLINE: Duration = Duration::from_secs(1);
+
+/// Fences now if the host is overdue, and again on every call while it stays overdue
+/// (a domain may have become active since); safe to call from any thread. Starts wait
+/// for it: they take the same lock.
+fn fence_if_due(link: &Mutex<FencingLink>, fence: &Fence) {
+    let _held = fence.hold();
     if !fence.due() {
         return;
     }
+    let first = !fence.is_fenced();
     let since = fence.since_renewal();
-    match hypervisor.fence_now() {
+    match link.lock().unwrap_or_else(|p| p.into_inner()).fence(FENCE_DEADLINE) {
         Ok(n) => {
             fence.set_fenced(true);
-            tracing::warn!(
-                destroyed = n,
-                ?since,
-                "no lease renewal within fenceAfter: fenced, every covi domain destroyed"
-            );
+            if first || n > 0 {
+                tracing::warn!(
+                    destroyed = n,
+                    ?since,
+                    "no lease renewal within fenceAfter: fenced, every covi domain destroyed"
+                );
+            }
         }
         Err(e) => tracing::error!(error = %e, "fencing failed; retrying"),
     }
@@ -234,17 +312,21 @@ fn fence_if_due(hypervisor: &Hypervisor, fence: &Fence) {
 
 /// `/domains`: the covi domains libvirt has on this host, as JSON. A host that is due
 /// to fence does so before answering, so nobody reads a list it must not have.
-fn domain_route(hypervisor: &Hypervisor, fence: &Arc<Fence>) -> covi_daemon::endpoint::Routes {
-    let (hypervisor, fence) = (hypervisor.clone(), fence.clone());
+fn domain_route(
+    hypervisor: &Hypervisor,
+    link: &Arc<Mutex<FencingLink>>,
+    fence: &Arc<Fence>,
+) -> covi_daemon::endpoint::Routes {
+    let (hypervisor, link, fence) = (hypervisor.clone(), link.clone(), fence.clone());
     Arc::new(move |path: &str| {
         if path != "/domains" {
             return None;
         }
-        let (hv, fence) = (hypervisor.clone(), fence.clone());
+        let (hv, link, fence) = (hypervisor.clone(), link.clone(), fence.clone());
         Some(Box::pin(async move {
             let checked = {
-                let (hv, fence) = (hv.clone(), fence.clone());
-                tokio::task::spawn_blocking(move || fence_if_due(&hv, &fence)).await.is_ok()
+                let fence = fence.clone();
+                tokio::task::spawn_blocking(move || fence_if_due(&link, &fence)).await.is_ok()
             };
             let domains = if checked { hv.observe().await.unwrap_or_default() } else { Vec::new() };
             let list: Vec<_> = domains

@@ -6,6 +6,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::condition::Condition;
 
+/// Annotation on a host's Lease, written with every renewal: the fenceAfter (seconds)
+/// its agent keeps. The operator never declares the host lost sooner than this plus
+/// its pool's margin (`Failover::loss_after`), whatever the pool says now.
+pub const LEASE_FENCE_AFTER: &str = "covi.io/fence-after-seconds";
+
+/// The timings an agent recorded on its Lease.
+pub fn lease_timings(lease: &k8s_openapi::api::coordination::v1::Lease) -> crate::host_pool::LeaseTimings {
+    let fence_after = lease.metadata.annotations.as_ref().and_then(|a| a.get(LEASE_FENCE_AFTER)?.parse().ok());
+    let duration = lease.spec.as_ref().and_then(|s| s.lease_duration_seconds).and_then(|d| u32::try_from(d).ok());
+    crate::host_pool::LeaseTimings { lease_duration_seconds: duration, fence_after_seconds: fence_after }
+}
+
 /// The administrator's wishes for one hypervisor host.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[kube(

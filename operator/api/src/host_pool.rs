@@ -303,6 +303,7 @@ pub struct PoolNetwork {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[x_kube(validation = Rule::new("self.fenceAfterSeconds + self.renewSeconds <= self.leaseDurationSeconds").message("fenceAfterSeconds plus renewSeconds must not exceed leaseDurationSeconds, so a cut-off host fences itself before the operator may restart its servers"))]
 #[x_kube(validation = Rule::new("self.fenceAfterSeconds >= 2 * self.renewSeconds").message("fenceAfterSeconds must be at least twice renewSeconds, so one slow renewal does not fence a host"))]
+#[x_kube(validation = Rule::new("self.graceSeconds >= self.renewSeconds").message("graceSeconds must be at least renewSeconds, so a renewal sent just before the lease ran out is seen before the host is declared lost"))]
 #[serde(rename_all = "camelCase")]
 pub struct Failover {
     /// Restart highly-available servers of lost hosts elsewhere (default true).
@@ -323,7 +324,7 @@ pub struct Failover {
     /// Extra time the operator waits after the Lease expired before it declares the
     /// host lost (default 3).
     #[serde(default = "default_grace")]
-    #[schemars(range(max = 600))]
+    #[schemars(range(min = 1, max = 600))]
     pub grace_seconds: u32,
     /// Hosts the pool must be able to lose and still restart every highly-available
     /// server: the scheduler refuses placements that break this (N+1 admission).
@@ -547,6 +548,35 @@ impl Failover {
     pub fn default_fence_after() -> std::time::Duration {
         std::time::Duration::from_secs(default_fence_after().into())
     }
+
+    /// How long the operator waits without seeing a renewal before it declares a host
+    /// lost: this pool's lease and grace, stretched to what the host's agent recorded
+    /// on its Lease (`recorded`). An agent that keeps a longer fenceAfter than the pool
+    /// says (its labels changed, the pool was edited, or it stopped gracefully and
+    /// promised to be back) is given that fenceAfter plus the pool's margin between
+    /// fencing and the lease, so it has always fenced before its servers restart
+    /// elsewhere.
+    pub fn loss_after(&self, recorded: &LeaseTimings) -> std::time::Duration {
+        let margin = self.lease_duration_seconds.saturating_sub(self.fence_after_seconds);
+        let lease = [
+            self.lease_duration_seconds,
+            recorded.lease_duration_seconds.unwrap_or(0),
+            recorded.fence_after_seconds.map_or(0, |f| f.saturating_add(margin)),
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0);
+        std::time::Duration::from_secs(u64::from(lease) + u64::from(self.grace_seconds))
+    }
+}
+
+/// The timings an agent recorded on its host's Lease with its last renewal: the
+/// lease duration (`spec.leaseDurationSeconds`) and its fenceAfter (the annotation
+/// [`crate::host::LEASE_FENCE_AFTER`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LeaseTimings {
+    pub lease_duration_seconds: Option<u32>,
+    pub fence_after_seconds: Option<u32>,
 }
 
 /// The pool a host with `labels` belongs to. A host belongs to one pool only: of the
@@ -593,5 +623,25 @@ mod tests {
         assert_eq!(name(&[("covi.io/pool", "a")]).as_deref(), Some("idc-a"));
         assert_eq!(name(&[("covi.io/pool", "a"), ("disk", "ssd")]).as_deref(), Some("idc-a-ssd"));
         assert_eq!(name(&[("rack", "r1")]).as_deref(), Some("catch-all"));
+    }
+
+    #[test]
+    fn a_host_is_lost_no_sooner_than_its_agent_promised_to_fence() {
+        let pool = Failover::default(); // lease 10, fence 6, grace 3: a margin of 4
+        let secs = |s| std::time::Duration::from_secs(s);
+        assert_eq!(pool.loss_after(&LeaseTimings::default()), secs(13));
+        // The agent keeps the pool's timings: nothing changes.
+        let same = LeaseTimings { lease_duration_seconds: Some(10), fence_after_seconds: Some(6) };
+        assert_eq!(pool.loss_after(&same), secs(13));
+        // The agent still fences after 20 s (its pool was just edited, or it has other
+        // labels): the operator waits 20 + 4 + 3.
+        let slower = LeaseTimings { lease_duration_seconds: Some(10), fence_after_seconds: Some(20) };
+        assert_eq!(pool.loss_after(&slower), secs(27));
+        // A gracefully stopped agent asked for a 130 s lease.
+        let stopping = LeaseTimings { lease_duration_seconds: Some(130), fence_after_seconds: Some(126) };
+        assert_eq!(pool.loss_after(&stopping), secs(133));
+        // A shorter recording never shortens the pool's own wait.
+        let faster = LeaseTimings { lease_duration_seconds: Some(3), fence_after_seconds: Some(2) };
+        assert_eq!(pool.loss_after(&faster), secs(13));
     }
 }

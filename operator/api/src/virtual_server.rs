@@ -301,6 +301,9 @@ pub enum VirtualServerPhase {
 pub const READY_HANDED_OFF: &str = "HandedOff";
 /// Ready reason of a server whose live migration failed: it still runs on the source.
 pub const READY_MIGRATION_FAILED: &str = "MigrationFailed";
+/// Ready reason of a server whose start the lock manager refused: another copy still
+/// runs somewhere and holds its disk lease. The agent retries until that copy stops.
+pub const READY_DISK_LEASE_HELD: &str = "DiskLeaseHeld";
 
 /// A migration of a server between hosts.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]

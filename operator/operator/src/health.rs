@@ -1,9 +1,12 @@
 //! Host liveness by the operator's own clock: it never compares timestamps another
 //! machine wrote. It notes when it *saw* each host's Lease renewTime change; a host is
-//! lost once it has seen no change for `leaseDuration + grace`.
+//! lost once it has seen no change for `leaseDuration + grace`, stretched to the
+//! timings the agent recorded on its Lease (`Failover::loss_after`).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
+
+use covi_api::host_pool::{Failover, LeaseTimings};
 
 /// What the operator believes of a host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,6 +26,8 @@ pub enum Liveness {
 #[derive(Clone, Debug)]
 struct Seen {
     renew_time: Option<String>,
+    /// What the agent recorded with that renewal.
+    timings: LeaseTimings,
     at: Instant,
     /// Whether this operator has seen renewTime change: only then is the host known alive.
     renewed: bool,
@@ -38,12 +43,12 @@ impl Leases {
     /// Records the Lease of `host` as read now. The clock starts at the first sight
     /// (so a new leader gives every host a full lease before judging it) and restarts
     /// whenever renewTime changes.
-    pub fn observe(&mut self, host: &str, renew_time: Option<String>, now: Instant) {
+    pub fn observe(&mut self, host: &str, renew_time: Option<String>, timings: LeaseTimings, now: Instant) {
         match self.seen.get_mut(host) {
-            Some(seen) if seen.renew_time == renew_time => {}
-            Some(seen) => *seen = Seen { renew_time, at: now, renewed: true },
+            Some(seen) if seen.renew_time == renew_time => seen.timings = timings,
+            Some(seen) => *seen = Seen { renew_time, timings, at: now, renewed: true },
             None => {
-                self.seen.insert(host.to_string(), Seen { renew_time, at: now, renewed: false });
+                self.seen.insert(host.to_string(), Seen { renew_time, timings, at: now, renewed: false });
             }
         }
     }
@@ -53,11 +58,15 @@ impl Leases {
         self.seen.get(host).map(|s| now.saturating_duration_since(s.at))
     }
 
-    pub fn liveness(&self, host: &str, now: Instant, lease: Duration, grace: Duration) -> Liveness {
+    /// `failover` is the timings of the host's pool; the host's own recorded timings
+    /// may stretch them, never shorten them.
+    pub fn liveness(&self, host: &str, now: Instant, failover: &Failover) -> Liveness {
         let Some(seen) = self.seen.get(host) else { return Liveness::Unknown };
+        let lost = failover.loss_after(&seen.timings);
+        let missed = lost.saturating_sub(Duration::from_secs(failover.grace_seconds.into()));
         match now.saturating_duration_since(seen.at) {
-            silent if silent >= lease + grace => Liveness::Lost,
-            silent if silent > lease => Liveness::HeartbeatMissed,
+            silent if silent >= lost => Liveness::Lost,
+            silent if silent > missed => Liveness::HeartbeatMissed,
             _ if !seen.renewed => Liveness::Unconfirmed,
             _ => Liveness::Alive,
         }
@@ -74,29 +83,32 @@ pub fn mass_failure(lost: usize, total: usize, max_percent: u32) -> bool {
 mod tests {
     use super::*;
 
-    const LEASE: Duration = Duration::from_secs(10);
-    const GRACE: Duration = Duration::from_secs(3);
+    fn pool() -> Failover {
+        Failover::default() // lease 10, fence 6, grace 3
+    }
+
+    const NONE: LeaseTimings = LeaseTimings { lease_duration_seconds: None, fence_after_seconds: None };
 
     #[test]
     fn a_host_is_lost_only_after_lease_plus_grace_without_a_renewal() {
         let t0 = Instant::now();
         let mut leases = Leases::default();
-        leases.observe("h", Some("r0".into()), t0);
-        leases.observe("h", Some("r1".into()), t0);
-        assert_eq!(leases.liveness("h", t0 + Duration::from_secs(9), LEASE, GRACE), Liveness::Alive);
-        assert_eq!(leases.liveness("h", t0 + Duration::from_secs(11), LEASE, GRACE), Liveness::HeartbeatMissed);
-        assert_eq!(leases.liveness("h", t0 + Duration::from_secs(13), LEASE, GRACE), Liveness::Lost);
+        leases.observe("h", Some("r0".into()), NONE, t0);
+        leases.observe("h", Some("r1".into()), NONE, t0);
+        assert_eq!(leases.liveness("h", t0 + Duration::from_secs(9), &pool()), Liveness::Alive);
+        assert_eq!(leases.liveness("h", t0 + Duration::from_secs(11), &pool()), Liveness::HeartbeatMissed);
+        assert_eq!(leases.liveness("h", t0 + Duration::from_secs(13), &pool()), Liveness::Lost);
     }
 
     #[test]
     fn seeing_the_same_renew_time_again_does_not_reset_the_clock() {
         let t0 = Instant::now();
         let mut leases = Leases::default();
-        leases.observe("h", Some("r1".into()), t0);
-        leases.observe("h", Some("r1".into()), t0 + Duration::from_secs(12));
-        assert_eq!(leases.liveness("h", t0 + Duration::from_secs(13), LEASE, GRACE), Liveness::Lost);
-        leases.observe("h", Some("r2".into()), t0 + Duration::from_secs(14));
-        assert_eq!(leases.liveness("h", t0 + Duration::from_secs(15), LEASE, GRACE), Liveness::Alive);
+        leases.observe("h", Some("r1".into()), NONE, t0);
+        leases.observe("h", Some("r1".into()), NONE, t0 + Duration::from_secs(12));
+        assert_eq!(leases.liveness("h", t0 + Duration::from_secs(13), &pool()), Liveness::Lost);
+        leases.observe("h", Some("r2".into()), NONE, t0 + Duration::from_secs(14));
+        assert_eq!(leases.liveness("h", t0 + Duration::from_secs(15), &pool()), Liveness::Alive);
     }
 
     #[test]
@@ -105,12 +117,12 @@ mod tests {
         let mut leases = Leases::default();
         // The renewTime may be minutes old; what counts is when this operator saw it.
         // Until it sees a renewal the host takes no new server, but is not lost either.
-        leases.observe("h", Some("2020-01-01T00:00:00Z".into()), t0);
-        assert_eq!(leases.liveness("h", t0 + Duration::from_secs(5), LEASE, GRACE), Liveness::Unconfirmed);
-        assert_eq!(leases.liveness("h", t0 + Duration::from_secs(13), LEASE, GRACE), Liveness::Lost);
-        leases.observe("h", Some("2020-01-01T00:00:02Z".into()), t0 + Duration::from_secs(2));
-        assert_eq!(leases.liveness("h", t0 + Duration::from_secs(3), LEASE, GRACE), Liveness::Alive);
-        assert_eq!(leases.liveness("unseen", t0, LEASE, GRACE), Liveness::Unknown);
+        leases.observe("h", Some("2020-01-01T00:00:00Z".into()), NONE, t0);
+        assert_eq!(leases.liveness("h", t0 + Duration::from_secs(5), &pool()), Liveness::Unconfirmed);
+        assert_eq!(leases.liveness("h", t0 + Duration::from_secs(13), &pool()), Liveness::Lost);
+        leases.observe("h", Some("2020-01-01T00:00:02Z".into()), NONE, t0 + Duration::from_secs(2));
+        assert_eq!(leases.liveness("h", t0 + Duration::from_secs(3), &pool()), Liveness::Alive);
+        assert_eq!(leases.liveness("unseen", t0, &pool()), Liveness::Unknown);
     }
 
     #[test]
@@ -120,5 +132,21 @@ mod tests {
         assert!(mass_failure(2, 3, 50));
         assert!(mass_failure(1, 1, 50));
         assert!(!mass_failure(0, 0, 50));
+    }
+
+    #[test]
+    fn a_gracefully_stopped_agent_is_given_the_time_it_asked_for() {
+        let t0 = Instant::now();
+        let mut leases = Leases::default();
+        leases.observe("h", Some("r1".into()), NONE, t0);
+        // Its last renewal before a restart asks for 130 s (and fences after 126).
+        let stopping = LeaseTimings { lease_duration_seconds: Some(130), fence_after_seconds: Some(126) };
+        leases.observe("h", Some("r2".into()), stopping, t0);
+        assert_eq!(leases.liveness("h", t0 + Duration::from_secs(60), &pool()), Liveness::Alive);
+        assert_eq!(leases.liveness("h", t0 + Duration::from_secs(131), &pool()), Liveness::HeartbeatMissed);
+        assert_eq!(leases.liveness("h", t0 + Duration::from_secs(133), &pool()), Liveness::Lost);
+        // Back with the pool's timings: judged by them again.
+        leases.observe("h", Some("r3".into()), NONE, t0 + Duration::from_secs(100));
+        assert_eq!(leases.liveness("h", t0 + Duration::from_secs(113), &pool()), Liveness::Lost);
     }
 }

@@ -232,7 +232,7 @@ impl Scheduler {
         let now = Instant::now();
         for lease in self.host_leases.state() {
             let renew = lease.spec.as_ref().and_then(|s| s.renew_time.as_ref()).map(|t| t.0.to_string());
-            self.leases.observe(&lease.name_any(), renew, now);
+            self.leases.observe(&lease.name_any(), renew, covi_api::host::lease_timings(&lease), now);
         }
         hosts
             .iter()
@@ -240,9 +240,7 @@ impl Scheduler {
                 let failover = covi_api::host_pool::pool_for_labels(pools, h.labels())
                     .map(|p| p.spec.failover.clone())
                     .unwrap_or_default();
-                let lease = Duration::from_secs(failover.lease_duration_seconds.into());
-                let grace = Duration::from_secs(failover.grace_seconds.into());
-                (h.name_any(), self.leases.liveness(&h.name_any(), now, lease, grace))
+                (h.name_any(), self.leases.liveness(&h.name_any(), now, &failover))
             })
             .collect()
     }
@@ -581,8 +579,14 @@ impl Scheduler {
     async fn write_host_lost(&self, server: &VirtualServer, host: &str) -> Result<()> {
         let status = server.status.clone().unwrap_or_default();
         let mut conditions = status.conditions.clone();
-        let message =
-            format!("host {host} was lost and the server is not highly available; it runs again if the host returns");
+        let message = if server.spec.high_availability {
+            format!(
+                "host {host} was lost; the server is highly available, but pool {}'s storage is not shared (storage.shared: false), so elsewhere it would boot from a blank disk: it runs again if the host returns",
+                server.spec.host_pool
+            )
+        } else {
+            format!("host {host} was lost and the server is not highly available; it runs again if the host returns")
+        };
         set_condition(
             &mut conditions,
             "Ready",

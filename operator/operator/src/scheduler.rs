@@ -160,7 +160,9 @@ pub fn pass(
         }
         match bound_host(server, assumed) {
             Some(host) if failover && lost.contains(host) && server.meta().deletion_timestamp.is_none() => {
-                if server.spec.high_availability {
+                // Failover restarts a server from its disk: without shared storage the
+                // disk stays on the lost host, and a restart elsewhere would be blank.
+                if server.spec.high_availability && pool.spec.storage.shared {
                     pending.push((server.clone(), Some(host.to_string())));
                 } else if server.status.as_ref().and_then(|s| s.phase)
                     != Some(covi_api::virtual_server::VirtualServerPhase::Failed)

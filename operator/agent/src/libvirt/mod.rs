@@ -1,9 +1,12 @@
-//! The libvirt layer: one connection per host, every call run off the async runtime,
-//! and the operations the agent needs in the vocabulary of servers and volumes.
+//! The libvirt layer: one connection per host for the agent's work (reopened when
+//! libvirtd restarts), every call run off the async runtime, and the operations the
+//! agent needs in the vocabulary of servers and volumes. The fencing watchdog has a
+//! connection of its own (`fencing`).
 
 pub mod events;
+pub mod fencing;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc::UnboundedSender;
 use virt::connect::Connect;
@@ -50,10 +53,23 @@ pub enum VolumeError {
     Failed(String),
 }
 
+/// Why a start did not happen; the reason becomes the server's condition.
+#[derive(Debug, PartialEq, Eq)]
+pub enum StartRefused {
+    /// The host may not start anything now (fenced, overdue, not yet renewed).
+    Fenced,
+    /// The lock manager refused: a running copy somewhere holds a lease on a disk.
+    DiskLeaseHeld(String),
+    /// Any other failure, with libvirt's message.
+    Failed(String),
+}
+
 /// A connection to the host's hypervisor.
 #[derive(Clone)]
 pub struct Hypervisor {
-    conn: Arc<Connect>,
+    conn: Arc<Mutex<Arc<Connect>>>,
+    uri: String,
+    events: UnboundedSender<DomainEvent>,
 }
 
 fn version_string(v: u32) -> String {
@@ -71,15 +87,24 @@ impl Hypervisor {
         // libvirt's default error handler prints every error, including expected
         // look-up misses, to stderr; errors reach us as values instead.
         virt::error::clear_error_callback();
-        let uri = uri.to_string();
-        let conn = tokio::task::spawn_blocking(move || -> Result<Connect> {
-            let conn = Connect::open(Some(&uri))?;
-            events::subscribe(&conn, events)?;
-            Ok(conn)
-        })
-        .await
-        .map_err(|e| Error::Join(e.to_string()))??;
-        Ok(Hypervisor { conn: Arc::new(conn) })
+        let (target, sender) = (uri.to_string(), events.clone());
+        let conn = tokio::task::spawn_blocking(move || connect(&target, sender))
+            .await
+            .map_err(|e| Error::Join(e.to_string()))??;
+        Ok(Hypervisor { conn: Arc::new(Mutex::new(Arc::new(conn))), uri: uri.to_string(), events })
+    }
+
+    /// The open connection, reopened first if libvirtd closed it (a restart): the
+    /// agent must not go on renewing its Lease while nothing it asks of libvirt works.
+    fn connection(&self) -> Result<Arc<Connect>> {
+        let mut current = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        if current.is_alive().unwrap_or(false) {
+            return Ok(current.clone());
+        }
+        let fresh = Arc::new(connect(&self.uri, self.events.clone())?);
+        tracing::warn!(uri = %self.uri, "the libvirt connection had closed; reconnected");
+        *current = fresh.clone();
+        Ok(fresh)
     }
 
     /// Runs `f` with the connection on a blocking thread.
@@ -88,8 +113,13 @@ impl Hypervisor {
         T: Send + 'static,
         F: FnOnce(&Connect) -> Result<T> + Send + 'static,
     {
-        let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || f(&conn)).await.map_err(|e| Error::Join(e.to_string()))?
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = this.connection()?;
+            f(&conn)
+        })
+        .await
+        .map_err(|e| Error::Join(e.to_string()))?
     }
 
     pub async fn facts(&self) -> Result<HostFacts> {
@@ -124,24 +154,6 @@ impl Hypervisor {
         .await
     }
 
-    /// Destroys every running covi domain, on the calling thread: the fencing
-    /// watchdog must not depend on the async runtime. Returns how many it destroyed.
-    pub fn fence_now(&self) -> Result<usize> {
-        let mut destroyed = 0;
-        for dom in self.conn.list_all_domains(virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)? {
-            let owned = dom.xml_desc(0).ok().and_then(|xml| ownership(&xml)).is_some();
-            if !owned {
-                continue;
-            }
-            match dom.destroy() {
-                Ok(()) => destroyed += 1,
-                Err(e) if is(&e, ErrorNumber::OperationInvalid) || is(&e, ErrorNumber::NoDomain) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(destroyed)
-    }
-
     /// The covi domain with this UUID, if it exists.
     pub async fn domain(&self, uuid: &str) -> Result<Option<ObservedDomain>> {
         let uuid = uuid.to_string();
@@ -170,7 +182,13 @@ impl Hypervisor {
                 Ok(p) => p,
                 Err(e) => return Ok(Err(e)),
             };
-            if let Ok(vol) = pool.lookup_storage_vol_by_name(&name) {
+            // On shared storage another host may have created the volume since this
+            // host last listed the pool (a failover, a move): look again before cloning.
+            let existing = pool.lookup_storage_vol_by_name(&name).or_else(|_| {
+                let _ = pool.refresh(0);
+                pool.lookup_storage_vol_by_name(&name)
+            });
+            if let Ok(vol) = existing {
                 let info = vol.info()?;
                 if info.capacity < capacity {
                     vol.resize(capacity, 0)?;
@@ -318,10 +336,26 @@ impl Hypervisor {
         self.run(move |c| Ok(c.define_domain_xml(&xml).map(drop).map_err(|e| e.to_string()))).await
     }
 
-    /// Starts a defined domain; returns libvirt's error message on failure.
-    pub async fn start(&self, uuid: &str) -> Result<std::result::Result<(), String>> {
-        let started = self.with_domain(uuid, |d| Ok(d.create().map(drop).map_err(|e| e.to_string()))).await?;
-        Ok(started.unwrap_or_else(|| Err("the domain is not defined".to_string())))
+    /// Starts a defined domain if `fence` allows it, holding the fencing lock across
+    /// that last check and the start.
+    pub async fn start(
+        &self,
+        uuid: &str,
+        fence: Arc<crate::fence::Fence>,
+    ) -> Result<std::result::Result<(), StartRefused>> {
+        let started = self
+            .with_domain(uuid, move |d| {
+                Ok(match fence.start_if_allowed(|| d.create()) {
+                    None => Err(StartRefused::Fenced),
+                    Some(Ok(_)) => Ok(()),
+                    Some(Err(e)) if is(&e, ErrorNumber::ResourceBusy) => {
+                        Err(StartRefused::DiskLeaseHeld(e.to_string()))
+                    }
+                    Some(Err(e)) => Err(StartRefused::Failed(e.to_string())),
+                })
+            })
+            .await?;
+        Ok(started.unwrap_or_else(|| Err(StartRefused::Failed("the domain is not defined".to_string()))))
     }
 
     /// Asks the guest to shut down (ACPI), or forces it off when `force`.
@@ -372,6 +406,13 @@ impl Hypervisor {
         })
         .await
     }
+}
+
+/// Opens `uri` and subscribes `events` to its domains' lifecycle events.
+fn connect(uri: &str, events: UnboundedSender<DomainEvent>) -> Result<Connect> {
+    let conn = Connect::open(Some(uri))?;
+    events::subscribe(&conn, events)?;
+    Ok(conn)
 }
 
 fn find_pool(c: &Connect, name: &str) -> Result<std::result::Result<StoragePool, VolumeError>> {

@@ -8,7 +8,7 @@ fn pool() -> HostPool {
             "nodeSelector": {"covi.io/pool": "a"},
             "overcommit": {"cpu": 1, "memory": 1},
             "reserve": {"cpus": 0, "memory": "0"},
-            "storage": {"pool": "p"},
+            "storage": {"pool": "p", "shared": true},
             "images": [{"name": "debian-12", "volume": "d.img"}],
             "classes": [{"name": "small", "cpus": 1, "memory": "1Gi", "disk": "10Gi"}],
             "network": {"bridge": "br0", "cidr": "10.20.0.0/24", "gateway": "10.20.0.1"}
@@ -142,6 +142,18 @@ fn lost_host_servers_restart_elsewhere_or_fail() {
         other => panic!("{other:?}"),
     }
     assert_eq!(by_name["plain"], Decision::HostLost { host: "h1".into() });
+}
+
+#[test]
+fn without_shared_storage_highly_available_servers_are_not_restarted_blank() {
+    let mut local = pool();
+    local.spec.storage.shared = false;
+    let hosts = [host("h1", 8, true), host("h2", 8, true)];
+    let servers = [bound("ha", "h1", true)];
+    let lost: BTreeSet<String> = ["h1".to_string()].into();
+    let decisions = pass(&local, &hosts, &servers, &HashMap::new(), &lost, &lost, true);
+    assert_eq!(decisions.len(), 1);
+    assert_eq!(decisions[0].1, Decision::HostLost { host: "h1".into() }, "its disk stays on h1");
 }
 
 #[test]

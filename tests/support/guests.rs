@@ -1,0 +1,93 @@
+//! Real QEMU/TCG guests for the tests on real libvirt daemons: the fixtures a pool
+//! needs in libvirt, a pool spec and a server spec for them, and the test bed's two
+//! libvirt peers (`testbed_libvirt_peers` in hack/testbed.sh).
+
+use covi_api::VirtualServer;
+use covi_api::condition::find_condition;
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::{Value, json};
+use virt::connect::Connect;
+
+use crate::FIELD_MANAGER;
+
+/// The bridge every test guest's NIC is on.
+pub const BRIDGE: &str = "br-covi-test";
+
+/// A bridge, a transient directory storage pool `name` on folder `dir`, and a small
+/// raw image tiny.img in it (no OS: the guest stops in its firmware).
+pub fn fixtures_in(conn: &Connect, name: &str, dir: &str) {
+    // Expected misses (a domain already gone) come back as values; don't print them.
+    virt::error::clear_error_callback();
+    let bridge = std::process::Command::new("ip").args(["link", "show", BRIDGE]).output().expect("ip runs");
+    if !bridge.status.success() {
+        for args in [vec!["link", "add", BRIDGE, "type", "bridge"], vec!["link", "set", BRIDGE, "up"]] {
+            let out = std::process::Command::new("ip").args(&args).output().expect("ip runs");
+            assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    std::fs::create_dir_all(dir).expect("pool directory");
+    let pool = match conn.lookup_storage_pool_by_name(name) {
+        Ok(p) => p,
+        Err(_) => conn
+            .create_storage_pool_xml(
+                &format!("<pool type='dir'><name>{name}</name><target><path>{dir}</path></target></pool>"),
+                0,
+            )
+            .expect("transient storage pool"),
+    };
+    pool.refresh(0).expect("refresh pool");
+    if pool.lookup_storage_vol_by_name("tiny.img").is_err() {
+        virt::storage_vol::StorageVol::create_xml(
+            &pool,
+            "<volume><name>tiny.img</name><capacity unit='MiB'>16</capacity><target><format type='raw'/></target></volume>",
+            0,
+        )
+        .expect("image volume");
+    }
+}
+
+/// A QEMU pool spec booting the tiny image from storage pool `storage` on the bridge.
+pub fn qemu_pool(storage: &str, shared: bool) -> Value {
+    json!({
+        "hypervisor": "qemu",
+        "storage": {"pool": storage, "shared": shared},
+        "images": [{"name": "tiny", "volume": "tiny.img"}],
+        "network": {"bridge": BRIDGE},
+    })
+}
+
+/// Applies a one-CPU server booting the tiny image, with `extra` merged into its spec.
+pub async fn apply_server(api: &Api<VirtualServer>, name: &str, pool: &str, extra: Value) {
+    let mut spec = json!({
+        "hostPool": pool,
+        // No bandwidth here: libvirt enforces it with tc's sfq qdisc, which this
+        // machine's kernel lacks. tests/domain_xml.rs checks bandwidth in libvirt's XML.
+        "resources": {"cpus": 1, "memory": "256Mi", "disk": "1Gi"},
+        "boot": {"image": "tiny"}, "owner": "team-test", "purpose": "real QEMU guest"
+    });
+    crate::merge(&mut spec, &extra);
+    let server =
+        json!({"apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer", "metadata": {"name": name}, "spec": spec});
+    api.patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&server)).await.expect("apply server");
+}
+
+pub fn ready(s: &VirtualServer) -> bool {
+    s.status.as_ref().and_then(|st| find_condition(&st.conditions, "Ready")).is_some_and(|c| c.status == "True")
+}
+
+/// The test bed's libvirt peers a and b: daemons in their own mount namespaces with
+/// virtlockd and a shared lockspace. Their sockets.
+pub fn peer_sockets() -> (String, String) {
+    (testbed_env("COVI_PEER_A_SOCKET"), testbed_env("COVI_PEER_B_SOCKET"))
+}
+
+/// The libvirt URI of a peer's socket.
+pub fn peer_uri(socket: &str) -> String {
+    format!("qemu+unix:///system?socket={socket}")
+}
+
+/// A variable `hack/test.sh` sets when it starts the peers (as root).
+pub fn testbed_env(var: &str) -> String {
+    std::env::var(var)
+        .unwrap_or_else(|_| panic!("{var} is unset: run through hack/test.sh as root, which starts the libvirt peers"))
+}
