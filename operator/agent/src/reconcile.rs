@@ -372,6 +372,15 @@ async fn hand_off(server: &VirtualServer, m: &MigrationStatus, ctx: &Context) ->
         ));
     };
     if domain.active && m.mode.as_deref() == Some("Live") {
+        // A migration libvirt still runs (this agent restarted in the middle): wait
+        // for it, neither issuing a second one nor calling it failed.
+        if hv.job_running(&uid).await? {
+            let message = format!("live migration to {} in progress", m.target);
+            return Ok((
+                outcome(VirtualServerPhase::Migrating, ConditionStatus::True, "Migrating", message, Some(domain.uuid)),
+                Duration::from_secs(1),
+            ));
+        }
         let hosts: Api<Host> = Api::all(ctx.client.clone());
         let address = hosts.get_opt(&m.target).await?.and_then(|h| h.status?.address);
         let result = match address {
@@ -392,6 +401,18 @@ async fn hand_off(server: &VirtualServer, m: &MigrationStatus, ctx: &Context) ->
         return Ok(match result {
             Ok(()) => {
                 let message = format!("live-migrated from {} to {}", ctx.node, m.target);
+                (
+                    outcome(VirtualServerPhase::Migrating, ConditionStatus::False, READY_HANDED_OFF, message, None),
+                    Duration::from_secs(1),
+                )
+            }
+            // libvirt reported an error, yet the guest no longer runs here (the move
+            // completed, or the guest stopped): nothing runs here to fall back on.
+            Err(e) if !hv.domain(&uid).await?.is_some_and(|d| d.active) => {
+                let message = format!(
+                    "the domain left {} for {} (libvirt reported: {e}); it no longer runs here",
+                    ctx.node, m.target
+                );
                 (
                     outcome(VirtualServerPhase::Migrating, ConditionStatus::False, READY_HANDED_OFF, message, None),
                     Duration::from_secs(1),

@@ -6,8 +6,11 @@
 //! then reports Ready=False HandedOff; only then does the operator bind the server to
 //! the target, whose agent defines and starts it from the same shared volume (or adopts
 //! the live-migrated domain). A failure before the hand-over leaves the server on the
-//! source; a failure on the target binds it back to the source, which starts it again.
-//! A host lost meanwhile goes down the failover path like any other.
+//! source. After a cold hand-over nothing runs anywhere, so a failure on the target
+//! binds it back to the source, which starts it again; after a live one the guest runs
+//! on the target and belongs there, whatever happens next. A host lost meanwhile goes
+//! down the failover path like any other, except that a source lost during a live
+//! migration hands the server to the target (the scheduler's `to_live_target`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -269,10 +272,13 @@ fn follow(
         }
         return match ready {
             Some((_, READY_HANDED_OFF, _)) if phase == Some(VirtualServerPhase::Migrating) => {
-                if ready_hosts.contains(m.target.as_str()) {
+                // Live: the guest runs on the target now and belongs there, Ready or not
+                // (a new leader has confirmed no host yet); a sick target goes down
+                // the failover path from there, never back to the source.
+                if live(m) || ready_hosts.contains(m.target.as_str()) {
                     Some(Action::HandOver { source: m.source.clone(), target: m.target.clone() })
                 } else {
-                    // Nothing runs anywhere now: the source starts it again.
+                    // Cold: nothing runs anywhere now: the source starts it again.
                     fail(format!("the target host {} is not ready; the server starts again on {host}", m.target))
                 }
             }
@@ -287,6 +293,12 @@ fn follow(
         .status
         .as_ref()
         .is_some_and(|s| s.failovers.iter().any(|f| f.from == m.source && started.is_none_or(|t| f.at.0 >= t)));
+    if failed_over && host == m.target {
+        return fail(format!(
+            "the source host {} was lost during the live migration; the server continues on {host}",
+            m.source
+        ));
+    }
     if failed_over {
         return fail(format!("the source host {} was lost; failover restarted the server on {host}", m.source));
     }
@@ -295,6 +307,11 @@ fn follow(
             return fail(format!("the target host {host} was lost; failover takes over"));
         }
         return match (phase, ready) {
+            // The guest was live-migrated here and runs here: sending it back would
+            // start a second copy on the source. It stays, with the failure on record.
+            (Some(VirtualServerPhase::Failed), Some((_, reason, message))) if live(m) => {
+                fail(format!("{reason}: {message}; the live-migrated guest stays on {host}"))
+            }
             (Some(VirtualServerPhase::Failed), Some((_, reason, message))) => Some(Action::Return {
                 target: m.source.clone(),
                 record: finished(m, MigrationPhase::Failed, Some(format!("{reason}: {message}")), now),
@@ -306,6 +323,10 @@ fn follow(
         };
     }
     fail(format!("the server is now bound to {host}"))
+}
+
+fn live(m: &MigrationStatus) -> bool {
+    m.mode.as_deref() == Some("Live")
 }
 
 /// A host's Evacuated condition: absent unless in maintenance; True once no server is

@@ -160,6 +160,13 @@ pub fn pass(
         }
         match bound_host(server, assumed) {
             Some(host) if failover && lost.contains(host) && server.meta().deletion_timestamp.is_none() => {
+                // Lost in the middle of a live migration: the guest may already run on
+                // the target, so the server goes there (any server, HA or not), never
+                // to a third host beside that copy.
+                if let Some(decision) = to_live_target(pool, server, host, lost) {
+                    decisions.push((server.clone(), decision));
+                    continue;
+                }
                 // Failover restarts a server from its disk: without shared storage the
                 // disk stays on the lost host, and a restart elsewhere would be blank.
                 if server.spec.high_availability && pool.spec.storage.shared {
@@ -198,6 +205,27 @@ pub fn pass(
         decisions.push((server, decision));
     }
     decisions
+}
+
+/// The binding of a server whose host `source` was lost while a live migration took
+/// it to a target that is not lost: to that target, with its address. `None` when no
+/// such migration runs.
+fn to_live_target(pool: &HostPool, server: &VirtualServer, source: &str, lost: &BTreeSet<String>) -> Option<Decision> {
+    let status = server.status.as_ref()?;
+    let m = status.migration.as_ref()?;
+    let live = m.phase == covi_api::virtual_server::MigrationPhase::Running && m.mode.as_deref() == Some("Live");
+    if !live || m.source != source || lost.contains(&m.target) {
+        return None;
+    }
+    let size = pool.size_of(&server.spec).ok()?;
+    Some(Decision::Bind {
+        host: m.target.clone(),
+        address: status.address.as_deref().and_then(|a| a.parse().ok()),
+        cpus: size.cpus,
+        memory: covi_placement::format_mib(size.memory_mib),
+        failover_from: Some(source.to_string()),
+        migrated_from: None,
+    })
 }
 
 fn decide(

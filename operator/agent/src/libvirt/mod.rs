@@ -297,6 +297,14 @@ impl Hypervisor {
         Ok(migrated.unwrap_or_else(|| Err("the domain is not defined here".to_string())))
     }
 
+    /// Whether libvirt runs a job (a migration) on the domain with this UUID now: a
+    /// restarted agent must not issue a second migration, nor call the first failed,
+    /// while libvirt is still moving the guest.
+    pub async fn job_running(&self, uuid: &str) -> Result<bool> {
+        let job = self.with_domain(uuid, |d| Ok(d.job_info()?.r#type != virt::sys::VIR_DOMAIN_JOB_NONE as i32)).await?;
+        Ok(job.unwrap_or(false))
+    }
+
     /// Free bytes in storage pool `pool`, when it exists.
     pub async fn pool_available(&self, pool: &str) -> Result<Option<u64>> {
         let pool = pool.to_string();

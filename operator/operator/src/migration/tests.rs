@@ -139,6 +139,50 @@ fn the_protocol_hands_over_only_after_the_source_let_go() {
     }
 }
 
+fn live_migration(phase: &str, source: &str, target: &str) -> Value {
+    let mut m = migration(phase, source, target);
+    m["mode"] = json!("Live");
+    m
+}
+
+#[test]
+fn after_a_live_hand_off_the_server_belongs_to_the_target() {
+    let hosts = [host("h1", 4, false), host("h2", 4, false)];
+    let spec = json!({"placement": {"host": "h2"}});
+    let handed = server(
+        "web",
+        "h1",
+        spec.clone(),
+        json!({"phase": "Migrating", "conditions": [ready("False", "HandedOff", "live-migrated from h1 to h2")],
+               "migration": live_migration("Running", "h1", "h2")}),
+    );
+    // The target is not Ready (a new leader has confirmed no host yet): the guest runs
+    // there all the same, so the server is bound there, not started again on h1.
+    let unready: BTreeSet<String> = ["h2".to_string()].into();
+    let p = plan(
+        &pool(true, 2),
+        &hosts,
+        std::slice::from_ref(&handed),
+        &HashMap::new(),
+        &unready,
+        &BTreeSet::new(),
+        &BTreeSet::new(),
+        Timestamp::UNIX_EPOCH,
+    );
+    assert_eq!(p.actions[0].1, Action::HandOver { source: "h1".into(), target: "h2".into() });
+    // A failure the target reports after a live hand-off keeps the server there.
+    let broken = server(
+        "web",
+        "h2",
+        spec,
+        json!({"phase": "Failed", "conditions": [ready("False", "ImageNotFound", "image gone from the catalog")],
+               "migration": live_migration("Running", "h1", "h2")}),
+    );
+    let p = run(&pool(true, 2), &hosts, &[broken], &[]);
+    assert_eq!(records(&p), [("web".into(), MigrationPhase::Failed, "h2".into())]);
+    assert!(p.actions.iter().all(|(_, a)| !matches!(a, Action::Return { .. })), "never back to the source");
+}
+
 #[test]
 fn a_lost_source_fails_the_migration_and_leaves_the_server_to_failover() {
     let hosts = [host("h1", 4, false), host("h2", 4, false)];

@@ -145,6 +145,43 @@ fn lost_host_servers_restart_elsewhere_or_fail() {
 }
 
 #[test]
+fn a_source_lost_during_a_live_migration_hands_the_server_to_the_target() {
+    let hosts = [host("h1", 8, true), host("h2", 8, true), host("h3", 8, true)];
+    let moving = |ha: bool| {
+        let mut s = (*bound("web", "h1", ha)).clone();
+        let status = s.status.as_mut().unwrap();
+        status.migration = Some(covi_api::virtual_server::MigrationStatus {
+            source: "h1".into(),
+            target: "h3".into(),
+            phase: covi_api::virtual_server::MigrationPhase::Running,
+            mode: Some("Live".into()),
+            started_at: None,
+            finished_at: None,
+            reason: None,
+        });
+        Arc::new(s)
+    };
+    let lost: BTreeSet<String> = ["h1".to_string()].into();
+    // Highly available or not, the guest may already run on h3: the server goes there
+    // (h2 would be the emptier choice), keeping its address.
+    for ha in [true, false] {
+        let decisions = pass(&pool(), &hosts, &[moving(ha)], &HashMap::new(), &lost, &lost, true);
+        match &decisions[0].1 {
+            Decision::Bind { host, address, failover_from, .. } => {
+                assert_eq!(host, "h3", "ha={ha}");
+                assert_eq!(failover_from.as_deref(), Some("h1"));
+                assert_eq!(address.unwrap().to_string(), "10.20.0.13");
+            }
+            other => panic!("ha={ha}: {other:?}"),
+        }
+    }
+    // The target lost too: the usual failover.
+    let both: BTreeSet<String> = ["h1".to_string(), "h3".to_string()].into();
+    let decisions = pass(&pool(), &hosts, &[moving(true)], &HashMap::new(), &both, &both, true);
+    assert!(matches!(&decisions[0].1, Decision::Bind { host, .. } if host == "h2"), "{decisions:?}");
+}
+
+#[test]
 fn without_shared_storage_highly_available_servers_are_not_restarted_blank() {
     let mut local = pool();
     local.spec.storage.shared = false;
