@@ -117,6 +117,7 @@ async fn serve(
 ) -> Result<()> {
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
     let hypervisor = Hypervisor::open(&config.libvirt_uri, events_tx).await?;
+    link.lock().unwrap_or_else(|p| p.into_inner()).share(hypervisor.connection()?);
     let facts = hypervisor.facts().await?;
     tracing::info!(node = %config.node_name, uri = %config.libvirt_uri, ?facts, "connected to libvirt");
     tokio::fs::create_dir_all(&config.work_dir)

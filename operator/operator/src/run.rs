@@ -87,6 +87,8 @@ pub struct Scheduler {
     event_slots: Arc<tokio::sync::Semaphore>,
     /// Host liveness as the last full pass saw it.
     acted_on: HashMap<String, Liveness>,
+    /// Addresses held by more than one server, as last reported.
+    duplicates: std::collections::BTreeMap<std::net::Ipv4Addr, Vec<String>>,
 }
 
 /// How long a created server may take to show up in the store before it counts as
@@ -127,6 +129,7 @@ pub async fn run_leader(client: Client, config: &Config, metrics: Metrics) -> Re
         created: Default::default(),
         event_slots: Arc::new(tokio::sync::Semaphore::new(16)),
         acted_on: HashMap::new(),
+        duplicates: Default::default(),
     };
     tracing::info!("leading: scheduling servers");
     loop {
@@ -211,6 +214,7 @@ impl Scheduler {
             .collect();
         self.apply(orphans).await;
 
+        self.report_duplicate_addresses(&servers);
         self.mark_stalled(&servers).await;
         self.reconcile_requests(&pools, &servers).await;
         self.expire_servers(&pools, &servers).await;
@@ -328,6 +332,27 @@ impl Scheduler {
             })
         });
         futures::stream::iter(writes).buffer_unordered(16).collect::<Vec<_>>().await;
+    }
+
+    /// A Warning Event on every server sharing an address with another, once per new
+    /// finding: bindings are conditional writes, so this takes two leaders at once or
+    /// an address set by hand, and a person must decide which server keeps it.
+    fn report_duplicate_addresses(&mut self, servers: &[Arc<VirtualServer>]) {
+        let found = crate::scheduler::duplicate_addresses(servers, &self.assumed);
+        for (address, holders) in &found {
+            if self.duplicates.get(address) == Some(holders) {
+                continue;
+            }
+            tracing::error!(%address, ?holders, "one address is held by several servers");
+            for server in servers {
+                let key = format!("{}/{}", server.namespace().unwrap_or_default(), server.name_any());
+                if holders.contains(&key) {
+                    let message = format!("address {address} is also held by {}", holders.join(", "));
+                    self.publish(server.object_ref(&()), EventType::Warning, "DuplicateAddress", message, "Schedule");
+                }
+            }
+        }
+        self.duplicates = found;
     }
 
     async fn apply(&mut self, decisions: Vec<(Arc<VirtualServer>, Decision)>) {
@@ -559,7 +584,13 @@ impl Scheduler {
                 }
             }
         }
-        let patch = json!({"apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer", "status": body});
+        let mut patch = json!({"apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer", "status": body});
+        // A binding (and the address it claims) is conditional on the version it was
+        // decided on: a second leader, or a pass on a stale cache, gets a conflict
+        // instead of binding the server twice.
+        if matches!(decision, Decision::Bind { .. }) {
+            patch["metadata"] = json!({"resourceVersion": server.resource_version()});
+        }
         let api: Api<VirtualServer> = Api::namespaced(self.client.clone(), &server.namespace().unwrap_or_default());
         api.patch_status(&server.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
         let (type_, event_reason) = match decision {

@@ -2,7 +2,7 @@
 //! pending servers bind where, which wait (and why), which are invalid. The operator
 //! loop feeds it from its watches and writes the decisions.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
@@ -122,6 +122,24 @@ pub fn bound_host<'a>(server: &'a VirtualServer, assumed: &'a HashMap<String, As
         .and_then(|uid| assumed.get(&uid))
         .map(|a| a.host.as_str())
         .or_else(|| server.status.as_ref().and_then(|s| s.host.as_deref()))
+}
+
+/// Addresses that more than one server of `servers` holds (two leaders at once, or an
+/// address claimed by hand), each with those servers ("namespace/name"), sorted.
+pub fn duplicate_addresses(
+    servers: &[Arc<VirtualServer>],
+    assumed: &HashMap<String, Assumed>,
+) -> BTreeMap<Ipv4Addr, Vec<String>> {
+    let mut holders: BTreeMap<Ipv4Addr, Vec<String>> = BTreeMap::new();
+    for server in servers.iter().filter(|s| s.meta().deletion_timestamp.is_none()) {
+        if let Some(a) = address_of(server, assumed) {
+            let key = format!("{}/{}", server.namespace().unwrap_or_default(), server.name_any());
+            holders.entry(a).or_default().push(key);
+        }
+    }
+    holders.retain(|_, names| names.len() > 1);
+    holders.values_mut().for_each(|names| names.sort());
+    holders
 }
 
 fn address_of(server: &VirtualServer, assumed: &HashMap<String, Assumed>) -> Option<Ipv4Addr> {

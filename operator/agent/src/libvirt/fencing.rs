@@ -3,7 +3,7 @@
 //! (libvirtd limits requests per client), and a libvirtd restart is noticed and the
 //! connection reopened within one watchdog tick.
 
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use virt::connect::Connect;
@@ -17,13 +17,23 @@ use crate::error::{Error, Result};
 /// A connection that reopens itself.
 pub struct FencingLink {
     uri: String,
-    conn: Option<Connect>,
+    conn: Option<Arc<Connect>>,
+    /// Whether this link opens its own connection. libvirt's test driver keeps each
+    /// connection's domains apart, so there the agent's own connection is shared.
+    own: bool,
 }
 
 impl FencingLink {
-    /// Opens nothing yet: the first `reachable` does.
+    /// Opens nothing yet: the first `reachable` does (or, on the test driver, `share`).
     pub fn new(uri: &str) -> FencingLink {
-        FencingLink { uri: uri.to_string(), conn: None }
+        FencingLink { uri: uri.to_string(), conn: None, own: !uri.starts_with("test:") }
+    }
+
+    /// Gives the link the agent's connection, where it cannot have its own.
+    pub fn share(&mut self, conn: Arc<Connect>) {
+        if !self.own {
+            self.conn = Some(conn);
+        }
     }
 
     /// Whether libvirt answers, reopening the connection when it was closed.
@@ -31,11 +41,14 @@ impl FencingLink {
         if self.conn.as_ref().is_some_and(|c| c.is_alive().unwrap_or(false)) {
             return true;
         }
+        if !self.own {
+            return false;
+        }
         // Dropping the dead connection closes it.
         self.conn = None;
         match Connect::open(Some(&self.uri)) {
             Ok(c) => {
-                self.conn = Some(c);
+                self.conn = Some(Arc::new(c));
                 true
             }
             Err(e) => {

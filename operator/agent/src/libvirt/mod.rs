@@ -96,7 +96,7 @@ impl Hypervisor {
 
     /// The open connection, reopened first if libvirtd closed it (a restart): the
     /// agent must not go on renewing its Lease while nothing it asks of libvirt works.
-    fn connection(&self) -> Result<Arc<Connect>> {
+    pub fn connection(&self) -> Result<Arc<Connect>> {
         let mut current = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         if current.is_alive().unwrap_or(false) {
             return Ok(current.clone());

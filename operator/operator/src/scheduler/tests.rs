@@ -223,3 +223,13 @@ fn an_assumed_binding_wins_over_the_stale_status() {
     let assumed: HashMap<_, _> = [("uid-ha".to_string(), Assumed { host: "h2".into(), address: None })].into();
     assert!(pass(&pool(), &hosts, &servers, &assumed, &lost, &lost, true).is_empty(), "no second failover");
 }
+
+#[test]
+fn an_address_two_servers_hold_is_found() {
+    let a = bound("a", "h1", false); // 10.20.0.11
+    let b = bound("b", "h2", false); // 10.20.0.11 as well
+    let cc = bound("cc", "h1", false); // 10.20.0.12
+    let found = duplicate_addresses(&[a, b, cc], &HashMap::new());
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[&"10.20.0.11".parse().unwrap()], ["ns/a", "ns/b"]);
+}
