@@ -342,6 +342,58 @@ async fn the_standby_operator_takes_over_when_the_leader_dies() {
 }
 
 #[tokio::test]
+async fn two_operators_under_one_forged_lease_never_both_lead() {
+    let _turn = SERIAL.lock().await;
+    let client = admin().await;
+    install_crds(&client).await;
+    let mut fleet = Fleet::new(&client, "forged").await;
+    let pool = fleet.apply_pool(&client, json!({})).await;
+    fleet.start_agent(1, 16, 32);
+    // A leader Lease someone copied: held by "operator-x", just renewed. Both replicas
+    // below are started under that very identity.
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &fleet.lease_namespace);
+    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(k8s_openapi::jiff::Timestamp::now());
+    let forged: Lease = serde_json::from_value(json!({
+        "metadata": {"name": "covi-operator"},
+        "spec": {"holderIdentity": "operator-x", "leaseDurationSeconds": 3, "acquireTime": now, "renewTime": now}
+    }))
+    .unwrap();
+    let _ = leases.delete("covi-operator", &DeleteParams::default()).await;
+    leases.create(&Default::default(), &forged).await.expect("forge the leader lease");
+    let a = Process::spawn("forged-operator-a", bin("covi-operator"), fleet.operator_args("operator-x", 3));
+    let b = Process::spawn("forged-operator-b", bin("covi-operator"), fleet.operator_args("operator-x", 3));
+    fleet.wait_ready_hosts(&client, 1).await;
+    let ns = namespace(&client, "forged").await;
+    let api: Api<VirtualServer> = Api::namespaced(client.clone(), &ns);
+    for i in 0..12 {
+        apply_server(&api, &format!("s{i}"), &pool, json!({})).await;
+    }
+    for i in 0..12 {
+        fleet.wait_server(&api, &format!("s{i}"), "to be Ready", DEADLINE, ready).await;
+    }
+    // Exactly one of the two leads, sampled for a while.
+    let leaders = || async {
+        let mut n = 0;
+        for p in [&a, &b] {
+            let metrics = covi_tests::fleet::scrape(p, "/metrics").await;
+            n += metrics.lines().filter(|l| l.trim() == "covi_operator_leader 1").count();
+        }
+        n
+    };
+    for _ in 0..10 {
+        assert_eq!(leaders().await, 1, "one replica leads, never two");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let servers = api.list(&ListParams::default()).await.expect("list");
+    let addresses: BTreeSet<_> =
+        servers.items.iter().filter_map(|s| s.status.as_ref().and_then(|st| st.address.clone())).collect();
+    assert_eq!(addresses.len(), 12, "every server its own address");
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns);
+    let duplicates = events.list(&ListParams::default().fields("reason=DuplicateAddress")).await.expect("events");
+    assert!(duplicates.items.is_empty(), "{:?}", duplicates.items);
+}
+
+#[tokio::test]
 async fn a_server_whose_host_is_gone_for_good_can_still_be_deleted() {
     let _turn = SERIAL.lock().await;
     let (client, mut fleet, pool, _ns, api) = setup("gone", &[(8, 16)]).await;

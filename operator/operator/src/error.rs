@@ -7,9 +7,6 @@ pub enum Error {
 
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
-
-    #[error("leader election: {0}")]
-    Leader(#[from] kube_lease_manager::LeaseManagerError),
 }
 
 impl Error {
@@ -17,7 +14,6 @@ impl Error {
         match self {
             Error::Config(_) => "config",
             Error::Kube(_) => "kube",
-            Error::Leader(_) => "leader",
         }
     }
 }
