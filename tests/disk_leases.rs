@@ -80,11 +80,7 @@ impl Bed {
     }
 
     async fn delete(&self, name: &str) {
-        self.api.delete(name, &DeleteParams::default()).await.expect("delete");
-        wait_until(&format!("{name} to be deleted"), DEADLINE, || async {
-            self.api.get_opt(name).await.ok()?.is_none().then_some(())
-        })
-        .await;
+        bed_delete(&self.api, name).await;
     }
 }
 
@@ -304,6 +300,103 @@ fn stand_in_files(b: &Connect, xml: &str) -> Vec<virt::storage_vol::StorageVol> 
         }
     }
     created
+}
+
+/// The chaos test on real daemons: guests outlive killed, frozen and stopped agents,
+/// so only fencing, the protocol and the disk leases stand between them and a second
+/// copy. Sampled through libvirt itself, every 100 ms.
+#[tokio::test]
+async fn chaos_on_real_libvirt_daemons_never_runs_a_server_twice() {
+    let _turn = SERIAL.lock().await;
+    let mut rng = covi_tests::Rng::seeded();
+    let (a, b) = peer_sockets();
+    let uris = [peer_uri(&a), peer_uri(&b)];
+    let split = testbed_env("COVI_SPLIT_POOL_DIR");
+    for uri in &uris {
+        fixtures_in(&connect(uri), POOL, &split);
+    }
+    let client = admin().await;
+    install_crds(&client).await;
+    let mut fleet = Fleet::new(&client, "lease-chaos").await;
+    // Short timings so twenty rounds fit in a few minutes: lost after 4 s.
+    let mut spec = qemu_pool(POOL, true);
+    spec["failover"] = json!({"renewSeconds": 1, "leaseDurationSeconds": 3, "fenceAfterSeconds": 2, "graceSeconds": 1});
+    let pool = fleet.apply_pool(&client, spec).await;
+    let flags = ["--stop-grace-seconds", "3", "--restart-grace-seconds", "3"];
+    for (n, uri) in uris.iter().enumerate() {
+        fleet.start_agent_uri(n + 1, uri, &flags);
+    }
+    fleet.start_operator();
+    fleet.wait_pool_ready(&client, &pool, 2).await;
+    let ns = namespace(&client, "lease-chaos").await;
+    let api: Api<VirtualServer> = Api::namespaced(client.clone(), &ns);
+    let names: Vec<String> = (1..=3).map(|i| format!("ha-{i}")).collect();
+    for name in &names {
+        apply_server(&api, name, &pool, json!({"highAvailability": true})).await;
+    }
+    let all_ready = || async {
+        let list = api.list(&ListParams::default()).await.ok()?;
+        (list.items.len() == names.len() && list.items.iter().all(ready)).then_some(())
+    };
+    covi_tests::all_ready_again(&api, DEADLINE, "at the start", all_ready).await;
+    let hosts = [fleet.host_name(1), fleet.host_name(2)];
+    let sampler = Sampler::on_daemons(hosts.iter().cloned().zip(uris.iter().cloned()).collect());
+
+    let rounds = 20;
+    for round in 1..=rounds {
+        let n = rng.below(2) as usize;
+        let action = ["kill", "freeze", "stop"][rng.below(3) as usize];
+        // Sometimes within the lease, sometimes long past a lost host.
+        let hold = Duration::from_millis(500 + rng.below(7_500));
+        let pid = fleet.agents[n].pid().expect("agent runs") as i32;
+        match action {
+            "kill" => fleet.agents[n].kill(),
+            // SAFETY: plain signals to our own child process.
+            "freeze" => unsafe {
+                libc::kill(pid, libc::SIGSTOP);
+            },
+            _ => assert!(fleet.agents[n].terminate(Duration::from_secs(10)), "the agent exits on SIGTERM"),
+        }
+        tokio::time::sleep(hold).await;
+        match action {
+            // SAFETY: as above.
+            "freeze" => unsafe {
+                libc::kill(pid, libc::SIGCONT);
+            },
+            _ => fleet.agents[n].start(),
+        }
+        let resumed = k8s_openapi::jiff::Timestamp::now();
+        println!("round {round}: {action} {} for {:.1}s", hosts[n], hold.as_secs_f64());
+        fleet.wait_lease_renewed_after(&client, n + 1, resumed).await;
+        covi_tests::all_ready_again(&api, DEADLINE, &format!("round {round}"), all_ready).await;
+    }
+    let (samples, doubles) = sampler.finish().await;
+    let mut failovers = 0;
+    for s in api.list(&ListParams::default()).await.expect("list").items {
+        failovers += s.status.map(|st| st.failovers.len()).unwrap_or(0);
+    }
+    let mut held = 0;
+    for name in &names {
+        held += event_reasons(&client, &ns, name).await.iter().filter(|r| *r == READY_DISK_LEASE_HELD).count();
+    }
+    println!(
+        "chaos on libvirtd: {rounds} rounds, {} servers, {failovers} failovers, {held} starts held back by a disk lease, {samples} samples, {} double runs",
+        names.len(),
+        doubles.len()
+    );
+    assert!(samples > 100, "the sampler ran ({samples} samples)");
+    assert!(doubles.is_empty(), "servers ran twice: {doubles:?}");
+    for name in &names {
+        bed_delete(&api, name).await;
+    }
+}
+
+async fn bed_delete(api: &Api<VirtualServer>, name: &str) {
+    api.delete(name, &DeleteParams::default()).await.expect("delete");
+    wait_until(&format!("{name} to be deleted"), DEADLINE, || async {
+        api.get_opt(name).await.ok()?.is_none().then_some(())
+    })
+    .await;
 }
 
 /// The peer's folder in the test bed, from its socket DIR/run/libvirt/libvirt-sock.

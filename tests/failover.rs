@@ -17,7 +17,7 @@ use covi_api::virtual_server::VirtualServerPhase;
 use covi_api::{Host, VirtualServer};
 use covi_tests::fleet::{Fleet, NetnsHost, Process, endpoint_of, get};
 use covi_tests::sampler::Sampler;
-use covi_tests::{FIELD_MANAGER, admin, install_crds, namespace, wait_until};
+use covi_tests::{FIELD_MANAGER, Rng, admin, all_ready_again, install_crds, namespace, wait_until};
 use kube::Client;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::{Value, json};
@@ -324,28 +324,10 @@ async fn a_partitioned_host_fences_itself_before_its_servers_restart_elsewhere()
 
 /// A small deterministic generator, seeded from the clock (the seed is printed, so a
 /// failing run can be repeated with COVI_CHAOS_SEED).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 #[tokio::test]
 async fn chaos_of_kills_freezes_and_partitions_never_runs_a_server_twice() {
     let _turn = SERIAL.lock().await;
-    let seed = std::env::var("COVI_CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1
-    });
-    println!("chaos seed {seed}");
-    let mut rng = Rng(seed);
+    let mut rng = Rng::seeded();
 
     // Short timings so twenty rounds fit in a few minutes: lost after 5 s.
     let client = admin().await;
@@ -413,10 +395,10 @@ async fn chaos_of_kills_freezes_and_partitions_never_runs_a_server_twice() {
         // The disturbed agent first renews its Lease (fencing itself first if it is
         // overdue); only then can the statuses be trusted to say where servers run.
         fleet.wait_lease_renewed_after(&client, host, resumed).await;
-        all_ready_again(&api, &format!("round {round}"), all_ready).await;
+        all_ready_again(&api, DEADLINE, &format!("round {round}"), all_ready).await;
     }
     // After the last round every server must be Running again, wherever it ended up.
-    all_ready_again(&api, "after the last round", all_ready).await;
+    all_ready_again(&api, DEADLINE, "after the last round", all_ready).await;
     for s in api.list(&ListParams::default()).await.expect("list").items {
         failovers_seen += s.status.map(|st| st.failovers.len()).unwrap_or(0);
     }
@@ -427,22 +409,6 @@ async fn chaos_of_kills_freezes_and_partitions_never_runs_a_server_twice() {
         doubles.len()
     );
     assert!(doubles.is_empty(), "servers ran twice: {doubles:?}");
-}
-
-/// Waits until `all_ready` holds; on timeout the panic lists every server's status.
-async fn all_ready_again<F, Fut>(api: &Api<VirtualServer>, when: &str, all_ready: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<()>>,
-{
-    if covi_tests::poll(DEADLINE, all_ready).await.is_none() {
-        let states: Vec<_> = api
-            .list(&ListParams::default())
-            .await
-            .map(|l| l.items.iter().map(|s| format!("{:?}: {:?}", s.metadata.name, s.status)).collect())
-            .unwrap_or_default();
-        panic!("{when}: servers not all Ready again\n{}", states.join("\n"));
-    }
 }
 
 #[tokio::test]

@@ -200,3 +200,46 @@ pub fn kubectl(args: &[&str]) -> (bool, String) {
 pub fn object_from_yaml(yaml: &str) -> DynamicObject {
     serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("test object is valid YAML: {e}\n{yaml}"))
 }
+
+/// A small deterministic random number generator for chaos tests (xorshift).
+pub struct Rng(u64);
+
+impl Rng {
+    /// Seeded from COVI_CHAOS_SEED, else the clock; prints the seed, so a failed
+    /// run can be repeated.
+    pub fn seeded() -> Rng {
+        let seed = std::env::var("COVI_CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1
+        });
+        println!("chaos seed {seed}");
+        Rng(seed)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Waits up to `deadline` until `all_ready` holds; on timeout the panic lists every
+/// server's status.
+pub async fn all_ready_again<F, Fut>(api: &Api<covi_api::VirtualServer>, deadline: Duration, when: &str, all_ready: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<()>>,
+{
+    if poll(deadline, all_ready).await.is_none() {
+        let states: Vec<_> = api
+            .list(&kube::api::ListParams::default())
+            .await
+            .map(|l| l.items.iter().map(|s| format!("{:?}: {:?}", s.metadata.name, s.status)).collect())
+            .unwrap_or_default();
+        panic!("{when}: servers not all Ready again\n{}", states.join("\n"));
+    }
+}
