@@ -562,6 +562,62 @@ async fn failover(client: &Client, servers: usize) -> Value {
                        "fenceAfterSeconds": f.fence_after_seconds, "graceSeconds": f.grace_seconds}})
 }
 
+/// Failover with disk leases on, default timings, on the test bed's two real libvirt
+/// daemons (virtlockd, one shared lockspace): an HA QEMU guest on host 1 loses its host
+/// (the agent is killed and the guest destroyed at once, as by a power cut, which
+/// releases its lease); time until it runs on host 2.
+async fn leased_failover(client: &Client) -> Value {
+    let (Ok(a), Ok(b), Ok(split)) = (
+        std::env::var("COVI_PEER_A_SOCKET"),
+        std::env::var("COVI_PEER_B_SOCKET"),
+        std::env::var("COVI_SPLIT_POOL_DIR"),
+    ) else {
+        return json!({"skipped": "the libvirt peers are not running (hack/test.sh starts them as root)"});
+    };
+    use covi_tests::guests::{apply_server, fixtures_in, peer_uri, qemu_pool};
+    let uris = [peer_uri(&a), peer_uri(&b)];
+    for uri in &uris {
+        match virt::connect::Connect::open(Some(uri)) {
+            Ok(conn) => fixtures_in(&conn, "covi-split", &split),
+            Err(e) => return json!({"failed": format!("opening {uri}: {e}")}),
+        }
+    }
+    let mut fleet = Fleet::new(client, "blease").await;
+    let pool = fleet.apply_pool(client, qemu_pool("covi-split", true)).await;
+    fleet.start_agent_uri(1, &uris[0], &[]);
+    start_operator(&mut fleet);
+    wait_hosts(client, &pool, 1, Duration::from_secs(60)).await.expect("host 1");
+    let ns = namespace(client, "blease").await;
+    let api: Api<VirtualServer> = Api::namespaced(client.clone(), &ns);
+    apply_server(&api, "guest", &pool, json!({"highAvailability": true})).await;
+    let on = |host: String| {
+        let api = api.clone();
+        move || {
+            let (api, host) = (api.clone(), host.clone());
+            async move {
+                let s = api.get("guest").await.ok()?;
+                (ready(&s) && s.status.as_ref()?.host.as_deref() == Some(host.as_str())).then_some(s)
+            }
+        }
+    };
+    let Some(server) = poll(Duration::from_secs(120), on(fleet.host_name(1))).await else {
+        return json!({"failed": "the guest did not run on host 1 within 120 s"});
+    };
+    fleet.start_agent_uri(2, &uris[1], &[]);
+    wait_hosts(client, &pool, 2, Duration::from_secs(60)).await.expect("host 2");
+    let killed = Instant::now();
+    fleet.agents[0].kill();
+    let conn_a = virt::connect::Connect::open(Some(&uris[0])).expect("peer a");
+    if let Ok(dom) = conn_a.lookup_domain_by_uuid_string(&server.uid().unwrap_or_default()) {
+        let _ = dom.destroy();
+        let _ = dom.undefine();
+    }
+    let moved = poll(Duration::from_secs(120), on(fleet.host_name(2))).await.map(|_| killed.elapsed().as_secs_f64());
+    let _ = api.delete("guest", &Default::default()).await;
+    let _ = poll(Duration::from_secs(60), || async { api.get_opt("guest").await.ok()?.is_none().then_some(()) }).await;
+    json!({"servers": 1, "runningElsewhereSeconds": moved, "diskLeases": "lockd (virtlockd, shared lockspace)"})
+}
+
 /// One agent for one host connected to a real libvirtd (the test bed's own peer A, not
 /// the machine's qemu:///system, whose covi domains another test bed may own), as on a
 /// hypervisor, after `settle`: its memory, private and file-mapped. The test driver
@@ -655,6 +711,14 @@ fn targets(report: &serde_json::Map<String, Value>) -> Vec<Value> {
         " s",
         String::new(),
     );
+    let leased = report.get("leasedFailover").cloned().unwrap_or_default();
+    add(
+        "failover of an HA QEMU guest with disk leases on (real libvirtd, default timings)",
+        leased["runningElsewhereSeconds"].as_f64(),
+        20.0,
+        " s",
+        String::new(),
+    );
     add(
         "agent RSS per real host",
         failover["singleHostAgentRssMiB"].as_f64(),
@@ -704,6 +768,8 @@ async fn main() {
         eprintln!("bench: failover of 20 HA servers");
         report.insert("failover".into(), failover(&client, 20).await);
         eprintln!("bench: {}", report["failover"]);
+        report.insert("leasedFailover".into(), leased_failover(&client).await);
+        eprintln!("bench: {}", report["leasedFailover"]);
     }
     if std::env::var("COVI_BENCH_FAILOVER").as_deref() != Ok("off") {
         eprintln!("bench: one agent on libvirtd");

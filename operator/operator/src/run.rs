@@ -88,7 +88,7 @@ pub struct Scheduler {
     /// Host liveness as the last full pass saw it.
     acted_on: HashMap<String, Liveness>,
     /// Addresses held by more than one server, as last reported.
-    duplicates: std::collections::BTreeMap<std::net::Ipv4Addr, Vec<String>>,
+    duplicates: BTreeMap<(String, std::net::Ipv4Addr), Vec<String>>,
 }
 
 /// How long a created server may take to show up in the store before it counts as
@@ -338,12 +338,22 @@ impl Scheduler {
     /// finding: bindings are conditional writes, so this takes two leaders at once or
     /// an address set by hand, and a person must decide which server keeps it.
     fn report_duplicate_addresses(&mut self, servers: &[Arc<VirtualServer>]) {
-        let found = crate::scheduler::duplicate_addresses(servers, &self.assumed);
-        for (address, holders) in &found {
-            if self.duplicates.get(address) == Some(holders) {
+        // Addresses are a pool's: two pools may use one CIDR on separate networks.
+        let mut by_pool: BTreeMap<&str, Vec<Arc<VirtualServer>>> = BTreeMap::new();
+        for s in servers {
+            by_pool.entry(s.spec.host_pool.as_str()).or_default().push(s.clone());
+        }
+        let mut found = BTreeMap::new();
+        for (pool, members) in by_pool {
+            for (address, holders) in crate::scheduler::duplicate_addresses(&members, &self.assumed) {
+                found.insert((pool.to_string(), address), holders);
+            }
+        }
+        for ((pool, address), holders) in &found {
+            if self.duplicates.get(&(pool.clone(), *address)) == Some(holders) {
                 continue;
             }
-            tracing::error!(%address, ?holders, "one address is held by several servers");
+            tracing::error!(%pool, %address, ?holders, "one address is held by several servers");
             for server in servers {
                 let key = format!("{}/{}", server.namespace().unwrap_or_default(), server.name_any());
                 if holders.contains(&key) {

@@ -124,7 +124,7 @@ pub fn bound_host<'a>(server: &'a VirtualServer, assumed: &'a HashMap<String, As
         .or_else(|| server.status.as_ref().and_then(|s| s.host.as_deref()))
 }
 
-/// Addresses that more than one server of `servers` holds (two leaders at once, or an
+/// Addresses that more than one of one pool's `servers` holds (two leaders at once, or an
 /// address claimed by hand), each with those servers ("namespace/name"), sorted.
 pub fn duplicate_addresses(
     servers: &[Arc<VirtualServer>],
