@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use covi_api::VirtualServer;
-use covi_api::virtual_server::VirtualServerPhase;
+use covi_api::virtual_server::{MigrationPhase, READY_HANDED_OFF, VirtualServerPhase};
 use covi_tests::fleet::Fleet;
 use covi_tests::guests::{apply_server, fixtures_in, peer_sockets, qemu_pool, ready};
 use covi_tests::{admin, install_crds, namespace, wait_until};
@@ -189,22 +189,28 @@ async fn an_agent_killed_mid_create_adopts_its_domain_and_leaves_others_alone() 
     .await;
 }
 
-#[tokio::test]
-async fn a_running_guest_moves_live_between_two_libvirt_daemons() {
-    // Its operator schedules every pool: one test at a time.
-    let _turn = SERIAL.lock().await;
+/// The live-migration set-up: hosts 1 and 2 on the test bed's libvirt peers a and b,
+/// sharing a folder as storage, and an operator.
+struct LiveBed {
+    fleet: Fleet,
+    pool: String,
+    api: Api<VirtualServer>,
+    conns: [Connect; 2],
+    hosts: [String; 2],
+}
+
+async fn live_bed(id: &str) -> LiveBed {
     const POOL: &str = "covi-shared";
     let (a, b) = peer_sockets();
     let uri = |socket: &str| format!("qemu+unix:///system?socket={socket}");
-    let (conn_a, conn_b) =
-        (Connect::open(Some(&uri(&a))).expect("peer a"), Connect::open(Some(&uri(&b))).expect("peer b"));
+    let conns = [Connect::open(Some(&uri(&a))).expect("peer a"), Connect::open(Some(&uri(&b))).expect("peer b")];
     let shared = covi_tests::testbed_dir().join("shared-pool").display().to_string();
-    fixtures_in(&conn_a, POOL, &shared);
-    fixtures_in(&conn_b, POOL, &shared);
-
+    for conn in &conns {
+        fixtures_in(conn, POOL, &shared);
+    }
     let client = admin().await;
     install_crds(&client).await;
-    let mut fleet = Fleet::new(&client, "live").await;
+    let mut fleet = Fleet::new(&client, id).await;
     let pool = fleet.apply_pool(&client, qemu_pool(POOL, true)).await;
     // Each Host's address is its daemon's socket, and the peer URI template points there.
     let peer_uri = "qemu+unix:///system?socket={address}";
@@ -214,9 +220,16 @@ async fn a_running_guest_moves_live_between_two_libvirt_daemons() {
     }
     fleet.start_operator();
     fleet.wait_pool_ready(&client, &pool, 2).await;
-    let ns = namespace(&client, "live").await;
-    let api: Api<VirtualServer> = Api::namespaced(client.clone(), &ns);
-    let (h1, h2) = (fleet.host_name(1), fleet.host_name(2));
+    let ns = namespace(&client, id).await;
+    let hosts = [fleet.host_name(1), fleet.host_name(2)];
+    LiveBed { fleet, pool, api: Api::namespaced(client, &ns), conns, hosts }
+}
+
+#[tokio::test]
+async fn a_running_guest_moves_live_between_two_libvirt_daemons() {
+    // Its operator schedules every pool: one test at a time.
+    let _turn = SERIAL.lock().await;
+    let LiveBed { fleet, pool, api, conns: [conn_a, conn_b], hosts: [h1, h2] } = live_bed("live").await;
     apply_server(&api, "guest", &pool, json!({"placement": {"host": h1}})).await;
     let before = fleet.wait_server(&api, "guest", "to run on host 1", DEADLINE, ready).await;
     let uid = before.uid().expect("uid");
@@ -261,4 +274,63 @@ async fn a_running_guest_moves_live_between_two_libvirt_daemons() {
     })
     .await;
     assert!(conn_b.lookup_domain_by_uuid_string(&uid).is_err(), "removed from b");
+}
+
+#[tokio::test]
+async fn a_new_leader_during_a_live_migration_hands_the_guest_to_its_target() {
+    let _turn = SERIAL.lock().await;
+    let LiveBed { mut fleet, pool, api, conns: [conn_a, conn_b], hosts: [h1, h2] } = live_bed("live-leader").await;
+    apply_server(&api, "guest", &pool, json!({"placement": {"host": h1}})).await;
+    let before = fleet.wait_server(&api, "guest", "to run on host 1", DEADLINE, ready).await;
+    let uid = before.uid().expect("uid");
+    let hosts = [(h1.clone(), fleet.agents[0].log.clone()), (h2.clone(), fleet.agents[1].log.clone())];
+    let sampler = covi_tests::sampler::Sampler::start(std::sync::Arc::new(std::sync::Mutex::new(hosts.into())));
+
+    // The leader records the move, then dies: the source hands the guest off with no
+    // operator running, and the next leader's first pass has confirmed no host yet.
+    let patch = json!({"spec": {"placement": {"host": h2}}});
+    api.patch("guest", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("pin to host 2");
+    fleet
+        .wait_server(&api, "guest", "the migration to be recorded", DEADLINE, |s| {
+            s.status.as_ref().and_then(|st| st.migration.as_ref()).is_some_and(|m| m.phase == MigrationPhase::Running)
+        })
+        .await;
+    fleet.operator.as_mut().expect("operator").kill();
+    fleet
+        .wait_server(&api, "guest", "the source to hand the guest off", DEADLINE, |s| {
+            s.status.as_ref().and_then(|st| find_ready(st)).is_some_and(|r| r == READY_HANDED_OFF)
+        })
+        .await;
+    fleet.operator.as_mut().expect("operator").start();
+    let after = fleet
+        .wait_server(&api, "guest", "to run on host 2 under the new leader", DEADLINE, |s| {
+            ready(s) && s.status.as_ref().and_then(|st| st.host.as_deref()) == Some(h2.as_str())
+        })
+        .await;
+    let m = after.status.as_ref().and_then(|s| s.migration.clone()).expect("migration record");
+    assert_eq!(m.mode.as_deref(), Some("Live"));
+    // The same guest, moved, never started again on a.
+    let (state, reason) = conn_b.lookup_domain_by_uuid_string(&uid).expect("on b").state().expect("state");
+    assert_eq!(format!("{state:?}"), "Known(Running)");
+    assert!(format!("{reason:?}").contains("Migrated"), "running because it migrated: {reason:?}");
+    assert!(conn_a.lookup_domain_by_uuid_string(&uid).is_err(), "nothing of it left on a");
+    sampler.assert_never_twice().await;
+    let events: Api<k8s_openapi::api::core::v1::Event> =
+        Api::namespaced(admin().await, api.namespace().unwrap_or_default());
+    let params = kube::api::ListParams::default().fields("involvedObject.name=guest");
+    let reasons: Vec<_> =
+        events.list(&params).await.expect("events").items.into_iter().filter_map(|e| e.reason).collect();
+    assert!(
+        !reasons.iter().any(|r| r == "DiskLeaseHeld" || r == "StartFailed"),
+        "no start was attempted on a: {reasons:?}"
+    );
+    api.delete("guest", &DeleteParams::default()).await.expect("delete");
+    wait_until("the guest to be removed", DEADLINE, || async {
+        api.get_opt("guest").await.ok()?.is_none().then_some(())
+    })
+    .await;
+}
+
+fn find_ready(status: &covi_api::VirtualServerStatus) -> Option<&str> {
+    covi_api::condition::find_condition(&status.conditions, "Ready").map(|c| c.reason.as_str())
 }
