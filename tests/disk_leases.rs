@@ -44,12 +44,7 @@ struct Bed {
 impl Bed {
     /// Host 1 on peer a with its agent and the operator; host 2 is started by the test.
     async fn new(id: &str) -> Bed {
-        let (a, b) = peer_sockets();
-        let uris = [peer_uri(&a), peer_uri(&b)];
-        let split = testbed_env("COVI_SPLIT_POOL_DIR");
-        for uri in &uris {
-            fixtures_in(&connect(uri), POOL, &split);
-        }
+        let uris = split_pool_on_both_peers();
         let client = admin().await;
         install_crds(&client).await;
         let mut fleet = Fleet::new(&client, id).await;
@@ -82,6 +77,17 @@ impl Bed {
     async fn delete(&self, name: &str) {
         bed_delete(&self.api, name).await;
     }
+}
+
+/// The split pool's fixtures on peers a and b; their libvirt URIs.
+fn split_pool_on_both_peers() -> [String; 2] {
+    let (a, b) = peer_sockets();
+    let uris = [peer_uri(&a), peer_uri(&b)];
+    let split = testbed_env("COVI_SPLIT_POOL_DIR");
+    for uri in &uris {
+        fixtures_in(&connect(uri), POOL, &split);
+    }
+    uris
 }
 
 fn connect(uri: &str) -> Connect {
@@ -309,12 +315,7 @@ fn stand_in_files(b: &Connect, xml: &str) -> Vec<virt::storage_vol::StorageVol> 
 async fn chaos_on_real_libvirt_daemons_never_runs_a_server_twice() {
     let _turn = SERIAL.lock().await;
     let mut rng = covi_tests::Rng::seeded();
-    let (a, b) = peer_sockets();
-    let uris = [peer_uri(&a), peer_uri(&b)];
-    let split = testbed_env("COVI_SPLIT_POOL_DIR");
-    for uri in &uris {
-        fixtures_in(&connect(uri), POOL, &split);
-    }
+    let uris = split_pool_on_both_peers();
     let client = admin().await;
     install_crds(&client).await;
     let mut fleet = Fleet::new(&client, "lease-chaos").await;
