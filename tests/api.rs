@@ -244,6 +244,19 @@ fn invalid_cases() -> Vec<Case> {
             "fenceAfterSeconds plus renewSeconds must not exceed leaseDurationSeconds",
         ),
         create(
+            "a grace shorter than one renewal",
+            with(
+                host_pool(),
+                json!({"spec": {"failover": {"renewSeconds": 5, "leaseDurationSeconds": 30, "fenceAfterSeconds": 20, "graceSeconds": 2}}}),
+            ),
+            "graceSeconds must be at least renewSeconds",
+        ),
+        create(
+            "no grace at all",
+            with(host_pool(), json!({"spec": {"failover": {"graceSeconds": 0}}})),
+            "spec.failover.graceSeconds: Invalid value: 0: spec.failover.graceSeconds in body should be greater than or equal to 1",
+        ),
+        create(
             "unknown hypervisor",
             with(host_pool(), json!({"spec": {"hypervisor": "vmware"}})),
             "Unsupported value: \"vmware\"",
