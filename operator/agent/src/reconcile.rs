@@ -453,6 +453,7 @@ async fn hand_off(server: &VirtualServer, m: &MigrationStatus, ctx: &Context) ->
     Ok((outcome(VirtualServerPhase::Migrating, ConditionStatus::False, READY_HANDED_OFF, message, None), ctx.resync))
 }
 
+/// Clones the boot disk and writes the seed ISO; fills in their paths.
 async fn prepare_volumes(plan: &mut ServerPlan, ctx: &Context) -> Result<std::result::Result<(), Failure>> {
     let hv = &ctx.hypervisor;
     let disk = &plan.disk;
