@@ -334,3 +334,53 @@ async fn a_new_leader_during_a_live_migration_hands_the_guest_to_its_target() {
 fn find_ready(status: &covi_api::VirtualServerStatus) -> Option<&str> {
     covi_api::condition::find_condition(&status.conditions, "Ready").map(|c| c.reason.as_str())
 }
+
+#[tokio::test]
+async fn a_source_lost_during_a_live_migration_leaves_the_guest_on_its_target() {
+    let _turn = SERIAL.lock().await;
+    let LiveBed { mut fleet, pool, api, conns: [conn_a, conn_b], hosts: [h1, h2] } = live_bed("live-lost").await;
+    // Not highly available: before, the target destroyed the copy it had received.
+    apply_server(&api, "guest", &pool, json!({"placement": {"host": h1}})).await;
+    let before = fleet.wait_server(&api, "guest", "to run on host 1", DEADLINE, ready).await;
+    let uid = before.uid().expect("uid");
+    let (a, b) = peer_sockets();
+    let daemons = [(h1.clone(), a), (h2.clone(), b)].map(|(h, s)| (h, format!("qemu+unix:///system?socket={s}")));
+    let sampler = covi_tests::sampler::Sampler::on_daemons(daemons.into());
+
+    // The source's agent dies once libvirt is moving the guest: the move completes
+    // without it, and its host is lost after lease + grace.
+    let patch = json!({"spec": {"placement": {"host": h2}}});
+    api.patch("guest", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("pin to host 2");
+    let dom_a = conn_a.lookup_domain_by_uuid_string(&uid).expect("on a");
+    wait_until("libvirt to start migrating the guest", DEADLINE, || async {
+        let job = dom_a.job_info().ok()?;
+        (job.r#type != virt::sys::VIR_DOMAIN_JOB_NONE as i32).then_some(())
+    })
+    .await;
+    fleet.agents[0].kill();
+    let after = fleet
+        .wait_server(&api, "guest", "to be handed to host 2 after host 1 was lost", DEADLINE, |s| {
+            ready(s) && s.status.as_ref().and_then(|st| st.host.as_deref()) == Some(h2.as_str())
+        })
+        .await;
+    let (state, reason) = conn_b.lookup_domain_by_uuid_string(&uid).expect("on b").state().expect("state");
+    assert_eq!(format!("{state:?}"), "Known(Running)");
+    assert!(format!("{reason:?}").contains("Migrated"), "the migrated guest, never restarted: {reason:?}");
+    assert!(conn_a.lookup_domain_by_uuid_string(&uid).is_err(), "nothing of it left on a");
+    let m = fleet
+        .wait_server(&api, "guest", "the move to be recorded", DEADLINE, |s| {
+            s.status.as_ref().and_then(|st| st.migration.as_ref()).is_some_and(|m| m.phase == MigrationPhase::Failed)
+        })
+        .await
+        .status
+        .and_then(|s| s.migration)
+        .expect("record");
+    assert!(m.reason.as_deref().is_some_and(|r| r.contains("continues on")), "{m:?}");
+    assert_eq!(after.status.as_ref().map(|s| s.failovers.len()), Some(1), "recorded as a failover from host 1");
+    sampler.assert_never_twice().await;
+    api.delete("guest", &DeleteParams::default()).await.expect("delete");
+    wait_until("the guest to be removed", DEADLINE, || async {
+        api.get_opt("guest").await.ok()?.is_none().then_some(())
+    })
+    .await;
+}
