@@ -199,19 +199,21 @@ struct LiveBed {
     hosts: [String; 2],
 }
 
+/// The live-migration tests' storage pool, on a folder both peers share.
+const LIVE_POOL: &str = "covi-shared";
+
 async fn live_bed(id: &str) -> LiveBed {
-    const POOL: &str = "covi-shared";
     let (a, b) = peer_sockets();
     let uri = |socket: &str| format!("qemu+unix:///system?socket={socket}");
     let conns = [Connect::open(Some(&uri(&a))).expect("peer a"), Connect::open(Some(&uri(&b))).expect("peer b")];
     let shared = covi_tests::testbed_dir().join("shared-pool").display().to_string();
     for conn in &conns {
-        fixtures_in(conn, POOL, &shared);
+        fixtures_in(conn, LIVE_POOL, &shared);
     }
     let client = admin().await;
     install_crds(&client).await;
     let mut fleet = Fleet::new(&client, id).await;
-    let pool = fleet.apply_pool(&client, qemu_pool(POOL, true)).await;
+    let pool = fleet.apply_pool(&client, qemu_pool(LIVE_POOL, true)).await;
     // Each Host's address is its daemon's socket, and the peer URI template points there.
     let peer_uri = "qemu+unix:///system?socket={address}";
     for (n, socket) in [(1, &a), (2, &b)] {
@@ -377,6 +379,67 @@ async fn a_source_lost_during_a_live_migration_leaves_the_guest_on_its_target() 
         .expect("record");
     assert!(m.reason.as_deref().is_some_and(|r| r.contains("continues on")), "{m:?}");
     assert_eq!(after.status.as_ref().map(|s| s.failovers.len()), Some(1), "recorded as a failover from host 1");
+    sampler.assert_never_twice().await;
+    api.delete("guest", &DeleteParams::default()).await.expect("delete");
+    wait_until("the guest to be removed", DEADLINE, || async {
+        api.get_opt("guest").await.ok()?.is_none().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_target_failing_after_a_live_hand_off_keeps_the_guest() {
+    let _turn = SERIAL.lock().await;
+    let LiveBed { fleet, pool, api, conns: [conn_a, conn_b], hosts: [h1, h2] } = live_bed("live-sick").await;
+    apply_server(&api, "guest", &pool, json!({"placement": {"host": h1}})).await;
+    let before = fleet.wait_server(&api, "guest", "to run on host 1", DEADLINE, ready).await;
+    let uid = before.uid().expect("uid");
+    let (a, b) = peer_sockets();
+    let daemons = [(h1.clone(), a), (h2.clone(), b)].map(|(h, s)| (h, format!("qemu+unix:///system?socket={s}")));
+    let sampler = covi_tests::sampler::Sampler::on_daemons(daemons.into());
+
+    // Once the move runs, the server's image leaves the catalog: the source hands the
+    // guest off all the same, and the target, receiving it, cannot plan it and reports
+    // a failure.
+    let patch = json!({"spec": {"placement": {"host": h2}}});
+    api.patch("guest", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("pin to host 2");
+    fleet
+        .wait_server(&api, "guest", "the move to start", DEADLINE, |s| {
+            s.status.as_ref().and_then(|st| st.migration.as_ref()).is_some_and(|m| m.phase == MigrationPhase::Running)
+        })
+        .await;
+    let client = admin().await;
+    let mut spec = qemu_pool(LIVE_POOL, true);
+    spec["images"] = json!([{"name": "other", "volume": "tiny.img"}]);
+    fleet.apply_pool(&client, spec).await;
+    let failed = fleet
+        .wait_server(&api, "guest", "the move to be recorded as failed", DEADLINE, |s| {
+            s.status.as_ref().and_then(|st| st.migration.as_ref()).is_some_and(|m| m.phase == MigrationPhase::Failed)
+        })
+        .await;
+    let m = failed.status.as_ref().and_then(|s| s.migration.clone()).expect("record");
+    assert!(m.reason.as_deref().is_some_and(|r| r.contains("ImageNotFound") && r.contains("stays on")), "{m:?}");
+    // It stays where it runs: bound to host 2, the same guest running on b, for a while.
+    let moved_back = covi_tests::poll(Duration::from_secs(6), || async {
+        let s = api.get("guest").await.ok()?;
+        let on_b = conn_b.lookup_domain_by_uuid_string(&uid).ok().and_then(|d| d.is_active().ok());
+        let host = s.status.as_ref()?.host.clone();
+        (host.as_deref() != Some(h2.as_str()) || on_b != Some(true))
+            .then(|| format!("bound to {host:?}, active on b: {on_b:?}"))
+    })
+    .await;
+    assert!(moved_back.is_none(), "the server left the guest it had: {moved_back:?}");
+    assert!(conn_a.lookup_domain_by_uuid_string(&uid).is_err(), "nothing started again on a");
+
+    // The catalog is put right: the target converges, the guest still the migrated one.
+    fleet.apply_pool(&client, qemu_pool(LIVE_POOL, true)).await;
+    fleet
+        .wait_server(&api, "guest", "to be Ready on host 2", DEADLINE, |s| {
+            ready(s) && s.status.as_ref().and_then(|st| st.host.as_deref()) == Some(h2.as_str())
+        })
+        .await;
+    let (_, reason) = conn_b.lookup_domain_by_uuid_string(&uid).expect("on b").state().expect("state");
+    assert!(format!("{reason:?}").contains("Migrated"), "never restarted: {reason:?}");
     sampler.assert_never_twice().await;
     api.delete("guest", &DeleteParams::default()).await.expect("delete");
     wait_until("the guest to be removed", DEADLINE, || async {
