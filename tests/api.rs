@@ -244,6 +244,36 @@ fn invalid_cases() -> Vec<Case> {
             "fenceAfterSeconds plus renewSeconds must not exceed leaseDurationSeconds",
         ),
         create(
+            "an ISO that is a host path",
+            with(vs(), json!({"spec": {"boot": {"image": null, "iso": "/etc/shadow"}}})),
+            "spec.boot.iso: Invalid value: \"/etc/shadow\": must be the name of a volume in the pool's storage pool",
+        ),
+        create(
+            "an ISO that climbs out of the pool",
+            with(vs(), json!({"spec": {"boot": {"image": null, "iso": "../../../etc/shadow"}}})),
+            "spec.boot.iso: Invalid value: \"../../../etc/shadow\": must be the name of a volume",
+        ),
+        create(
+            "an image volume that is a path",
+            with(host_pool(), json!({"spec": {"images": [{"name": "x", "volume": "../../etc/passwd"}]}})),
+            "spec.images[0].volume: Invalid value: \"../../etc/passwd\": must be the name of a volume",
+        ),
+        create(
+            "a reserved entry that is no address",
+            with(host_pool(), json!({"spec": {"network": {"reserved": ["banana"]}}})),
+            "every reserved entry must be an IPv4 address inside cidr",
+        ),
+        create(
+            "a reserved address outside the network",
+            with(host_pool(), json!({"spec": {"network": {"reserved": ["192.0.2.1"]}}})),
+            "every reserved entry must be an IPv4 address inside cidr",
+        ),
+        create(
+            "a reserved range backwards",
+            with(host_pool(), json!({"spec": {"network": {"reserved": ["10.20.0.9-10.20.0.2"]}}})),
+            "a reserved range A-B must go from the lower address to the higher",
+        ),
+        create(
             "a grace shorter than one renewal",
             with(
                 host_pool(),

@@ -342,6 +342,30 @@ async fn the_standby_operator_takes_over_when_the_leader_dies() {
 }
 
 #[tokio::test]
+async fn an_installer_iso_is_a_volume_of_the_pool_never_a_host_path() {
+    let _turn = SERIAL.lock().await;
+    let (client, fleet, pool, ns, api) = setup("iso", &[(8, 16)]).await;
+    // A volume the pool's storage pool has: attached, and the server runs.
+    apply_server(&api, "installer", &pool, json!({"boot": {"image": null, "iso": "debian-12.img"}})).await;
+    fleet.wait_server(&api, "installer", "to run from the ISO volume", DEADLINE, ready).await;
+    // One it does not have: refused by the host's agent with the reason, nothing started.
+    apply_server(&api, "missing", &pool, json!({"boot": {"image": null, "iso": "installer.iso"}})).await;
+    let s =
+        fleet.wait_server(&api, "missing", "to fail", DEADLINE, |s| phase(s) == Some(VirtualServerPhase::Failed)).await;
+    let c = condition(&s, "Ready").expect("Ready condition");
+    assert_eq!(c.reason, "IsoNotFound");
+    assert!(c.message.contains("ISO volume installer.iso is not in storage pool default-pool"), "{}", c.message);
+    let events = events_for(&client, &ns, "missing").await;
+    assert!(events.iter().any(|(r, _)| r == "IsoNotFound"), "{events:?}");
+    // A host path is refused at admission, naming the field.
+    let path = json!({"apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer", "metadata": {"name": "shadow"},
+        "spec": {"hostPool": pool, "class": "small", "boot": {"iso": "/etc/shadow"}, "owner": "o", "purpose": "p"}});
+    let refused = api.patch("shadow", &PatchParams::apply(FIELD_MANAGER), &Patch::Apply(&path)).await;
+    let message = refused.expect_err("a host path must be refused").to_string();
+    assert!(message.contains("spec.boot.iso") && message.contains("not a path"), "{message}");
+}
+
+#[tokio::test]
 async fn two_operators_under_one_forged_lease_never_both_lead() {
     let _turn = SERIAL.lock().await;
     let client = admin().await;

@@ -21,7 +21,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
 use crate::converge::{Step, steps};
-use crate::domain_xml::render;
+use crate::domain_xml::{Boot, render};
 use crate::error::{Error, Result};
 use crate::host::MANAGER;
 use crate::libvirt::{Hypervisor, StartRefused, VolumeError};
@@ -468,6 +468,17 @@ async fn prepare_volumes(plan: &mut ServerPlan, ctx: &Context) -> Result<std::re
     {
         Ok(path) => plan.domain.disk_path = path,
         Err(e) => return Ok(Err(volume(e))),
+    }
+    // An installer ISO is a volume of the pool's storage pool, never a path on the host.
+    if let Boot::Cdrom { iso } = &plan.domain.boot {
+        let storage = &plan.disk.storage_pool;
+        match hv.volume_path(storage, iso).await? {
+            Some(path) => plan.domain.boot = Boot::Cdrom { iso: path },
+            None => {
+                let message = format!("ISO volume {iso} is not in storage pool {storage} on {}", ctx.node);
+                return Ok(Err(Failure::new("IsoNotFound", message)));
+            }
+        }
     }
     let iso = build_iso(&plan.seed, &ctx.work_dir).await?;
     match hv.ensure_file_volume(&disk.storage_pool, &plan.seed_volume, iso).await? {

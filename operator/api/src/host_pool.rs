@@ -224,13 +224,15 @@ pub struct PoolStorage {
 }
 
 /// One image of the catalog.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Image {
     /// Name servers use in `boot.image`.
     #[schemars(length(min = 1, max = 63))]
     pub name: String,
-    /// Name of the volume in the pool's storage pool that is cloned for each server.
+    /// Name of the volume in the pool's storage pool that is cloned for each server: a
+    /// volume name, not a path.
+    #[x_kube(validation = Rule::new(VOLUME_NAME_RULE).message(VOLUME_NAME_MESSAGE))]
     #[schemars(length(min = 1, max = 253))]
     pub volume: String,
     /// Disk format of the volume: raw (the default) or qcow2.
@@ -271,9 +273,17 @@ pub struct ServerClass {
     pub resources: Resources,
 }
 
+/// A volume name of a storage pool: letters, digits, '.', '_' and '-', starting with a
+/// letter or digit, so never a path ('/', '..') outside the pool.
+pub const VOLUME_NAME_RULE: &str = "self.matches('^[A-Za-z0-9][A-Za-z0-9._-]*$')";
+pub const VOLUME_NAME_MESSAGE: &str =
+    "must be the name of a volume in the pool's storage pool (letters, digits, '.', '_', '-'), not a path";
+
 /// The pool's network.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[x_kube(validation = Rule::new("!has(self.gateway) || !isCIDR(self.cidr) || (isIP(self.gateway) && cidr(self.cidr).containsIP(self.gateway))").message("gateway must be an IPv4 address inside cidr"))]
+#[x_kube(validation = Rule::new("!isCIDR(self.cidr) || !has(self.reserved) || self.reserved.all(r, r.split('-').size() <= 2 && r.split('-').all(a, isIP(a) && ip(a).family() == 4 && cidr(self.cidr).containsIP(a)))").message("every reserved entry must be an IPv4 address inside cidr, or a range A-B of two"))]
+#[x_kube(validation = Rule::new(RESERVED_ORDER_RULE).message("a reserved range A-B must go from the lower address to the higher"))]
 #[serde(rename_all = "camelCase")]
 pub struct PoolNetwork {
     /// Name of the Linux bridge on each host that server interfaces join.
@@ -293,11 +303,17 @@ pub struct PoolNetwork {
     #[schemars(length(max = 8))]
     pub dns: Vec<String>,
     /// Addresses of the CIDR never handed out automatically: single addresses
-    /// ("10.20.0.5") or inclusive ranges ("10.20.0.1-10.20.0.20").
+    /// ("10.20.0.5") or inclusive ranges, lower address first ("10.20.0.1-10.20.0.20").
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64))]
+    #[schemars(length(max = 64), inner(length(max = 31)))]
     pub reserved: Vec<String>,
 }
+
+/// A reserved range's ends in order: each IPv4 address as a number (CEL has no order
+/// on addresses). Entries that are not well-formed ranges are left to the rule above.
+const RESERVED_ORDER_RULE: &str = "!has(self.reserved) || self.reserved.all(r, !(r.split('-').size() == 2 && r.split('-').all(a, a.matches('^[0-9]{1,3}([.][0-9]{1,3}){3}$'))) || \
+  int(r.split('-')[0].split('.')[0]) * 16777216 + int(r.split('-')[0].split('.')[1]) * 65536 + int(r.split('-')[0].split('.')[2]) * 256 + int(r.split('-')[0].split('.')[3]) <= \
+  int(r.split('-')[1].split('.')[0]) * 16777216 + int(r.split('-')[1].split('.')[1]) * 65536 + int(r.split('-')[1].split('.')[2]) * 256 + int(r.split('-')[1].split('.')[3]))";
 
 /// Failure detection and high-availability restarts.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]

@@ -165,10 +165,11 @@ pub struct BootSource {
     #[schemars(length(min = 1, max = 63))]
     pub image: Option<String>,
 
-    /// Path or volume name of an installer ISO, attached as a CD-ROM; the boot disk
-    /// starts empty.
+    /// Name of a volume in the pool's storage pool holding an installer ISO, attached
+    /// as a CD-ROM; the boot disk starts empty. A volume name, never a path on the host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 4096))]
+    #[x_kube(validation = Rule::new(crate::host_pool::VOLUME_NAME_RULE).message(crate::host_pool::VOLUME_NAME_MESSAGE))]
+    #[schemars(length(min = 1, max = 253))]
     pub iso: Option<String>,
 
     /// Boot from the network (PXE); the boot disk starts empty.

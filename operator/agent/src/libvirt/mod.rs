@@ -258,6 +258,24 @@ impl Hypervisor {
         .await
     }
 
+    /// The path of volume `name` in storage pool `pool`, re-reading the pool when it
+    /// is not listed yet; `None` when it is not there.
+    pub async fn volume_path(&self, pool: &str, name: &str) -> Result<Option<String>> {
+        let (pool, name) = (pool.to_string(), name.to_string());
+        self.run(move |c| {
+            let Ok(pool) = find_pool(c, &pool)? else { return Ok(None) };
+            let vol = pool.lookup_storage_vol_by_name(&name).or_else(|_| {
+                let _ = pool.refresh(0);
+                pool.lookup_storage_vol_by_name(&name)
+            });
+            Ok(match vol {
+                Ok(vol) => Some(vol.path()?),
+                Err(_) => None,
+            })
+        })
+        .await
+    }
+
     /// Whether volume `name` is in storage pool `pool`, after re-reading the pool (on
     /// shared storage another host may have created it).
     pub async fn volume_exists(&self, pool: &str, name: &str) -> Result<bool> {

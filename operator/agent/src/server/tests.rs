@@ -67,7 +67,7 @@ fn xen_images_with_a_kernel_boot_pv_directly_with_the_hostname() {
 
 #[test]
 fn xen_iso_and_network_boot_need_hvm() {
-    let iso = plan(&server(serde_json::json!({"boot": {"iso": "/isos/debian.iso"}})), &pool("xen"), "Xen").unwrap();
+    let iso = plan(&server(serde_json::json!({"boot": {"iso": "debian.iso"}})), &pool("xen"), "Xen").unwrap();
     assert_eq!(iso.domain.guest, Guest::XenHvm);
     assert_eq!(iso.disk.image_volume, None);
     let pxe = plan(&server(serde_json::json!({"boot": {"network": {}}})), &pool("xen"), "Xen").unwrap();
