@@ -232,7 +232,7 @@ pub struct Image {
     pub name: String,
     /// Name of the volume in the pool's storage pool that is cloned for each server: a
     /// volume name, not a path.
-    #[x_kube(validation = Rule::new(VOLUME_NAME_RULE).message(VOLUME_NAME_MESSAGE))]
+    #[x_kube(validation = Rule::new(crate::VOLUME_NAME_RULE).message(crate::VOLUME_NAME_MESSAGE))]
     #[schemars(length(min = 1, max = 253))]
     pub volume: String,
     /// Disk format of the volume: raw (the default) or qcow2.
@@ -272,12 +272,6 @@ pub struct ServerClass {
     #[serde(flatten)]
     pub resources: Resources,
 }
-
-/// A volume name of a storage pool: letters, digits, '.', '_' and '-', starting with a
-/// letter or digit, so never a path ('/', '..') outside the pool.
-pub const VOLUME_NAME_RULE: &str = "self.matches('^[A-Za-z0-9][A-Za-z0-9._-]*$')";
-pub const VOLUME_NAME_MESSAGE: &str =
-    "must be the name of a volume in the pool's storage pool (letters, digits, '.', '_', '-'), not a path";
 
 /// The pool's network.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]

@@ -62,6 +62,14 @@ fn unwrap_descriptions(crd: CustomResourceDefinition) -> CustomResourceDefinitio
     serde_json::from_value(value).expect("a CRD with edited descriptions deserialises")
 }
 
+/// CEL rule for a volume name of a storage pool (a server's ISO, a catalog image):
+/// letters, digits, '.', '_' and '-', starting with a letter or digit, so never a path
+/// ('/', '..') outside the pool.
+pub const VOLUME_NAME_RULE: &str = "self.matches('^[A-Za-z0-9][A-Za-z0-9._-]*$')";
+/// The message of [`VOLUME_NAME_RULE`].
+pub const VOLUME_NAME_MESSAGE: &str =
+    "must be the name of a volume in the pool's storage pool (letters, digits, '.', '_', '-'), not a path";
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -168,7 +168,7 @@ pub struct BootSource {
     /// Name of a volume in the pool's storage pool holding an installer ISO, attached
     /// as a CD-ROM; the boot disk starts empty. A volume name, never a path on the host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new(crate::host_pool::VOLUME_NAME_RULE).message(crate::host_pool::VOLUME_NAME_MESSAGE))]
+    #[x_kube(validation = Rule::new(crate::VOLUME_NAME_RULE).message(crate::VOLUME_NAME_MESSAGE))]
     #[schemars(length(min = 1, max = 253))]
     pub iso: Option<String>,
 
