@@ -259,6 +259,18 @@ async fn an_agent_reconnects_after_libvirtd_restarts_and_healthz_says_so_meanwhi
     let healthz = || async { covi_tests::fleet::get(&agent, "/healthz", Duration::from_secs(2)).await };
     assert_eq!(healthz().await.as_deref(), Some("ok\n"));
 
+    // Past its start: libvirtd kills a guest whose start job it finds unfinished when
+    // it comes back (seen here when the restart followed Ready within 300 ms).
+    let a = connect(&bed.uris[0]);
+    let dom = a.lookup_domain_by_uuid_string(&uid).expect("on a");
+    let first = dom.info().expect("info").cpu_time;
+    wait_until("the guest to run past its start", DEADLINE, || async {
+        let idle = dom.job_info().ok()?.r#type == virt::sys::VIR_DOMAIN_JOB_NONE as i32;
+        (idle && dom.info().ok()?.cpu_time > first).then_some(())
+    })
+    .await;
+    drop((dom, a));
+
     // Stop peer a's libvirtd and keep it down (virtlockd and the guest stay).
     let dir = peer_dir(&peer_sockets().0);
     let hold = dir.join("libvirtd.hold");
