@@ -227,6 +227,27 @@ async fn live_bed(id: &str) -> LiveBed {
     LiveBed { fleet, pool, api: Api::namespaced(client, &ns), conns, hosts }
 }
 
+/// A guest pinned to host 1 and Running there; its UID, and a sampler reading both
+/// daemons directly (an agent of the test may die).
+async fn guest_on_host_1(
+    fleet: &Fleet,
+    api: &Api<VirtualServer>,
+    pool: &str,
+    [h1, h2]: [&String; 2],
+) -> (String, covi_tests::sampler::Sampler) {
+    apply_server(api, "guest", pool, json!({"placement": {"host": h1}})).await;
+    let before = fleet.wait_server(api, "guest", "to run on host 1", DEADLINE, ready).await;
+    let (a, b) = peer_sockets();
+    let daemons = [(h1.clone(), a), (h2.clone(), b)].map(|(h, s)| (h, format!("qemu+unix:///system?socket={s}")));
+    (before.uid().expect("uid"), covi_tests::sampler::Sampler::on_daemons(daemons.into()))
+}
+
+/// Moves the guest by pinning it to `host`.
+async fn pin(api: &Api<VirtualServer>, host: &str) {
+    let patch = json!({"spec": {"placement": {"host": host}}});
+    api.patch("guest", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("pin the guest");
+}
+
 #[tokio::test]
 async fn a_running_guest_moves_live_between_two_libvirt_daemons() {
     // Its operator schedules every pool: one test at a time.
@@ -239,8 +260,7 @@ async fn a_running_guest_moves_live_between_two_libvirt_daemons() {
     let hosts = [(h1.clone(), fleet.agents[0].log.clone()), (h2.clone(), fleet.agents[1].log.clone())];
     let sampler = covi_tests::sampler::Sampler::start(std::sync::Arc::new(std::sync::Mutex::new(hosts.into())));
 
-    let patch = json!({"spec": {"placement": {"host": h2}}});
-    api.patch("guest", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("pin to host 2");
+    pin(&api, &h2).await;
     let after = fleet
         .wait_server(&api, "guest", "to run on host 2 after a live migration", DEADLINE, |s| {
             ready(s)
@@ -290,8 +310,7 @@ async fn a_new_leader_during_a_live_migration_hands_the_guest_to_its_target() {
 
     // The leader records the move, then dies: the source hands the guest off with no
     // operator running, and the next leader's first pass has confirmed no host yet.
-    let patch = json!({"spec": {"placement": {"host": h2}}});
-    api.patch("guest", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("pin to host 2");
+    pin(&api, &h2).await;
     fleet
         .wait_server(&api, "guest", "the migration to be recorded", DEADLINE, |s| {
             s.status.as_ref().and_then(|st| st.migration.as_ref()).is_some_and(|m| m.phase == MigrationPhase::Running)
@@ -342,17 +361,11 @@ async fn a_source_lost_during_a_live_migration_leaves_the_guest_on_its_target() 
     let _turn = SERIAL.lock().await;
     let LiveBed { mut fleet, pool, api, conns: [conn_a, conn_b], hosts: [h1, h2] } = live_bed("live-lost").await;
     // Not highly available: before, the target destroyed the copy it had received.
-    apply_server(&api, "guest", &pool, json!({"placement": {"host": h1}})).await;
-    let before = fleet.wait_server(&api, "guest", "to run on host 1", DEADLINE, ready).await;
-    let uid = before.uid().expect("uid");
-    let (a, b) = peer_sockets();
-    let daemons = [(h1.clone(), a), (h2.clone(), b)].map(|(h, s)| (h, format!("qemu+unix:///system?socket={s}")));
-    let sampler = covi_tests::sampler::Sampler::on_daemons(daemons.into());
+    let (uid, sampler) = guest_on_host_1(&fleet, &api, &pool, [&h1, &h2]).await;
 
     // The source's agent dies once libvirt is moving the guest: the move completes
     // without it, and its host is lost after lease + grace.
-    let patch = json!({"spec": {"placement": {"host": h2}}});
-    api.patch("guest", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("pin to host 2");
+    pin(&api, &h2).await;
     let dom_a = conn_a.lookup_domain_by_uuid_string(&uid).expect("on a");
     wait_until("libvirt to start migrating the guest", DEADLINE, || async {
         let job = dom_a.job_info().ok()?;
@@ -391,18 +404,12 @@ async fn a_source_lost_during_a_live_migration_leaves_the_guest_on_its_target() 
 async fn a_target_failing_after_a_live_hand_off_keeps_the_guest() {
     let _turn = SERIAL.lock().await;
     let LiveBed { fleet, pool, api, conns: [conn_a, conn_b], hosts: [h1, h2] } = live_bed("live-sick").await;
-    apply_server(&api, "guest", &pool, json!({"placement": {"host": h1}})).await;
-    let before = fleet.wait_server(&api, "guest", "to run on host 1", DEADLINE, ready).await;
-    let uid = before.uid().expect("uid");
-    let (a, b) = peer_sockets();
-    let daemons = [(h1.clone(), a), (h2.clone(), b)].map(|(h, s)| (h, format!("qemu+unix:///system?socket={s}")));
-    let sampler = covi_tests::sampler::Sampler::on_daemons(daemons.into());
+    let (uid, sampler) = guest_on_host_1(&fleet, &api, &pool, [&h1, &h2]).await;
 
     // Once the move runs, the server's image leaves the catalog: the source hands the
     // guest off all the same, and the target, receiving it, cannot plan it and reports
     // a failure.
-    let patch = json!({"spec": {"placement": {"host": h2}}});
-    api.patch("guest", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("pin to host 2");
+    pin(&api, &h2).await;
     fleet
         .wait_server(&api, "guest", "the move to start", DEADLINE, |s| {
             s.status.as_ref().and_then(|st| st.migration.as_ref()).is_some_and(|m| m.phase == MigrationPhase::Running)
