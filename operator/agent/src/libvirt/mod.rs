@@ -95,7 +95,8 @@ impl Hypervisor {
     }
 
     /// The open connection, reopened first if libvirtd closed it (a restart): the
-    /// agent must not go on renewing its Lease while nothing it asks of libvirt works.
+    /// Lease keeps renewing meanwhile, so a dead connection would leave a host that
+    /// looks healthy while nothing it asks of libvirt works.
     pub fn connection(&self) -> Result<Arc<Connect>> {
         let mut current = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         if current.is_alive().unwrap_or(false) {
