@@ -20,7 +20,7 @@ use covi_tests::sampler::Sampler;
 use covi_tests::{admin, install_crds, namespace, poll, wait_until};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Event;
-use kube::api::{Api, DeleteParams, ListParams};
+use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use virt::connect::Connect;
@@ -63,6 +63,15 @@ impl Bed {
         self.fleet.wait_pool_ready(&self.client, &self.pool, 2).await;
     }
 
+    /// A bed with an HA server `name` running on host 1 and host 2's agent started;
+    /// the server's UID.
+    async fn with_guest(id: &str, name: &str) -> (Bed, String) {
+        let mut bed = Bed::new(id).await;
+        let uid = bed.server_on_host_1(name).await.uid().expect("uid");
+        bed.add_host_2().await;
+        (bed, uid)
+    }
+
     /// An HA server running on host 1.
     async fn server_on_host_1(&self, name: &str) -> VirtualServer {
         apply_server(&self.api, name, &self.pool, json!({"highAvailability": true})).await;
@@ -75,7 +84,7 @@ impl Bed {
     }
 
     async fn delete(&self, name: &str) {
-        bed_delete(&self.api, name).await;
+        covi_tests::delete_and_wait(&self.api, name, DEADLINE).await;
     }
 }
 
@@ -122,10 +131,7 @@ async fn event_reasons(client: &Client, ns: &str, name: &str) -> Vec<String> {
 #[tokio::test]
 async fn a_killed_agents_guest_holds_its_disk_and_its_failover_waits_for_it() {
     let _turn = SERIAL.lock().await;
-    let mut bed = Bed::new("lease-kill").await;
-    let server = bed.server_on_host_1("db").await;
-    let uid = server.uid().expect("uid");
-    bed.add_host_2().await;
+    let (mut bed, uid) = Bed::with_guest("lease-kill", "db").await;
     let (a, b) = (connect(&bed.uris[0]), connect(&bed.uris[1]));
     let sampler = bed.sampler();
 
@@ -203,10 +209,7 @@ async fn a_killed_agents_guest_holds_its_disk_and_its_failover_waits_for_it() {
 #[tokio::test]
 async fn a_rolling_restart_longer_than_lease_and_grace_moves_nothing() {
     let _turn = SERIAL.lock().await;
-    let mut bed = Bed::new("lease-roll").await;
-    let server = bed.server_on_host_1("web").await;
-    let uid = server.uid().expect("uid");
-    bed.add_host_2().await;
+    let (mut bed, uid) = Bed::with_guest("lease-roll", "web").await;
     let a = connect(&bed.uris[0]);
     let guest_id = a.lookup_domain_by_uuid_string(&uid).expect("on a").id().expect("running guest's id");
     let sampler = bed.sampler();
@@ -400,16 +403,8 @@ async fn chaos_on_real_libvirt_daemons_never_runs_a_server_twice() {
     assert!(samples > 100, "the sampler ran ({samples} samples)");
     assert!(doubles.is_empty(), "servers ran twice: {doubles:?}");
     for name in &names {
-        bed_delete(&api, name).await;
+        covi_tests::delete_and_wait(&api, name, DEADLINE).await;
     }
-}
-
-async fn bed_delete(api: &Api<VirtualServer>, name: &str) {
-    api.delete(name, &DeleteParams::default()).await.expect("delete");
-    wait_until(&format!("{name} to be deleted"), DEADLINE, || async {
-        api.get_opt(name).await.ok()?.is_none().then_some(())
-    })
-    .await;
 }
 
 /// The peer's folder in the test bed, from its socket DIR/run/libvirt/libvirt-sock.

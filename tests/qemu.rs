@@ -10,7 +10,7 @@ use covi_api::virtual_server::{MigrationPhase, READY_HANDED_OFF, VirtualServerPh
 use covi_tests::fleet::Fleet;
 use covi_tests::guests::{apply_server, fixtures_in, peer_sockets, qemu_pool, ready};
 use covi_tests::{admin, install_crds, namespace, wait_until};
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use virt::connect::Connect;
@@ -121,9 +121,7 @@ async fn real_qemu_guests_are_created_restored_stopped_and_deleted() {
     assert!(dom.is_active().expect("state"));
 
     // Delete: domain and volumes are gone before the object is.
-    api.delete("guest", &DeleteParams::default()).await.expect("delete");
-    wait_until("guest to be deleted", DEADLINE, || async { api.get_opt("guest").await.ok()?.is_none().then_some(()) })
-        .await;
+    covi_tests::delete_and_wait(&api, "guest", DEADLINE).await;
     assert!(conn.lookup_domain_by_uuid_string(&uid).is_err(), "the domain is undefined");
     let pool = conn.lookup_storage_pool_by_name(STORAGE_POOL).expect("pool");
     pool.refresh(0).expect("refresh");
@@ -182,11 +180,7 @@ async fn an_agent_killed_mid_create_adopts_its_domain_and_leaves_others_alone() 
     assert!(foreign.is_persistent().expect("the foreign domain is untouched"));
     foreign.undefine().expect("clean up the foreign domain");
 
-    api.delete("adopted", &DeleteParams::default()).await.expect("delete");
-    wait_until("adopted to be deleted", DEADLINE, || async {
-        api.get_opt("adopted").await.ok()?.is_none().then_some(())
-    })
-    .await;
+    covi_tests::delete_and_wait(&api, "adopted", DEADLINE).await;
 }
 
 /// The live-migration set-up: hosts 1 and 2 on the test bed's libvirt peers a and b,
@@ -290,11 +284,7 @@ async fn a_running_guest_moves_live_between_two_libvirt_daemons() {
     );
     sampler.assert_never_twice().await;
 
-    api.delete("guest", &DeleteParams::default()).await.expect("delete");
-    wait_until("the guest to be removed", DEADLINE, || async {
-        api.get_opt("guest").await.ok()?.is_none().then_some(())
-    })
-    .await;
+    covi_tests::delete_and_wait(&api, "guest", DEADLINE).await;
     assert!(conn_b.lookup_domain_by_uuid_string(&uid).is_err(), "removed from b");
 }
 
@@ -345,11 +335,7 @@ async fn a_new_leader_during_a_live_migration_hands_the_guest_to_its_target() {
         !reasons.iter().any(|r| r == "DiskLeaseHeld" || r == "StartFailed"),
         "no start was attempted on a: {reasons:?}"
     );
-    api.delete("guest", &DeleteParams::default()).await.expect("delete");
-    wait_until("the guest to be removed", DEADLINE, || async {
-        api.get_opt("guest").await.ok()?.is_none().then_some(())
-    })
-    .await;
+    covi_tests::delete_and_wait(&api, "guest", DEADLINE).await;
 }
 
 fn find_ready(status: &covi_api::VirtualServerStatus) -> Option<&str> {
@@ -393,11 +379,7 @@ async fn a_source_lost_during_a_live_migration_leaves_the_guest_on_its_target() 
     assert!(m.reason.as_deref().is_some_and(|r| r.contains("continues on")), "{m:?}");
     assert_eq!(after.status.as_ref().map(|s| s.failovers.len()), Some(1), "recorded as a failover from host 1");
     sampler.assert_never_twice().await;
-    api.delete("guest", &DeleteParams::default()).await.expect("delete");
-    wait_until("the guest to be removed", DEADLINE, || async {
-        api.get_opt("guest").await.ok()?.is_none().then_some(())
-    })
-    .await;
+    covi_tests::delete_and_wait(&api, "guest", DEADLINE).await;
 }
 
 #[tokio::test]
@@ -448,9 +430,5 @@ async fn a_target_failing_after_a_live_hand_off_keeps_the_guest() {
     let (_, reason) = conn_b.lookup_domain_by_uuid_string(&uid).expect("on b").state().expect("state");
     assert!(format!("{reason:?}").contains("Migrated"), "never restarted: {reason:?}");
     sampler.assert_never_twice().await;
-    api.delete("guest", &DeleteParams::default()).await.expect("delete");
-    wait_until("the guest to be removed", DEADLINE, || async {
-        api.get_opt("guest").await.ok()?.is_none().then_some(())
-    })
-    .await;
+    covi_tests::delete_and_wait(&api, "guest", DEADLINE).await;
 }

@@ -243,3 +243,13 @@ where
         panic!("{when}: servers not all Ready again\n{}", states.join("\n"));
     }
 }
+
+/// Deletes server `name` and waits up to `deadline` until it is gone (its agent has
+/// removed the domain and released the finalizer).
+pub async fn delete_and_wait(api: &Api<covi_api::VirtualServer>, name: &str, deadline: Duration) {
+    api.delete(name, &kube::api::DeleteParams::default()).await.unwrap_or_else(|e| panic!("delete {name}: {e}"));
+    wait_until(&format!("{name} to be deleted"), deadline, || async {
+        api.get_opt(name).await.ok()?.is_none().then_some(())
+    })
+    .await;
+}

@@ -141,12 +141,24 @@ impl Candidate {
         }
         let transitions = spec.lease_transitions.unwrap_or(0) + i32::from(!mine);
         let acquired = if mine { spec.acquire_time.clone() } else { Some(MicroTime(Timestamp::now())) };
-        let lease: Lease = serde_json::from_value(json!({
-            "metadata": {
-                "name": LEASE,
-                "resourceVersion": lease.resource_version(),
-                "annotations": {INSTANCE: self.instance},
-            },
+        let held = self.lease(lease.resource_version(), acquired, transitions);
+        let written = written(self.api.replace(LEASE, &PostParams::default(), &held).await)?;
+        if written && !mine {
+            tracing::info!(identity = %self.identity, "took the leader lease");
+        }
+        Ok(written)
+    }
+
+    async fn create(&self) -> Result<bool> {
+        let lease = self.lease(None, Some(MicroTime(Timestamp::now())), 0);
+        written(self.api.create(&PostParams::default(), &lease).await)
+    }
+
+    /// The Lease held by this process, renewed now; conditional on `resource_version`
+    /// when given.
+    fn lease(&self, resource_version: Option<String>, acquired: Option<MicroTime>, transitions: i32) -> Lease {
+        serde_json::from_value(json!({
+            "metadata": {"name": LEASE, "resourceVersion": resource_version, "annotations": {INSTANCE: self.instance}},
             "spec": {
                 "holderIdentity": self.identity,
                 "leaseDurationSeconds": self.duration.as_secs(),
@@ -155,38 +167,17 @@ impl Candidate {
                 "leaseTransitions": transitions,
             }
         }))
-        .expect("a valid Lease");
-        match self.api.replace(LEASE, &PostParams::default(), &lease).await {
-            Ok(_) => {
-                if !mine {
-                    tracing::info!(identity = %self.identity, "took the leader lease");
-                }
-                Ok(true)
-            }
-            // Someone wrote it since we read it: they renewed, or took it first.
-            Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
-            Err(e) => Err(e.into()),
-        }
+        .expect("a valid Lease")
     }
+}
 
-    async fn create(&self) -> Result<bool> {
-        let now = MicroTime(Timestamp::now());
-        let lease: Lease = serde_json::from_value(json!({
-            "metadata": {"name": LEASE, "annotations": {INSTANCE: self.instance}},
-            "spec": {
-                "holderIdentity": self.identity,
-                "leaseDurationSeconds": self.duration.as_secs(),
-                "acquireTime": now,
-                "renewTime": now,
-                "leaseTransitions": 0,
-            }
-        }))
-        .expect("a valid Lease");
-        match self.api.create(&PostParams::default(), &lease).await {
-            Ok(_) => Ok(true),
-            Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
-            Err(e) => Err(e.into()),
-        }
+/// Whether a write of the Lease took: a conflict means someone wrote it since it was
+/// read (they renewed, or took it first).
+fn written<T>(result: std::result::Result<T, kube::Error>) -> Result<bool> {
+    match result {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+        Err(e) => Err(e.into()),
     }
 }
 
