@@ -151,7 +151,7 @@ async fn serve(
     // Cut off at start: keep trying (the watchdog fences meanwhile if it must).
     while let Err(e) = reporter.report(&facts, None, None).await {
         tracing::warn!(error = %e, "registering the Host failed; retrying");
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::time::sleep(REGISTER_RETRY).await;
     }
 
     // Pools: every agent needs its pool's images, storage, network and timings.
@@ -281,6 +281,10 @@ fn watchdog(link: Arc<Mutex<FencingLink>>, fence: Arc<Fence>, health: covi_daemo
         })
         .expect("spawning the fencing watchdog");
 }
+
+/// The pause between attempts to register the Host at start (a backoff, not a wait
+/// for state: the API server may be unreachable for as long as the host is cut off).
+const REGISTER_RETRY: Duration = Duration::from_secs(2);
 
 /// How long one fencing may take before it counts as failed and is tried again: the
 /// pool's margin between fenceAfter and the lease is a few seconds.
