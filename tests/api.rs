@@ -7,6 +7,7 @@ use std::time::Duration;
 use covi_tests::{
     FIELD_MANAGER, admin, api_for, install_crds, kubectl, merge, namespace, object_from_yaml, repo_root, wait_until,
 };
+use kube::ResourceExt;
 use kube::api::{DynamicObject, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
@@ -201,6 +202,31 @@ fn invalid_cases() -> Vec<Case> {
             with(vm_request(), json!({"spec": {"template": {"spec": {"resources": {"memory": "64Mi"}}}}})),
             "memory must be at least 128Mi",
         ),
+        create(
+            "template label key with a space",
+            with(vm_request(), json!({"spec": {"template": {"metadata": {"labels": {"my app": "x"}}}}})),
+            "label keys must be qualified names",
+        ),
+        create(
+            "template label value too long",
+            with(vm_request(), json!({"spec": {"template": {"metadata": {"labels": {"app": "x".repeat(64)}}}}})),
+            "spec.template.metadata.labels.app: Too long",
+        ),
+        create(
+            "template label in covi's prefix",
+            with(vm_request(), json!({"spec": {"template": {"metadata": {"labels": {"covi.io/request": "other"}}}}})),
+            "labels under covi.io/ are set by covi",
+        ),
+        create(
+            "template annotation key with a slash too many",
+            with(vm_request(), json!({"spec": {"template": {"metadata": {"annotations": {"a/b/c": "x"}}}}})),
+            "annotation keys must be qualified names",
+        ),
+        create(
+            "request name too long for its servers",
+            with(vm_request(), json!({"metadata": {"name": "r".repeat(59)}})),
+            "a request's name is at most 58 characters",
+        ),
         update(
             "requester changed",
             with(vm_request(), json!({})),
@@ -363,7 +389,10 @@ async fn invalid_objects_are_rejected_with_clear_messages() {
     let mut failures = Vec::new();
     for (i, case) in cases.into_iter().enumerate() {
         let mut object = case.object;
-        object.metadata.name = Some(format!("case-{i}"));
+        // Unique names, except where the name is what is tested.
+        if object.metadata.name.as_ref().is_none_or(|n| n.len() <= 16) {
+            object.metadata.name = Some(format!("case-{i}"));
+        }
         let api = api_for(&client, &object, &ns);
         let result = match &case.update {
             None => api.create(&dry_run, &object).await.map(drop),
@@ -372,7 +401,7 @@ async fn invalid_objects_are_rejected_with_clear_messages() {
                     .await
                     .unwrap_or_else(|e| panic!("{}: creating the original failed: {e}", case.what));
                 let params = PatchParams { dry_run: true, ..PatchParams::default() };
-                api.patch(&format!("case-{i}"), &params, &Patch::Merge(patch)).await.map(drop)
+                api.patch(&object.name_any(), &params, &Patch::Merge(patch)).await.map(drop)
             }
         };
         match result {

@@ -98,7 +98,7 @@ async fn kstatus_reads_servers_pools_hosts_and_requests() {
     let decide = |type_: &str, message: &str| {
         json!({"apiVersion": "covi.io/v1alpha1", "kind": "VmRequest", "status": {"conditions": [{
             "type": type_, "status": "True", "reason": "ByTest", "message": message,
-            "lastTransitionTime": "2026-01-01T00:00:00Z"}]}})
+            "observedGeneration": 1, "lastTransitionTime": "2026-01-01T00:00:00Z"}]}})
     };
     let approver = PatchParams::apply("approver").force();
     requests.patch_status("denied", &approver, &Patch::Apply(decide("Denied", "not this quarter"))).await.unwrap();

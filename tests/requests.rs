@@ -120,7 +120,7 @@ async fn an_approved_request_creates_its_servers_and_is_fulfilled() {
     let bob = client_as("bob", &["system:masters"]).await;
     let approval = json!({"apiVersion": "covi.io/v1alpha1", "kind": "VmRequest", "status": {"conditions": [{
         "type": "Approved", "status": "True", "reason": "ApprovedByBob", "message": "go ahead",
-        "lastTransitionTime": "2026-11-27T00:00:00Z"}]}});
+        "observedGeneration": 1, "lastTransitionTime": "2026-11-27T00:00:00Z"}]}});
     Api::<VmRequest>::namespaced(bob, &s.ns)
         .patch_status("web", &PatchParams::apply("bob").force(), &Patch::Apply(&approval))
         .await
@@ -271,10 +271,15 @@ async fn bind(client: &Client, ns: &str, user: &str, role: &str, kind: &str) {
         .expect("create binding");
 }
 
+/// A decision for generation 1, a request as created.
 fn approval(type_: &str, reason: &str) -> Value {
+    decision_for(type_, reason, 1)
+}
+
+fn decision_for(type_: &str, reason: &str, generation: i64) -> Value {
     json!({"apiVersion": "covi.io/v1alpha1", "kind": "VmRequest", "status": {"conditions": [{
         "type": type_, "status": "True", "reason": reason, "message": "decided in a test",
-        "lastTransitionTime": "2026-11-27T00:00:00Z"}]}})
+        "observedGeneration": generation, "lastTransitionTime": "2026-11-27T00:00:00Z"}]}})
 }
 
 #[tokio::test]
@@ -354,6 +359,105 @@ async fn only_an_approver_who_is_not_the_requester_can_approve() {
     s.wait_request("db", "to be fulfilled", |r| phase(r) == Some(VmRequestPhase::Fulfilled)).await;
 }
 
+/// The user journey of the issue: a requester approved for 2 servers scales to 4 and edits
+/// the template; nothing grows until an approver approves the generation they saw, an
+/// approval of an older generation is refused, and scaling down never needs approval.
+#[tokio::test]
+async fn growing_or_changing_an_approved_request_waits_for_a_new_approval() {
+    let _turn = SERIAL.lock().await;
+    let s = scene("reapprove", json!({})).await;
+    let _policies = Policies::install();
+    bind(&s.client, &s.ns, "alice", "covi-requester", "ClusterRole").await;
+    bind(&s.client, &s.ns, "bob", "covi-approver", "ClusterRole").await;
+    let alice = Api::<VmRequest>::namespaced(client_as("alice", &[]).await, &s.ns);
+    let body = json!({"apiVersion": "covi.io/v1alpha1", "kind": "VmRequest", "metadata": {"name": "grow"}, "spec": {
+        "replicas": 2, "reason": "load test", "requester": "alice",
+        "template": {"spec": {"hostPool": s.pool, "class": "small", "boot": {"image": "debian-12"}, "owner": "alice", "purpose": "load"}}
+    }});
+    wait_until("alice's request to be admitted", DEADLINE, || async {
+        alice.patch("grow", &PatchParams::apply("alice"), &Patch::Apply(&body)).await.ok()
+    })
+    .await;
+    let covi = |args: &[&str]| {
+        let mut all = vec!["covi"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["-n", &s.ns]);
+        kubectl_covi(&all)
+    };
+    let (ok, out) = covi(&["approve", "grow", "--generation=1", "--as=bob"]);
+    assert!(ok, "{out}");
+    s.wait_request("grow", "to be fulfilled with 2", |r| phase(r) == Some(VmRequestPhase::Fulfilled)).await;
+
+    // The requester grows the request: it keeps its 2 servers and waits, saying why.
+    let (ok, out) = kubectl(&["scale", "-n", &s.ns, "vmrequest/grow", "--replicas=4", "--as=alice"]);
+    assert!(ok, "{out}");
+    let r = s
+        .wait_request("grow", "to wait for re-approval", |r| {
+            condition(r, "ApprovalOutdated").is_some_and(|c| c.status == "True")
+        })
+        .await;
+    assert_eq!(phase(&r), Some(VmRequestPhase::Pending));
+    let message = condition(&r, "ApprovalOutdated").unwrap().message;
+    assert_eq!(
+        message,
+        "changed since generation 1 was approved: replicas 2 -> 4; an approver must approve generation 2"
+    );
+    assert_eq!(s.server_names("grow").await.len(), 2, "nothing beyond the approval is created");
+    assert!(s.events("grow").await.contains("ChangedSinceApproval"));
+    let (ok, out) = covi(&["pending"]);
+    let row = out.lines().find(|l| l.contains("grow")).unwrap_or_else(|| panic!("not listed:\n{out}"));
+    assert!(ok && row.contains("\t2\t") && row.contains("re-approval: changed since generation 1"), "{row}");
+
+    // An approval of what bob saw before the change is refused by the plugin.
+    let (ok, out) = covi(&["approve", "grow", "--generation=1", "--as=bob"]);
+    assert!(!ok && out.contains("you saw generation 1, it is now at 2"), "{out}");
+
+    // A template change is another change to approve. bob, who read generation 2, writes
+    // his approval by hand after it: the policy refuses it.
+    let relabel = json!({"spec": {"template": {"metadata": {"labels": {"tier": "web"}}}}});
+    alice.patch("grow", &PatchParams::default(), &Patch::Merge(&relabel)).await.expect("alice edits the template");
+    let r = s
+        .wait_request("grow", "to name the template change", |r| {
+            condition(r, "ApprovalOutdated").is_some_and(|c| c.message.contains("template.metadata changed"))
+        })
+        .await;
+    assert_eq!(r.metadata.generation, Some(3));
+    let bob = Api::<VmRequest>::namespaced(client_as("bob", &[]).await, &s.ns);
+    let stale = bob
+        .patch_status("grow", &PatchParams::apply("bob").force(), &Patch::Apply(&decision_for("Approved", "Seen", 2)))
+        .await;
+    let refusal = match stale {
+        Err(kube::Error::Api(status)) => status.message,
+        other => panic!("a stale approval was accepted: {other:?}"),
+    };
+    assert!(refusal.contains("only the current one, 3"), "{refusal}");
+    assert_eq!(s.server_names("grow").await.len(), 2);
+    let (ok, out) = covi(&["approve", "grow", "--generation=3", "--as=bob"]);
+    assert!(ok, "{out}");
+    s.wait_request("grow", "to be fulfilled with 4", |r| {
+        phase(r) == Some(VmRequestPhase::Fulfilled) && r.status.as_ref().is_some_and(|st| st.ready_replicas == 4)
+    })
+    .await;
+
+    // Scaling down, and back up within what was approved, needs nobody.
+    for (replicas, generation) in [(1, 4), (3, 5)] {
+        let (ok, out) =
+            kubectl(&["scale", "-n", &s.ns, "vmrequest/grow", &format!("--replicas={replicas}"), "--as=alice"]);
+        assert!(ok, "{out}");
+        let r = s
+            .wait_request("grow", &format!("to be fulfilled with {replicas}"), |r| {
+                r.status.as_ref().is_some_and(|st| {
+                    st.observed_generation == Some(generation)
+                        && st.phase == Some(VmRequestPhase::Fulfilled)
+                        && st.replicas == replicas
+                })
+            })
+            .await;
+        assert_eq!(condition(&r, "ApprovalOutdated").map(|c| c.status), Some("False".into()));
+        assert_eq!(r.status.unwrap().approved.map(|a| (a.generation, a.replicas)), Some((3, 4)));
+    }
+}
+
 /// Runs kubectl with covi's binaries first on PATH, so `kubectl covi` finds the plugin.
 fn kubectl_covi(args: &[&str]) -> (bool, String) {
     let bin = covi_tests::fleet::bin("kubectl-covi");
@@ -392,7 +496,7 @@ async fn kubectl_covi_lists_approves_and_describes_requests() {
         "system:masters",
     ]);
     assert!(ok, "{out}");
-    assert_eq!(out.trim(), "vmrequest/analytics approved");
+    assert_eq!(out.trim(), "vmrequest/analytics approved (generation 1)");
     s.wait_request("analytics", "to be fulfilled", |r| phase(r) == Some(VmRequestPhase::Fulfilled)).await;
     let (ok, out) = kubectl_covi(&["covi", "pending", "-n", &s.ns]);
     assert!(ok && !out.contains("analytics"), "no longer pending:\n{out}");

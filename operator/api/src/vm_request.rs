@@ -38,7 +38,8 @@ use crate::virtual_server::VirtualServerSpec;
     // A string, not a date: kubectl shows a date as an age, and a future one as <invalid>.
     printcolumn(name = "Expires", type_ = "string", json_path = ".status.expiresAt"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
-    derive = "PartialEq"
+    derive = "PartialEq",
+    validation = Rule::new("self.metadata.name.size() <= 58").message("a request's name is at most 58 characters: its servers are named NAME-0 to NAME-999 and carry NAME in the covi.io/request label")
 )]
 #[x_kube(validation = Rule::new("has(self.requester) == has(oldSelf.requester) && (!has(self.requester) || self.requester == oldSelf.requester)").message("requester is immutable"))]
 #[serde(rename_all = "camelCase")]
@@ -81,16 +82,31 @@ pub struct ServerTemplate {
 }
 
 /// Metadata copied to each server of a request.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct TemplateMetadata {
-    /// Labels given to each server.
+    /// Labels given to each server: Kubernetes label keys and values; keys under
+    /// `covi.io/` are covi's own.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[x_kube(validation = Rule::new(LABEL_KEYS_RULE).message(LABEL_KEYS_MESSAGE))]
+    #[x_kube(validation = Rule::new(LABEL_VALUES_RULE).message(LABEL_VALUES_MESSAGE))]
+    #[x_kube(validation = Rule::new("self.all(k, !k.startsWith('covi.io/'))").message("labels under covi.io/ are set by covi, not by a template"))]
+    #[schemars(extend("maxProperties" = 64, "additionalProperties" = {"type": "string", "maxLength": 63}))]
     pub labels: BTreeMap<String, String>,
-    /// Annotations given to each server.
+    /// Annotations given to each server: Kubernetes annotation keys, values up to 64 KiB.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[x_kube(validation = Rule::new(LABEL_KEYS_RULE).message("annotation keys must be qualified names such as example.com/note: an optional DNS subdomain prefix and '/', then up to 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit"))]
+    #[schemars(extend("maxProperties" = 64, "additionalProperties" = {"type": "string", "maxLength": 65536}))]
     pub annotations: BTreeMap<String, String>,
 }
+
+/// A label or annotation key is a qualified name: an optional DNS subdomain prefix of at
+/// most 253 characters and '/', then a name of at most 63.
+const LABEL_KEYS_RULE: &str = "self.all(k, k.matches('^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$') && (k.contains('/') ? k.split('/')[0].size() <= 253 && k.split('/')[1].size() <= 63 : k.size() <= 63))";
+const LABEL_KEYS_MESSAGE: &str = "label keys must be qualified names such as app or example.com/tier: an optional DNS subdomain prefix and '/', then up to 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit";
+const LABEL_VALUES_RULE: &str = "self.all(k, self[k].matches('^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$'))";
+const LABEL_VALUES_MESSAGE: &str =
+    "label values are letters, digits, '-', '_' or '.', starting and ending with a letter or digit";
 
 /// Observed state of a request. Approvers write only the Approved or Denied
 /// condition; covi-operator writes the rest.
@@ -115,10 +131,48 @@ pub struct VmRequestStatus {
     /// When the servers are reclaimed: fulfilment time plus lifetime.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<Time>,
+    /// What the Approved condition covers, recorded by covi-operator when it acts on an
+    /// approval. The request may shrink within it; growing past its replicas or changing
+    /// the template or lifetime waits for a new approval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approved: Option<ApprovedSpec>,
     /// Conditions: Approved, Denied, Fulfilled, Expired; one entry per type.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
+}
+
+/// The part of a request an approval covers.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ApprovedSpec {
+    /// The generation of the request that was approved.
+    pub generation: i64,
+    /// The most servers the approval allows.
+    pub replicas: i32,
+    /// The lifetime that was approved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifetime: Option<String>,
+    /// The template that was approved, as it was then.
+    #[schemars(schema_with = "any_object")]
+    pub template: ServerTemplate,
+}
+
+/// The schema of an object covi writes and validates itself: kept as written.
+fn any_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "object", "x-kubernetes-preserve-unknown-fields": true})
+}
+
+impl VmRequest {
+    /// What an approval of the request as it is now would cover.
+    pub fn approvable(&self) -> ApprovedSpec {
+        ApprovedSpec {
+            generation: self.metadata.generation.unwrap_or_default(),
+            replicas: self.spec.replicas,
+            lifetime: self.spec.lifetime.clone(),
+            template: self.spec.template.clone(),
+        }
+    }
 }
 
 /// Approval and fulfilment state of a request.

@@ -1,12 +1,15 @@
 //! `kubectl covi`: approve, deny, list and describe VmRequests.
 //!
-//!   kubectl covi approve NAME [-m MESSAGE] [-n NAMESPACE]
+//!   kubectl covi approve NAME [-m MESSAGE] [--generation N] [-n NAMESPACE]
 //!   kubectl covi deny NAME -m MESSAGE [-n NAMESPACE]
 //!   kubectl covi pending [-n NAMESPACE]   (default: every namespace you may list)
 //!   kubectl covi describe NAME [-n NAMESPACE]
 //!
 //! Decisions are written by server-side apply of the Approved or Denied condition
 //! under the user's own field manager; covi's admission policy checks who may decide.
+//! An approval names the generation of the request it approves: the one `pending` showed
+//! (`--generation`), or the one read just before writing; a request changed in between
+//! is refused, never approved unseen.
 
 use std::process::ExitCode;
 
@@ -20,7 +23,8 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 
 const USAGE: &str = "usage:
-  kubectl covi approve NAME [-m MESSAGE] [-n NAMESPACE]
+  kubectl covi approve NAME [-m MESSAGE] [--generation N] [-n NAMESPACE]
+      --generation N: approve only if the request is still at generation N (as pending showed)
   kubectl covi deny NAME -m MESSAGE [-n NAMESPACE]
   kubectl covi pending [-n NAMESPACE]   (default: every namespace you may list)
   kubectl covi describe NAME [-n NAMESPACE]
@@ -31,6 +35,7 @@ struct Args {
     command: String,
     name: Option<String>,
     message: Option<String>,
+    generation: Option<i64>,
     namespace: Option<String>,
     all_namespaces: bool,
     /// kubectl's --as and --as-group, which kubectl leaves to plugins.
@@ -45,22 +50,36 @@ fn parse(args: &[String]) -> Result<Args, String> {
         command,
         name: None,
         message: None,
+        generation: None,
         namespace: None,
         all_namespaces: false,
         impersonate: None,
         impersonate_groups: Vec::new(),
     };
     while let Some(arg) = it.next() {
-        match arg.as_str() {
-            "-m" | "--message" => a.message = Some(it.next().ok_or("-m needs a message")?.clone()),
-            "-n" | "--namespace" => a.namespace = Some(it.next().ok_or("-n needs a namespace")?.clone()),
+        // --flag=value is --flag value, as kubectl reads it.
+        let (flag, mut inline) = match arg.split_once('=') {
+            Some((flag, value)) if flag.starts_with("--") => (flag, Some(value.to_string())),
+            _ => (arg.as_str(), None),
+        };
+        let mut value = |what: &str| inline.take().or_else(|| it.next().cloned()).ok_or(format!("{flag} needs {what}"));
+        match flag {
+            "-m" | "--message" => a.message = Some(value("a message")?),
+            "-n" | "--namespace" => a.namespace = Some(value("a namespace")?),
+            "--generation" => {
+                let n = value("a generation")?;
+                a.generation = Some(n.parse().map_err(|_| format!("--generation needs a number, not {n:?}"))?);
+            }
             "-A" | "--all-namespaces" => a.all_namespaces = true,
-            "--as" => a.impersonate = Some(it.next().ok_or("--as needs a user")?.clone()),
-            "--as-group" => a.impersonate_groups.push(it.next().ok_or("--as-group needs a group")?.clone()),
+            "--as" => a.impersonate = Some(value("a user")?),
+            "--as-group" => a.impersonate_groups.push(value("a group")?),
             "-h" | "--help" => return Err(USAGE.to_string()),
             other if other.starts_with('-') => return Err(format!("unknown flag {other}\n{USAGE}")),
             other if a.name.is_none() => a.name = Some(other.to_string()),
             other => return Err(format!("unexpected argument {other}\n{USAGE}")),
+        }
+        if inline.is_some() {
+            return Err(format!("{flag} takes no value\n{USAGE}"));
         }
     }
     Ok(a)
@@ -94,11 +113,11 @@ async fn run(args: &[String]) -> Result<String, String> {
     match a.command.as_str() {
         "approve" => {
             let message = a.message.clone().unwrap_or_else(|| "approved".into());
-            decide(&client, &namespace, &name()?, "Approved", &message).await
+            decide(&client, &namespace, &name()?, "Approved", &message, a.generation).await
         }
         "deny" => {
             let message = a.message.clone().ok_or("deny needs -m MESSAGE: say why")?;
-            decide(&client, &namespace, &name()?, "Denied", &message).await
+            decide(&client, &namespace, &name()?, "Denied", &message, a.generation).await
         }
         "pending" => pending(&client, &namespace, a.namespace.is_some() && !a.all_namespaces).await,
         "describe" => describe(&client, &namespace, &name()?).await,
@@ -120,23 +139,54 @@ async fn whoami(client: &Client) -> Result<String, String> {
         .ok_or_else(|| "the API server did not say who you are".to_string())
 }
 
-async fn decide(client: &Client, ns: &str, name: &str, type_: &str, message: &str) -> Result<String, String> {
+/// Writes the decision for the generation the approver saw: `seen` when given, else the
+/// one read here. The write is conditional on the object read, so a request changed in
+/// between is refused rather than decided unseen.
+async fn decide(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    type_: &str,
+    message: &str,
+    seen: Option<i64>,
+) -> Result<String, String> {
     let user = whoami(client).await?;
+    let api: Api<VmRequest> = Api::namespaced(client.clone(), ns);
+    let request = api.get(name).await.map_err(|e| format!("vmrequest/{name}: {}", api_message(e)))?;
+    let generation = request.metadata.generation.unwrap_or_default();
+    if let Some(seen) = seen
+        && seen != generation
+    {
+        return Err(format!(
+            "vmrequest/{name} changed since you read it: you saw generation {seen}, it is now at {generation}; \
+             run kubectl covi pending or describe again"
+        ));
+    }
     let reason = if type_ == "Approved" { "ApprovedByUser" } else { "DeniedByUser" };
-    let patch = json!({"apiVersion": "covi.io/v1alpha1", "kind": "VmRequest", "status": {"conditions": [{
+    let patch = json!({"apiVersion": "covi.io/v1alpha1", "kind": "VmRequest",
+    "metadata": {"resourceVersion": request.resource_version()},
+    "status": {"conditions": [{
         "type": type_, "status": "True", "reason": reason,
         "message": format!("{message} ({user})"),
+        "observedGeneration": generation,
         "lastTransitionTime": Timestamp::now().to_string(),
     }]}});
-    let api: Api<VmRequest> = Api::namespaced(client.clone(), ns);
     let manager = format!("kubectl-covi/{user}");
-    api.patch_status(name, &PatchParams::apply(&manager).force(), &Patch::Apply(&patch)).await.map_err(
-        |e| match e {
-            kube::Error::Api(s) => s.message,
-            other => other.to_string(),
-        },
-    )?;
-    Ok(format!("vmrequest/{name} {}\n", type_.to_lowercase()))
+    match api.patch_status(name, &PatchParams::apply(&manager).force(), &Patch::Apply(&patch)).await {
+        Ok(_) => Ok(format!("vmrequest/{name} {} (generation {generation})\n", type_.to_lowercase())),
+        Err(kube::Error::Api(s)) if s.code == 409 => Err(format!(
+            "vmrequest/{name} changed while you decided (it was at generation {generation}); \
+             nothing was written: run kubectl covi describe {name} and decide again"
+        )),
+        Err(e) => Err(api_message(e)),
+    }
+}
+
+fn api_message(e: kube::Error) -> String {
+    match e {
+        kube::Error::Api(s) => s.message,
+        other => other.to_string(),
+    }
 }
 
 /// Requests waiting for a person: in every namespace you may list (falling back to
@@ -155,18 +205,30 @@ async fn pending(client: &Client, ns: &str, explicit_namespace: bool) -> Result<
         }
     }
     .map_err(|e| format!("listing requests: {e}"))?;
-    let mut out = String::from("NAMESPACE\tNAME\tREQUESTER\tREPLICAS\tREASON\n");
+    let mut out = String::from("NAMESPACE\tNAME\tGENERATION\tREQUESTER\tREPLICAS\tWAITING\tREASON\n");
     for r in list.items {
-        let phase = r.status.as_ref().and_then(|s| s.phase);
-        if phase != Some(covi_api::vm_request::VmRequestPhase::Pending) {
+        let status = r.status.clone().unwrap_or_default();
+        if status.phase != Some(covi_api::vm_request::VmRequestPhase::Pending) {
             continue;
         }
+        // A request that outgrew its approval says what changed; a quota holds others.
+        let waiting = find_condition(&status.conditions, "ApprovalOutdated")
+            .filter(|c| c.status == "True")
+            .map(|c| format!("re-approval: {}", c.message))
+            .or_else(|| {
+                find_condition(&status.conditions, "QuotaExceeded")
+                    .filter(|c| c.status == "True")
+                    .map(|c| format!("quota: {}", c.message))
+            })
+            .unwrap_or_else(|| "approval".into());
         out.push_str(&format!(
-            "{}\t{}\t{}\t{}\t{}\n",
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
             r.namespace().unwrap_or_default(),
             r.name_any(),
+            r.metadata.generation.unwrap_or_default(),
             r.spec.requester.as_deref().unwrap_or("-"),
             r.spec.replicas,
+            waiting,
             r.spec.reason
         ));
     }
@@ -180,8 +242,9 @@ async fn describe(client: &Client, ns: &str, name: &str) -> Result<String, Strin
         .map_err(|e| format!("vmrequest/{name}: {e}"))?;
     let status = r.status.clone().unwrap_or_default();
     let mut out = format!(
-        "Name:       {}\nNamespace:  {ns}\nRequester:  {}\nReason:     {}\nReplicas:   {} ({} ready)\nLifetime:   {}\nPhase:      {}\nExpires:    {}\n",
+        "Name:       {}\nNamespace:  {ns}\nGeneration: {}\nRequester:  {}\nReason:     {}\nReplicas:   {} ({} ready)\nLifetime:   {}\nPhase:      {}\nExpires:    {}\n",
         r.name_any(),
+        r.metadata.generation.unwrap_or_default(),
         r.spec.requester.as_deref().unwrap_or("-"),
         r.spec.reason,
         r.spec.replicas,
@@ -191,9 +254,10 @@ async fn describe(client: &Client, ns: &str, name: &str) -> Result<String, Strin
         status.expires_at.map(|t| t.0.to_string()).unwrap_or_else(|| "-".into()),
     );
     out.push_str("Conditions:\n");
-    for t in ["Approved", "Denied", "Fulfilled", "ExpiringSoon", "Expired"] {
+    for t in ["Approved", "ApprovalOutdated", "Denied", "QuotaExceeded", "Fulfilled", "ExpiringSoon", "Expired"] {
         if let Some(c) = find_condition(&status.conditions, t) {
-            out.push_str(&format!("  {t}={} {}: {}\n", c.status, c.reason, c.message));
+            let at = c.observed_generation.map(|g| format!(" (generation {g})")).unwrap_or_default();
+            out.push_str(&format!("  {t}={} {}: {}{at}\n", c.status, c.reason, c.message));
         }
     }
     let servers = Api::<VirtualServer>::namespaced(client.clone(), ns)
@@ -241,5 +305,9 @@ mod tests {
         assert!(parse(&args(&["pending", "-A"])).unwrap().all_namespaces);
         assert!(parse(&args(&[])).unwrap_err().starts_with("usage:"));
         assert!(parse(&args(&["deny", "a", "b"])).unwrap_err().starts_with("unexpected argument b"));
+        let a = parse(&args(&["approve", "web", "--generation=4", "--namespace=shop", "-m", "a=b"])).unwrap();
+        assert_eq!((a.generation, a.namespace.as_deref(), a.message.as_deref()), (Some(4), Some("shop"), Some("a=b")));
+        assert!(parse(&args(&["approve", "web", "--generation", "four"])).unwrap_err().contains("needs a number"));
+        assert!(parse(&args(&["pending", "--all-namespaces=yes"])).unwrap_err().contains("takes no value"));
     }
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use covi_api::condition::find_condition;
-use covi_api::vm_request::VmRequestPhase;
+use covi_api::vm_request::{ApprovedSpec, VmRequestPhase};
 use covi_api::{HostPool, VirtualServer, VmRequest};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
@@ -14,37 +14,114 @@ use kube::ResourceExt;
 pub const REQUEST_LABEL: &str = "covi.io/request";
 
 /// Where a request stands with its approvers.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Approval {
     /// Waiting for a person.
     Pending,
-    /// An approver's Approved condition, or the pool's auto-approval policy.
+    /// An approver's Approved condition, or the pool's auto-approval policy, covers the
+    /// request as it is now; `covers` is what was approved, to record in status.
     Approved {
         auto: bool,
+        covers: Box<ApprovedSpec>,
+    },
+    /// Approved once, but the request has since grown or changed: it keeps what it has
+    /// and waits for a new approval of `changes`.
+    Outdated {
+        changes: String,
     },
     Denied {
         message: String,
     },
 }
 
-/// The request's approval: a Denied condition wins, then Approved, then the pool's
-/// auto-approval policy.
+/// The request's approval: a Denied condition wins; then an Approved condition, as far
+/// as what it approved covers the request now; then the pool's auto-approval policy,
+/// which also covers a request that outgrew a person's approval.
 pub fn approval(request: &VmRequest, pool: Option<&HostPool>) -> Approval {
-    let conditions = request.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
+    let status = request.status.as_ref();
+    let conditions = status.map(|s| s.conditions.as_slice()).unwrap_or_default();
     if let Some(c) = find_condition(conditions, "Denied").filter(|c| c.status == "True") {
         return Approval::Denied { message: c.message.clone() };
     }
-    if find_condition(conditions, "Approved").is_some_and(|c| c.status == "True") {
-        return Approval::Approved { auto: auto_approved(conditions) };
+    let now = request.approvable();
+    let auto = || pool.is_some_and(|pool| within_auto_approval(request, pool));
+    let Some(approved) = find_condition(conditions, "Approved").filter(|c| c.status == "True") else {
+        return if auto() { Approval::Approved { auto: true, covers: Box::new(now) } } else { Approval::Pending };
+    };
+    // An approval covers the generation it names: the current one, or the one recorded
+    // when the operator last acted on it.
+    let recorded = status.and_then(|s| s.approved.as_ref());
+    let covers = match approved.observed_generation {
+        Some(g) if g == now.generation => Some(now.clone()),
+        Some(g) => recorded.filter(|r| r.generation == g).cloned(),
+        None => None,
+    };
+    if let Some(covers) = &covers
+        && changes(covers, &now).is_empty()
+    {
+        return Approval::Approved { auto: approved.reason == "AutoApproved", covers: Box::new(covers.clone()) };
     }
-    match pool {
-        Some(pool) if within_auto_approval(request, pool) => Approval::Approved { auto: true },
-        _ => Approval::Pending,
+    if auto() {
+        return Approval::Approved { auto: true, covers: Box::new(now) };
     }
+    let changes = match (covers, approved.observed_generation) {
+        (Some(covers), _) => {
+            format!(
+                "changed since generation {} was approved: {}",
+                covers.generation,
+                changes(&covers, &now).join("; ")
+            )
+        }
+        (None, Some(g)) => format!(
+            "generation {g} was approved, but the request changed before covi acted on it (now generation {})",
+            now.generation
+        ),
+        (None, None) => "the Approved condition does not name the generation it approves (observedGeneration)".into(),
+    };
+    Approval::Outdated { changes }
 }
 
-fn auto_approved(conditions: &[covi_api::Condition]) -> bool {
-    find_condition(conditions, "Approved").is_some_and(|c| c.reason == "AutoApproved")
+/// How the request `now` goes beyond what was `approved`; empty when the approval covers
+/// it. Fewer replicas are covered; more, another lifetime or another template are not.
+pub fn changes(approved: &ApprovedSpec, now: &ApprovedSpec) -> Vec<String> {
+    let mut out = Vec::new();
+    if now.replicas > approved.replicas {
+        out.push(format!("replicas {} -> {}", approved.replicas, now.replicas));
+    }
+    if now.lifetime != approved.lifetime {
+        let show = |l: &Option<String>| l.clone().unwrap_or_else(|| "none".into());
+        out.push(format!("lifetime {} -> {}", show(&approved.lifetime), show(&now.lifetime)));
+    }
+    if now.template != approved.template {
+        let (before, after) = (serde_json::to_value(&approved.template), serde_json::to_value(&now.template));
+        let mut paths = Vec::new();
+        if let (Ok(before), Ok(after)) = (before, after) {
+            changed_paths("template", &before, &after, &mut paths);
+        }
+        if paths.is_empty() {
+            paths.push("template".into());
+        }
+        out.push(format!("{} changed", paths.join(", ")));
+    }
+    out
+}
+
+/// The paths at which two JSON values differ, down to the fields of a server's spec.
+fn changed_paths(at: &str, before: &serde_json::Value, after: &serde_json::Value, out: &mut Vec<String>) {
+    use serde_json::Value;
+    match (before, after) {
+        (Value::Object(b), Value::Object(a)) if at.matches('.').count() < 3 => {
+            let keys: BTreeSet<&String> = b.keys().chain(a.keys()).collect();
+            for key in keys {
+                let (x, y) = (b.get(key).unwrap_or(&Value::Null), a.get(key).unwrap_or(&Value::Null));
+                if x != y {
+                    changed_paths(&format!("{at}.{key}"), x, y, out);
+                }
+            }
+        }
+        _ if before != after => out.push(at.to_string()),
+        _ => {}
+    }
 }
 
 /// Whether the pool's policy approves `request` without a person: within every limit
@@ -163,7 +240,7 @@ mod tests {
     fn request(replicas: i32, conditions: serde_json::Value) -> VmRequest {
         serde_json::from_value(json!({
             "apiVersion": "covi.io/v1alpha1", "kind": "VmRequest",
-            "metadata": {"name": "web", "namespace": "shop", "uid": "r1"},
+            "metadata": {"name": "web", "namespace": "shop", "uid": "r1", "generation": 3},
             "spec": {"replicas": replicas, "reason": "r", "lifetime": "10s",
                      "template": {"spec": {"hostPool": "lab", "class": "small", "boot": {"image": "i"}, "owner": "o", "purpose": "p"}}},
             "status": {"conditions": conditions}
@@ -172,7 +249,8 @@ mod tests {
     }
 
     fn condition(type_: &str, status: &str, reason: &str) -> serde_json::Value {
-        json!({"type": type_, "status": status, "reason": reason, "message": "m", "lastTransitionTime": "2026-01-01T00:00:00Z"})
+        json!({"type": type_, "status": status, "reason": reason, "message": "m",
+               "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 3})
     }
 
     #[test]
@@ -180,9 +258,92 @@ mod tests {
         let strict = pool(json!({"maxServers": 0}));
         assert_eq!(approval(&request(2, json!([])), Some(&strict)), Approval::Pending);
         let approved = request(2, json!([condition("Approved", "True", "ApprovedByBob")]));
-        assert_eq!(approval(&approved, Some(&strict)), Approval::Approved { auto: false });
+        assert_eq!(
+            approval(&approved, Some(&strict)),
+            Approval::Approved { auto: false, covers: Box::new(approved.approvable()) }
+        );
         let denied = request(2, json!([condition("Approved", "True", "x"), condition("Denied", "True", "No")]));
         assert!(matches!(approval(&denied, Some(&strict)), Approval::Denied { .. }), "Denied wins");
+    }
+
+    /// `request` as changed by its requester after generation 3 was approved and recorded.
+    fn changed(request: &VmRequest, change: impl Fn(&mut VmRequest)) -> VmRequest {
+        let mut next = request.clone();
+        next.status.as_mut().unwrap().approved = Some(request.approvable());
+        change(&mut next);
+        next.metadata.generation = Some(4);
+        next
+    }
+
+    #[test]
+    fn an_approval_covers_what_was_approved_and_no_more() {
+        let strict = pool(json!({"maxServers": 0}));
+        let six = request(6, json!([condition("Approved", "True", "ApprovedByBob")]));
+        let fewer = changed(&six, |r| r.spec.replicas = 2);
+        assert_eq!(
+            approval(&fewer, Some(&strict)),
+            Approval::Approved { auto: false, covers: Box::new(six.approvable()) },
+            "scaling down needs no approval, and the approval still covers six"
+        );
+        let mut back = fewer.clone();
+        back.spec.replicas = 6;
+        back.metadata.generation = Some(5);
+        assert!(matches!(approval(&back, Some(&strict)), Approval::Approved { .. }), "back up to what was approved");
+        let more = changed(&six, |r| r.spec.replicas = 20);
+        assert_eq!(
+            approval(&more, Some(&strict)),
+            Approval::Outdated { changes: "changed since generation 3 was approved: replicas 6 -> 20".into() }
+        );
+        let bigger = changed(&six, |r| {
+            r.spec.template.spec.class = Some("large".into());
+            r.spec.lifetime = Some("720h".into());
+        });
+        assert_eq!(
+            approval(&bigger, Some(&strict)),
+            Approval::Outdated {
+                changes: "changed since generation 3 was approved: lifetime 10s -> 720h; template.spec.class changed"
+                    .into()
+            }
+        );
+        let labelled = changed(&six, |r| {
+            r.spec.template.metadata = Some(covi_api::vm_request::TemplateMetadata {
+                labels: [("tier".to_string(), "db".to_string())].into(),
+                ..Default::default()
+            })
+        });
+        assert!(
+            matches!(approval(&labelled, Some(&strict)), Approval::Outdated { changes } if changes.ends_with("template.metadata changed"))
+        );
+    }
+
+    #[test]
+    fn an_approval_of_a_generation_never_acted_on_is_not_stretched() {
+        let strict = pool(json!({"maxServers": 0}));
+        // Approved at generation 3 while the requester already scaled to 20 (generation 4):
+        // the operator never recorded what generation 3 was.
+        let mut raced = request(20, json!([condition("Approved", "True", "ApprovedByBob")]));
+        raced.metadata.generation = Some(4);
+        assert!(
+            matches!(approval(&raced, Some(&strict)), Approval::Outdated { changes } if changes.contains("now generation 4"))
+        );
+        let mut unnamed = request(2, json!([condition("Approved", "True", "ApprovedByBob")]));
+        unnamed.status.as_mut().unwrap().conditions[0].observed_generation = None;
+        assert!(
+            matches!(approval(&unnamed, Some(&strict)), Approval::Outdated { changes } if changes.contains("observedGeneration"))
+        );
+    }
+
+    #[test]
+    fn growth_within_the_policy_is_approved_again_by_the_policy() {
+        let policy = pool(json!({"maxServers": 4}));
+        let two = request(2, json!([condition("Approved", "True", "ApprovedByBob")]));
+        let four = changed(&two, |r| r.spec.replicas = 4);
+        assert_eq!(
+            approval(&four, Some(&policy)),
+            Approval::Approved { auto: true, covers: Box::new(four.approvable()) }
+        );
+        let five = changed(&two, |r| r.spec.replicas = 5);
+        assert!(matches!(approval(&five, Some(&policy)), Approval::Outdated { .. }));
     }
 
     #[test]

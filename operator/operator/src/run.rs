@@ -901,7 +901,40 @@ impl Scheduler {
             "selector": format!("{REQUEST_LABEL}={name}"),
         });
         let mut events: Vec<(EventType, &str, String)> = Vec::new();
-        let phase = match approval(request, pool.map(|p| p.as_ref())) {
+        let decision = approval(request, pool.map(|p| p.as_ref()));
+        // Outgrown approvals: the request keeps what it has and waits for a new approval.
+        match &decision {
+            Approval::Outdated { changes } => {
+                let message = format!("{changes}; an approver must approve generation {}", generation.unwrap_or(0));
+                if set_condition(
+                    &mut conditions,
+                    "ApprovalOutdated",
+                    ConditionStatus::True,
+                    "ChangedSinceApproval",
+                    message.clone(),
+                    generation,
+                    now,
+                ) {
+                    events.push((EventType::Warning, "ChangedSinceApproval", message));
+                }
+                if let Some(recorded) = &status.approved {
+                    body["approved"] = json!(recorded);
+                }
+            }
+            _ if conditions.iter().any(|c| c.type_ == "ApprovalOutdated") => {
+                set_condition(
+                    &mut conditions,
+                    "ApprovalOutdated",
+                    ConditionStatus::False,
+                    "Covered",
+                    "the approval covers the request as it is",
+                    generation,
+                    now,
+                );
+            }
+            _ => {}
+        }
+        let phase = match decision {
             Approval::Pending => VmRequestPhase::Pending,
             Approval::Denied { message } => {
                 if status.phase != Some(VmRequestPhase::Denied) {
@@ -909,22 +942,32 @@ impl Scheduler {
                 }
                 VmRequestPhase::Denied
             }
-            Approval::Approved { auto } => {
-                if auto && !covi_api::condition::is_condition_true(&conditions, "Approved") {
-                    let message = "within the pool's auto-approval policy".to_string();
-                    set_condition(
-                        &mut conditions,
-                        "Approved",
-                        ConditionStatus::True,
-                        "AutoApproved",
-                        message.clone(),
-                        generation,
-                        now,
-                    );
-                    events.push((EventType::Normal, "Approved", message));
-                } else if matches!(status.phase, None | Some(VmRequestPhase::Pending)) {
-                    events.push((EventType::Normal, "Approved", "approved".into()));
-                }
+            Approval::Approved { .. } | Approval::Outdated { .. } => {
+                let may_grow = match &decision {
+                    Approval::Approved { auto, covers } => {
+                        body["approved"] = json!(covers);
+                        let named = find_condition(&conditions, "Approved")
+                            .filter(|c| c.status == "True")
+                            .and_then(|c| c.observed_generation);
+                        if *auto && named != Some(covers.generation) {
+                            let message = "within the pool's auto-approval policy".to_string();
+                            set_condition(
+                                &mut conditions,
+                                "Approved",
+                                ConditionStatus::True,
+                                "AutoApproved",
+                                message.clone(),
+                                Some(covers.generation),
+                                now,
+                            );
+                            events.push((EventType::Normal, "Approved", message));
+                        } else if matches!(status.phase, None | Some(VmRequestPhase::Pending)) {
+                            events.push((EventType::Normal, "Approved", "approved".into()));
+                        }
+                        true
+                    }
+                    _ => false,
+                };
                 let warning = pool
                     .and_then(|p| p.spec.approval.as_ref())
                     .and_then(|a| a.expiry_warning.as_deref())
@@ -957,6 +1000,9 @@ impl Scheduler {
                 } else {
                     let existing: Vec<String> = mine.iter().map(|s| s.name_any()).collect();
                     let (mut create, delete) = reconcile_replicas(&name, request.spec.replicas, &existing);
+                    if !may_grow {
+                        create.clear();
+                    }
                     // Quota: all of the growth fits, or none of it is created.
                     let quota = match (pool, create.is_empty()) {
                         (Some(pool), false) => pool.size_of(&request.spec.template.spec).ok().and_then(|size| {
@@ -1061,14 +1107,15 @@ impl Scheduler {
                 }
                 body["readyReplicas"] = json!(p.ready);
                 let blocked = covi_api::condition::is_condition_true(&conditions, "QuotaExceeded");
-                if blocked && mine.is_empty() { VmRequestPhase::Pending } else { p.phase }
+                if (blocked && mine.is_empty()) || !may_grow { VmRequestPhase::Pending } else { p.phase }
             }
         };
         body["phase"] = json!(phase);
         for (type_, d) in crate::readiness::request_conditions(phase, &conditions) {
             set_condition(&mut conditions, type_, d.status, &d.reason, d.message, generation, now);
         }
-        let mine_types = ["Fulfilled", "Expired", "ExpiringSoon", "QuotaExceeded", "Ready", "Stalled"];
+        let mine_types =
+            ["Fulfilled", "Expired", "ExpiringSoon", "QuotaExceeded", "ApprovalOutdated", "Ready", "Stalled"];
         let auto = conditions.iter().any(|c| c.type_ == "Approved" && c.reason == "AutoApproved");
         let owned_conditions: Vec<_> = conditions
             .iter()
@@ -1090,6 +1137,9 @@ impl Scheduler {
         }
         if let Some(at) = &status.expires_at {
             current["expiresAt"] = json!(at);
+        }
+        if let Some(approved) = &status.approved {
+            current["approved"] = json!(approved);
         }
         let unchanged = events.is_empty() && current == body;
         if !unchanged {
