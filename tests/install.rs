@@ -85,6 +85,8 @@ async fn the_rendered_chart_is_accepted_by_the_api_server() {
         "FlowSchema",
         "PodDisruptionBudget",
         "PriorityClass",
+        "Role",
+        "RoleBinding",
         "Service",
         "ServiceAccount",
         "ValidatingAdmissionPolicy",

@@ -243,7 +243,12 @@ struct Policies;
 impl Policies {
     fn install() -> Policies {
         let root = covi_tests::repo_root();
-        for file in ["deploy/base/policies.yaml", "deploy/base/rbac.yaml", "deploy/base/roles.yaml"] {
+        for file in [
+            "deploy/base/namespace.yaml",
+            "deploy/base/policies.yaml",
+            "deploy/base/rbac.yaml",
+            "deploy/base/roles.yaml",
+        ] {
             let (ok, out) = kubectl(&["apply", "--server-side", "-f", &root.join(file).display().to_string()]);
             assert!(ok, "applying {file}: {out}");
         }
@@ -378,6 +383,23 @@ async fn growing_or_changing_an_approved_request_waits_for_a_new_approval() {
         alice.patch("grow", &PatchParams::apply("alice"), &Patch::Apply(&body)).await.ok()
     })
     .await;
+    // The approval policy is in force once a probe approval of a generation that never
+    // existed is refused (each attempt names another, so an early one cannot stick).
+    s.request("probe", 1, None).await;
+    let bob = Api::<VmRequest>::namespaced(client_as("bob", &[]).await, &s.ns);
+    let mut attempt = 100;
+    wait_until("the approval policy to refuse a wrong generation", DEADLINE, || {
+        attempt += 1;
+        let probe = decision_for("Approved", "Probe", attempt);
+        let bob = bob.clone();
+        async move {
+            match bob.patch_status("probe", &PatchParams::apply("probe").force(), &Patch::Apply(&probe)).await {
+                Err(kube::Error::Api(status)) if status.message.contains("only the current one") => Some(()),
+                _ => None,
+            }
+        }
+    })
+    .await;
     let covi = |args: &[&str]| {
         let mut all = vec!["covi"];
         all.extend_from_slice(args);
@@ -422,7 +444,6 @@ async fn growing_or_changing_an_approved_request_waits_for_a_new_approval() {
         })
         .await;
     assert_eq!(r.metadata.generation, Some(3));
-    let bob = Api::<VmRequest>::namespaced(client_as("bob", &[]).await, &s.ns);
     let stale = bob
         .patch_status("grow", &PatchParams::apply("bob").force(), &Patch::Apply(&decision_for("Approved", "Seen", 2)))
         .await;
@@ -602,4 +623,91 @@ async fn a_standalone_server_honours_expires_at() {
     .await;
     let events = s.events("trial").await;
     assert!(events.contains("ExpiringSoon") && events.contains("Expired"), "{events:?}");
+}
+
+/// An agent's identity (a client certificate user `covi-agent:<node>` in covi:agents, as
+/// the chart's covi-agent role binds it) may write only what its own host runs.
+#[tokio::test]
+async fn an_agent_identity_writes_only_its_own_servers() {
+    let _turn = SERIAL.lock().await;
+    let client = admin().await;
+    install_crds(&client).await;
+    let _policies = Policies::install();
+    let crb: k8s_openapi::api::rbac::v1::ClusterRoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "covi-agents-servers-test"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "covi-agent"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "covi:agents"}]
+    }))
+    .expect("binding");
+    let crbs: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> = Api::all(client.clone());
+    let _ = crbs.delete("covi-agents-servers-test", &DeleteParams::default()).await;
+    crbs.create(&Default::default(), &crb).await.expect("bind agents");
+
+    // Three servers, as the operator would leave them: bound to srv-a, bound to srv-b,
+    // and bound to srv-b while moving to srv-a.
+    let ns = namespace(&client, "agentpolicy").await;
+    let admin_api: Api<VirtualServer> = Api::namespaced(client.clone(), &ns);
+    for (name, status) in [
+        ("mine", json!({"host": "srv-a", "address": "10.77.0.5", "phase": "Scheduled"})),
+        ("theirs", json!({"host": "srv-b", "address": "10.77.0.6", "phase": "Running"})),
+        (
+            "moving",
+            json!({"host": "srv-b", "phase": "Migrating",
+                          "migration": {"source": "srv-b", "target": "srv-a", "phase": "Running"}}),
+        ),
+    ] {
+        let server = json!({"apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer",
+            "metadata": {"name": name, "finalizers": ["covi.io/domain"]},
+            "spec": {"hostPool": "p", "class": "small", "boot": {"image": "debian-12"}, "owner": "o", "purpose": "p"}});
+        admin_api.patch(name, &PatchParams::apply(FIELD_MANAGER), &Patch::Apply(&server)).await.expect("server");
+        admin_api
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&json!({"status": status})))
+            .await
+            .expect("bind");
+    }
+
+    let agent: Api<VirtualServer> = Api::namespaced(client_as("covi-agent:srv-a", &["covi:agents"]).await, &ns);
+    let ready = |reason: &str| {
+        json!({"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True", "reason": reason,
+            "message": "m", "lastTransitionTime": "2026-12-01T00:00:00Z"}]}})
+    };
+    let refusal = |result: Result<VirtualServer, kube::Error>| match result {
+        Err(kube::Error::Api(s)) if s.code == 403 || s.code == 422 => s.message,
+        other => panic!("the write was allowed: {other:?}"),
+    };
+    // Another host's server: refused (once RBAC and the policy are both in force).
+    let message = wait_until("the policy to refuse another host's server", DEADLINE, || async {
+        match agent.patch_status("theirs", &PatchParams::default(), &Patch::Merge(&ready("Running"))).await {
+            Err(kube::Error::Api(s)) if s.message.contains("bound to its own host") => Some(s.message),
+            _ => None,
+        }
+    })
+    .await;
+    assert!(message.contains(&format!("(srv-a); {ns}/theirs is bound to srv-b")), "{message}");
+    let steal = json!({"spec": {"placement": {"host": "srv-a"}}});
+    assert!(refusal(agent.patch("theirs", &PatchParams::default(), &Patch::Merge(&steal)).await).contains("bound to"));
+    let strip = json!({"metadata": {"finalizers": []}});
+    assert!(refusal(agent.patch("theirs", &PatchParams::default(), &Patch::Merge(&strip)).await).contains("bound to"));
+
+    // Its own server: its phase and Ready condition, nothing of the operator's.
+    agent.patch_status("mine", &PatchParams::default(), &Patch::Merge(&ready("Running"))).await.expect("own status");
+    let readdress = json!({"status": {"address": "10.77.0.99"}});
+    let message = refusal(agent.patch_status("mine", &PatchParams::default(), &Patch::Merge(&readdress)).await);
+    assert!(message.contains("host, address, size, migration, failovers and other conditions are the operator's"));
+    let reboot = json!({"spec": {"boot": {"image": "other"}}});
+    let message = refusal(agent.patch("mine", &PatchParams::default(), &Patch::Merge(&reboot)).await);
+    assert!(message.contains("only by removing the covi.io/domain finalizer"), "{message}");
+
+    // The target of a move may report on it, but only the source hands it off.
+    let message =
+        refusal(agent.patch_status("moving", &PatchParams::default(), &Patch::Merge(&ready("HandedOff"))).await);
+    assert!(message.contains("only the agent of the host a server is bound to may hand it off"), "{message}");
+    agent
+        .patch_status("moving", &PatchParams::default(), &Patch::Merge(&ready("Running")))
+        .await
+        .expect("the target reports");
+
+    // Releasing covi's finalizer on its own server, after cleaning up: allowed.
+    agent.patch("mine", &PatchParams::default(), &Patch::Merge(&strip)).await.expect("release the finalizer");
+    let _ = crbs.delete("covi-agents-servers-test", &DeleteParams::default()).await;
 }

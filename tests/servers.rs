@@ -441,6 +441,8 @@ async fn operator_and_agents_run_with_their_least_privilege_roles() {
     let _turn = SERIAL.lock().await;
     let client = admin().await;
     install_crds(&client).await;
+    // The release namespace of deploy/base, where the roles grant Leases: covi-system.
+    let mut fleet = Fleet::new(&client, "system").await;
     let root = covi_tests::repo_root();
     let (ok, out) =
         kubectl(&["apply", "--server-side", "-f", &root.join("deploy/base/rbac.yaml").display().to_string()]);
@@ -456,7 +458,17 @@ async fn operator_and_agents_run_with_their_least_privilege_roles() {
         let api: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> = Api::all(client.clone());
         api.patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&binding)).await.expect("bind role");
     }
-    let mut fleet = Fleet::new(&client, "leastpriv").await;
+    // The Lease roles are bound to the service accounts and covi:agents; bind this
+    // test's groups as a user binds their own.
+    for (role, group) in [("covi-agent-leases", "covi:agents-lp"), ("covi-operator-leases", "covi:operators-lp")] {
+        let binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": format!("{role}-lp"), "namespace": fleet.lease_namespace},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": group}]});
+        let api: Api<k8s_openapi::api::rbac::v1::RoleBinding> = Api::namespaced(client.clone(), &fleet.lease_namespace);
+        let name = format!("{role}-lp");
+        api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&binding)).await.expect("bind");
+    }
     let pool = fleet.apply_pool(&client, json!({})).await;
     for n in 1..=2 {
         let node = fleet.host_name(n);

@@ -115,6 +115,23 @@ async fn a_server_runs_as_a_pv_guest_on_a_real_xen_host() {
     assert!(ok, "{out}");
 
     let mut fleet = Fleet::new(&client, "xen").await;
+    // Its Leases live in this test's namespace, not the release namespace the chart's
+    // Lease role is in: grant them there, as a user running agents elsewhere does.
+    for args in [
+        vec![
+            "create",
+            "role",
+            "covi-agent-leases",
+            "--verb=get,create,patch,update",
+            "--resource=leases.coordination.k8s.io",
+        ],
+        vec!["create", "rolebinding", "covi-agent-leases", "--role=covi-agent-leases", "--group=covi:agents-xen"],
+    ] {
+        let mut args = args;
+        args.extend(["-n", &fleet.lease_namespace]);
+        let (ok, out) = kubectl(&args);
+        assert!(ok || out.contains("AlreadyExists"), "{out}");
+    }
     let pool = fleet
         .apply_pool(
             &client,
