@@ -559,6 +559,39 @@ async fn a_request_over_the_namespace_quota_is_refused_whole() {
     assert!(s.events("second").await.contains("QuotaExceeded"));
 }
 
+/// Two requests the operator first sees in one pass: the quota counts the servers the
+/// first is given before judging the second, so exactly one of them fits.
+#[tokio::test]
+async fn two_requests_in_one_pass_share_the_quota() {
+    let _turn = SERIAL.lock().await;
+    let client = admin().await;
+    install_crds(&client).await;
+    let ns = namespace(&client, "quotapass").await;
+    let mut fleet = Fleet::new(&client, "quotapass").await;
+    let approval = json!({"autoApprove": {"maxServers": 10}, "quotas": [{"namespace": ns, "maxServers": 3}]});
+    let pool = fleet.apply_pool(&client, json!({"approval": approval})).await;
+    fleet.start_agent(1, 16, 32);
+    let mut s = Scene {
+        requests: Api::namespaced(client.clone(), &ns),
+        servers: Api::namespaced(client.clone(), &ns),
+        client,
+        _fleet: fleet,
+        pool,
+        ns,
+    };
+    // Both exist before the operator's first pass.
+    s.request("first", 2, None).await;
+    s.request("second", 2, None).await;
+    s._fleet.start_operator();
+    let held = |r: &VmRequest| condition(r, "QuotaExceeded").is_some_and(|c| c.status == "True");
+    let settled = |r: &VmRequest| phase(r) == Some(VmRequestPhase::Fulfilled) || held(r);
+    let first = s.wait_request("first", "to be fulfilled or held", settled).await;
+    let second = s.wait_request("second", "to be fulfilled or held", settled).await;
+    assert!(held(&first) != held(&second), "exactly one is held by the quota: {:?} {:?}", first.status, second.status);
+    let all = s.servers.list(&ListParams::default()).await.expect("servers");
+    assert_eq!(all.items.len(), 2, "the quota of 3 is never exceeded");
+}
+
 #[tokio::test]
 async fn an_agent_identity_cannot_write_another_hosts_status() {
     let _turn = SERIAL.lock().await;

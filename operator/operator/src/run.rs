@@ -3,7 +3,7 @@
 //! that can go, schedules pending servers pool by pool, and keeps Host and HostPool
 //! status current. Only the leader runs it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,7 +18,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
+use kube::runtime::reflector::{self, Store, reflector};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
@@ -80,15 +80,23 @@ pub struct Scheduler {
     requests: Store<VmRequest>,
     /// When this operator saw each host's Lease renew.
     leases: Leases,
-    /// Servers created for requests ("namespace/name") and when, until the server
-    /// store shows them: the next pass must not POST them again.
-    created: std::sync::Mutex<HashMap<String, Instant>>,
+    /// Servers created for requests ("namespace/name"), until a pass's snapshot shows
+    /// them: the next pass must not POST them again, and quotas count them.
+    created: std::sync::Mutex<HashMap<String, Created>>,
     /// Events published at once, in the background.
     event_slots: Arc<tokio::sync::Semaphore>,
     /// Host liveness as the last full pass saw it.
     acted_on: HashMap<String, Liveness>,
     /// Addresses held by more than one server, as last reported.
     duplicates: BTreeMap<(String, std::net::Ipv4Addr), Vec<String>>,
+}
+
+/// A server this operator created that the store may not show yet.
+struct Created {
+    at: Instant,
+    pool: String,
+    /// Servers, CPUs and MiB it adds to its namespace's quota.
+    size: (u32, u64, u64),
 }
 
 /// How long a created server may take to show up in the store before it counts as
@@ -864,11 +872,18 @@ fn allocation(
 impl Scheduler {
     /// Brings every request's servers in line with its approval, replicas and lifetime.
     async fn reconcile_requests(&self, pools: &[Arc<HostPool>], servers: &[Arc<VirtualServer>]) {
-        // Forgotten once the store shows them (a lookup each, not a set of every server).
-        self.created.lock().expect("created lock").retain(|name, at| {
-            let (ns, name) = name.split_once('/').unwrap_or_default();
-            at.elapsed() < CREATED_GRACE && self.servers.get(&ObjectRef::new(name).within(ns)).is_none()
-        });
+        // Forgotten once this pass's snapshot shows them, which quotas count from.
+        {
+            let mut created = self.created.lock().expect("created lock");
+            if !created.is_empty() {
+                let seen: HashSet<String> = servers
+                    .iter()
+                    .map(|s| format!("{}/{}", s.namespace().unwrap_or_default(), s.name_any()))
+                    .filter(|key| created.contains_key(key))
+                    .collect();
+                created.retain(|key, c| c.at.elapsed() < CREATED_GRACE && !seen.contains(key));
+            }
+        }
         for request in self.requests.state() {
             if request.meta().deletion_timestamp.is_some() {
                 // Owner references let the garbage collector return the servers.
@@ -1003,10 +1018,15 @@ impl Scheduler {
                     if !may_grow {
                         create.clear();
                     }
-                    // Quota: all of the growth fits, or none of it is created.
+                    // Created in an earlier pass but not in the snapshot yet: not again.
+                    create.retain(|server| {
+                        !self.created.lock().expect("created lock").contains_key(&format!("{ns}/{server}"))
+                    });
+                    // Quota: all of the growth fits, or none of it is created. What this
+                    // pass (or one the snapshot lags) created counts too.
                     let quota = match (pool, create.is_empty()) {
                         (Some(pool), false) => pool.size_of(&request.spec.template.spec).ok().and_then(|size| {
-                            let held = namespace_usage(pool, &ns, servers);
+                            let held = self.namespace_usage(pool, &ns, servers);
                             let n = create.len() as u32;
                             crate::requests::over_quota(
                                 pool,
@@ -1046,13 +1066,9 @@ impl Scheduler {
                         None => {}
                     }
                     // Many at once: a request of a thousand servers is a thousand POSTs.
-                    let recent = |server: &&String| {
-                        self.created.lock().expect("created lock").contains_key(&format!("{ns}/{server}"))
-                    };
-                    let creates = create
-                        .iter()
-                        .filter(|server| !recent(server))
-                        .map(|server| self.create_request_server(request, server));
+                    let size = pool.and_then(|p| p.size_of(&request.spec.template.spec).ok());
+                    let size = size.map(|s| (1, u64::from(s.cpus), s.memory_mib)).unwrap_or((1, 0, 0));
+                    let creates = create.iter().map(|server| self.create_request_server(request, server, size));
                     let created: Vec<Result<()>> = futures::stream::iter(creates).buffer_unordered(32).collect().await;
                     created.into_iter().collect::<Result<Vec<()>>>()?;
                     for server in &delete {
@@ -1167,8 +1183,21 @@ impl Scheduler {
         Ok(())
     }
 
+    /// What a namespace's servers hold in a pool: the snapshot's, plus servers created
+    /// since that the snapshot does not show yet.
+    fn namespace_usage(&self, pool: &HostPool, ns: &str, servers: &[Arc<VirtualServer>]) -> (u32, u64, u64) {
+        let (mut n, mut cpus, mut mib) = snapshot_usage(pool, ns, servers);
+        let prefix = format!("{ns}/");
+        for (key, c) in self.created.lock().expect("created lock").iter() {
+            if key.starts_with(&prefix) && c.pool == pool.name_any() {
+                (n, cpus, mib) = (n + c.size.0, cpus + c.size.1, mib + c.size.2);
+            }
+        }
+        (n, cpus, mib)
+    }
+
     /// Creates server `name` from the request's template, owned by the request.
-    async fn create_request_server(&self, request: &VmRequest, name: &str) -> Result<()> {
+    async fn create_request_server(&self, request: &VmRequest, name: &str, size: (u32, u64, u64)) -> Result<()> {
         let template = &request.spec.template;
         let meta = template.metadata.clone().unwrap_or_default();
         let mut labels = meta.labels.clone();
@@ -1199,7 +1228,8 @@ impl Scheduler {
         };
         if result.is_ok() {
             let key = format!("{}/{name}", request.namespace().unwrap_or_default());
-            self.created.lock().expect("created lock").insert(key, Instant::now());
+            let created = Created { at: Instant::now(), pool: template.spec.host_pool.clone(), size };
+            self.created.lock().expect("created lock").insert(key, created);
         }
         result
     }
@@ -1261,7 +1291,7 @@ impl Scheduler {
 }
 
 /// What the servers of namespace `ns` hold in `pool`: (servers, CPUs, MiB).
-fn namespace_usage(pool: &HostPool, ns: &str, servers: &[Arc<VirtualServer>]) -> (u32, u64, u64) {
+fn snapshot_usage(pool: &HostPool, ns: &str, servers: &[Arc<VirtualServer>]) -> (u32, u64, u64) {
     let mut held = (0u32, 0u64, 0u64);
     for s in servers.iter().filter(|s| s.namespace().as_deref() == Some(ns) && s.spec.host_pool == pool.name_any()) {
         if s.meta().deletion_timestamp.is_some() {
