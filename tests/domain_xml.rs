@@ -24,7 +24,7 @@ fn spec(name: &str, driver: Driver, guest: Guest, boot: Boot) -> DomainSpec {
         seed_path: Some(format!("/var/lib/covi/{name}-seed.iso")),
         boot,
         bridge: "br-covi".into(),
-        mac: mac_address(guest, &uid),
+        mac: mac_address(guest, None, &uid),
         bandwidth_kib: Some(12_800),
         description: "domain XML test <&>".into(),
     }

@@ -115,6 +115,12 @@ async fn serve(
     health: covi_daemon::Health,
     serving: Arc<AtomicBool>,
 ) -> Result<()> {
+    if crate::libvirt::MigrationTransport::of(&config.peer_uri) == crate::libvirt::MigrationTransport::Plain {
+        tracing::warn!(
+            peer_uri = %config.peer_uri,
+            "live migration sends guest memory unencrypted to this peer URI; use a +tls or +ssh one outside a lab"
+        );
+    }
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
     let hypervisor = Hypervisor::open(&config.libvirt_uri, events_tx).await?;
     link.lock().unwrap_or_else(|p| p.into_inner()).share(hypervisor.connection()?);

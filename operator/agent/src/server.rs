@@ -126,7 +126,7 @@ pub fn plan(server: &VirtualServer, pool: &HostPool, driver_name: &str) -> Resul
     };
 
     let (disk_volume, seed_volume) = volume_names(namespace, name, uid);
-    let mac = mac_address(guest, uid);
+    let mac = mac_address(guest, address.as_deref().and_then(|a| a.parse().ok()), uid);
     let network = match &address {
         Some(addr) => {
             let prefix = pool.spec.network.cidr.split_once('/').map(|(_, p)| p).unwrap_or("24");

@@ -367,18 +367,30 @@ pub fn sizing(domain_xml: &str) -> Option<(u32, u64)> {
     Some((vcpus?, memory?))
 }
 
-/// A stable MAC address for a server: the hypervisor's locally administered prefix
-/// (Xen's 00:16:3e or QEMU's 52:54:00) and three bytes from the server's UID.
-pub fn mac_address(guest: Guest, uid: &str) -> String {
-    // FNV-1a: stable across releases and platforms, unlike std's hasher.
-    let mut hash: u32 = 0x811c_9dc5;
-    for b in uid.bytes() {
-        hash ^= u32::from(b);
-        hash = hash.wrapping_mul(0x0100_0193);
+/// A stable MAC address for a server, unique in its pool by construction: the
+/// hypervisor's prefix (Xen's 00:16:3e or QEMU's locally administered 52:54:00) and the
+/// low bits of its pool address, which the scheduler hands out once per pool (23 bits
+/// on Xen, whose upper half of the prefix's range is not for guests; 24 on QEMU), so
+/// two servers of one pool of /9 or smaller never share a MAC. A server without an
+/// address takes three bytes of its UID.
+pub fn mac_address(guest: Guest, address: Option<std::net::Ipv4Addr>, uid: &str) -> String {
+    let [_, a, b, c] = match address {
+        Some(ip) => ip.octets(),
+        None => {
+            // FNV-1a: stable across releases and platforms, unlike std's hasher.
+            let mut hash: u32 = 0x811c_9dc5;
+            for byte in uid.bytes() {
+                hash ^= u32::from(byte);
+                hash = hash.wrapping_mul(0x0100_0193);
+            }
+            hash.to_be_bytes()
+        }
+    };
+    if guest.is_xen() {
+        format!("00:16:3e:{:02x}:{b:02x}:{c:02x}", a & 0x7f)
+    } else {
+        format!("52:54:00:{a:02x}:{b:02x}:{c:02x}")
     }
-    let prefix = if guest.is_xen() { "00:16:3e" } else { "52:54:00" };
-    let [_, a, b, c] = hash.to_be_bytes();
-    format!("{prefix}:{:02x}:{:02x}:{:02x}", a & 0x7f, b, c)
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ pub(crate) fn spec(driver: Driver, guest: Guest) -> DomainSpec {
         seed_path: Some("/var/lib/covi/shop.web-1-seed.iso".into()),
         boot: Boot::Disk,
         bridge: "br-covi".into(),
-        mac: mac_address(guest, "6f1c1f44-0a57-4e38-9a3b-3d1f7c6f9a01"),
+        mac: mac_address(guest, None, "6f1c1f44-0a57-4e38-9a3b-3d1f7c6f9a01"),
         bandwidth_kib: Some(12_207),
         description: "front-end web server".into(),
     }
@@ -104,11 +104,27 @@ fn xen_hvm_uses_hvmloader_and_netfront() {
 
 #[test]
 fn mac_addresses_are_stable_and_use_the_hypervisors_prefix() {
-    let a = mac_address(Guest::XenPv, "uid-1");
-    assert_eq!(a, mac_address(Guest::XenPv, "uid-1"));
+    let a = mac_address(Guest::XenPv, None, "uid-1");
+    assert_eq!(a, mac_address(Guest::XenPv, None, "uid-1"));
     assert!(a.starts_with("00:16:3e:"));
-    assert!(mac_address(Guest::Hvm, "uid-1").starts_with("52:54:00:"));
-    assert_ne!(a, mac_address(Guest::XenPv, "uid-2"));
+    assert!(mac_address(Guest::Hvm, None, "uid-1").starts_with("52:54:00:"));
+    assert_ne!(a, mac_address(Guest::XenPv, None, "uid-2"));
+}
+
+#[test]
+fn every_address_of_a_pool_gets_its_own_mac() {
+    // A /16 pool: 65,536 addresses, where 23 random bits collide with 6% odds at 1,000.
+    for guest in [Guest::XenPv, Guest::Hvm] {
+        let mut seen = std::collections::HashSet::new();
+        for n in 0..=u16::MAX {
+            let [hi, lo] = n.to_be_bytes();
+            let address = std::net::Ipv4Addr::new(10, 20, hi, lo);
+            assert!(seen.insert(mac_address(guest, Some(address), "same-uid")), "{address} repeats a MAC");
+        }
+    }
+    let ip = std::net::Ipv4Addr::new(10, 20, 0, 15);
+    assert_eq!(mac_address(Guest::Hvm, Some(ip), "u"), "52:54:00:14:00:0f");
+    assert_eq!(mac_address(Guest::XenPv, Some(ip), "u"), "00:16:3e:14:00:0f");
 }
 
 #[test]

@@ -305,7 +305,8 @@ impl Hypervisor {
                 let mut flags = virt::sys::VIR_MIGRATE_LIVE
                     | virt::sys::VIR_MIGRATE_PEER2PEER
                     | virt::sys::VIR_MIGRATE_PERSIST_DEST
-                    | virt::sys::VIR_MIGRATE_UNDEFINE_SOURCE;
+                    | virt::sys::VIR_MIGRATE_UNDEFINE_SOURCE
+                    | MigrationTransport::of(&dest).flags();
                 if unsafe_storage {
                     flags |= virt::sys::VIR_MIGRATE_UNSAFE;
                 }
@@ -514,5 +515,54 @@ mod tests {
         let xml = volume_xml("a</name><x/>", "raw", 1024);
         assert!(xml.contains("<name>a&lt;/name&gt;&lt;x/&gt;</name>"), "{xml}");
         assert!(xml.contains("<capacity unit=\"bytes\">1024</capacity>"), "{xml}");
+    }
+}
+
+/// How a live migration's memory crosses the network, chosen from the peer URI: what
+/// the control connection to the peer is protected by, the memory is too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MigrationTransport {
+    /// QEMU's own migration stream over TLS (`+tls` peers; qemu.conf's migrate_tls_x509
+    /// certificates, as for libvirtd's own TLS).
+    QemuTls,
+    /// Through the libvirtd connection: libxl has no TLS stream of its own, and over
+    /// `+ssh` the tunnel is what encrypts.
+    Tunnelled,
+    /// Plain TCP (`+tcp` peers, as in a lab): the guest's memory crosses unencrypted.
+    Plain,
+}
+
+impl MigrationTransport {
+    pub fn of(peer_uri: &str) -> MigrationTransport {
+        let scheme = peer_uri.split("://").next().unwrap_or_default();
+        let (driver, transport) = scheme.split_once('+').unwrap_or((scheme, ""));
+        match (driver, transport) {
+            ("qemu", "tls") => MigrationTransport::QemuTls,
+            (_, "tls" | "ssh" | "libssh" | "libssh2") => MigrationTransport::Tunnelled,
+            _ => MigrationTransport::Plain,
+        }
+    }
+
+    pub fn flags(self) -> u32 {
+        match self {
+            MigrationTransport::QemuTls => virt::sys::VIR_MIGRATE_TLS,
+            MigrationTransport::Tunnelled => virt::sys::VIR_MIGRATE_TUNNELLED,
+            MigrationTransport::Plain => 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod transport_tests {
+    use super::MigrationTransport::{self, *};
+
+    #[test]
+    fn memory_is_encrypted_whenever_the_peer_uri_is() {
+        assert_eq!(MigrationTransport::of("qemu+tls://10.0.0.2/system"), QemuTls);
+        assert_eq!(MigrationTransport::of("xen+tls://10.0.0.2/system"), Tunnelled);
+        assert_eq!(MigrationTransport::of("qemu+ssh://root@10.0.0.2/system"), Tunnelled);
+        assert_eq!(MigrationTransport::of("qemu+tcp://10.0.0.2/system"), Plain);
+        assert_eq!(QemuTls.flags(), virt::sys::VIR_MIGRATE_TLS);
+        assert_eq!(Plain.flags(), 0);
     }
 }
