@@ -99,6 +99,23 @@ async fn the_rendered_chart_is_accepted_by_the_api_server() {
     // The agent's admission policy names the service account of this release's namespace.
     assert!(all.contains(&format!("system:serviceaccount:{ns}:covi-agent")), "policy follows the namespace");
 
+    // Pods off the host network and under the runtime's seccomp profile unless asked.
+    let agent_pod = |manifests: &str| -> serde_yaml::Value {
+        let ds = manifests
+            .split("\n---")
+            .filter_map(|d| serde_yaml::from_str::<serde_yaml::Value>(d).ok())
+            .find(|d| d["kind"] == "DaemonSet")
+            .expect("the agent DaemonSet");
+        ds["spec"]["template"]["spec"].clone()
+    };
+    let pod = agent_pod(&all);
+    assert!(pod.get("hostNetwork").is_none(), "no host network by default: {pod:?}");
+    assert_eq!(pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault");
+    let host = agent_pod(&helm_template(&ns, &["agent.hostNetwork=true"]));
+    assert_eq!(host["hostNetwork"], true);
+    let args = serde_yaml::to_string(&host["containers"][0]["args"]).expect("args");
+    assert!(args.contains("--metrics-addr=$(COVI_HOST_ADDRESS):9464"), "the node's address only: {args}");
+
     // The README's install line: images from your registry, the pool label on every Host.
     let readme = helm_template(
         &ns,

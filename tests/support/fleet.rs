@@ -223,6 +223,8 @@ impl Fleet {
             testbed_dir().join(format!("work-{node}")).display().to_string(),
             "--resync-seconds".into(),
             "2".into(),
+            // The sampler reads every host's domains there.
+            "--domains-endpoint".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let (program, args) = match wrapper.split_first() {

@@ -21,7 +21,10 @@ pub const USAGE: &str = "usage: covi-agent --node-name NAME [options]
                           a HostPool's nodeSelector matches these
   --address ADDR          address other hosts reach this one at (env COVI_HOST_ADDRESS)
   --resync-seconds N      full comparison of domains with servers every N seconds (default 10)
-  --metrics-addr ADDR     serve /metrics and /healthz here (default 0.0.0.0:9464; port 0 picks one)
+  --metrics-addr ADDR     serve /metrics, /healthz and /readyz here (default 127.0.0.1:9464;
+                          port 0 picks one); never an address guests can reach
+  --domains-endpoint      test beds only: also serve /domains, the covi domains libvirt has
+                          here with their servers' names, unauthenticated (default off)
   --work-dir PATH         scratch space for seed ISOs (default /var/lib/covi-agent)
   --stop-grace-seconds N  a guest asked to shut down is forced off after N seconds (default 30)
   --restart-grace-seconds N
@@ -57,6 +60,8 @@ pub struct Config {
     pub restart_grace: Duration,
     pub peer_uri: String,
     pub unsafe_migration: bool,
+    /// Whether the endpoint also serves `/domains` (test beds).
+    pub domains_endpoint: bool,
     /// Fleet mode: a folder of test-driver inventories, one simulated host each.
     pub fleet: Option<PathBuf>,
 }
@@ -94,12 +99,13 @@ impl Config {
         }
         let mut address = env("COVI_HOST_ADDRESS");
         let mut resync = Duration::from_secs(10);
-        let mut metrics_addr: SocketAddr = "0.0.0.0:9464".parse().expect("valid default");
+        let mut metrics_addr: SocketAddr = "127.0.0.1:9464".parse().expect("valid default");
         let mut work_dir = PathBuf::from("/var/lib/covi-agent");
         let mut stop_grace = Duration::from_secs(30);
         let mut restart_grace = Duration::from_secs(120);
         let mut peer_uri = env("COVI_PEER_URI");
         let mut unsafe_migration = false;
+        let mut domains_endpoint = false;
         let mut fleet = None;
 
         let mut flags = Flags::new(args, USAGE);
@@ -121,6 +127,7 @@ impl Config {
                 "--work-dir" => work_dir = PathBuf::from(flags.value(&flag).map_err(Error::Config)?),
                 "--peer-uri" => peer_uri = Some(flags.value(&flag).map_err(Error::Config)?),
                 "--unsafe-migration" => unsafe_migration = true,
+                "--domains-endpoint" => domains_endpoint = true,
                 "--fleet" => fleet = Some(PathBuf::from(flags.value(&flag).map_err(Error::Config)?)),
                 _ => return Err(Error::Config(flags.unknown(&flag))),
             }
@@ -151,6 +158,7 @@ impl Config {
             restart_grace,
             peer_uri,
             unsafe_migration,
+            domains_endpoint,
             fleet,
         })
     }
@@ -188,6 +196,9 @@ mod tests {
         assert_eq!(c.labels["covi.io/pool"], "b");
         assert_eq!(c.labels["rack"], "r1");
         assert_eq!(c.namespace, "covi-system");
+        // Nothing listens where guests could reach it, nor lists tenants, unless asked.
+        assert_eq!(c.metrics_addr.to_string(), "127.0.0.1:9464");
+        assert!(!c.domains_endpoint);
     }
 
     #[test]

@@ -132,10 +132,14 @@ async fn serve(
 
     let mut registry = covi_daemon::prometheus_client::registry::Registry::default();
     let metrics = crate::metrics::Metrics::new(&mut registry);
-    let bound =
-        covi_daemon::serve(config.metrics_addr, registry, health, Some(domain_route(&hypervisor, &link, &fence)))
-            .await
-            .map_err(|e| Error::Config(format!("serving metrics on {}: {e}", config.metrics_addr)))?;
+    let bound = covi_daemon::serve(
+        config.metrics_addr,
+        registry,
+        health,
+        config.domains_endpoint.then(|| domain_route(&hypervisor, &link, &fence)),
+    )
+    .await
+    .map_err(|e| Error::Config(format!("serving metrics on {}: {e}", config.metrics_addr)))?;
     tracing::info!(%bound, "metrics endpoint");
 
     let client = client(&config).await?;
