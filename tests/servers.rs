@@ -231,6 +231,9 @@ async fn bad_input_gets_a_reason_and_an_event_and_nothing_is_created() {
     let (client, fleet, pool, ns, api) = setup("bad", &[(8, 16)]).await;
     apply_server(&api, "taken-first", &pool, json!({"network": {"address": "10.77.0.50"}})).await;
     fleet.wait_server(&api, "taken-first", "to be Ready", DEADLINE, ready).await;
+    // The network's own addresses: a reserved range and a resolver inside the CIDR.
+    let network = json!({"network": {"reserved": ["10.77.0.200-10.77.0.210"], "dns": ["10.77.0.53"]}});
+    fleet.apply_pool(&client, network).await;
 
     let cases = [
         (
@@ -247,6 +250,18 @@ async fn bad_input_gets_a_reason_and_an_event_and_nothing_is_created() {
             "outside the pool's network 10.77.0.0/24",
         ),
         ("taken", json!({"network": {"address": "10.77.0.50"}}), "AddressTaken", "10.77.0.50 is already used"),
+        (
+            "in-reserved",
+            json!({"network": {"address": "10.77.0.205"}}),
+            "AddressReserved",
+            "address 10.77.0.205 is in the pool's reserved range 10.77.0.200-10.77.0.210",
+        ),
+        (
+            "on-dns",
+            json!({"network": {"address": "10.77.0.53"}}),
+            "AddressReserved",
+            "address 10.77.0.53 is one of the pool's DNS servers",
+        ),
     ];
     for (name, extra, _, _) in &cases {
         apply_server(&api, name, &pool, extra.clone()).await;

@@ -27,6 +27,7 @@ pub struct Network {
     prefix: u8,
     cidr: String,
     excluded: BTreeSet<u32>,
+    dns: BTreeSet<u32>,
     reserved: Vec<(u32, u32)>,
 }
 
@@ -45,6 +46,8 @@ impl Network {
         if let Some(gw) = &net.gateway {
             excluded.insert(u32::from(gw.parse::<Ipv4Addr>().map_err(|_| invalid("gateway"))?));
         }
+        // The pool's DNS servers, where they sit inside its network, are taken too.
+        let dns = net.dns.iter().filter_map(|d| d.parse::<Ipv4Addr>().ok()).map(u32::from).collect();
         let mut reserved = Vec::new();
         for r in &net.reserved {
             let (a, b) = r.split_once('-').unwrap_or((r, r));
@@ -52,20 +55,24 @@ impl Network {
             let b: Ipv4Addr = b.trim().parse().map_err(|_| invalid(&format!("reserved range {r:?}")))?;
             reserved.push((u32::from(a).min(u32::from(b)), u32::from(a).max(u32::from(b))));
         }
-        Ok(Network { first, last, prefix, cidr: net.cidr.clone(), excluded, reserved })
+        Ok(Network { first, last, prefix, cidr: net.cidr.clone(), excluded, dns, reserved })
     }
 
     fn is_reserved(&self, a: u32) -> bool {
-        self.excluded.contains(&a) || self.reserved.iter().any(|(lo, hi)| (*lo..=*hi).contains(&a))
+        self.excluded.contains(&a) || self.dns.contains(&a) || self.reserved_range(a).is_some()
+    }
+
+    fn reserved_range(&self, a: u32) -> Option<(u32, u32)> {
+        self.reserved.iter().copied().find(|(lo, hi)| (*lo..=*hi).contains(&a))
     }
 
     pub fn prefix(&self) -> u8 {
         self.prefix
     }
 
-    /// Checks a static address: inside the CIDR, not the gateway or network/broadcast
-    /// address, and not used by another server. (Reserved ranges are for automatic
-    /// allocation; a static address may sit in one on purpose.)
+    /// Checks a static address: inside the CIDR, not the network or broadcast address,
+    /// not the gateway, a DNS server or in a reserved range (they are the network's own:
+    /// routers, resolvers, DHCP), and not used by another server.
     pub fn check_static(&self, address: &str, used: &BTreeSet<Ipv4Addr>) -> Result<Ipv4Addr, AddressError> {
         let ip: Ipv4Addr =
             address.parse().map_err(|_| err("AddressOutsideNetwork", format!("{address} is not an IPv4 address")))?;
@@ -83,6 +90,17 @@ impl Network {
         }
         if self.excluded.contains(&a) {
             return Err(err("AddressReserved", format!("address {ip} is the pool's gateway")));
+        }
+        if self.dns.contains(&a) {
+            return Err(err("AddressReserved", format!("address {ip} is one of the pool's DNS servers")));
+        }
+        if let Some((lo, hi)) = self.reserved_range(a) {
+            let range = if lo == hi {
+                Ipv4Addr::from(lo).to_string()
+            } else {
+                format!("{}-{}", Ipv4Addr::from(lo), Ipv4Addr::from(hi))
+            };
+            return Err(err("AddressReserved", format!("address {ip} is in the pool's reserved range {range}")));
         }
         if used.contains(&ip) {
             return Err(err("AddressTaken", format!("address {ip} is already used by another server")));
@@ -108,7 +126,7 @@ mod tests {
             bridge: "br0".into(),
             cidr: cidr.into(),
             gateway: Some("10.20.0.1".into()),
-            dns: vec![],
+            dns: vec!["10.20.0.53".into(), "192.0.2.53".into()],
             reserved: vec!["10.20.0.2-10.20.0.4".into(), "10.20.0.6".into()],
         })
         .unwrap()
@@ -138,7 +156,11 @@ mod tests {
     fn static_addresses_are_checked() {
         let n = network("10.20.0.0/24");
         assert_eq!(n.check_static("10.20.0.50", &used(&[])).unwrap().to_string(), "10.20.0.50");
-        assert_eq!(n.check_static("10.20.0.3", &used(&[])).unwrap().to_string(), "10.20.0.3");
+        let reserved = n.check_static("10.20.0.3", &used(&[])).unwrap_err();
+        assert_eq!(reserved.reason, "AddressReserved");
+        assert_eq!(reserved.message, "address 10.20.0.3 is in the pool's reserved range 10.20.0.2-10.20.0.4");
+        let dns = n.check_static("10.20.0.53", &used(&[])).unwrap_err();
+        assert_eq!(dns.message, "address 10.20.0.53 is one of the pool's DNS servers");
         let outside = n.check_static("10.30.0.5", &used(&[])).unwrap_err();
         assert_eq!(outside.reason, "AddressOutsideNetwork");
         assert!(outside.message.contains("outside the pool's network 10.20.0.0/24"), "{}", outside.message);
