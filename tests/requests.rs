@@ -181,6 +181,38 @@ async fn auto_approval_within_policy_and_a_larger_request_waits() {
     assert!(s.server_names("large").await.is_empty());
 }
 
+/// A webhook that accepts and never answers holds up nothing: while covi still waits
+/// for it, a new server is scheduled.
+#[tokio::test]
+async fn a_hanging_webhook_holds_up_no_pass() {
+    let _turn = SERIAL.lock().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("listener");
+    let hook = format!("http://{}/covi", listener.local_addr().expect("addr"));
+    let s = scene("hook", json!({"autoApprove": {"maxServers": 2}, "webhookUrl": hook})).await;
+    s.request("notified", 1, None).await;
+    // covi calls on Fulfilled; the call is held open, unanswered.
+    let (mut held, _) =
+        tokio::time::timeout(DEADLINE, listener.accept()).await.expect("a webhook call").expect("accept");
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 16384];
+    let mut call = String::new();
+    while !call.contains("\r\n\r\n") || !call.trim_end().ends_with('}') {
+        let n = held.read(&mut buf).await.expect("read the call");
+        assert!(n > 0, "covi hung up before sending its call: {call}");
+        call.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let image = json!({"boot": {"image": "debian-12"}});
+    covi_tests::guests::apply_server(&s.servers, "meanwhile", &s.pool, image).await;
+    wait_until("a server to be scheduled while the webhook hangs", DEADLINE, || async {
+        let server = s.servers.get_opt("meanwhile").await.ok()??;
+        server.status?.host.map(|_| ())
+    })
+    .await;
+    // Still waiting for an answer: covi has not given up on the call (its deadline is 5 s).
+    let still_open = tokio::time::timeout(Duration::from_millis(50), held.read(&mut buf)).await;
+    assert!(still_open.is_err(), "the webhook call was over before the server was scheduled: the pass waited for it");
+}
+
 #[tokio::test]
 async fn scaling_keeps_the_right_servers_and_deleting_returns_them_all() {
     let _turn = SERIAL.lock().await;

@@ -85,6 +85,8 @@ pub struct Scheduler {
     created: std::sync::Mutex<HashMap<String, Created>>,
     /// Events published at once, in the background.
     event_slots: Arc<tokio::sync::Semaphore>,
+    /// Webhook calls at once, in the background.
+    webhook_slots: Arc<tokio::sync::Semaphore>,
     /// Host liveness as the last full pass saw it.
     acted_on: HashMap<String, Liveness>,
     /// Addresses held by more than one server, as last reported.
@@ -136,6 +138,7 @@ pub async fn run_leader(client: Client, config: &Config, metrics: Metrics) -> Re
         leases: Leases::default(),
         created: Default::default(),
         event_slots: Arc::new(tokio::sync::Semaphore::new(16)),
+        webhook_slots: Arc::new(tokio::sync::Semaphore::new(4)),
         acted_on: HashMap::new(),
         duplicates: Default::default(),
     };
@@ -508,6 +511,29 @@ impl Scheduler {
             let _slot = slots.acquire().await;
             if let Err(e) = recorder.publish(&event, &object).await {
                 tracing::warn!(error = %e, "publishing an event failed");
+            }
+        });
+    }
+
+    /// POSTs to a pool's webhook in the background, a few at a time: a slow or
+    /// unreachable URL never holds up a pass (and with it failover). A failure is a
+    /// WebhookFailed Event on the request.
+    fn notify(&self, url: String, body: serde_json::Value, object: k8s_openapi::api::core::v1::ObjectReference) {
+        let (recorder, slots) = (self.recorder.clone(), self.webhook_slots.clone());
+        tokio::spawn(async move {
+            let _slot = slots.acquire().await;
+            if let Err(e) = crate::webhook::post(&url, &body).await {
+                let note = Some(format!("{url}: {e}"));
+                let event = Event {
+                    type_: EventType::Warning,
+                    reason: "WebhookFailed".into(),
+                    note,
+                    action: "Notify".into(),
+                    secondary: None,
+                };
+                if let Err(e) = recorder.publish(&event, &object).await {
+                    tracing::warn!(error = %e, "publishing an event failed");
+                }
             }
         });
     }
@@ -1173,10 +1199,7 @@ impl Scheduler {
                     "requester": request.spec.requester,
                     "servers": mine.iter().map(|s| s.name_any()).collect::<Vec<_>>(),
                 });
-                if let Err(e) = crate::webhook::post(url, &message).await {
-                    let note = format!("{url}: {e}");
-                    self.publish(request.object_ref(&()), EventType::Warning, "WebhookFailed", note, "Notify");
-                }
+                self.notify(url.clone(), message, request.object_ref(&()));
             }
             self.publish(request.object_ref(&()), type_, reason, note, "Request");
         }
