@@ -512,3 +512,26 @@ async fn operator_and_agents_run_with_their_least_privilege_roles() {
         assert!(!log.contains("forbidden"), "a covi process was refused something:\n{log}");
     }
 }
+
+/// Deleting a server whose host is gone dark does not wait for that host: once the
+/// host is lost (and so has fenced itself), the operator releases it, saying why.
+#[tokio::test]
+async fn deleting_a_server_on_a_lost_host_does_not_wait_for_the_host() {
+    let _turn = SERIAL.lock().await;
+    let (client, mut fleet, pool, ns, api) = setup("deadhost", &[(8, 16)]).await;
+    apply_server(&api, "stranded", &pool, json!({})).await;
+    fleet.wait_server(&api, "stranded", "to run", DEADLINE, ready).await;
+    fleet.agents[0].kill();
+    api.delete("stranded", &DeleteParams::default()).await.expect("delete");
+    // The pool's default timings: lost 13 s after the last renewal.
+    wait_until("the server to be gone once its host is lost", Duration::from_secs(60), || async {
+        api.get_opt("stranded").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    let events = events_for(&client, &ns, "stranded").await;
+    let host = fleet.host_name(1);
+    assert!(
+        events.iter().any(|(r, m)| r == "Released" && m.contains(&format!("its host {host} is lost"))),
+        "{events:?}"
+    );
+}

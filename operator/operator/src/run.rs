@@ -185,7 +185,7 @@ impl Scheduler {
             liveness.iter().filter(|(_, l)| **l == Liveness::Lost).map(|(h, _)| h.clone()).collect();
 
         self.add_finalizers(&servers).await?;
-        self.release_deleted(&servers, &hosts).await?;
+        self.release_deleted(&servers, &hosts, &lost).await?;
 
         let mut unmovable = BTreeMap::new();
         for pool in &pools {
@@ -287,26 +287,31 @@ impl Scheduler {
         futures::stream::iter(writes).buffer_unordered(16).collect::<Vec<_>>().await.into_iter().collect()
     }
 
-    /// Servers being deleted that no agent will clean up: never bound, or bound to a
-    /// Host that no longer exists.
-    async fn release_deleted(&self, servers: &[Arc<VirtualServer>], hosts: &[Arc<Host>]) -> Result<()> {
+    /// Servers being deleted that no agent will clean up (see
+    /// [`crate::scheduler::release_reason`]), with an Event saying why.
+    async fn release_deleted(
+        &self,
+        servers: &[Arc<VirtualServer>],
+        hosts: &[Arc<Host>],
+        lost: &BTreeSet<String>,
+    ) -> Result<()> {
         let host_names: BTreeSet<_> = hosts.iter().map(|h| h.name_any()).collect();
         for s in servers.iter().filter(|s| s.meta().deletion_timestamp.is_some()) {
             if !s.finalizers().iter().any(|f| f == FINALIZER) {
                 continue;
             }
-            let releasable = match bound_host(s, &self.assumed) {
-                None => true,
-                Some(host) => !host_names.contains(host),
+            let Some(why) = crate::scheduler::release_reason(s, &self.assumed, &host_names, lost) else {
+                continue;
             };
-            if releasable {
-                let rest: Vec<_> = s.finalizers().iter().filter(|f| *f != FINALIZER).collect();
-                let patch = json!({"metadata": {"finalizers": rest, "resourceVersion": s.resource_version()}});
-                let api: Api<VirtualServer> = Api::namespaced(self.client.clone(), &s.namespace().unwrap_or_default());
-                match api.patch(&s.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
-                    Ok(_) | Err(kube::Error::Api(_)) => {}
-                    Err(e) => return Err(e.into()),
+            let rest: Vec<_> = s.finalizers().iter().filter(|f| *f != FINALIZER).collect();
+            let patch = json!({"metadata": {"finalizers": rest, "resourceVersion": s.resource_version()}});
+            let api: Api<VirtualServer> = Api::namespaced(self.client.clone(), &s.namespace().unwrap_or_default());
+            match api.patch(&s.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
+                Ok(_) if bound_host(s, &self.assumed).is_some() => {
+                    self.publish(s.object_ref(&()), EventType::Normal, "Released", why, "Delete");
                 }
+                Ok(_) | Err(kube::Error::Api(_)) => {}
+                Err(e) => return Err(e.into()),
             }
         }
         Ok(())

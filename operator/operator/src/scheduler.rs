@@ -124,6 +124,33 @@ pub fn bound_host<'a>(server: &'a VirtualServer, assumed: &'a HashMap<String, As
         .or_else(|| server.status.as_ref().and_then(|s| s.host.as_deref()))
 }
 
+/// Why the operator, not an agent, releases covi's finalizer of a server being deleted,
+/// or None while an agent must: never bound; bound to a Host that no longer exists; or
+/// bound to a lost host, which fenced itself (no domain runs there, and its agent, back,
+/// removes what is left of a server that is gone). Not while a move is under way: the
+/// target may run it, and the move's own hand-over decides.
+pub fn release_reason(
+    server: &VirtualServer,
+    assumed: &HashMap<String, Assumed>,
+    hosts: &BTreeSet<String>,
+    lost: &BTreeSet<String>,
+) -> Option<String> {
+    use covi_api::virtual_server::MigrationPhase;
+    let moving = server
+        .status
+        .as_ref()
+        .and_then(|s| s.migration.as_ref())
+        .is_some_and(|m| matches!(m.phase, MigrationPhase::Pending | MigrationPhase::Running));
+    match bound_host(server, assumed) {
+        None => Some("it was never bound to a host".into()),
+        Some(host) if !hosts.contains(host) => Some(format!("its host {host} no longer exists")),
+        Some(host) if lost.contains(host) && !moving => {
+            Some(format!("its host {host} is lost and has fenced itself; its agent removes the disks when it is back"))
+        }
+        Some(_) => None,
+    }
+}
+
 /// Addresses that more than one of one pool's `servers` holds (two leaders at once, or an
 /// address claimed by hand), each with those servers ("namespace/name"), sorted.
 pub fn duplicate_addresses(

@@ -233,3 +233,26 @@ fn an_address_two_servers_hold_is_found() {
     assert_eq!(found.len(), 1, "{found:?}");
     assert_eq!(found[&"10.20.0.11".parse().unwrap()], ["ns/a", "ns/b"]);
 }
+
+#[test]
+fn a_deleted_server_on_a_lost_host_is_released_unless_it_is_moving() {
+    let bound = |host: &str, extra: serde_json::Value| {
+        let mut s = (*server("s", json!({}))).clone();
+        let mut status = json!({"host": host});
+        for (k, v) in extra.as_object().unwrap() {
+            status[k] = v.clone();
+        }
+        s.status = Some(serde_json::from_value(status).unwrap());
+        s
+    };
+    let hosts: BTreeSet<String> = ["h1".to_string(), "h2".to_string()].into();
+    let lost: BTreeSet<String> = ["h2".to_string()].into();
+    let none = HashMap::new();
+    assert_eq!(release_reason(&bound("h1", json!({})), &none, &hosts, &lost), None, "its agent releases it");
+    let on_lost = release_reason(&bound("h2", json!({})), &none, &hosts, &lost).unwrap();
+    assert!(on_lost.contains("its host h2 is lost"), "{on_lost}");
+    assert!(release_reason(&bound("gone", json!({})), &none, &hosts, &lost).unwrap().contains("no longer exists"));
+    assert!(release_reason(&server("s", json!({})), &none, &hosts, &lost).is_some(), "never bound");
+    let moving = bound("h2", json!({"migration": {"source": "h2", "target": "h1", "phase": "Running"}}));
+    assert_eq!(release_reason(&moving, &none, &hosts, &lost), None, "the target may run it");
+}
