@@ -227,6 +227,11 @@ fn invalid_cases() -> Vec<Case> {
             with(vm_request(), json!({"metadata": {"name": "r".repeat(59)}})),
             "a request's name is at most 58 characters",
         ),
+        create(
+            "relative storage path",
+            with(host_pool(), json!({"spec": {"storage": {"path": "images/../../etc"}}})),
+            "storage.path must be an absolute directory",
+        ),
         update(
             "requester changed",
             with(vm_request(), json!({})),

@@ -535,3 +535,16 @@ async fn deleting_a_server_on_a_lost_host_does_not_wait_for_the_host() {
         "{events:?}"
     );
 }
+
+/// `storage.path`: a host without the pool's storage pool defines it there, as a
+/// directory pool, and the server runs.
+#[tokio::test]
+async fn a_missing_storage_pool_is_defined_at_the_pools_path() {
+    let _turn = SERIAL.lock().await;
+    let (client, fleet, pool, _ns, api) = setup("newpool", &[(8, 16)]).await;
+    let storage = json!({"storage": {"pool": "covi-made-here", "path": "/var/lib/covi-made-here"}});
+    fleet.apply_pool(&client, storage).await;
+    apply_server(&api, "made", &pool, json!({"boot": {"image": null, "network": {}}})).await;
+    let s = fleet.wait_server(&api, "made", "to run from the pool the agent defined", DEADLINE, ready).await;
+    assert!(s.status.and_then(|st| st.domain_uuid).is_some());
+}

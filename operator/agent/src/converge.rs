@@ -89,6 +89,7 @@ mod tests {
             },
             disk: DiskPlan {
                 storage_pool: "p".into(),
+                storage_path: None,
                 volume: "v".into(),
                 image_volume: None,
                 format: "raw".into(),

@@ -462,6 +462,9 @@ async fn prepare_volumes(plan: &mut ServerPlan, ctx: &Context) -> Result<std::re
         VolumeError::ImageNotFound(m) => Failure::new("ImageNotFound", m),
         VolumeError::Failed(m) => Failure::new("VolumeFailed", m),
     };
+    if let Err(e) = hv.ensure_pool(&disk.storage_pool, disk.storage_path.as_deref()).await? {
+        return Ok(Err(volume(e)));
+    }
     match hv
         .ensure_volume(&disk.storage_pool, &disk.volume, disk.image_volume.as_deref(), &disk.format, disk.capacity)
         .await?

@@ -24,6 +24,8 @@ impl Failure {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskPlan {
     pub storage_pool: String,
+    /// Where to define the storage pool as a directory when a host lacks it.
+    pub storage_path: Option<String>,
     pub volume: String,
     pub image_volume: Option<String>,
     pub format: String,
@@ -166,6 +168,7 @@ pub fn plan(server: &VirtualServer, pool: &HostPool, driver_name: &str) -> Resul
     Ok(ServerPlan {
         disk: DiskPlan {
             storage_pool: pool.spec.storage.pool.clone(),
+            storage_path: pool.spec.storage.path.clone(),
             volume: disk_volume,
             image_volume: image.map(|i| i.volume.clone()),
             format: domain.disk_format.clone(),

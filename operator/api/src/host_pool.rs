@@ -206,15 +206,17 @@ impl Default for HostReserve {
 }
 
 /// The libvirt storage pool that holds images and server disks on every host.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct PoolStorage {
     /// Name of the libvirt storage pool on each host.
     #[schemars(length(min = 1, max = 253))]
     pub pool: String,
-    /// Directory of the pool on each host. When set and the pool is missing, the agent
-    /// defines it as a directory pool here (for example the mount point of NFS or CephFS).
+    /// Directory of the pool on each host, an absolute path. When set and the pool is
+    /// missing, the agent defines it as a directory pool here (for example the mount
+    /// point of NFS or CephFS).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.startsWith('/') && !self.contains('/../') && !self.endsWith('/..')").message("storage.path must be an absolute directory without '..', such as /var/lib/covi/images"))]
     #[schemars(length(min = 1, max = 4096))]
     pub path: Option<String>,
     /// Whether every host sees the same volumes (NFS, Ceph, a shared directory). Live

@@ -166,6 +166,36 @@ impl Hypervisor {
         .await
     }
 
+    /// Makes sure storage pool `pool` exists: when it is missing and the HostPool gives
+    /// a directory, defines it there as a directory pool (built, started, autostarted),
+    /// as for the mount point of NFS or CephFS.
+    pub async fn ensure_pool(&self, pool: &str, path: Option<&str>) -> Result<std::result::Result<(), VolumeError>> {
+        let (pool, path) = (pool.to_string(), path.map(str::to_string));
+        self.run(move |c| match (find_pool(c, &pool)?, path) {
+            (Ok(_), _) => Ok(Ok(())),
+            (Err(missing), None) => Ok(Err(missing)),
+            (Err(_), Some(path)) => {
+                let xml = format!(
+                    "<pool type='dir'><name>{}</name><target><path>{}</path></target></pool>",
+                    quick_xml::escape::escape(pool.as_str()),
+                    quick_xml::escape::escape(path.as_str())
+                );
+                let defined = c
+                    .define_storage_pool_xml(&xml, 0)
+                    .and_then(|p| {
+                        p.build(0)?;
+                        p.create(0)?;
+                        p.set_autostart(true)?;
+                        Ok(p)
+                    })
+                    .map_err(|e| format!("defining storage pool {pool} at {path}: {e}"));
+                tracing::info!(%pool, %path, ok = defined.is_ok(), "storage pool was missing; defined it as a directory");
+                Ok(defined.map(drop).map_err(VolumeError::Failed))
+            }
+        })
+        .await
+    }
+
     /// Makes sure volume `name` exists in storage pool `pool` with at least `capacity`
     /// bytes: a clone of `image` when given, else empty. Returns its path.
     pub async fn ensure_volume(
