@@ -663,6 +663,22 @@ async fn an_agent_identity_cannot_write_another_hosts_status() {
     })
     .await;
     assert!(message.contains("a covi agent may only write its own Host and Lease (own-a), not own-b"), "{message}");
+
+    // Its Lease: in the release namespace only, never kube-node-lease or a tenant's.
+    let lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": "own-a"},
+                       "spec": {"holderIdentity": "own-a", "leaseDurationSeconds": 10}});
+    let identity = client_as("covi-agent:own-a", &["covi:agents"]).await;
+    let leases = |ns: &str| Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(identity.clone(), ns);
+    wait_until("the agent to write its Lease in covi-system", DEADLINE, || async {
+        leases("covi-system").patch("own-a", &PatchParams::apply("covi-agent"), &Patch::Apply(&lease)).await.ok()
+    })
+    .await;
+    for ns in ["kube-node-lease", "default"] {
+        match leases(ns).patch("own-a", &PatchParams::apply("covi-agent"), &Patch::Apply(&lease)).await {
+            Err(kube::Error::Api(s)) => assert_eq!(s.code, 403, "{ns}: {}", s.message),
+            other => panic!("an agent wrote a Lease in {ns}: {other:?}"),
+        }
+    }
     let _ = crbs.delete("covi-agents-test", &DeleteParams::default()).await;
 }
 
