@@ -396,7 +396,7 @@ async fn only_an_approver_who_is_not_the_requester_can_approve() {
     s.wait_request("db", "to be fulfilled", |r| phase(r) == Some(VmRequestPhase::Fulfilled)).await;
 }
 
-/// The user journey of the issue: a requester approved for 2 servers scales to 4 and edits
+/// A requester approved for 2 servers scales to 4 and edits
 /// the template; nothing grows until an approver approves the generation they saw, an
 /// approval of an older generation is refused, and scaling down never needs approval.
 #[tokio::test]
@@ -624,21 +624,28 @@ async fn two_requests_in_one_pass_share_the_quota() {
     assert_eq!(all.items.len(), 2, "the quota of 3 is never exceeded");
 }
 
+/// Binds the chart's covi-agent role to the group covi:agents, as a user running
+/// agents with client certificates does; the caller deletes binding `name` at the end.
+async fn bind_agents(client: &Client, name: &str) -> Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> {
+    let crb: k8s_openapi::api::rbac::v1::ClusterRoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "covi-agent"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "covi:agents"}]
+    }))
+    .expect("binding");
+    let crbs: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> = Api::all(client.clone());
+    let _ = crbs.delete(name, &DeleteParams::default()).await;
+    crbs.create(&Default::default(), &crb).await.expect("bind agents");
+    crbs
+}
+
 #[tokio::test]
 async fn an_agent_identity_cannot_write_another_hosts_status() {
     let _turn = SERIAL.lock().await;
     let client = admin().await;
     install_crds(&client).await;
     let _policies = Policies::install();
-    let crb: k8s_openapi::api::rbac::v1::ClusterRoleBinding = serde_json::from_value(json!({
-        "metadata": {"name": "covi-agents-test"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "covi-agent"},
-        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "covi:agents"}]
-    }))
-    .expect("binding");
-    let crbs: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> = Api::all(client.clone());
-    let _ = crbs.delete("covi-agents-test", &DeleteParams::default()).await;
-    crbs.create(&Default::default(), &crb).await.expect("bind agents");
+    let crbs = bind_agents(&client, "covi-agents-test").await;
 
     let agent = Api::<covi_api::Host>::all(client_as("covi-agent:own-a", &["covi:agents"]).await);
     let host =
@@ -714,15 +721,7 @@ async fn an_agent_identity_writes_only_its_own_servers() {
     let client = admin().await;
     install_crds(&client).await;
     let _policies = Policies::install();
-    let crb: k8s_openapi::api::rbac::v1::ClusterRoleBinding = serde_json::from_value(json!({
-        "metadata": {"name": "covi-agents-servers-test"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "covi-agent"},
-        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "covi:agents"}]
-    }))
-    .expect("binding");
-    let crbs: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> = Api::all(client.clone());
-    let _ = crbs.delete("covi-agents-servers-test", &DeleteParams::default()).await;
-    crbs.create(&Default::default(), &crb).await.expect("bind agents");
+    let crbs = bind_agents(&client, "covi-agents-servers-test").await;
 
     // Three servers, as the operator would leave them: bound to srv-a, bound to srv-b,
     // and bound to srv-b while moving to srv-a.
