@@ -152,34 +152,36 @@ async fn decide(
 ) -> Result<String, String> {
     let user = whoami(client).await?;
     let api: Api<VmRequest> = Api::namespaced(client.clone(), ns);
-    let request = api.get(name).await.map_err(|e| format!("vmrequest/{name}: {}", api_message(e)))?;
-    let generation = request.metadata.generation.unwrap_or_default();
-    if let Some(seen) = seen
-        && seen != generation
-    {
-        return Err(format!(
-            "vmrequest/{name} changed since you read it: you saw generation {seen}, it is now at {generation}; \
-             run kubectl covi pending or describe again"
-        ));
-    }
     let reason = if type_ == "Approved" { "ApprovedByUser" } else { "DeniedByUser" };
-    let patch = json!({"apiVersion": "covi.io/v1alpha1", "kind": "VmRequest",
-    "metadata": {"resourceVersion": request.resource_version()},
-    "status": {"conditions": [{
-        "type": type_, "status": "True", "reason": reason,
-        "message": format!("{message} ({user})"),
-        "observedGeneration": generation,
-        "lastTransitionTime": Timestamp::now().to_string(),
-    }]}});
     let manager = format!("kubectl-covi/{user}");
-    match api.patch_status(name, &PatchParams::apply(&manager).force(), &Patch::Apply(&patch)).await {
-        Ok(_) => Ok(format!("vmrequest/{name} {} (generation {generation})\n", type_.to_lowercase())),
-        Err(kube::Error::Api(s)) if s.code == 409 => Err(format!(
-            "vmrequest/{name} changed while you decided (it was at generation {generation}); \
-             nothing was written: run kubectl covi describe {name} and decide again"
-        )),
-        Err(e) => Err(api_message(e)),
+    let mut seen = seen;
+    // The operator writes status too: a write that lost only to one of its updates is
+    // tried again, as long as the request itself is still the generation seen.
+    for _ in 0..3 {
+        let request = api.get(name).await.map_err(|e| format!("vmrequest/{name}: {}", api_message(e)))?;
+        let generation = request.metadata.generation.unwrap_or_default();
+        let saw = *seen.get_or_insert(generation);
+        if saw != generation {
+            return Err(format!(
+                "vmrequest/{name} changed since you read it: you saw generation {saw}, it is now at {generation}; \
+                 nothing was written: run kubectl covi describe {name} and decide again"
+            ));
+        }
+        let patch = json!({"apiVersion": "covi.io/v1alpha1", "kind": "VmRequest",
+        "metadata": {"resourceVersion": request.resource_version()},
+        "status": {"conditions": [{
+            "type": type_, "status": "True", "reason": reason,
+            "message": format!("{message} ({user})"),
+            "observedGeneration": generation,
+            "lastTransitionTime": Timestamp::now().to_string(),
+        }]}});
+        match api.patch_status(name, &PatchParams::apply(&manager).force(), &Patch::Apply(&patch)).await {
+            Ok(_) => return Ok(format!("vmrequest/{name} {} (generation {generation})\n", type_.to_lowercase())),
+            Err(kube::Error::Api(s)) if s.code == 409 => continue,
+            Err(e) => return Err(api_message(e)),
+        }
     }
+    Err(format!("vmrequest/{name} kept changing while you decided; nothing was written: try again"))
 }
 
 fn api_message(e: kube::Error) -> String {
