@@ -737,7 +737,7 @@ async fn an_agent_identity_writes_only_its_own_servers() {
         ),
     ] {
         let server = json!({"apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer",
-            "metadata": {"name": name, "finalizers": ["covi.io/domain"]},
+            "metadata": {"name": name, "finalizers": [covi_api::contract::FINALIZER]},
             "spec": {"hostPool": "p", "class": "small", "boot": {"image": "debian-12"}, "owner": "o", "purpose": "p"}});
         admin_api.patch(name, &PatchParams::apply(FIELD_MANAGER), &Patch::Apply(&server)).await.expect("server");
         admin_api

@@ -93,7 +93,7 @@ async fn a_server_becomes_running_with_an_address_from_the_pool() {
     assert_eq!((status.cpus, status.memory.as_deref()), (Some(1), Some("1Gi")));
     assert_eq!(status.domain_uuid, s.uid(), "the domain's UUID is the server's UID");
     assert_eq!(status.observed_generation, s.metadata.generation);
-    assert!(s.finalizers().iter().any(|f| f == "covi.io/domain"));
+    assert!(s.finalizers().iter().any(|f| f == covi_api::contract::FINALIZER));
 
     let events = events_for(&client, &ns, "web-1").await;
     let reasons: BTreeSet<_> = events.iter().map(|(r, _)| r.as_str()).collect();

@@ -17,8 +17,7 @@ use serde_json::json;
 use crate::error::Result;
 use crate::libvirt::HostFacts;
 
-/// Field manager of everything the agent writes.
-pub const MANAGER: &str = "covi-agent";
+use covi_api::contract::manager;
 
 /// Renewal period when the host's pool does not say.
 pub const DEFAULT_RENEW: Duration = Duration::from_secs(2);
@@ -44,7 +43,7 @@ impl HostReporter {
     pub async fn report(&self, facts: &HostFacts, storage: Option<u64>, fenced: Option<String>) -> Result<()> {
         let api: Api<Host> = Api::all(self.client.clone());
         let node = self.node.as_str();
-        let params = PatchParams::apply(MANAGER).force();
+        let params = PatchParams::apply(manager::AGENT).force();
         let mut conditions = self.conditions.lock().await;
         let now = Timestamp::now();
         let message = format!(

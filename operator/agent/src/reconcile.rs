@@ -23,13 +23,12 @@ use serde_json::json;
 use crate::converge::{Step, steps};
 use crate::domain_xml::{Boot, render};
 use crate::error::{Error, Result};
-use crate::host::MANAGER;
 use crate::libvirt::{Hypervisor, StartRefused, VolumeError};
 use crate::seed::build_iso;
 use crate::server::{Failure, ServerPlan, plan, volume_names};
+use covi_api::contract::manager;
 
-/// The finalizer that keeps a VirtualServer until its host removed the domain and disks.
-pub const FINALIZER: &str = "covi.io/domain";
+pub use covi_api::contract::FINALIZER;
 
 /// What every reconcile shares.
 pub struct Context {
@@ -569,7 +568,7 @@ async fn report(server: &VirtualServer, ctx: &Context, outcome: Outcome) -> Resu
         patch["status"]["domainUuid"] = json!(uuid);
     }
     let api: Api<VirtualServer> = Api::namespaced(ctx.client.clone(), &server.namespace().unwrap_or_default());
-    api.patch_status(&server.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
+    api.patch_status(&server.name_any(), &PatchParams::apply(manager::AGENT).force(), &Patch::Apply(&patch)).await?;
     ctx.reported.record(&uid, &based_on, &key);
     Ok(())
 }

@@ -9,6 +9,7 @@
 #![allow(clippy::duplicated_attributes)]
 
 pub mod condition;
+pub mod contract;
 pub mod duration;
 pub mod host;
 pub mod host_pool;

@@ -276,6 +276,16 @@ pub struct VirtualServerStatus {
     pub failovers: Vec<FailoverRecord>,
 }
 
+impl VirtualServer {
+    /// Whether the server's Ready condition is True: it runs as its spec asks.
+    pub fn is_ready(&self) -> bool {
+        self.status
+            .as_ref()
+            .and_then(|s| crate::condition::find_condition(&s.conditions, "Ready"))
+            .is_some_and(|c| c.status == "True")
+    }
+}
+
 /// Lifecycle phase of a virtual server.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VirtualServerPhase {

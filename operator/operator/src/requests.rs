@@ -10,8 +10,7 @@ use covi_api::{HostPool, VirtualServer, VmRequest};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 
-/// Label every server of a request carries.
-pub const REQUEST_LABEL: &str = "covi.io/request";
+pub use covi_api::contract::REQUEST_LABEL;
 
 /// Where a request stands with its approvers.
 #[derive(Clone, Debug, PartialEq)]
@@ -183,7 +182,7 @@ pub struct Progress {
 /// The progress of an approved request from its servers and the clock.
 pub fn progress(request: &VmRequest, servers: &[&VirtualServer], warning: Duration, now: Timestamp) -> Progress {
     let status = request.status.clone().unwrap_or_default();
-    let ready = servers.iter().filter(|s| crate::run::server_ready(s)).count() as i32;
+    let ready = servers.iter().filter(|s| s.is_ready()).count() as i32;
     let already_expired = status.phase == Some(VmRequestPhase::Expired);
     let lifetime = request.spec.lifetime.as_deref().and_then(covi_api::duration::parse);
     let fulfilled = ready >= request.spec.replicas && servers.len() as i32 == request.spec.replicas;

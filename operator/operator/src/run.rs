@@ -30,19 +30,8 @@ use crate::health::{Leases, Liveness, mass_failure};
 use crate::metrics::Metrics;
 use crate::scheduler::{Assumed, Decision, bound_host, host_facts, in_pool, pass, rules};
 
-/// Field manager of everything the operator writes.
-pub const MANAGER: &str = "covi-operator";
-/// Field manager of the fields the operator writes for a silent agent (a host's Ready,
-/// a lost server's phase): a manager of its own, so its applies never drop fields of
-/// the operator's other applies, and the agent's forced applies take them back.
-pub const SILENT_AGENT_MANAGER: &str = "covi-operator-for-agent";
-/// Field manager of a server's Stalled condition, which the operator derives from the
-/// phase whoever wrote it (the agent or the scheduler).
-pub const STALLED_MANAGER: &str = "covi-operator-stalled";
-/// Field manager of a server's `status.migration`.
-pub const MIGRATION_MANAGER: &str = "covi-operator-migration";
-/// The finalizer that keeps a server until its domain and disks are gone.
-pub const FINALIZER: &str = "covi.io/domain";
+pub use covi_api::contract::FINALIZER;
+use covi_api::contract::manager;
 
 pub async fn client(config: &Config) -> Result<Client> {
     covi_daemon::kube_client(config.kubeconfig.as_deref()).await.map_err(Error::Config)
@@ -124,7 +113,7 @@ pub async fn run_leader(client: Client, config: &Config, metrics: Metrics) -> Re
             return Err(Error::Config(format!("the watch of {what} ended before it synced")));
         }
     }
-    let reporter = Reporter { controller: MANAGER.into(), instance: Some(config.identity.clone()) };
+    let reporter = Reporter { controller: manager::OPERATOR.into(), instance: Some(config.identity.clone()) };
     let mut scheduler = Scheduler {
         recorder: Recorder::new(client.clone(), reporter),
         client,
@@ -341,7 +330,7 @@ impl Scheduler {
                 json!({"apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer", "status": {"conditions": stalled}});
             let api: Api<VirtualServer> = Api::namespaced(self.client.clone(), &s.namespace().unwrap_or_default());
             Some(async move {
-                let params = PatchParams::apply(STALLED_MANAGER).force();
+                let params = PatchParams::apply(manager::OPERATOR_STALLED).force();
                 if let Err(e) = api.patch_status(&s.name_any(), &params, &Patch::Apply(&patch)).await {
                     tracing::warn!(server = %s.name_any(), error = %e, "updating the Stalled condition failed");
                 }
@@ -464,8 +453,12 @@ impl Scheduler {
         };
         let patch = json!({"apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer", "status": body});
         let api: Api<VirtualServer> = Api::namespaced(self.client.clone(), &server.namespace().unwrap_or_default());
-        api.patch_status(&server.name_any(), &PatchParams::apply(MIGRATION_MANAGER).force(), &Patch::Apply(&patch))
-            .await?;
+        api.patch_status(
+            &server.name_any(),
+            &PatchParams::apply(manager::OPERATOR_MIGRATION).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
         let before = server.status.as_ref().and_then(|s| s.migration.as_ref());
         let event = match record {
             None => Some((EventType::Normal, "MigrationCancelled", "the move was called off before it started".into())),
@@ -641,7 +634,8 @@ impl Scheduler {
             patch["metadata"] = json!({"resourceVersion": server.resource_version()});
         }
         let api: Api<VirtualServer> = Api::namespaced(self.client.clone(), &server.namespace().unwrap_or_default());
-        api.patch_status(&server.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
+        api.patch_status(&server.name_any(), &PatchParams::apply(manager::OPERATOR).force(), &Patch::Apply(&patch))
+            .await?;
         let (type_, event_reason) = match decision {
             Decision::Bind { failover_from: Some(_), .. } => (EventType::Warning, "FailedOver"),
             Decision::Bind { migrated_from: Some(_), .. } => (EventType::Normal, "HandedOver"),
@@ -681,8 +675,12 @@ impl Scheduler {
             "phase": VirtualServerPhase::Failed, "conditions": ready,
         }});
         let api: Api<VirtualServer> = Api::namespaced(self.client.clone(), &server.namespace().unwrap_or_default());
-        api.patch_status(&server.name_any(), &PatchParams::apply(SILENT_AGENT_MANAGER).force(), &Patch::Apply(&patch))
-            .await?;
+        api.patch_status(
+            &server.name_any(),
+            &PatchParams::apply(manager::OPERATOR_FOR_AGENT).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
         self.publish(server.object_ref(&()), EventType::Warning, "HostLost", message, "Failover");
         Ok(())
     }
@@ -760,7 +758,7 @@ impl Scheduler {
                 // Ready is the agent's condition; the operator speaks for a silent agent.
                 let ready: Vec<_> = conditions.iter().filter(|c| c.type_ == "Ready").collect();
                 let patch = json!({"apiVersion": "covi.io/v1alpha1", "kind": "Host", "status": {"conditions": ready}});
-                let params = PatchParams::apply(SILENT_AGENT_MANAGER).force();
+                let params = PatchParams::apply(manager::OPERATOR_FOR_AGENT).force();
                 if let Err(e) = api.patch_status(&name, &params, &Patch::Apply(&patch)).await {
                     tracing::warn!(host = %name, error = %e, "updating host readiness failed");
                     return;
@@ -774,7 +772,9 @@ impl Scheduler {
                 "pool": pool_name, "servers": on_host.len(), "cpuAllocation": cpu, "memoryAllocation": memory,
                 "conditions": mine, "unmovable": stuck,
             }});
-            if let Err(e) = api.patch_status(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await {
+            if let Err(e) =
+                api.patch_status(&name, &PatchParams::apply(manager::OPERATOR).force(), &Patch::Apply(&patch)).await
+            {
                 tracing::warn!(host = %name, error = %e, "updating host status failed");
                 return;
             }
@@ -865,8 +865,9 @@ impl Scheduler {
                 "conditions": conditions.iter().filter(|c| c.type_ == "Ready" || c.type_ == "FailoverPaused").collect::<Vec<_>>(),
             }});
             let api: Api<HostPool> = Api::all(self.client.clone());
-            if let Err(e) =
-                api.patch_status(&pool.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await
+            if let Err(e) = api
+                .patch_status(&pool.name_any(), &PatchParams::apply(manager::OPERATOR).force(), &Patch::Apply(&patch))
+                .await
             {
                 tracing::warn!(pool = %pool.name_any(), error = %e, "updating pool status failed");
             }
@@ -1192,7 +1193,7 @@ impl Scheduler {
         if !unchanged {
             let patch = json!({"apiVersion": "covi.io/v1alpha1", "kind": "VmRequest", "status": body});
             let api: Api<VmRequest> = Api::namespaced(self.client.clone(), &ns);
-            api.patch_status(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
+            api.patch_status(&name, &PatchParams::apply(manager::OPERATOR).force(), &Patch::Apply(&patch)).await?;
         }
         let webhook = pool.and_then(|p| p.spec.approval.as_ref()).and_then(|a| a.webhook_url.clone());
         for (type_, reason, note) in events {
@@ -1380,9 +1381,4 @@ fn liveness_conditions(
         }
         _ => None,
     }
-}
-
-/// Whether `server`'s Ready condition is True.
-pub fn server_ready(server: &VirtualServer) -> bool {
-    server.status.as_ref().and_then(|s| find_condition(&s.conditions, "Ready")).is_some_and(|c| c.status == "True")
 }
