@@ -1,5 +1,6 @@
 //! This host in the API: its Host object (facts and Ready) and its Lease (heartbeat).
 
+use covi_api::contract::condition_type;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -50,7 +51,7 @@ impl HostReporter {
             "covi-agent reaches {} {} through libvirt {}",
             facts.driver, facts.hypervisor_version, facts.libvirt_version
         );
-        set_condition(&mut conditions, "Ready", ConditionStatus::True, "AgentReady", message, None, now);
+        set_condition(&mut conditions, condition_type::READY, ConditionStatus::True, "AgentReady", message, None, now);
         match fenced {
             Some(message) => {
                 set_condition(&mut conditions, "Fenced", ConditionStatus::True, "SelfFenced", message, None, now)

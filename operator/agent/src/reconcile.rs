@@ -1,6 +1,7 @@
 //! Converging one VirtualServer bound to this host, in the steps
 //! dereference → validate/build (pure, `server::plan`) → apply → report status.
 
+use covi_api::contract::condition_type;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -316,7 +317,7 @@ async fn disk_lease_held(server: &VirtualServer, ctx: &Context, libvirt: &str) -
         ctx.node
     );
     let already = status
-        .and_then(|s| covi_api::condition::find_condition(&s.conditions, "Ready"))
+        .and_then(|s| covi_api::condition::find_condition(&s.conditions, condition_type::READY))
         .is_some_and(|c| c.reason == READY_DISK_LEASE_HELD);
     if !already {
         publish(ctx, server, EventType::Warning, READY_DISK_LEASE_HELD, message.clone()).await;
@@ -531,7 +532,7 @@ async fn report(server: &VirtualServer, ctx: &Context, outcome: Outcome) -> Resu
     let generation = server.meta().generation;
     let changed = set_condition(
         &mut conditions,
-        "Ready",
+        condition_type::READY,
         outcome.ready,
         outcome.reason,
         outcome.message.clone(),
@@ -553,7 +554,7 @@ async fn report(server: &VirtualServer, ctx: &Context, outcome: Outcome) -> Resu
     if outcome.phase == VirtualServerPhase::Stopped && status.phase != Some(VirtualServerPhase::Stopped) {
         publish(ctx, server, EventType::Normal, "Stopped", format!("shut off on {}", ctx.node)).await;
     }
-    let ready: Vec<_> = conditions.into_iter().filter(|c| c.type_ == "Ready").collect();
+    let ready: Vec<_> = conditions.into_iter().filter(|c| c.type_ == condition_type::READY).collect();
     let mut patch = json!({
         "apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer",
         "status": {

@@ -27,3 +27,33 @@ pub mod manager {
     /// domain UUID.
     pub const AGENT: &str = "covi-agent";
 }
+
+/// Condition types covi writes, one entry per type in each object's `conditions`.
+pub mod condition_type {
+    /// Every kind: whether the object is what its spec asks (kstatus reads it).
+    pub const READY: &str = "Ready";
+    /// Every kind: progress stopped until something changes; the reason says what.
+    pub const STALLED: &str = "Stalled";
+    /// VirtualServer: bound to a host with an address (the operator's).
+    pub const SCHEDULED: &str = "Scheduled";
+    /// Host: no Lease renewal for longer than the lease and grace.
+    pub const LOST: &str = "Lost";
+    /// Host: drained for maintenance.
+    pub const EVACUATED: &str = "Evacuated";
+    /// HostPool: failover waits because too many hosts are lost at once.
+    pub const FAILOVER_PAUSED: &str = "FailoverPaused";
+    /// VmRequest: an approver's (or the pool policy's) approval of one generation.
+    pub const APPROVED: &str = "Approved";
+    /// VmRequest: an approver's refusal.
+    pub const DENIED: &str = "Denied";
+    /// VmRequest: grown or changed beyond what was approved.
+    pub const APPROVAL_OUTDATED: &str = "ApprovalOutdated";
+    /// VmRequest: growth held by the namespace's quota in the pool.
+    pub const QUOTA_EXCEEDED: &str = "QuotaExceeded";
+    /// VmRequest: all servers Ready.
+    pub const FULFILLED: &str = "Fulfilled";
+    /// VmRequest: the lifetime ends soon.
+    pub const EXPIRING_SOON: &str = "ExpiringSoon";
+    /// VmRequest: the lifetime ended and the servers were deleted.
+    pub const EXPIRED: &str = "Expired";
+}

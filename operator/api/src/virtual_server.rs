@@ -1,5 +1,6 @@
 //! VirtualServer: one virtual machine in a HostPool.
 
+use crate::contract::condition_type;
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -281,7 +282,7 @@ impl VirtualServer {
     pub fn is_ready(&self) -> bool {
         self.status
             .as_ref()
-            .and_then(|s| crate::condition::find_condition(&s.conditions, "Ready"))
+            .and_then(|s| crate::condition::find_condition(&s.conditions, condition_type::READY))
             .is_some_and(|c| c.status == "True")
     }
 }

@@ -11,6 +11,7 @@
 //! (`--generation`), or the one read just before writing; a request changed in between
 //! is refused, never approved unseen.
 
+use covi_api::contract::condition_type;
 use std::process::ExitCode;
 
 use covi_api::condition::find_condition;
@@ -113,11 +114,11 @@ async fn run(args: &[String]) -> Result<String, String> {
     match a.command.as_str() {
         "approve" => {
             let message = a.message.clone().unwrap_or_else(|| "approved".into());
-            decide(&client, &namespace, &name()?, "Approved", &message, a.generation).await
+            decide(&client, &namespace, &name()?, condition_type::APPROVED, &message, a.generation).await
         }
         "deny" => {
             let message = a.message.clone().ok_or("deny needs -m MESSAGE: say why")?;
-            decide(&client, &namespace, &name()?, "Denied", &message, a.generation).await
+            decide(&client, &namespace, &name()?, condition_type::DENIED, &message, a.generation).await
         }
         "pending" => pending(&client, &namespace, a.namespace.is_some() && !a.all_namespaces).await,
         "describe" => describe(&client, &namespace, &name()?).await,
@@ -152,7 +153,7 @@ async fn decide(
 ) -> Result<String, String> {
     let user = whoami(client).await?;
     let api: Api<VmRequest> = Api::namespaced(client.clone(), ns);
-    let reason = if type_ == "Approved" { "ApprovedByUser" } else { "DeniedByUser" };
+    let reason = if type_ == condition_type::APPROVED { "ApprovedByUser" } else { "DeniedByUser" };
     let manager = format!("kubectl-covi/{user}");
     let mut seen = seen;
     // The operator writes status too: a write that lost only to one of its updates is
@@ -214,11 +215,11 @@ async fn pending(client: &Client, ns: &str, explicit_namespace: bool) -> Result<
             continue;
         }
         // A request that outgrew its approval says what changed; a quota holds others.
-        let waiting = find_condition(&status.conditions, "ApprovalOutdated")
+        let waiting = find_condition(&status.conditions, condition_type::APPROVAL_OUTDATED)
             .filter(|c| c.status == "True")
             .map(|c| format!("re-approval: {}", c.message))
             .or_else(|| {
-                find_condition(&status.conditions, "QuotaExceeded")
+                find_condition(&status.conditions, condition_type::QUOTA_EXCEEDED)
                     .filter(|c| c.status == "True")
                     .map(|c| format!("quota: {}", c.message))
             })
@@ -256,7 +257,8 @@ async fn describe(client: &Client, ns: &str, name: &str) -> Result<String, Strin
         status.expires_at.map(|t| t.0.to_string()).unwrap_or_else(|| "-".into()),
     );
     out.push_str("Conditions:\n");
-    for t in ["Approved", "ApprovalOutdated", "Denied", "QuotaExceeded", "Fulfilled", "ExpiringSoon", "Expired"] {
+    use condition_type::*;
+    for t in [APPROVED, APPROVAL_OUTDATED, DENIED, QUOTA_EXCEEDED, FULFILLED, EXPIRING_SOON, EXPIRED] {
         if let Some(c) = find_condition(&status.conditions, t) {
             let at = c.observed_generation.map(|g| format!(" (generation {g})")).unwrap_or_default();
             out.push_str(&format!("  {t}={} {}: {}{at}\n", c.status, c.reason, c.message));

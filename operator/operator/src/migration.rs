@@ -12,6 +12,7 @@
 //! down the failover path like any other, except that a source lost during a live
 //! migration hands the server to the target (the scheduler's `to_live_target`).
 
+use covi_api::contract::condition_type;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
@@ -55,7 +56,7 @@ fn key(server: &VirtualServer) -> String {
 }
 
 fn ready_reason(server: &VirtualServer) -> Option<(&str, &str, &str)> {
-    let c = find_condition(&server.status.as_ref()?.conditions, "Ready")?;
+    let c = find_condition(&server.status.as_ref()?.conditions, condition_type::READY)?;
     Some((c.status.as_str(), c.reason.as_str(), c.message.as_str()))
 }
 

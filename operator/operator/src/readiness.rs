@@ -4,6 +4,7 @@
 //! what covi says, so a GitOps pipeline waits exactly as long as it should.
 
 use covi_api::condition::find_condition;
+use covi_api::contract::condition_type;
 use covi_api::virtual_server::{VirtualServerPhase, VirtualServerStatus};
 use covi_api::vm_request::VmRequestPhase;
 use covi_api::{Condition, ConditionStatus};
@@ -33,12 +34,12 @@ impl Desired {
 /// never failed (so healthy servers cost no extra write). None: leave it as it is.
 pub fn server_stalled(status: &VirtualServerStatus) -> Option<Desired> {
     let failed_condition = || {
-        ["Ready", "Scheduled"]
+        [condition_type::READY, condition_type::SCHEDULED]
             .iter()
             .filter_map(|t| find_condition(&status.conditions, t))
             .find(|c| c.status == "False")
     };
-    let stalled = find_condition(&status.conditions, "Stalled");
+    let stalled = find_condition(&status.conditions, condition_type::STALLED);
     if status.phase == Some(VirtualServerPhase::Failed) {
         return Some(match failed_condition() {
             Some(c) => Desired::new(ConditionStatus::True, &c.reason, c.message.clone()),
@@ -54,7 +55,7 @@ pub fn server_stalled(status: &VirtualServerStatus) -> Option<Desired> {
 /// is Ready (and still after expiry: the request did its job); Stalled when only a
 /// person can move it on (denied, or over its namespace's quota).
 pub fn request_conditions(phase: VmRequestPhase, conditions: &[Condition]) -> [(&'static str, Desired); 2] {
-    let over_quota = find_condition(conditions, "QuotaExceeded").filter(|c| c.status == "True");
+    let over_quota = find_condition(conditions, condition_type::QUOTA_EXCEEDED).filter(|c| c.status == "True");
     let ready = match phase {
         VmRequestPhase::Fulfilled => Desired::new(ConditionStatus::True, "Fulfilled", "every server is Ready"),
         VmRequestPhase::Expired => {
@@ -68,13 +69,14 @@ pub fn request_conditions(phase: VmRequestPhase, conditions: &[Condition]) -> [(
     };
     let stalled = match (phase, over_quota) {
         (VmRequestPhase::Denied, _) => {
-            let message = find_condition(conditions, "Denied").map(|c| c.message.clone()).unwrap_or_default();
+            let message =
+                find_condition(conditions, condition_type::DENIED).map(|c| c.message.clone()).unwrap_or_default();
             Desired::new(ConditionStatus::True, "Denied", message)
         }
         (_, Some(c)) => Desired::new(ConditionStatus::True, "QuotaExceeded", c.message.clone()),
         _ => Desired::new(ConditionStatus::False, "Progressing", "nothing blocks the request"),
     };
-    [("Ready", ready), ("Stalled", stalled)]
+    [(condition_type::READY, ready), (condition_type::STALLED, stalled)]
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! VmRequests: the approval gate, the servers a request owns, fulfilment and expiry.
 //! Decisions are pure functions of the request, its pool and its servers.
 
+use covi_api::contract::condition_type;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
@@ -39,12 +40,12 @@ pub enum Approval {
 pub fn approval(request: &VmRequest, pool: Option<&HostPool>) -> Approval {
     let status = request.status.as_ref();
     let conditions = status.map(|s| s.conditions.as_slice()).unwrap_or_default();
-    if let Some(c) = find_condition(conditions, "Denied").filter(|c| c.status == "True") {
+    if let Some(c) = find_condition(conditions, condition_type::DENIED).filter(|c| c.status == "True") {
         return Approval::Denied { message: c.message.clone() };
     }
     let now = request.approvable();
     let auto = || pool.is_some_and(|pool| within_auto_approval(request, pool));
-    let Some(approved) = find_condition(conditions, "Approved").filter(|c| c.status == "True") else {
+    let Some(approved) = find_condition(conditions, condition_type::APPROVED).filter(|c| c.status == "True") else {
         return if auto() { Approval::Approved { auto: true, covers: Box::new(now) } } else { Approval::Pending };
     };
     // An approval covers the generation it names: the current one, or the one recorded

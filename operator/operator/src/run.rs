@@ -3,6 +3,7 @@
 //! that can go, schedules pending servers pool by pool, and keeps Host and HostPool
 //! status current. Only the leader runs it.
 
+use covi_api::contract::condition_type;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -312,20 +313,20 @@ impl Scheduler {
         let writes = servers.iter().filter(|s| s.meta().deletion_timestamp.is_none()).filter_map(|s| {
             let status = s.status.as_ref()?;
             let desired = crate::readiness::server_stalled(status)?;
-            if desired.matches(find_condition(&status.conditions, "Stalled")) {
+            if desired.matches(find_condition(&status.conditions, condition_type::STALLED)) {
                 return None;
             }
             let mut conditions = status.conditions.clone();
             set_condition(
                 &mut conditions,
-                "Stalled",
+                condition_type::STALLED,
                 desired.status,
                 &desired.reason,
                 desired.message,
                 s.meta().generation,
                 Timestamp::now(),
             );
-            let stalled: Vec<_> = conditions.into_iter().filter(|c| c.type_ == "Stalled").collect();
+            let stalled: Vec<_> = conditions.into_iter().filter(|c| c.type_ == condition_type::STALLED).collect();
             let patch =
                 json!({"apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer", "status": {"conditions": stalled}});
             let api: Api<VirtualServer> = Api::namespaced(self.client.clone(), &s.namespace().unwrap_or_default());
@@ -568,8 +569,15 @@ impl Scheduler {
             }
             Decision::HostLost { .. } => unreachable!("handled above"),
         };
-        let mut changed =
-            set_condition(&mut conditions, "Scheduled", scheduled, reason, message.clone(), generation, now);
+        let mut changed = set_condition(
+            &mut conditions,
+            condition_type::SCHEDULED,
+            scheduled,
+            reason,
+            message.clone(),
+            generation,
+            now,
+        );
         // Not Ready until an agent says so: without the condition, GitOps tools (kstatus)
         // would take a bound but not yet started server as done. The agent's forced
         // apply takes the condition over.
@@ -579,7 +587,7 @@ impl Scheduler {
         };
         changed |= set_condition(
             &mut conditions,
-            "Ready",
+            condition_type::READY,
             ConditionStatus::False,
             ready_reason,
             ready_message,
@@ -590,8 +598,10 @@ impl Scheduler {
         if unchanged && !matches!(decision, Decision::Bind { .. }) {
             return Ok(());
         }
-        let scheduled: Vec<_> =
-            conditions.into_iter().filter(|c| c.type_ == "Scheduled" || c.type_ == "Ready").collect();
+        let scheduled: Vec<_> = conditions
+            .into_iter()
+            .filter(|c| c.type_ == condition_type::SCHEDULED || c.type_ == condition_type::READY)
+            .collect();
         let mut body = json!({
             "observedGeneration": generation,
             "phase": phase,
@@ -663,14 +673,14 @@ impl Scheduler {
         };
         set_condition(
             &mut conditions,
-            "Ready",
+            condition_type::READY,
             ConditionStatus::False,
             "HostLost",
             message.clone(),
             server.meta().generation,
             Timestamp::now(),
         );
-        let ready: Vec<_> = conditions.into_iter().filter(|c| c.type_ == "Ready").collect();
+        let ready: Vec<_> = conditions.into_iter().filter(|c| c.type_ == condition_type::READY).collect();
         let patch = json!({"apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer", "status": {
             "phase": VirtualServerPhase::Failed, "conditions": ready,
         }});
@@ -729,16 +739,22 @@ impl Scheduler {
                 &name,
             );
             let stuck = if host.spec.maintenance { unmovable.get(&name).cloned().unwrap_or_default() } else { vec![] };
-            let was_evacuated = is_condition_true(&conditions, "Evacuated");
+            let was_evacuated = is_condition_true(&conditions, condition_type::EVACUATED);
             let in_flight = leaving.get(name.as_str()).copied().unwrap_or(0);
             let evacuation = crate::migration::evacuation(host.spec.maintenance, on_host.len() + in_flight, &stuck);
             let evacuation_changed = match &evacuation {
-                Some((st, reason, message)) => {
-                    set_condition(&mut conditions, "Evacuated", *st, reason, message.clone(), None, Timestamp::now())
-                }
+                Some((st, reason, message)) => set_condition(
+                    &mut conditions,
+                    condition_type::EVACUATED,
+                    *st,
+                    reason,
+                    message.clone(),
+                    None,
+                    Timestamp::now(),
+                ),
                 None => {
-                    let had = conditions.iter().any(|c| c.type_ == "Evacuated");
-                    conditions.retain(|c| c.type_ != "Evacuated");
+                    let had = conditions.iter().any(|c| c.type_ == condition_type::EVACUATED);
+                    conditions.retain(|c| c.type_ != condition_type::EVACUATED);
                     had
                 }
             };
@@ -756,7 +772,7 @@ impl Scheduler {
             // Ready first: whoever sees Lost=True also sees Ready=False HostLost.
             if transition.is_some() {
                 // Ready is the agent's condition; the operator speaks for a silent agent.
-                let ready: Vec<_> = conditions.iter().filter(|c| c.type_ == "Ready").collect();
+                let ready: Vec<_> = conditions.iter().filter(|c| c.type_ == condition_type::READY).collect();
                 let patch = json!({"apiVersion": "covi.io/v1alpha1", "kind": "Host", "status": {"conditions": ready}});
                 let params = PatchParams::apply(manager::OPERATOR_FOR_AGENT).force();
                 if let Err(e) = api.patch_status(&name, &params, &Patch::Apply(&patch)).await {
@@ -766,7 +782,11 @@ impl Scheduler {
             }
             let mine: Vec<_> = conditions
                 .iter()
-                .filter(|c| c.type_ == "Lost" || c.type_ == "Stalled" || c.type_ == "Evacuated")
+                .filter(|c| {
+                    c.type_ == condition_type::LOST
+                        || c.type_ == condition_type::STALLED
+                        || c.type_ == condition_type::EVACUATED
+                })
                 .collect();
             let patch = json!({"apiVersion": "covi.io/v1alpha1", "kind": "Host", "status": {
                 "pool": pool_name, "servers": on_host.len(), "cpuAllocation": cpu, "memoryAllocation": memory,
@@ -822,8 +842,15 @@ impl Scheduler {
                 (ConditionStatus::False, "NoReadyHost", format!("none of the pool's {} hosts is ready", members.len()))
             };
             let generation = pool.meta().generation;
-            let mut changed =
-                set_condition(&mut conditions, "Ready", ok, reason, message, generation, Timestamp::now());
+            let mut changed = set_condition(
+                &mut conditions,
+                condition_type::READY,
+                ok,
+                reason,
+                message,
+                generation,
+                Timestamp::now(),
+            );
             let lost_here = members.iter().filter(|h| lost.contains(&h.name_any())).count();
             let paused = failover_paused(pools, pool, hosts, lost);
             let (status_, reason, message) = if paused {
@@ -841,7 +868,7 @@ impl Scheduler {
             };
             changed |= set_condition(
                 &mut conditions,
-                "FailoverPaused",
+                condition_type::FAILOVER_PAUSED,
                 status_,
                 reason,
                 message.clone(),
@@ -862,7 +889,7 @@ impl Scheduler {
                 "observedGeneration": generation,
                 "readyHosts": ready, "totalHosts": members.len(), "servers": on_pool.len(),
                 "cpuAllocation": cpu, "memoryAllocation": memory,
-                "conditions": conditions.iter().filter(|c| c.type_ == "Ready" || c.type_ == "FailoverPaused").collect::<Vec<_>>(),
+                "conditions": conditions.iter().filter(|c| c.type_ == condition_type::READY || c.type_ == condition_type::FAILOVER_PAUSED).collect::<Vec<_>>(),
             }});
             let api: Api<HostPool> = Api::all(self.client.clone());
             if let Err(e) = api
@@ -955,7 +982,7 @@ impl Scheduler {
                 let message = format!("{changes}; an approver must approve generation {}", generation.unwrap_or(0));
                 if set_condition(
                     &mut conditions,
-                    "ApprovalOutdated",
+                    condition_type::APPROVAL_OUTDATED,
                     ConditionStatus::True,
                     "ChangedSinceApproval",
                     message.clone(),
@@ -968,10 +995,10 @@ impl Scheduler {
                     body["approved"] = json!(recorded);
                 }
             }
-            _ if conditions.iter().any(|c| c.type_ == "ApprovalOutdated") => {
+            _ if conditions.iter().any(|c| c.type_ == condition_type::APPROVAL_OUTDATED) => {
                 set_condition(
                     &mut conditions,
-                    "ApprovalOutdated",
+                    condition_type::APPROVAL_OUTDATED,
                     ConditionStatus::False,
                     "Covered",
                     "the approval covers the request as it is",
@@ -993,14 +1020,14 @@ impl Scheduler {
                 let may_grow = match &decision {
                     Approval::Approved { auto, covers } => {
                         body["approved"] = json!(covers);
-                        let named = find_condition(&conditions, "Approved")
+                        let named = find_condition(&conditions, condition_type::APPROVED)
                             .filter(|c| c.status == "True")
                             .and_then(|c| c.observed_generation);
                         if *auto && named != Some(covers.generation) {
                             let message = "within the pool's auto-approval policy".to_string();
                             set_condition(
                                 &mut conditions,
-                                "Approved",
+                                condition_type::APPROVED,
                                 ConditionStatus::True,
                                 "AutoApproved",
                                 message.clone(),
@@ -1035,7 +1062,7 @@ impl Scheduler {
                         );
                         set_condition(
                             &mut conditions,
-                            "Expired",
+                            condition_type::EXPIRED,
                             ConditionStatus::True,
                             "LifetimeEnded",
                             message.clone(),
@@ -1073,7 +1100,7 @@ impl Scheduler {
                         Some(message) => {
                             if set_condition(
                                 &mut conditions,
-                                "QuotaExceeded",
+                                condition_type::QUOTA_EXCEEDED,
                                 ConditionStatus::True,
                                 "OverQuota",
                                 message.clone(),
@@ -1084,10 +1111,10 @@ impl Scheduler {
                             }
                             create.clear();
                         }
-                        None if conditions.iter().any(|c| c.type_ == "QuotaExceeded") => {
+                        None if conditions.iter().any(|c| c.type_ == condition_type::QUOTA_EXCEEDED) => {
                             set_condition(
                                 &mut conditions,
-                                "QuotaExceeded",
+                                condition_type::QUOTA_EXCEEDED,
                                 ConditionStatus::False,
                                 "WithinQuota",
                                 "the request fits the namespace's quota",
@@ -1134,13 +1161,15 @@ impl Scheduler {
                             format!("{} of {} servers Ready", p.ready, request.spec.replicas),
                         )
                     };
-                    set_condition(&mut conditions, "Fulfilled", st, reason, message, generation, now);
-                    if p.expiring_soon && !covi_api::condition::is_condition_true(&conditions, "ExpiringSoon") {
+                    set_condition(&mut conditions, condition_type::FULFILLED, st, reason, message, generation, now);
+                    if p.expiring_soon
+                        && !covi_api::condition::is_condition_true(&conditions, condition_type::EXPIRING_SOON)
+                    {
                         let at = p.expires_at.map(|t| t.to_string()).unwrap_or_default();
                         let message = format!("the servers are deleted at {at}");
                         set_condition(
                             &mut conditions,
-                            "ExpiringSoon",
+                            condition_type::EXPIRING_SOON,
                             ConditionStatus::True,
                             "LifetimeEnding",
                             message.clone(),
@@ -1154,7 +1183,7 @@ impl Scheduler {
                     body["expiresAt"] = json!(Time(at));
                 }
                 body["readyReplicas"] = json!(p.ready);
-                let blocked = covi_api::condition::is_condition_true(&conditions, "QuotaExceeded");
+                let blocked = covi_api::condition::is_condition_true(&conditions, condition_type::QUOTA_EXCEEDED);
                 if (blocked && mine.is_empty()) || !may_grow { VmRequestPhase::Pending } else { p.phase }
             }
         };
@@ -1162,12 +1191,19 @@ impl Scheduler {
         for (type_, d) in crate::readiness::request_conditions(phase, &conditions) {
             set_condition(&mut conditions, type_, d.status, &d.reason, d.message, generation, now);
         }
-        let mine_types =
-            ["Fulfilled", "Expired", "ExpiringSoon", "QuotaExceeded", "ApprovalOutdated", "Ready", "Stalled"];
-        let auto = conditions.iter().any(|c| c.type_ == "Approved" && c.reason == "AutoApproved");
+        let mine_types = [
+            condition_type::FULFILLED,
+            condition_type::EXPIRED,
+            condition_type::EXPIRING_SOON,
+            condition_type::QUOTA_EXCEEDED,
+            condition_type::APPROVAL_OUTDATED,
+            condition_type::READY,
+            condition_type::STALLED,
+        ];
+        let auto = conditions.iter().any(|c| c.type_ == condition_type::APPROVED && c.reason == "AutoApproved");
         let owned_conditions: Vec<_> = conditions
             .iter()
-            .filter(|c| mine_types.contains(&c.type_.as_str()) || (auto && c.type_ == "Approved"))
+            .filter(|c| mine_types.contains(&c.type_.as_str()) || (auto && c.type_ == condition_type::APPROVED))
             .collect();
         body["conditions"] = json!(owned_conditions);
         // Write only when something the operator owns differs.
@@ -1177,7 +1213,7 @@ impl Scheduler {
             "selector": status.selector,
             "phase": status.phase,
             "conditions": status.conditions.iter()
-                .filter(|c| mine_types.contains(&c.type_.as_str()) || (auto && c.type_ == "Approved"))
+                .filter(|c| mine_types.contains(&c.type_.as_str()) || (auto && c.type_ == condition_type::APPROVED))
                 .collect::<Vec<_>>(),
         });
         if body.get("readyReplicas").is_some() {
@@ -1282,7 +1318,7 @@ impl Scheduler {
                 continue;
             }
             let conditions = s.status.as_ref().map(|st| st.conditions.clone()).unwrap_or_default();
-            if covi_api::condition::is_condition_true(&conditions, "ExpiringSoon") {
+            if covi_api::condition::is_condition_true(&conditions, condition_type::EXPIRING_SOON) {
                 continue;
             }
             let configured = pools
@@ -1301,7 +1337,7 @@ impl Scheduler {
             let mut mine = Vec::new();
             set_condition(
                 &mut mine,
-                "ExpiringSoon",
+                condition_type::EXPIRING_SOON,
                 ConditionStatus::True,
                 "ExpiresAt",
                 message.clone(),
@@ -1350,21 +1386,53 @@ fn liveness_conditions(
 ) -> Option<(EventType, &'static str, String)> {
     let now = Timestamp::now();
     let silent = leases.silent_for(host, Instant::now()).map(|d| d.as_secs()).unwrap_or(0);
-    let ready_reason = find_condition(conditions, "Ready").map(|c| (c.status.clone(), c.reason.clone()));
-    let was_lost = find_condition(conditions, "Lost").is_some_and(|c| c.status == "True");
+    let ready_reason = find_condition(conditions, condition_type::READY).map(|c| (c.status.clone(), c.reason.clone()));
+    let was_lost = find_condition(conditions, condition_type::LOST).is_some_and(|c| c.status == "True");
     match liveness {
         Liveness::Lost if !was_lost => {
             let message = format!(
                 "no lease renewal seen for {silent}s: the host is lost and its highly-available servers restart elsewhere"
             );
-            set_condition(conditions, "Lost", ConditionStatus::True, "HostLost", message.clone(), None, now);
-            set_condition(conditions, "Stalled", ConditionStatus::True, "HostLost", message.clone(), None, now);
-            set_condition(conditions, "Ready", ConditionStatus::False, "HostLost", message.clone(), None, now);
+            set_condition(
+                conditions,
+                condition_type::LOST,
+                ConditionStatus::True,
+                "HostLost",
+                message.clone(),
+                None,
+                now,
+            );
+            set_condition(
+                conditions,
+                condition_type::STALLED,
+                ConditionStatus::True,
+                "HostLost",
+                message.clone(),
+                None,
+                now,
+            );
+            set_condition(
+                conditions,
+                condition_type::READY,
+                ConditionStatus::False,
+                "HostLost",
+                message.clone(),
+                None,
+                now,
+            );
             Some((EventType::Warning, "HostLost", message))
         }
         Liveness::HeartbeatMissed if ready_reason.as_ref().is_none_or(|(s, _)| s == "True") => {
             let message = format!("no lease renewal seen for {silent}s");
-            set_condition(conditions, "Ready", ConditionStatus::False, "HeartbeatMissed", message.clone(), None, now);
+            set_condition(
+                conditions,
+                condition_type::READY,
+                ConditionStatus::False,
+                "HeartbeatMissed",
+                message.clone(),
+                None,
+                now,
+            );
             Some((EventType::Warning, "HeartbeatMissed", message))
         }
         Liveness::Alive
@@ -1374,9 +1442,33 @@ fn liveness_conditions(
                     .is_some_and(|(s, r)| s == "False" && (r == "HeartbeatMissed" || r == "HostLost")) =>
         {
             let message = "the host renews its lease again".to_string();
-            set_condition(conditions, "Lost", ConditionStatus::False, "LeaseRenewed", message.clone(), None, now);
-            set_condition(conditions, "Stalled", ConditionStatus::False, "LeaseRenewed", message.clone(), None, now);
-            set_condition(conditions, "Ready", ConditionStatus::True, "LeaseRenewed", message.clone(), None, now);
+            set_condition(
+                conditions,
+                condition_type::LOST,
+                ConditionStatus::False,
+                "LeaseRenewed",
+                message.clone(),
+                None,
+                now,
+            );
+            set_condition(
+                conditions,
+                condition_type::STALLED,
+                ConditionStatus::False,
+                "LeaseRenewed",
+                message.clone(),
+                None,
+                now,
+            );
+            set_condition(
+                conditions,
+                condition_type::READY,
+                ConditionStatus::True,
+                "LeaseRenewed",
+                message.clone(),
+                None,
+                now,
+            );
             Some((EventType::Normal, "HostRecovered", message))
         }
         _ => None,

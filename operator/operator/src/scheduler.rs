@@ -2,6 +2,7 @@
 //! pending servers bind where, which wait (and why), which are invalid. The operator
 //! loop feeds it from its watches and writes the decisions.
 
+use covi_api::contract::condition_type;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -44,7 +45,7 @@ pub enum Decision {
 
 /// Whether the host may run servers: its agent reports Ready.
 pub fn host_ready(host: &Host) -> bool {
-    host.status.as_ref().is_some_and(|s| is_condition_true(&s.conditions, "Ready"))
+    host.status.as_ref().is_some_and(|s| is_condition_true(&s.conditions, condition_type::READY))
 }
 
 /// Whether `host` belongs to `pool`, among `pools`: a host belongs to one pool only.
