@@ -192,7 +192,7 @@ impl LeaseRenewer {
             let attempt = renew_once(&self.api, &self.node, timings);
             let result = match tokio::time::timeout(patience, attempt).await {
                 Ok(result) => result,
-                Err(_) => Err(crate::error::Error::Config(format!("no answer within {patience:?}"))),
+                Err(_) => Err(crate::error::Error::Timeout { what: "renewing the Lease", after: patience }),
             };
             let label = match &result {
                 Ok(()) => {

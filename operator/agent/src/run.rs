@@ -139,7 +139,7 @@ async fn serve(
         config.domains_endpoint.then(|| domain_route(&hypervisor, &link, &fence)),
     )
     .await
-    .map_err(|e| Error::Config(format!("serving metrics on {}: {e}", config.metrics_addr)))?;
+    .map_err(|source| Error::Serve { addr: config.metrics_addr, source })?;
     tracing::info!(%bound, "metrics endpoint");
 
     let client = client(&config).await?;
@@ -171,7 +171,7 @@ async fn serve(
         .applied_objects()
         .for_each(|_| futures::future::ready(()));
     tokio::spawn(pool_watch);
-    pools.wait_until_ready().await.map_err(|e| Error::Config(format!("watching HostPools: {e}")))?;
+    pools.wait_until_ready().await.map_err(|source| Error::Watch { what: "HostPools", source })?;
 
     let recovered = Arc::new(tokio::sync::Notify::new());
     let renewer = crate::host::LeaseRenewer {

@@ -17,7 +17,7 @@ async fn operate(config: Config) -> covi_operator::error::Result<()> {
     let health = covi_daemon::Health::default();
     covi_daemon::serve(config.metrics_addr, registry, health.clone(), None)
         .await
-        .map_err(|e| covi_operator::error::Error::Config(format!("serving metrics on {}: {e}", config.metrics_addr)))?;
+        .map_err(|source| covi_operator::error::Error::Serve { addr: config.metrics_addr, source })?;
     let client = run::client(&config).await?;
     health.set(true);
     let mut leading =
@@ -25,7 +25,7 @@ async fn operate(config: Config) -> covi_operator::error::Result<()> {
     tracing::info!(identity = %config.identity, "standing by for the leader lease");
     while !*leading.borrow_and_update() {
         if leading.changed().await.is_err() {
-            return Err(covi_operator::error::Error::Config("leader election stopped".into()));
+            return Err(covi_operator::error::Error::Leadership("leader election stopped"));
         }
     }
     metrics.leader.set(1);
@@ -33,7 +33,7 @@ async fn operate(config: Config) -> covi_operator::error::Result<()> {
         result = run::run_leader(client, &config, metrics.clone()) => result,
         _ = async { while leading.changed().await.is_ok() && *leading.borrow() {} } => {
             // Another replica may lead now; stop rather than schedule beside it.
-            Err(covi_operator::error::Error::Config("lost the leader lease".into()))
+            Err(covi_operator::error::Error::Leadership("lost the leader lease"))
         }
         _ = tokio::signal::ctrl_c() => Ok(()),
     }

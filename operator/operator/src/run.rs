@@ -35,7 +35,7 @@ pub use covi_api::contract::FINALIZER;
 use covi_api::contract::manager;
 
 pub async fn client(config: &Config) -> Result<Client> {
-    covi_daemon::kube_client(config.kubeconfig.as_deref()).await.map_err(Error::Config)
+    covi_daemon::kube_client(config.kubeconfig.as_deref()).await.map_err(Error::Client)
 }
 
 /// Watches `api` into a store and pokes `changed` on every event.
@@ -111,7 +111,7 @@ pub async fn run_leader(client: Client, config: &Config, metrics: Metrics) -> Re
         ("VmRequests", requests.wait_until_ready().await.is_ok()),
     ] {
         if !ready {
-            return Err(Error::Config(format!("the watch of {what} ended before it synced")));
+            return Err(Error::WatchEnded(what));
         }
     }
     let reporter = Reporter { controller: manager::OPERATOR.into(), instance: Some(config.identity.clone()) };
@@ -1284,7 +1284,7 @@ impl Scheduler {
             "spec": template.spec,
         });
         let server: VirtualServer =
-            serde_json::from_value(server).map_err(|e| Error::Config(format!("server from template: {e}")))?;
+            serde_json::from_value(server).map_err(|source| Error::Template { request: request.name_any(), source })?;
         let api: Api<VirtualServer> = Api::namespaced(self.client.clone(), &request.namespace().unwrap_or_default());
         let result = match api.create(&Default::default(), &server).await {
             Ok(_) => Ok(()),

@@ -64,7 +64,7 @@ impl FencingLink {
     /// when the destroys are not done within `deadline`: the watchdog tries again.
     pub fn fence(&mut self, deadline: Duration) -> Result<usize> {
         if !self.reachable() {
-            return Err(Error::Config(format!("libvirt at {} is unreachable", self.uri)));
+            return Err(Error::Unreachable(self.uri.clone()));
         }
         let conn = self.conn.as_ref().expect("reachable means connected");
         let mut owned = Vec::new();
@@ -94,9 +94,7 @@ impl FencingLink {
                 Ok(Ok(false)) => {}
                 Ok(Err(e)) => return Err(e),
                 Err(_) => {
-                    return Err(Error::Config(format!(
-                        "destroying {count} domains did not finish within {deadline:?}"
-                    )));
+                    return Err(Error::Timeout { what: "destroying every covi domain", after: deadline });
                 }
             }
         }
