@@ -25,8 +25,8 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 use virt::connect::Connect;
 
-/// The peers are shared by every test here (and their guests by the sampler).
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+// The peers are shared by every test here (and their guests by the sampler).
+use covi_tests::SERIAL;
 
 const POOL: &str = "covi-split";
 const DEADLINE: Duration = Duration::from_secs(60);

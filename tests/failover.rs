@@ -16,13 +16,14 @@ use covi_api::condition::find_condition;
 use covi_api::virtual_server::VirtualServerPhase;
 use covi_api::{Host, VirtualServer};
 use covi_tests::fleet::{Fleet, NetnsHost, Process, endpoint_of, get};
+use covi_tests::guests::ready;
 use covi_tests::sampler::Sampler;
 use covi_tests::{FIELD_MANAGER, Rng, admin, all_ready_again, install_crds, namespace, wait_until};
 use kube::Client;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::{Value, json};
 
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+use covi_tests::SERIAL;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -32,10 +33,6 @@ async fn apply_server(api: &Api<VirtualServer>, name: &str, pool: &str, ha: bool
         "owner": "team-test", "purpose": "failover test"
     }});
     api.patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&server)).await.expect("apply server");
-}
-
-fn ready(s: &VirtualServer) -> bool {
-    s.status.as_ref().and_then(|st| find_condition(&st.conditions, "Ready")).is_some_and(|c| c.status == "True")
 }
 
 fn host_of(s: &VirtualServer) -> Option<String> {

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 
 use covi_tests::{admin, client_as, install_crds, namespace, repo_root, wait_until};
 
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+use covi_tests::SERIAL;
 
 /// Runs `program args`, feeding `stdin`; returns (success, stdout, stderr).
 fn run(program: &str, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {

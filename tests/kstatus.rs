@@ -6,9 +6,9 @@
 use std::process::Command;
 use std::time::Duration;
 
-use covi_api::condition::find_condition;
 use covi_api::{VirtualServer, VmRequest};
 use covi_tests::fleet::Fleet;
+use covi_tests::guests::ready;
 use covi_tests::{FIELD_MANAGER, admin, install_crds, namespace, poll};
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::{Value, json};
@@ -45,10 +45,6 @@ async fn apply_server(api: &Api<VirtualServer>, name: &str, pool: &str, image: &
         "spec": {"hostPool": pool, "class": "small", "boot": {"image": image},
                  "owner": "team-test", "purpose": "kstatus test"}});
     api.patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&server)).await.expect("apply server");
-}
-
-fn ready(s: &VirtualServer) -> bool {
-    s.status.as_ref().and_then(|st| find_condition(&st.conditions, "Ready")).is_some_and(|c| c.status == "True")
 }
 
 #[tokio::test]

@@ -12,6 +12,7 @@ use covi_api::condition::find_condition;
 use covi_api::virtual_server::MigrationPhase;
 use covi_api::{Host, VirtualServer};
 use covi_tests::fleet::Fleet;
+use covi_tests::guests::ready;
 use covi_tests::sampler::Sampler;
 use covi_tests::{FIELD_MANAGER, admin, install_crds, namespace, wait_until};
 use k8s_openapi::api::core::v1::Event;
@@ -19,7 +20,7 @@ use kube::Client;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::{Value, json};
 
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+use covi_tests::SERIAL;
 const DEADLINE: Duration = Duration::from_secs(45);
 
 struct Scene {
@@ -91,10 +92,6 @@ impl Scene {
 
 fn host_of(s: &VirtualServer) -> Option<&str> {
     s.status.as_ref()?.host.as_deref()
-}
-
-fn ready(s: &VirtualServer) -> bool {
-    s.status.as_ref().and_then(|st| find_condition(&st.conditions, "Ready")).is_some_and(|c| c.status == "True")
 }
 
 fn migration(s: &VirtualServer) -> Option<&covi_api::virtual_server::MigrationStatus> {

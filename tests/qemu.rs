@@ -15,9 +15,9 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 use virt::connect::Connect;
 
-/// One agent at a time owns qemu:///system: an agent removes covi domains it does
-/// not run, which would include another test's.
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+// One agent at a time owns qemu:///system: an agent removes covi domains it does
+// not run, which would include another test's.
+use covi_tests::SERIAL;
 
 const STORAGE_POOL: &str = "covi-test";
 const DEADLINE: Duration = Duration::from_secs(60);

@@ -14,7 +14,7 @@ use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use serde_json::{Value, json};
 
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+use covi_tests::SERIAL;
 const DEADLINE: Duration = Duration::from_secs(45);
 
 struct Scene {

@@ -9,6 +9,7 @@ use covi_api::VirtualServer;
 use covi_api::condition::find_condition;
 use covi_api::virtual_server::VirtualServerPhase;
 use covi_tests::fleet::{Fleet, Process, bin};
+use covi_tests::guests::ready;
 use covi_tests::{FIELD_MANAGER, admin, install_crds, kubectl, namespace, wait_until};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Event;
@@ -16,9 +17,9 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 
-/// Every test here runs its own operator, and an operator schedules every pool, so
-/// the tests take turns.
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+// Every test here runs its own operator, and an operator schedules every pool, so
+// the tests take turns.
+use covi_tests::SERIAL;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -41,10 +42,6 @@ fn phase(s: &VirtualServer) -> Option<VirtualServerPhase> {
 
 fn condition<'a>(s: &'a VirtualServer, type_: &str) -> Option<&'a covi_api::Condition> {
     s.status.as_ref().and_then(|st| find_condition(&st.conditions, type_))
-}
-
-fn ready(s: &VirtualServer) -> bool {
-    condition(s, "Ready").is_some_and(|c| c.status == "True")
 }
 
 async fn events_for(client: &Client, ns: &str, name: &str) -> Vec<(String, String)> {

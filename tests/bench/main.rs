@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use covi_api::VirtualServer;
 use covi_api::condition::{find_condition, is_condition_true};
 use covi_tests::fleet::{Fleet, Process, bin};
+use covi_tests::guests::ready;
 use covi_tests::{FIELD_MANAGER, admin, install_crds, namespace, poll, repo_root, testbed_dir};
 use futures::StreamExt;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
@@ -185,10 +186,6 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
         return 0.0;
     }
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn ready(s: &VirtualServer) -> bool {
-    s.status.as_ref().is_some_and(|st| is_condition_true(&st.conditions, "Ready"))
 }
 
 /// Writes one test-driver inventory per host number into `dir`; returns the host names.

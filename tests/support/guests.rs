@@ -3,7 +3,6 @@
 //! libvirt peers (`testbed_libvirt_peers` in hack/testbed.sh).
 
 use covi_api::VirtualServer;
-use covi_api::condition::find_condition;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::{Value, json};
 use virt::connect::Connect;
@@ -72,7 +71,7 @@ pub async fn apply_server(api: &Api<VirtualServer>, name: &str, pool: &str, extr
 }
 
 pub fn ready(s: &VirtualServer) -> bool {
-    s.status.as_ref().and_then(|st| find_condition(&st.conditions, "Ready")).is_some_and(|c| c.status == "True")
+    s.is_ready()
 }
 
 /// The test bed's libvirt peers a and b: daemons in their own mount namespaces with

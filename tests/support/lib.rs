@@ -22,6 +22,10 @@ use kube::{Client, Config};
 /// Field manager of everything the tests write.
 pub const FIELD_MANAGER: &str = "covi-tests";
 
+/// Tests of one test binary that start operators and agents take turns: they share the
+/// test bed's processes, policies and CPU. (Each binary has its own.)
+pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 const NO_TESTBED: &str = "no covi test bed: KUBECONFIG and COVI_TESTBED_DIR are unset. \
 Run the tests through `hack/test.sh`, which starts etcd, kube-apiserver and \
 kube-controller-manager and sets them (or `hack/test.sh -- cargo test -p covi-tests NAME` \
