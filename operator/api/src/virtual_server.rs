@@ -285,6 +285,14 @@ impl VirtualServer {
             .and_then(|s| crate::condition::find_condition(&s.conditions, condition_type::READY))
             .is_some_and(|c| c.status == "True")
     }
+
+    /// The migration in progress, if any (Pending or Running).
+    pub fn active_migration(&self) -> Option<&MigrationStatus> {
+        self.status
+            .as_ref()
+            .and_then(|s| s.migration.as_ref())
+            .filter(|m| matches!(m.phase, MigrationPhase::Pending | MigrationPhase::Running))
+    }
 }
 
 /// Lifecycle phase of a virtual server.

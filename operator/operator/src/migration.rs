@@ -93,7 +93,7 @@ pub fn plan(
     for s in servers.iter().filter(|s| s.meta().deletion_timestamp.is_none()) {
         let Some(host) = bound_host(s, assumed) else { continue };
         bound.extend(holds(pool, s, host));
-        if active(s).is_some_and(|m| m.phase == MigrationPhase::Running) {
+        if s.active_migration().is_some_and(|m| m.phase == MigrationPhase::Running) {
             running += 1;
         }
     }
@@ -113,7 +113,7 @@ pub fn plan(
     for server in ordered {
         let Some(host) = bound_host(server, assumed).map(str::to_string) else {
             // Unbound while moving: failover took it off a lost host and waits for room.
-            if let Some(m) = active(server).filter(|m| m.phase == MigrationPhase::Running) {
+            if let Some(m) = server.active_migration().filter(|m| m.phase == MigrationPhase::Running) {
                 let why = "the server lost its host in the middle of the move; failover places it again";
                 plan.actions
                     .push((server.clone(), Action::Record(finished(m, MigrationPhase::Failed, Some(why.into()), now))));
@@ -125,7 +125,7 @@ pub fn plan(
         let in_maintenance = maintenance.contains(&host);
 
         // A migration under way follows the protocol.
-        if let Some(m) = active(server).filter(|m| m.phase == MigrationPhase::Running) {
+        if let Some(m) = server.active_migration().filter(|m| m.phase == MigrationPhase::Running) {
             if let Some(action) = follow(server, m, &host, &ready_hosts, lost, now) {
                 plan.actions.push((server.clone(), action));
             }
@@ -143,7 +143,7 @@ pub fn plan(
             _ => None,
         };
         let Some(target) = wanted_target else {
-            if active(server).is_some() {
+            if server.active_migration().is_some() {
                 // Pending, and no longer wanted (the pin was reverted): called off.
                 plan.actions.push((server.clone(), Action::Cancel));
             }
@@ -244,15 +244,6 @@ pub fn plan(
         plan.actions.push((server.clone(), Action::Record(record)));
     }
     plan
-}
-
-/// The migration in progress, if any (Pending or Running).
-pub fn active(server: &VirtualServer) -> Option<&MigrationStatus> {
-    server
-        .status
-        .as_ref()
-        .and_then(|s| s.migration.as_ref())
-        .filter(|m| matches!(m.phase, MigrationPhase::Pending | MigrationPhase::Running))
 }
 
 /// The next step of a Running migration, by where the server is bound now.

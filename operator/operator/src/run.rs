@@ -712,7 +712,7 @@ impl Scheduler {
                 by_host.entry(h).or_default().push(s);
             }
             // Servers handed over but not yet running on their target still count.
-            if let Some(m) = crate::migration::active(s)
+            if let Some(m) = s.active_migration()
                 && bound != Some(m.source.as_str())
             {
                 *leaving.entry(m.source.as_str()).or_default() += 1;

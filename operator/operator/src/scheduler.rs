@@ -107,7 +107,7 @@ pub fn holds(pool: &HostPool, server: &VirtualServer, host: &str) -> Vec<Bound> 
         high_availability: server.spec.high_availability,
     };
     let mut held = vec![hold(host)];
-    if let Some(m) = crate::migration::active(server)
+    if let Some(m) = server.active_migration()
         && m.phase == covi_api::virtual_server::MigrationPhase::Running
         && m.source == host
     {
@@ -136,12 +136,7 @@ pub fn release_reason(
     hosts: &BTreeSet<String>,
     lost: &BTreeSet<String>,
 ) -> Option<String> {
-    use covi_api::virtual_server::MigrationPhase;
-    let moving = server
-        .status
-        .as_ref()
-        .and_then(|s| s.migration.as_ref())
-        .is_some_and(|m| matches!(m.phase, MigrationPhase::Pending | MigrationPhase::Running));
+    let moving = server.active_migration().is_some();
     match bound_host(server, assumed) {
         None => Some("it was never bound to a host".into()),
         Some(host) if !hosts.contains(host) => Some(format!("its host {host} no longer exists")),
