@@ -12,4 +12,5 @@ pub mod readiness;
 pub mod requests;
 pub mod run;
 pub mod scheduler;
+pub mod view;
 pub mod webhook;

@@ -13,22 +13,22 @@
 //! migration hands the server to the target (the scheduler's `to_live_target`).
 
 use covi_api::contract::condition_type;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use covi_api::VirtualServer;
 use covi_api::condition::find_condition;
 use covi_api::host::UnmovableServer;
 use covi_api::host_pool::Hypervisor as PoolHypervisor;
 use covi_api::virtual_server::{
     MigrationPhase, MigrationStatus, READY_HANDED_OFF, READY_MIGRATION_FAILED, VirtualServerPhase,
 };
-use covi_api::{Host, HostPool, VirtualServer};
 use covi_placement::{Demand, Pool};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::{Resource, ResourceExt};
 
-use crate::scheduler::{Assumed, bound_host, holds, live_facts, rules};
+use crate::scheduler::{PoolView, bound_host, holds, live_facts, rules};
 
 /// What to do about one server's migration.
 #[derive(Clone, Debug, PartialEq)]
@@ -67,17 +67,9 @@ fn finished(m: &MigrationStatus, phase: MigrationPhase, reason: Option<String>, 
 /// Plans every migration of `pool`. `members` are its hosts, `servers` its servers;
 /// `unready` and `lost` as for the scheduling pass; `skip` (UIDs) are servers the
 /// scheduling pass just rebound, left alone until the next pass sees their new status.
-#[allow(clippy::too_many_arguments)]
-pub fn plan(
-    pool: &HostPool,
-    members: &[Arc<Host>],
-    servers: &[Arc<VirtualServer>],
-    assumed: &HashMap<String, Assumed>,
-    unready: &BTreeSet<String>,
-    lost: &BTreeSet<String>,
-    skip: &BTreeSet<String>,
-    now: Timestamp,
-) -> Plan {
+pub fn plan(view: &PoolView, skip: &BTreeSet<String>, now: Timestamp) -> Plan {
+    let PoolView { pool, hosts: members, servers, assumed, unready, lost } = view;
+    let (pool, assumed, unready, lost) = (*pool, *assumed, *unready, *lost);
     let facts = live_facts(members, unready);
     let maintenance: BTreeSet<String> = members.iter().filter(|h| h.spec.maintenance).map(|h| h.name_any()).collect();
     let ready_hosts: BTreeSet<&str> = facts.iter().filter(|f| f.ready).map(|f| f.name.as_str()).collect();

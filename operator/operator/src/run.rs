@@ -29,7 +29,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::health::{Leases, Liveness, mass_failure};
 use crate::metrics::Metrics;
-use crate::scheduler::{Assumed, Decision, bound_host, host_facts, in_pool, pass, rules};
+use crate::scheduler::{Assumed, Decision, PoolView, bound_host, host_facts, in_pool, pass, rules};
 
 pub use covi_api::contract::FINALIZER;
 use covi_api::contract::manager;
@@ -182,7 +182,7 @@ impl Scheduler {
             let members: Vec<_> = servers.iter().filter(|s| s.spec.host_pool == pool.name_any()).cloned().collect();
             let failover = pool.spec.failover.enabled && !failover_paused(&pools, pool, &hosts, &lost);
             let hosts_here: Vec<_> = hosts.iter().filter(|h| in_pool(&pools, pool, h)).cloned().collect();
-            let decisions = pass(pool, &hosts_here, &members, &self.assumed, &unready, &lost, failover);
+            let decisions = pass(&self.view(pool, hosts_here.clone(), members.clone(), &unready, &lost), failover);
             // Servers rebound in this pass (failover) wait for the next one: their
             // migration, if any, is judged on the status that records the failover.
             let rebound: BTreeSet<String> = decisions
@@ -191,16 +191,9 @@ impl Scheduler {
                 .filter_map(|(s, _)| s.uid())
                 .collect();
             self.apply(decisions).await;
-            let moves = crate::migration::plan(
-                pool,
-                &hosts_here,
-                &members,
-                &self.assumed,
-                &unready,
-                &lost,
-                &rebound,
-                Timestamp::now(),
-            );
+            // Planned after the bindings just written count, as this pass's Assumed.
+            let view = self.view(pool, hosts_here, members, &unready, &lost);
+            let moves = crate::migration::plan(&view, &rebound, Timestamp::now());
             unmovable.extend(moves.unmovable);
             self.migrate(pool, moves.actions).await;
         }
@@ -223,6 +216,18 @@ impl Scheduler {
         self.update_pool_status(&pools, &hosts, &servers, &unready, &lost).await;
         self.metrics.count_phases(&servers, &hosts);
         Ok(())
+    }
+
+    /// One pool as this pass sees it, with the bindings this leader has written.
+    fn view<'a>(
+        &'a self,
+        pool: &'a HostPool,
+        hosts: Vec<Arc<Host>>,
+        servers: Vec<Arc<VirtualServer>>,
+        unready: &'a BTreeSet<String>,
+        lost: &'a BTreeSet<String>,
+    ) -> PoolView<'a> {
+        PoolView { pool, hosts, servers, assumed: &self.assumed, unready, lost }
     }
 
     /// Between full passes: reads the Leases and says whether any host's liveness

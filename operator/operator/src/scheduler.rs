@@ -15,12 +15,7 @@ use kube::{Resource, ResourceExt};
 
 use crate::address::Network;
 
-/// A binding written to the API but perhaps not yet seen by the watch.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Assumed {
-    pub host: String,
-    pub address: Option<Ipv4Addr>,
-}
+pub use crate::view::{Assumed, PoolView};
 
 /// What the pass decided for one server.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -179,15 +174,9 @@ fn address_of(server: &VirtualServer, assumed: &HashMap<String, Assumed>) -> Opt
 /// `unready` the hosts whose Lease is not fresh, `lost` the hosts declared lost. With `failover`, highly-available servers of lost
 /// hosts are placed again and the others marked HostLost; without it (disabled, or
 /// paused by the mass-failure guard) they are left where they are.
-pub fn pass(
-    pool: &HostPool,
-    members: &[Arc<Host>],
-    servers: &[Arc<VirtualServer>],
-    assumed: &HashMap<String, Assumed>,
-    unready: &BTreeSet<String>,
-    lost: &BTreeSet<String>,
-    failover: bool,
-) -> Vec<(Arc<VirtualServer>, Decision)> {
+pub fn pass(view: &PoolView, failover: bool) -> Vec<(Arc<VirtualServer>, Decision)> {
+    let PoolView { pool, hosts: members, servers, assumed, unready, lost } = view;
+    let (pool, assumed, unready, lost) = (*pool, *assumed, *unready, *lost);
     let facts = live_facts(members, unready);
     let rules = rules(pool);
 

@@ -1,4 +1,7 @@
 use super::*;
+use std::collections::HashMap;
+
+use covi_api::{Host, HostPool};
 use serde_json::{Value, json};
 
 fn pool(shared: bool, max_concurrent: u32) -> HostPool {
@@ -62,7 +65,16 @@ fn migration(phase: &str, source: &str, target: &str) -> Value {
 
 fn run(pool: &HostPool, hosts: &[Arc<Host>], servers: &[Arc<VirtualServer>], lost: &[&str]) -> Plan {
     let lost: BTreeSet<String> = lost.iter().map(|s| s.to_string()).collect();
-    plan(pool, hosts, servers, &HashMap::new(), &lost, &lost, &BTreeSet::new(), Timestamp::UNIX_EPOCH)
+    let assumed = HashMap::new();
+    let view = PoolView {
+        pool,
+        hosts: hosts.to_vec(),
+        servers: servers.to_vec(),
+        assumed: &assumed,
+        unready: &lost,
+        lost: &lost,
+    };
+    plan(&view, &BTreeSet::new(), Timestamp::UNIX_EPOCH)
 }
 
 fn records(plan: &Plan) -> Vec<(String, MigrationPhase, String)> {
@@ -159,16 +171,16 @@ fn after_a_live_hand_off_the_server_belongs_to_the_target() {
     // The target is not Ready (a new leader has confirmed no host yet): the guest runs
     // there all the same, so the server is bound there, not started again on h1.
     let unready: BTreeSet<String> = ["h2".to_string()].into();
-    let p = plan(
-        &pool(true, 2),
-        &hosts,
-        std::slice::from_ref(&handed),
-        &HashMap::new(),
-        &unready,
-        &BTreeSet::new(),
-        &BTreeSet::new(),
-        Timestamp::UNIX_EPOCH,
-    );
+    let (shared, assumed, lost) = (pool(true, 2), HashMap::new(), BTreeSet::new());
+    let view = PoolView {
+        pool: &shared,
+        hosts: hosts.to_vec(),
+        servers: vec![handed.clone()],
+        assumed: &assumed,
+        unready: &unready,
+        lost: &lost,
+    };
+    let p = plan(&view, &BTreeSet::new(), Timestamp::UNIX_EPOCH);
     assert_eq!(p.actions[0].1, Action::HandOver { source: "h1".into(), target: "h2".into() });
     // A failure the target reports after a live hand-off keeps the server there.
     let broken = server(

@@ -50,6 +50,18 @@ fn server(name: &str, extra: serde_json::Value) -> Arc<VirtualServer> {
     )
 }
 
+/// The view a pass has of `pool`, from test fixtures.
+fn view<'a>(
+    pool: &'a HostPool,
+    hosts: &[Arc<Host>],
+    servers: &[Arc<VirtualServer>],
+    assumed: &'a HashMap<String, Assumed>,
+    unready: &'a BTreeSet<String>,
+    lost: &'a BTreeSet<String>,
+) -> PoolView<'a> {
+    PoolView { pool, hosts: hosts.to_vec(), servers: servers.to_vec(), assumed, unready, lost }
+}
+
 fn bind_of(d: &Decision) -> (&str, String) {
     match d {
         Decision::Bind { host, address, .. } => (host.as_str(), address.unwrap().to_string()),
@@ -61,7 +73,7 @@ fn bind_of(d: &Decision) -> (&str, String) {
 fn pending_servers_get_a_host_and_distinct_addresses() {
     let hosts = [host("h1", 4, true), host("h2", 4, true)];
     let servers: Vec<_> = (0..4).map(|i| server(&format!("s{i}"), json!({}))).collect();
-    let decisions = pass(&pool(), &hosts, &servers, &HashMap::new(), &BTreeSet::new(), &BTreeSet::new(), true);
+    let decisions = pass(&view(&pool(), &hosts, &servers, &HashMap::new(), &BTreeSet::new(), &BTreeSet::new()), true);
     let addresses: BTreeSet<_> = decisions.iter().map(|(_, d)| bind_of(d).1).collect();
     assert_eq!(addresses.len(), 4);
     assert!(addresses.contains("10.20.0.2"), "{addresses:?}");
@@ -75,7 +87,7 @@ fn assumed_bindings_count_for_capacity_and_addresses() {
     let servers = [server("old", json!({})), server("new", json!({}))];
     let assumed: HashMap<_, _> =
         [("uid-old".to_string(), Assumed { host: "h1".into(), address: Some("10.20.0.2".parse().unwrap()) })].into();
-    let decisions = pass(&pool(), &hosts, &servers, &assumed, &BTreeSet::new(), &BTreeSet::new(), true);
+    let decisions = pass(&view(&pool(), &hosts, &servers, &assumed, &BTreeSet::new(), &BTreeSet::new()), true);
     assert_eq!(decisions.len(), 1);
     match &decisions[0].1 {
         Decision::Pending { reason, message } => {
@@ -96,7 +108,7 @@ fn bad_input_is_invalid_with_a_reason() {
         server("d", json!({"network": {"address": "10.20.0.50"}})),
         server("e", json!({"network": {"address": "10.20.0.50"}})),
     ];
-    let decisions = pass(&pool(), &hosts, &servers, &HashMap::new(), &BTreeSet::new(), &BTreeSet::new(), true);
+    let decisions = pass(&view(&pool(), &hosts, &servers, &HashMap::new(), &BTreeSet::new(), &BTreeSet::new()), true);
     let reasons: Vec<_> = decisions
         .iter()
         .map(|(_, d)| match d {
@@ -111,8 +123,10 @@ fn bad_input_is_invalid_with_a_reason() {
 #[test]
 fn unready_hosts_take_nothing() {
     let hosts = [host("h1", 8, false)];
-    let decisions =
-        pass(&pool(), &hosts, &[server("a", json!({}))], &HashMap::new(), &BTreeSet::new(), &BTreeSet::new(), true);
+    let decisions = pass(
+        &view(&pool(), &hosts, &[server("a", json!({}))], &HashMap::new(), &BTreeSet::new(), &BTreeSet::new()),
+        true,
+    );
     assert!(matches!(&decisions[0].1, Decision::Pending { reason: "NoReadyHost", .. }), "{decisions:?}");
 }
 
@@ -131,7 +145,7 @@ fn lost_host_servers_restart_elsewhere_or_fail() {
     let hosts = [host("h1", 8, true), host("h2", 8, true)];
     let servers = [bound("ha", "h1", true), bound("plain", "h1", false)];
     let lost: BTreeSet<String> = ["h1".to_string()].into();
-    let decisions = pass(&pool(), &hosts, &servers, &HashMap::new(), &lost, &lost, true);
+    let decisions = pass(&view(&pool(), &hosts, &servers, &HashMap::new(), &lost, &lost), true);
     let by_name: HashMap<_, _> = decisions.iter().map(|(s, d)| (s.name_any(), d.clone())).collect();
     match &by_name["ha"] {
         Decision::Bind { host, address, failover_from, .. } => {
@@ -165,7 +179,7 @@ fn a_source_lost_during_a_live_migration_hands_the_server_to_the_target() {
     // Highly available or not, the guest may already run on h3: the server goes there
     // (h2 would be the emptier choice), keeping its address.
     for ha in [true, false] {
-        let decisions = pass(&pool(), &hosts, &[moving(ha)], &HashMap::new(), &lost, &lost, true);
+        let decisions = pass(&view(&pool(), &hosts, &[moving(ha)], &HashMap::new(), &lost, &lost), true);
         match &decisions[0].1 {
             Decision::Bind { host, address, failover_from, .. } => {
                 assert_eq!(host, "h3", "ha={ha}");
@@ -177,7 +191,7 @@ fn a_source_lost_during_a_live_migration_hands_the_server_to_the_target() {
     }
     // The target lost too: the usual failover.
     let both: BTreeSet<String> = ["h1".to_string(), "h3".to_string()].into();
-    let decisions = pass(&pool(), &hosts, &[moving(true)], &HashMap::new(), &both, &both, true);
+    let decisions = pass(&view(&pool(), &hosts, &[moving(true)], &HashMap::new(), &both, &both), true);
     assert!(matches!(&decisions[0].1, Decision::Bind { host, .. } if host == "h2"), "{decisions:?}");
 }
 
@@ -188,7 +202,7 @@ fn without_shared_storage_highly_available_servers_are_not_restarted_blank() {
     let hosts = [host("h1", 8, true), host("h2", 8, true)];
     let servers = [bound("ha", "h1", true)];
     let lost: BTreeSet<String> = ["h1".to_string()].into();
-    let decisions = pass(&local, &hosts, &servers, &HashMap::new(), &lost, &lost, true);
+    let decisions = pass(&view(&local, &hosts, &servers, &HashMap::new(), &lost, &lost), true);
     assert_eq!(decisions.len(), 1);
     assert_eq!(decisions[0].1, Decision::HostLost { host: "h1".into() }, "its disk stays on h1");
 }
@@ -198,7 +212,7 @@ fn without_failover_servers_of_lost_hosts_stay_put() {
     let hosts = [host("h1", 8, true), host("h2", 8, true)];
     let servers = [bound("ha", "h1", true)];
     let lost: BTreeSet<String> = ["h1".to_string()].into();
-    assert!(pass(&pool(), &hosts, &servers, &HashMap::new(), &lost, &lost, false).is_empty());
+    assert!(pass(&view(&pool(), &hosts, &servers, &HashMap::new(), &lost, &lost), false).is_empty());
 }
 
 #[test]
@@ -206,7 +220,7 @@ fn a_failover_that_fits_nowhere_waits_with_the_reason() {
     let hosts = [host("h1", 8, true), host("h2", 0, true)];
     let servers = [bound("ha", "h1", true)];
     let lost: BTreeSet<String> = ["h1".to_string()].into();
-    let decisions = pass(&pool(), &hosts, &servers, &HashMap::new(), &lost, &lost, true);
+    let decisions = pass(&view(&pool(), &hosts, &servers, &HashMap::new(), &lost, &lost), true);
     match &decisions[0].1 {
         Decision::Pending { message, .. } => {
             assert!(message.contains("1 host not ready, 1 host short of CPUs"), "{message}")
@@ -221,7 +235,7 @@ fn an_assumed_binding_wins_over_the_stale_status() {
     let servers = [bound("ha", "h1", true)];
     let lost: BTreeSet<String> = ["h1".to_string()].into();
     let assumed: HashMap<_, _> = [("uid-ha".to_string(), Assumed { host: "h2".into(), address: None })].into();
-    assert!(pass(&pool(), &hosts, &servers, &assumed, &lost, &lost, true).is_empty(), "no second failover");
+    assert!(pass(&view(&pool(), &hosts, &servers, &assumed, &lost, &lost), true).is_empty(), "no second failover");
 }
 
 #[test]
