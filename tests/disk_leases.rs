@@ -293,9 +293,14 @@ async fn an_agent_reconnects_after_libvirtd_restarts_and_healthz_says_so_meanwhi
 
     // The agent's own connection works again: a guest destroyed behind its back is
     // started again.
+    // (QEMU guests outlive a libvirtd restart, but libvirtd kills one it finds in the
+    // middle of a job as it reconnects: seen under load. Down either way, then.)
     let a = connect(&bed.uris[0]);
-    assert_eq!(active(&a, &uid), Some(true), "QEMU guests outlive a libvirtd restart");
-    a.lookup_domain_by_uuid_string(&uid).expect("on a").destroy().expect("virsh destroy");
+    match a.lookup_domain_by_uuid_string(&uid).expect("on a").destroy() {
+        Ok(()) => {}
+        Err(e) if matches!(e.code(), virt::enumutil::Enum::Known(virt::error::ErrorNumber::OperationInvalid)) => {}
+        Err(e) => panic!("virsh destroy: {e}"),
+    }
     wait_until("the agent to start the guest again", DEADLINE, || async {
         (active(&a, &uid) == Some(true)).then_some(())
     })
