@@ -21,9 +21,10 @@ use tokio_stream::wrappers::{IntervalStream, UnboundedReceiverStream};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::fence::Fence;
+use crate::fence::link::FencingLink;
+use crate::fence::watchdog::{fence_if_due, watchdog};
 use crate::host::HostReporter;
 use crate::libvirt::Hypervisor;
-use crate::libvirt::fencing::FencingLink;
 use crate::reconcile::{Context, error_policy, reconcile};
 
 pub async fn client(config: &Config) -> Result<Client> {
@@ -267,63 +268,9 @@ async fn serve(
     }
 }
 
-/// The fencing watchdog: a plain thread with its own libvirt connection, so neither a
-/// stalled async runtime nor a busy connection can delay it. It also keeps `/healthz`
-/// honest: healthy only while the agent serves and libvirt answers.
-fn watchdog(link: Arc<Mutex<FencingLink>>, fence: Arc<Fence>, health: covi_daemon::Health, serving: Arc<AtomicBool>) {
-    std::thread::Builder::new()
-        .name("fence-watchdog".into())
-        .spawn(move || {
-            let mut was_reachable = true;
-            loop {
-                std::thread::sleep(Duration::from_millis(100));
-                let reachable = link.lock().unwrap_or_else(|p| p.into_inner()).reachable();
-                if reachable != was_reachable {
-                    match reachable {
-                        true => tracing::info!("libvirt answers again"),
-                        false => tracing::error!("libvirt is unreachable; /healthz fails until it answers"),
-                    }
-                    was_reachable = reachable;
-                }
-                health.set(reachable && serving.load(Ordering::SeqCst));
-                fence_if_due(&link, &fence);
-            }
-        })
-        .expect("spawning the fencing watchdog");
-}
-
 /// The pause between attempts to register the Host at start (a backoff, not a wait
 /// for state: the API server may be unreachable for as long as the host is cut off).
 const REGISTER_RETRY: Duration = Duration::from_secs(2);
-
-/// How long one fencing may take before it counts as failed and is tried again: the
-/// pool's margin between fenceAfter and the lease is a few seconds.
-const FENCE_DEADLINE: Duration = Duration::from_secs(1);
-
-/// Fences now if the host is overdue, and again on every call while it stays overdue
-/// (a domain may have become active since); safe to call from any thread. Starts wait
-/// for it: they take the same lock.
-fn fence_if_due(link: &Mutex<FencingLink>, fence: &Fence) {
-    let _held = fence.hold();
-    if !fence.due() {
-        return;
-    }
-    let first = !fence.is_fenced();
-    let since = fence.since_renewal();
-    match link.lock().unwrap_or_else(|p| p.into_inner()).fence(FENCE_DEADLINE) {
-        Ok(n) => {
-            fence.set_fenced(true);
-            if first || n > 0 {
-                tracing::warn!(
-                    destroyed = n,
-                    ?since,
-                    "no lease renewal within fenceAfter: fenced, every covi domain destroyed"
-                );
-            }
-        }
-        Err(e) => tracing::error!(error = %e, "fencing failed; retrying"),
-    }
-}
 
 /// `/domains`: the covi domains libvirt has on this host, as JSON. A host that is due
 /// to fence does so before answering, so nobody reads a list it must not have.

@@ -4,7 +4,6 @@
 //! connection of its own (`fencing`).
 
 pub mod events;
-pub mod fencing;
 
 use std::sync::{Arc, Mutex};
 
@@ -76,7 +75,7 @@ fn version_string(v: u32) -> String {
     format!("{}.{}.{}", v / 1_000_000, (v / 1_000) % 1_000, v % 1_000)
 }
 
-fn is(e: &virt::error::Error, code: ErrorNumber) -> bool {
+pub(crate) fn is(e: &virt::error::Error, code: ErrorNumber) -> bool {
     matches!(e.code(), virt::enumutil::Enum::Known(c) if c == code)
 }
 

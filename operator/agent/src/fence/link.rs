@@ -10,9 +10,9 @@ use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::error::ErrorNumber;
 
-use super::is;
 use crate::domain_xml::ownership;
 use crate::error::{Error, Result};
+use crate::libvirt::is;
 
 /// A connection that reopens itself.
 pub struct FencingLink {

@@ -1,9 +1,15 @@
-//! Self-fencing: a host that cannot renew its Lease for `fenceAfter` (by its own
+//! Self-fencing, all of it: the state and decisions here (pure), the watchdog's own
+//! libvirt connection in [`link`], and the watchdog thread that acts in [`watchdog`].
+//!
+//! A host that cannot renew its Lease for `fenceAfter` (by its own
 //! monotonic clock) destroys every covi domain before the operator, which waits
 //! `leaseDuration + grace` by its clock, may restart them elsewhere. It keeps
 //! destroying whatever becomes active while it is overdue (an incoming live migration,
 //! a start that raced the deadline), and starts nothing again until it reaches the API
 //! and has removed domains now bound elsewhere.
+
+pub mod link;
+pub mod watchdog;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
