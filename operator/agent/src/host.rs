@@ -1,24 +1,22 @@
 //! This host in the API: its Host object (facts and Ready) and its Lease (heartbeat).
 
-use covi_api::contract::condition_type;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use covi_api::condition::{ConditionStatus, set_condition};
+use covi_api::contract::{condition_type, manager, status_patch};
 use covi_api::{Condition, Host, HostPool};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
-use kube::ResourceExt;
 use kube::api::{Api, GetParams, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::Store;
+use kube::{Resource, ResourceExt};
 use serde_json::json;
 
 use crate::error::Result;
 use crate::libvirt::HostFacts;
-
-use covi_api::contract::manager;
 
 /// Renewal period when the host's pool does not say.
 pub const DEFAULT_RENEW: Duration = Duration::from_secs(2);
@@ -67,20 +65,17 @@ impl HostReporter {
             ),
             None => false,
         };
-        let status = json!({
-            "apiVersion": "covi.io/v1alpha1", "kind": "Host",
-            "status": {
-                "hypervisor": {"type": facts.driver, "version": facts.hypervisor_version},
-                "libvirtVersion": facts.libvirt_version,
-                "address": self.address,
-                "capacity": {
-                    "cpus": facts.cpus,
-                    "memory": format!("{}Mi", facts.memory_kib / 1024),
-                    "storage": storage.map(|bytes| format!("{}Gi", bytes >> 30)),
-                },
-                "conditions": *conditions,
-            }
-        });
+        let status = status_patch::<Host>(json!({
+            "hypervisor": {"type": facts.driver, "version": facts.hypervisor_version},
+            "libvirtVersion": facts.libvirt_version,
+            "address": self.address,
+            "capacity": {
+                "cpus": facts.cpus,
+                "memory": format!("{}Mi", facts.memory_kib / 1024),
+                "storage": storage.map(|bytes| format!("{}Gi", bytes >> 30)),
+            },
+            "conditions": *conditions,
+        }));
         // Every host reports every resync: most reports change nothing, and at a few
         // hundred hosts the writes alone would load the API server. The Host is read
         // from the API server's cache and written only when it differs, so a Ready
@@ -89,7 +84,7 @@ impl HostReporter {
         let labelled = current.as_ref().is_some_and(|c| self.labels.iter().all(|(k, v)| c.labels().get(k) == Some(v)));
         if !labelled {
             let host = json!({
-                "apiVersion": "covi.io/v1alpha1", "kind": "Host",
+                "apiVersion": Host::api_version(&()), "kind": Host::kind(&()),
                 "metadata": {"name": node, "labels": self.labels},
                 "spec": {}
             });

@@ -1,13 +1,13 @@
 //! Converging one VirtualServer bound to this host, in the steps
 //! dereference → validate/build (pure, `server::plan`) → apply → report status.
 
-use covi_api::contract::condition_type;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use covi_api::condition::{ConditionStatus, set_condition};
+use covi_api::contract::{condition_type, manager, status_patch};
 use covi_api::virtual_server::{
     MigrationPhase, MigrationStatus, READY_DISK_LEASE_HELD, READY_HANDED_OFF, READY_MIGRATION_FAILED,
     VirtualServerPhase,
@@ -27,7 +27,6 @@ use crate::error::{Error, Result};
 use crate::libvirt::{Hypervisor, StartRefused, VolumeError};
 use crate::seed::build_iso;
 use crate::server::{Failure, ServerPlan, plan, volume_names};
-use covi_api::contract::manager;
 
 pub use covi_api::contract::FINALIZER;
 
@@ -555,14 +554,11 @@ async fn report(server: &VirtualServer, ctx: &Context, outcome: Outcome) -> Resu
         publish(ctx, server, EventType::Normal, "Stopped", format!("shut off on {}", ctx.node)).await;
     }
     let ready: Vec<_> = conditions.into_iter().filter(|c| c.type_ == condition_type::READY).collect();
-    let mut patch = json!({
-        "apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer",
-        "status": {
-            "observedGeneration": generation,
-            "phase": outcome.phase,
-            "conditions": ready,
-        }
-    });
+    let mut patch = status_patch::<VirtualServer>(json!({
+        "observedGeneration": generation,
+        "phase": outcome.phase,
+        "conditions": ready,
+    }));
     // Omitted rather than null: under server-side apply, leaving a field out is how a
     // manager says it has no value for it.
     if let Some(uuid) = outcome.domain_uuid {

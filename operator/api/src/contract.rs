@@ -57,3 +57,21 @@ pub mod condition_type {
     /// VmRequest: the lifetime ended and the servers were deleted.
     pub const EXPIRED: &str = "Expired";
 }
+
+/// A server-side apply patch of a `K`'s status, `{apiVersion, kind, status}`, with the
+/// group, version and kind taken from the type rather than typed out by hand.
+pub fn status_patch<K: kube::Resource<DynamicType = ()>>(status: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({"apiVersion": K::api_version(&()), "kind": K::kind(&()), "status": status})
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn status_patches_name_their_kind() {
+        let patch = super::status_patch::<crate::Host>(serde_json::json!({"servers": 1}));
+        assert_eq!(
+            patch,
+            serde_json::json!({"apiVersion": "covi.io/v1alpha1", "kind": "Host", "status": {"servers": 1}})
+        );
+    }
+}

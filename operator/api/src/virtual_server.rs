@@ -1,6 +1,5 @@
 //! VirtualServer: one virtual machine in a HostPool.
 
-use crate::contract::condition_type;
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -9,6 +8,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::condition::Condition;
+use crate::contract::condition_type;
 
 /// Desired state of one virtual server.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]

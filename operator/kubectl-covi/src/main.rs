@@ -11,16 +11,16 @@
 //! (`--generation`), or the one read just before writing; a request changed in between
 //! is refused, never approved unseen.
 
-use covi_api::contract::condition_type;
 use std::process::ExitCode;
 
 use covi_api::condition::find_condition;
+use covi_api::contract::condition_type;
 use covi_api::{VirtualServer, VmRequest};
 use k8s_openapi::api::authentication::v1::SelfSubjectReview;
 use k8s_openapi::api::core::v1::Event;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
-use kube::{Client, ResourceExt};
+use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
 const USAGE: &str = "usage:
@@ -168,7 +168,7 @@ async fn decide(
                  nothing was written: run kubectl covi describe {name} and decide again"
             ));
         }
-        let patch = json!({"apiVersion": "covi.io/v1alpha1", "kind": "VmRequest",
+        let patch = json!({"apiVersion": VmRequest::api_version(&()), "kind": VmRequest::kind(&()),
         "metadata": {"resourceVersion": request.resource_version()},
         "status": {"conditions": [{
             "type": type_, "status": "True", "reason": reason,

@@ -12,12 +12,12 @@
 //! down the failover path like any other, except that a source lost during a live
 //! migration hands the server to the target (the scheduler's `to_live_target`).
 
-use covi_api::contract::condition_type;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use covi_api::VirtualServer;
 use covi_api::condition::find_condition;
+use covi_api::contract::condition_type;
 use covi_api::host::UnmovableServer;
 use covi_api::host_pool::Hypervisor as PoolHypervisor;
 use covi_api::virtual_server::{

@@ -1,11 +1,11 @@
 //! VmRequests: the approval gate, the servers a request owns, fulfilment and expiry.
 //! Decisions are pure functions of the request, its pool and its servers.
 
-use covi_api::contract::condition_type;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 use covi_api::condition::find_condition;
+use covi_api::contract::condition_type;
 use covi_api::vm_request::{ApprovedSpec, VmRequestPhase};
 use covi_api::{HostPool, VirtualServer, VmRequest};
 use k8s_openapi::jiff::Timestamp;

@@ -3,12 +3,12 @@
 //! that can go, schedules pending servers pool by pool, and keeps Host and HostPool
 //! status current. Only the leader runs it.
 
-use covi_api::contract::condition_type;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use covi_api::condition::{ConditionStatus, find_condition, is_condition_true, set_condition};
+use covi_api::contract::{condition_type, manager, status_patch};
 use covi_api::virtual_server::FailoverRecord;
 use covi_api::virtual_server::VirtualServerPhase;
 use covi_api::vm_request::VmRequestPhase;
@@ -32,7 +32,6 @@ use crate::metrics::Metrics;
 use crate::scheduler::{Assumed, Decision, PoolView, bound_host, host_facts, in_pool, pass, rules};
 
 pub use covi_api::contract::FINALIZER;
-use covi_api::contract::manager;
 
 pub async fn client(config: &Config) -> Result<Client> {
     covi_daemon::kube_client(config.kubeconfig.as_deref()).await.map_err(Error::Client)
@@ -332,8 +331,7 @@ impl Scheduler {
                 Timestamp::now(),
             );
             let stalled: Vec<_> = conditions.into_iter().filter(|c| c.type_ == condition_type::STALLED).collect();
-            let patch =
-                json!({"apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer", "status": {"conditions": stalled}});
+            let patch = status_patch::<VirtualServer>(json!({"conditions": stalled}));
             let api: Api<VirtualServer> = Api::namespaced(self.client.clone(), &s.namespace().unwrap_or_default());
             Some(async move {
                 let params = PatchParams::apply(manager::OPERATOR_STALLED).force();
@@ -457,7 +455,7 @@ impl Scheduler {
             Some(m) => json!({"migration": m}),
             None => json!({}),
         };
-        let patch = json!({"apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer", "status": body});
+        let patch = status_patch::<VirtualServer>(json!(body));
         let api: Api<VirtualServer> = Api::namespaced(self.client.clone(), &server.namespace().unwrap_or_default());
         api.patch_status(
             &server.name_any(),
@@ -641,7 +639,7 @@ impl Scheduler {
                 }
             }
         }
-        let mut patch = json!({"apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer", "status": body});
+        let mut patch = status_patch::<VirtualServer>(json!(body));
         // A binding (and the address it claims) is conditional on the version it was
         // decided on: a second leader, or a pass on a stale cache, gets a conflict
         // instead of binding the server twice.
@@ -686,9 +684,9 @@ impl Scheduler {
             Timestamp::now(),
         );
         let ready: Vec<_> = conditions.into_iter().filter(|c| c.type_ == condition_type::READY).collect();
-        let patch = json!({"apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer", "status": {
+        let patch = status_patch::<VirtualServer>(json!({
             "phase": VirtualServerPhase::Failed, "conditions": ready,
-        }});
+        }));
         let api: Api<VirtualServer> = Api::namespaced(self.client.clone(), &server.namespace().unwrap_or_default());
         api.patch_status(
             &server.name_any(),
@@ -778,7 +776,7 @@ impl Scheduler {
             if transition.is_some() {
                 // Ready is the agent's condition; the operator speaks for a silent agent.
                 let ready: Vec<_> = conditions.iter().filter(|c| c.type_ == condition_type::READY).collect();
-                let patch = json!({"apiVersion": "covi.io/v1alpha1", "kind": "Host", "status": {"conditions": ready}});
+                let patch = status_patch::<Host>(json!({"conditions": ready}));
                 let params = PatchParams::apply(manager::OPERATOR_FOR_AGENT).force();
                 if let Err(e) = api.patch_status(&name, &params, &Patch::Apply(&patch)).await {
                     tracing::warn!(host = %name, error = %e, "updating host readiness failed");
@@ -793,10 +791,10 @@ impl Scheduler {
                         || c.type_ == condition_type::EVACUATED
                 })
                 .collect();
-            let patch = json!({"apiVersion": "covi.io/v1alpha1", "kind": "Host", "status": {
+            let patch = status_patch::<Host>(json!({
                 "pool": pool_name, "servers": on_host.len(), "cpuAllocation": cpu, "memoryAllocation": memory,
                 "conditions": mine, "unmovable": stuck,
-            }});
+            }));
             if let Err(e) =
                 api.patch_status(&name, &PatchParams::apply(manager::OPERATOR).force(), &Patch::Apply(&patch)).await
             {
@@ -890,12 +888,12 @@ impl Scheduler {
             {
                 continue;
             }
-            let patch = json!({"apiVersion": "covi.io/v1alpha1", "kind": "HostPool", "status": {
+            let patch = status_patch::<HostPool>(json!({
                 "observedGeneration": generation,
                 "readyHosts": ready, "totalHosts": members.len(), "servers": on_pool.len(),
                 "cpuAllocation": cpu, "memoryAllocation": memory,
                 "conditions": conditions.iter().filter(|c| c.type_ == condition_type::READY || c.type_ == condition_type::FAILOVER_PAUSED).collect::<Vec<_>>(),
-            }});
+            }));
             let api: Api<HostPool> = Api::all(self.client.clone());
             if let Err(e) = api
                 .patch_status(&pool.name_any(), &PatchParams::apply(manager::OPERATOR).force(), &Patch::Apply(&patch))
@@ -1232,7 +1230,7 @@ impl Scheduler {
         }
         let unchanged = events.is_empty() && current == body;
         if !unchanged {
-            let patch = json!({"apiVersion": "covi.io/v1alpha1", "kind": "VmRequest", "status": body});
+            let patch = status_patch::<VmRequest>(json!(body));
             let api: Api<VmRequest> = Api::namespaced(self.client.clone(), &ns);
             api.patch_status(&name, &PatchParams::apply(manager::OPERATOR).force(), &Patch::Apply(&patch)).await?;
         }
@@ -1273,7 +1271,7 @@ impl Scheduler {
         let mut labels = meta.labels.clone();
         labels.insert(crate::requests::REQUEST_LABEL.into(), request.name_any());
         let server = json!({
-            "apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer",
+            "apiVersion": VirtualServer::api_version(&()), "kind": VirtualServer::kind(&()),
             "metadata": {
                 "name": name,
                 "labels": labels,
@@ -1281,7 +1279,7 @@ impl Scheduler {
                 // Born with covi's finalizer: one write fewer per server than adding it later.
                 "finalizers": [FINALIZER],
                 "ownerReferences": [{
-                    "apiVersion": "covi.io/v1alpha1", "kind": "VmRequest",
+                    "apiVersion": VmRequest::api_version(&()), "kind": VmRequest::kind(&()),
                     "name": request.name_any(), "uid": request.uid().unwrap_or_default(),
                     "controller": true, "blockOwnerDeletion": true,
                 }],
@@ -1349,8 +1347,7 @@ impl Scheduler {
                 s.meta().generation,
                 now,
             );
-            let patch =
-                json!({"apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer", "status": {"conditions": mine}});
+            let patch = status_patch::<VirtualServer>(json!({"conditions": mine}));
             // Its own field manager: the operator's other status applies never carry it.
             let params = PatchParams::apply("covi-operator-expiry").force();
             if api.patch_status(&s.name_any(), &params, &Patch::Apply(&patch)).await.is_ok() {

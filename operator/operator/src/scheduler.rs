@@ -2,12 +2,12 @@
 //! pending servers bind where, which wait (and why), which are invalid. The operator
 //! loop feeds it from its watches and writes the decisions.
 
-use covi_api::contract::condition_type;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use covi_api::condition::is_condition_true;
+use covi_api::contract::condition_type;
 use covi_api::host_pool::Strategy as PoolStrategy;
 use covi_api::{Host, HostPool, VirtualServer};
 use covi_placement::{Bound, Demand, HostFacts, Pool, PoolRules, Strategy};
