@@ -1386,55 +1386,28 @@ fn liveness_conditions(
     leases: &Leases,
     host: &str,
 ) -> Option<(EventType, &'static str, String)> {
+    use ConditionStatus::{False, True};
+    use condition_type::{LOST, READY, STALLED};
     let now = Timestamp::now();
     let silent = leases.silent_for(host, Instant::now()).map(|d| d.as_secs()).unwrap_or(0);
-    let ready_reason = find_condition(conditions, condition_type::READY).map(|c| (c.status.clone(), c.reason.clone()));
-    let was_lost = find_condition(conditions, condition_type::LOST).is_some_and(|c| c.status == "True");
+    let ready_reason = find_condition(conditions, READY).map(|c| (c.status.clone(), c.reason.clone()));
+    let was_lost = find_condition(conditions, LOST).is_some_and(|c| c.status == "True");
+    let mut set = |changes: &[(&str, ConditionStatus)], reason: &str, message: &str| {
+        for (type_, status) in changes {
+            set_condition(conditions, type_, *status, reason, message, None, now);
+        }
+    };
     match liveness {
         Liveness::Lost if !was_lost => {
             let message = format!(
                 "no lease renewal seen for {silent}s: the host is lost and its highly-available servers restart elsewhere"
             );
-            set_condition(
-                conditions,
-                condition_type::LOST,
-                ConditionStatus::True,
-                "HostLost",
-                message.clone(),
-                None,
-                now,
-            );
-            set_condition(
-                conditions,
-                condition_type::STALLED,
-                ConditionStatus::True,
-                "HostLost",
-                message.clone(),
-                None,
-                now,
-            );
-            set_condition(
-                conditions,
-                condition_type::READY,
-                ConditionStatus::False,
-                "HostLost",
-                message.clone(),
-                None,
-                now,
-            );
+            set(&[(LOST, True), (STALLED, True), (READY, False)], "HostLost", &message);
             Some((EventType::Warning, "HostLost", message))
         }
         Liveness::HeartbeatMissed if ready_reason.as_ref().is_none_or(|(s, _)| s == "True") => {
             let message = format!("no lease renewal seen for {silent}s");
-            set_condition(
-                conditions,
-                condition_type::READY,
-                ConditionStatus::False,
-                "HeartbeatMissed",
-                message.clone(),
-                None,
-                now,
-            );
+            set(&[(READY, False)], "HeartbeatMissed", &message);
             Some((EventType::Warning, "HeartbeatMissed", message))
         }
         Liveness::Alive
@@ -1444,33 +1417,7 @@ fn liveness_conditions(
                     .is_some_and(|(s, r)| s == "False" && (r == "HeartbeatMissed" || r == "HostLost")) =>
         {
             let message = "the host renews its lease again".to_string();
-            set_condition(
-                conditions,
-                condition_type::LOST,
-                ConditionStatus::False,
-                "LeaseRenewed",
-                message.clone(),
-                None,
-                now,
-            );
-            set_condition(
-                conditions,
-                condition_type::STALLED,
-                ConditionStatus::False,
-                "LeaseRenewed",
-                message.clone(),
-                None,
-                now,
-            );
-            set_condition(
-                conditions,
-                condition_type::READY,
-                ConditionStatus::True,
-                "LeaseRenewed",
-                message.clone(),
-                None,
-                now,
-            );
+            set(&[(LOST, False), (STALLED, False), (READY, True)], "LeaseRenewed", &message);
             Some((EventType::Normal, "HostRecovered", message))
         }
         _ => None,
