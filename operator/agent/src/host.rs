@@ -16,7 +16,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 
 use crate::error::Result;
-use crate::libvirt::HostFacts;
+use crate::libvirt::NodeFacts;
 
 /// Renewal period when the host's pool does not say.
 pub const DEFAULT_RENEW: Duration = Duration::from_secs(2);
@@ -39,7 +39,7 @@ impl HostReporter {
 
     /// Creates or updates the Host; `Ready=True` since the agent reaches both libvirt
     /// and the API. `fenced`, when given, records a self-fencing in the Fenced condition.
-    pub async fn report(&self, facts: &HostFacts, storage: Option<u64>, fenced: Option<String>) -> Result<()> {
+    pub async fn report(&self, facts: &NodeFacts, storage: Option<u64>, fenced: Option<String>) -> Result<()> {
         let api: Api<Host> = Api::all(self.client.clone());
         let node = self.node.as_str();
         let params = PatchParams::apply(manager::AGENT).force();

@@ -24,7 +24,7 @@ use serde_json::json;
 use crate::converge::{Step, steps};
 use crate::domain_xml::{Boot, render};
 use crate::error::{Error, Result};
-use crate::libvirt::{Hypervisor, StartRefused, VolumeError};
+use crate::libvirt::{Libvirt, StartRefused, VolumeError};
 use crate::seed::build_iso;
 use crate::server::{Failure, ServerPlan, plan, volume_names};
 
@@ -34,7 +34,7 @@ pub use covi_api::contract::FINALIZER;
 pub struct Context {
     pub client: Client,
     pub node: String,
-    pub hypervisor: Hypervisor,
+    pub hypervisor: Libvirt,
     pub driver: String,
     pub pools: Store<HostPool>,
     pub recorder: Recorder,

@@ -24,7 +24,7 @@ use crate::fence::Fence;
 use crate::fence::link::FencingLink;
 use crate::fence::watchdog::{fence_if_due, watchdog};
 use crate::host::HostReporter;
-use crate::libvirt::Hypervisor;
+use crate::libvirt::Libvirt;
 use crate::reconcile::{Context, error_policy, reconcile};
 
 pub async fn client(config: &Config) -> Result<Client> {
@@ -123,7 +123,7 @@ async fn serve(
         );
     }
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
-    let hypervisor = Hypervisor::open(&config.libvirt_uri, events_tx).await?;
+    let hypervisor = Libvirt::open(&config.libvirt_uri, events_tx).await?;
     link.lock().unwrap_or_else(|p| p.into_inner()).share(hypervisor.connection()?);
     let facts = hypervisor.facts().await?;
     tracing::info!(node = %config.node_name, uri = %config.libvirt_uri, ?facts, "connected to libvirt");
@@ -275,7 +275,7 @@ const REGISTER_RETRY: Duration = Duration::from_secs(2);
 /// `/domains`: the covi domains libvirt has on this host, as JSON. A host that is due
 /// to fence does so before answering, so nobody reads a list it must not have.
 fn domain_route(
-    hypervisor: &Hypervisor,
+    hypervisor: &Libvirt,
     link: &Arc<Mutex<FencingLink>>,
     fence: &Arc<Fence>,
 ) -> covi_daemon::endpoint::Routes {
@@ -304,7 +304,7 @@ fn domain_route(
 struct HostLoop {
     client: Client,
     node: String,
-    hypervisor: Hypervisor,
+    hypervisor: Libvirt,
     servers: kube::runtime::reflector::Store<VirtualServer>,
     pools: kube::runtime::reflector::Store<HostPool>,
     reporter: Arc<HostReporter>,

@@ -1,7 +1,7 @@
 //! From a VirtualServer and its pool to what the host must have: a pure function.
 //! Validation and building live here; the reconcile only executes the result.
 
-use covi_api::host_pool::{HostPool, Hypervisor as PoolHypervisor};
+use covi_api::host_pool::{HostPool, Hypervisor};
 use covi_api::virtual_server::{RunPolicy, VirtualServer};
 
 use crate::domain_xml::{Boot, DomainSpec, Driver, Guest, Ownership, mac_address};
@@ -52,12 +52,12 @@ impl ServerPlan {
 
 /// libvirt's driver name for a pool's hypervisor, to catch an agent attached to the
 /// wrong kind of host.
-fn expected_driver(h: PoolHypervisor) -> (&'static str, Driver) {
+fn expected_driver(h: Hypervisor) -> (&'static str, Driver) {
     match h {
-        PoolHypervisor::Xen => ("Xen", Driver::Xen),
-        PoolHypervisor::Kvm => ("QEMU", Driver::Kvm),
-        PoolHypervisor::Qemu => ("QEMU", Driver::Qemu),
-        PoolHypervisor::Test => ("TEST", Driver::Test),
+        Hypervisor::Xen => ("Xen", Driver::Xen),
+        Hypervisor::Kvm => ("QEMU", Driver::Kvm),
+        Hypervisor::Qemu => ("QEMU", Driver::Qemu),
+        Hypervisor::Test => ("TEST", Driver::Test),
     }
 }
 

@@ -6,7 +6,7 @@ use kube::runtime::reflector::Store;
 use kube::{Client, ResourceExt};
 
 use crate::error::Result;
-use crate::libvirt::{Hypervisor, ObservedDomain};
+use crate::libvirt::{Libvirt, ObservedDomain};
 use crate::server::volume_names;
 
 /// What to do with a covi domain no server on this host claims.
@@ -44,7 +44,7 @@ pub fn judge(domain: &ObservedDomain, server: Option<&VirtualServer>, node: &str
 pub async fn sweep(
     client: &Client,
     node: &str,
-    hv: &Hypervisor,
+    hv: &Libvirt,
     servers: &Store<VirtualServer>,
     pools: &Store<HostPool>,
 ) -> Result<usize> {

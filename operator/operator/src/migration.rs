@@ -19,7 +19,7 @@ use covi_api::VirtualServer;
 use covi_api::condition::find_condition;
 use covi_api::contract::condition_type;
 use covi_api::host::UnmovableServer;
-use covi_api::host_pool::Hypervisor as PoolHypervisor;
+use covi_api::host_pool::Hypervisor;
 use covi_api::virtual_server::{
     MigrationPhase, MigrationStatus, READY_HANDED_OFF, READY_MIGRATION_FAILED, VirtualServerPhase,
 };
@@ -67,7 +67,7 @@ fn finished(m: &MigrationStatus, phase: MigrationPhase, reason: Option<String>, 
 /// Plans every migration of `pool`. `members` are its hosts, `servers` its servers;
 /// `unready` and `lost` as for the scheduling pass; `skip` (UIDs) are servers the
 /// scheduling pass just rebound, left alone until the next pass sees their new status.
-pub fn plan(view: &PoolView, skip: &BTreeSet<String>, now: Timestamp) -> Plan {
+pub fn plan_moves(view: &PoolView, skip: &BTreeSet<String>, now: Timestamp) -> Plan {
     let PoolView { pool, hosts: members, servers, assumed, unready, lost } = view;
     let (pool, assumed, unready, lost) = (*pool, *assumed, *unready, *lost);
     let facts = live_facts(members, unready);
@@ -223,7 +223,7 @@ pub fn plan(view: &PoolView, skip: &BTreeSet<String>, now: Timestamp) -> Plan {
         }
         placement = trial;
         running += 1;
-        let live = pool.spec.hypervisor != PoolHypervisor::Test && phase == Some(VirtualServerPhase::Running);
+        let live = pool.spec.hypervisor != Hypervisor::Test && phase == Some(VirtualServerPhase::Running);
         let record = MigrationStatus {
             source: host.clone(),
             target: chosen,

@@ -192,7 +192,7 @@ impl Scheduler {
             self.apply(decisions).await;
             // Planned after the bindings just written count, as this pass's Assumed.
             let view = self.view(pool, hosts_here, members, &unready, &lost);
-            let moves = crate::migration::plan(&view, &rebound, Timestamp::now());
+            let moves = crate::migration::plan_moves(&view, &rebound, Timestamp::now());
             unmovable.extend(moves.unmovable);
             self.migrate(pool, moves.actions).await;
         }

@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use covi_api::condition::is_condition_true;
 use covi_api::contract::condition_type;
-use covi_api::host_pool::Strategy as PoolStrategy;
+use covi_api::host_pool::Strategy;
 use covi_api::{Host, HostPool, VirtualServer};
-use covi_placement::{Bound, Demand, HostFacts, Pool, PoolRules, Strategy};
+use covi_placement::{Bound, Demand, HostFacts, Pool, PoolRules, Ranking};
 use kube::{Resource, ResourceExt};
 
 use crate::address::Network;
@@ -58,9 +58,9 @@ pub fn rules(pool: &HostPool) -> PoolRules {
         reserve_memory_mib,
         max_servers_per_host: pool.spec.max_servers_per_host,
         reserve_hosts: pool.spec.failover.reserve_hosts,
-        strategy: match pool.spec.strategy {
-            PoolStrategy::Spread => Strategy::Spread,
-            PoolStrategy::Pack => Strategy::Pack,
+        ranking: match pool.spec.strategy {
+            Strategy::Spread => Ranking::Spread,
+            Strategy::Pack => Ranking::Pack,
         },
     }
 }

@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 
 /// How the scheduler ranks hosts that fit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum Strategy {
+pub enum Ranking {
     /// Prefer the least-allocated host.
     #[default]
     Spread,
@@ -26,7 +26,7 @@ pub struct PoolRules {
     pub reserve_cpus: u32,
     pub reserve_memory_mib: u64,
     pub max_servers_per_host: Option<u32>,
-    pub strategy: Strategy,
+    pub ranking: Ranking,
     /// Hosts the pool must be able to lose and still restart every highly-available
     /// server (N+1 admission); 0 turns the check off.
     pub reserve_hosts: u32,
@@ -289,9 +289,9 @@ impl<'a> Pool<'a> {
                 Ok(fullness) => {
                     let better = match best {
                         None => true,
-                        Some((current, _)) => match self.rules.strategy {
-                            Strategy::Spread => fullness < current,
-                            Strategy::Pack => fullness > current,
+                        Some((current, _)) => match self.rules.ranking {
+                            Ranking::Spread => fullness < current,
+                            Ranking::Pack => fullness > current,
                         },
                     };
                     if better {

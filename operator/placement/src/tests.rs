@@ -1,6 +1,6 @@
 use super::*;
 
-fn rules(strategy: Strategy) -> PoolRules {
+fn rules(ranking: Ranking) -> PoolRules {
     PoolRules {
         name: "idc-a".into(),
         cpu_ratio: 1.0,
@@ -8,7 +8,7 @@ fn rules(strategy: Strategy) -> PoolRules {
         reserve_cpus: 0,
         reserve_memory_mib: 0,
         max_servers_per_host: None,
-        strategy,
+        ranking,
         reserve_hosts: 0,
     }
 }
@@ -34,7 +34,7 @@ fn grouped(cpus: u32, group: &str) -> Demand {
 
 #[test]
 fn spread_prefers_the_emptiest_host() {
-    let rules = rules(Strategy::Spread);
+    let rules = rules(Ranking::Spread);
     let hosts = [host("a", 8, 16), host("b", 8, 16)];
     let bound =
         [Bound { host: "a".into(), cpus: 4, memory_mib: 4096, anti_affinity_group: None, high_availability: false }];
@@ -44,7 +44,7 @@ fn spread_prefers_the_emptiest_host() {
 
 #[test]
 fn pack_fills_the_fullest_host_that_fits() {
-    let rules = rules(Strategy::Pack);
+    let rules = rules(Ranking::Pack);
     let hosts = [host("a", 8, 16), host("b", 8, 16)];
     let bound =
         [Bound { host: "b".into(), cpus: 4, memory_mib: 4096, anti_affinity_group: None, high_availability: false }];
@@ -55,7 +55,7 @@ fn pack_fills_the_fullest_host_that_fits() {
 
 #[test]
 fn overcommit_and_reserve_set_capacity() {
-    let mut rules = rules(Strategy::Spread);
+    let mut rules = rules(Ranking::Spread);
     rules.cpu_ratio = 4.0;
     rules.memory_ratio = 1.5;
     rules.reserve_cpus = 2;
@@ -66,7 +66,7 @@ fn overcommit_and_reserve_set_capacity() {
 
 #[test]
 fn a_batch_never_overcommits_a_host() {
-    let rules = rules(Strategy::Spread);
+    let rules = rules(Ranking::Spread);
     let hosts = [host("a", 4, 64), host("b", 4, 64), host("c", 2, 64)];
     let mut pool = Pool::new(&rules, &hosts, &[]);
     let results: Vec<_> = (0..12).map(|_| pool.place(&demand(1, 1))).collect();
@@ -82,7 +82,7 @@ fn a_batch_never_overcommits_a_host() {
 
 #[test]
 fn hundred_servers_bind_in_one_pass_and_spread_evenly() {
-    let rules = rules(Strategy::Spread);
+    let rules = rules(Ranking::Spread);
     let hosts: Vec<_> = (0..10).map(|i| host(&format!("h{i}"), 32, 64)).collect();
     let mut pool = Pool::new(&rules, &hosts, &[]);
     for _ in 0..100 {
@@ -95,7 +95,7 @@ fn hundred_servers_bind_in_one_pass_and_spread_evenly() {
 
 #[test]
 fn anti_affinity_members_never_share_a_host() {
-    let rules = rules(Strategy::Pack);
+    let rules = rules(Ranking::Pack);
     let hosts = [host("a", 16, 16), host("b", 16, 16), host("c", 16, 16)];
     let mut pool = Pool::new(&rules, &hosts, &[]);
     let mut chosen: Vec<_> = (0..3).map(|_| pool.place(&grouped(1, "web")).unwrap()).collect();
@@ -109,7 +109,7 @@ fn anti_affinity_members_never_share_a_host() {
 
 #[test]
 fn existing_members_count_for_anti_affinity() {
-    let rules = rules(Strategy::Spread);
+    let rules = rules(Ranking::Spread);
     let hosts = [host("a", 16, 16), host("b", 16, 16)];
     let bound = [Bound {
         host: "b".into(),
@@ -124,7 +124,7 @@ fn existing_members_count_for_anti_affinity() {
 
 #[test]
 fn too_large_a_server_names_what_is_short() {
-    let rules = rules(Strategy::Spread);
+    let rules = rules(Ranking::Spread);
     let hosts = [host("a", 4, 16), host("b", 2, 16)];
     let err = Pool::new(&rules, &hosts, &[]).place(&demand(8, 1)).unwrap_err();
     assert_eq!(err.reason, "InsufficientCPU");
@@ -136,7 +136,7 @@ fn too_large_a_server_names_what_is_short() {
 
 #[test]
 fn unready_cordoned_and_full_hosts_are_skipped() {
-    let mut rules = rules(Strategy::Spread);
+    let mut rules = rules(Ranking::Spread);
     rules.max_servers_per_host = Some(1);
     let mut down = host("down", 64, 64);
     down.ready = false;
@@ -153,7 +153,7 @@ fn unready_cordoned_and_full_hosts_are_skipped() {
 
 #[test]
 fn host_selector_and_pin_restrict_candidates() {
-    let rules = rules(Strategy::Spread);
+    let rules = rules(Ranking::Spread);
     let mut ssd = host("ssd", 8, 8);
     ssd.labels.insert("disk".into(), "ssd".into());
     let hosts = [host("plain", 8, 8), ssd];
@@ -170,14 +170,14 @@ fn host_selector_and_pin_restrict_candidates() {
 
 #[test]
 fn an_empty_pool_says_so() {
-    let rules = rules(Strategy::Spread);
+    let rules = rules(Ranking::Spread);
     let err = Pool::new(&rules, &[], &[]).place(&demand(1, 1)).unwrap_err();
     assert_eq!(err, Unschedulable { reason: "NoHostInPool", message: "pool idc-a has no hosts".into() });
 }
 
 #[test]
 fn servers_on_hosts_outside_the_pool_are_ignored() {
-    let rules = rules(Strategy::Spread);
+    let rules = rules(Ranking::Spread);
     let hosts = [host("a", 2, 2)];
     let bound =
         [Bound { host: "gone".into(), cpus: 2, memory_mib: 2048, anti_affinity_group: None, high_availability: false }];
@@ -186,7 +186,7 @@ fn servers_on_hosts_outside_the_pool_are_ignored() {
 
 #[test]
 fn reserve_hosts_keeps_room_to_restart_ha_servers() {
-    let mut rules = rules(Strategy::Pack);
+    let mut rules = rules(Ranking::Pack);
     rules.reserve_hosts = 1;
     let hosts = [host("a", 4, 64), host("b", 4, 64)];
     let mut pool = Pool::new(&rules, &hosts, &[]);
@@ -211,7 +211,7 @@ fn reserve_hosts_keeps_room_to_restart_ha_servers() {
 
 #[test]
 fn failover_may_use_the_reserve() {
-    let mut rules = rules(Strategy::Pack);
+    let mut rules = rules(Ranking::Pack);
     rules.reserve_hosts = 1;
     let hosts = [host("a", 4, 64), host("b", 4, 64)];
     let bound = [

@@ -21,7 +21,7 @@ pub use events::DomainEvent;
 
 /// Facts about the host as libvirt reports them.
 #[derive(Clone, Debug, PartialEq)]
-pub struct HostFacts {
+pub struct NodeFacts {
     /// libvirt's driver name: "Xen", "QEMU" or "TEST".
     pub driver: String,
     /// The hypervisor's version, e.g. "4.17.5".
@@ -63,9 +63,9 @@ pub enum StartRefused {
     Failed(String),
 }
 
-/// A connection to the host's hypervisor.
+/// The agent's connection to libvirt on this host; it reopens itself after a libvirtd restart.
 #[derive(Clone)]
-pub struct Hypervisor {
+pub struct Libvirt {
     conn: Arc<Mutex<Arc<Connect>>>,
     uri: String,
     events: UnboundedSender<DomainEvent>,
@@ -79,9 +79,9 @@ pub(crate) fn is(e: &virt::error::Error, code: ErrorNumber) -> bool {
     matches!(e.code(), virt::enumutil::Enum::Known(c) if c == code)
 }
 
-impl Hypervisor {
+impl Libvirt {
     /// Opens `uri` and sends every domain lifecycle event to `events`.
-    pub async fn open(uri: &str, events: UnboundedSender<DomainEvent>) -> Result<Hypervisor> {
+    pub async fn open(uri: &str, events: UnboundedSender<DomainEvent>) -> Result<Libvirt> {
         events::start_event_loop();
         // libvirt's default error handler prints every error, including expected
         // look-up misses, to stderr; errors reach us as values instead.
@@ -90,7 +90,7 @@ impl Hypervisor {
         let conn = tokio::task::spawn_blocking(move || connect(&target, sender))
             .await
             .map_err(|e| Error::Join(e.to_string()))??;
-        Ok(Hypervisor { conn: Arc::new(Mutex::new(Arc::new(conn))), uri: uri.to_string(), events })
+        Ok(Libvirt { conn: Arc::new(Mutex::new(Arc::new(conn))), uri: uri.to_string(), events })
     }
 
     /// The open connection, reopened first if libvirtd closed it (a restart): the
@@ -122,10 +122,10 @@ impl Hypervisor {
         .map_err(|e| Error::Join(e.to_string()))?
     }
 
-    pub async fn facts(&self) -> Result<HostFacts> {
+    pub async fn facts(&self) -> Result<NodeFacts> {
         self.run(|c| {
             let info = c.node_info()?;
-            Ok(HostFacts {
+            Ok(NodeFacts {
                 driver: c.driver_type()?,
                 hypervisor_version: version_string(c.hyp_version()?),
                 libvirt_version: version_string(c.lib_version()?),

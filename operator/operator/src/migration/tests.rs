@@ -74,7 +74,7 @@ fn run(pool: &HostPool, hosts: &[Arc<Host>], servers: &[Arc<VirtualServer>], los
         unready: &lost,
         lost: &lost,
     };
-    plan(&view, &BTreeSet::new(), Timestamp::UNIX_EPOCH)
+    plan_moves(&view, &BTreeSet::new(), Timestamp::UNIX_EPOCH)
 }
 
 fn records(plan: &Plan) -> Vec<(String, MigrationPhase, String)> {
@@ -180,7 +180,7 @@ fn after_a_live_hand_off_the_server_belongs_to_the_target() {
         unready: &unready,
         lost: &lost,
     };
-    let p = plan(&view, &BTreeSet::new(), Timestamp::UNIX_EPOCH);
+    let p = plan_moves(&view, &BTreeSet::new(), Timestamp::UNIX_EPOCH);
     assert_eq!(p.actions[0].1, Action::HandOver { source: "h1".into(), target: "h2".into() });
     // A failure the target reports after a live hand-off keeps the server there.
     let broken = server(
