@@ -2,7 +2,9 @@
 # The whole test suite, as CI runs it (.ci/run calls exactly this):
 #   hack/test.sh                       everything
 #   hack/test.sh -- CMD...             set up the test bed, then run CMD in it instead
-#                                      (e.g. hack/test.sh -- cargo test -p covi-tests --test api)
+#                                      (e.g. hack/test.sh -- cargo test -p covi-tests --test api;
+#                                      test targets on libvirt's test driver skip libvirtd,
+#                                      the libvirt peers and the Xen image)
 # Installs what is missing, builds the pinned control plane (cached), checks format,
 # lints and CRD drift, starts etcd + kube-apiserver + kube-controller-manager on
 # loopback, runs every test against them, and tears it all down. Prints each phase's time.
@@ -15,6 +17,26 @@ custom=()
 if [ "${1:-}" = "--" ]; then
   shift
   custom=("$@")
+fi
+
+# What the run needs of the test bed: everything, unless CMD names only test targets
+# (--test NAME) that use libvirt's test driver (no libvirtd, no libvirt peers, no Xen
+# dom0 image). Any other target, or none named, gets all of it.
+needs_libvirtd=1
+needs_xen=1
+if [ "${#custom[@]}" -gt 0 ]; then
+  asked=$(printf '%s\n' "${custom[@]}" | awk 'prev == "--test" { print } /^--test=/ { print substr($0, 8) } { prev = $0 }')
+  if [ -n "$asked" ]; then
+    needs_libvirtd=0
+    needs_xen=0
+    for t in $asked; do
+      case "$t" in
+        api | argocd_health | domain_xml | failover | install | kstatus | migration | requests | servers) ;;
+        qemu | disk_leases) needs_libvirtd=1 ;;
+        *) needs_libvirtd=1 needs_xen=1 ;;
+      esac
+    done
+  fi
 fi
 
 trap 'testbed_stop' EXIT
@@ -32,9 +54,11 @@ phase "build control plane"
 phase "build tools"
 "$COVI_ROOT/hack/build-tools.sh"
 
-phase "Xen lab image"
-# dom0's root file system for tests/xen.rs (cached; a few minutes on a fresh machine).
-"$COVI_ROOT/hack/xen-lab.sh" image
+if [ "$needs_xen" = 1 ]; then
+  phase "Xen lab image"
+  # dom0's root file system for tests/xen.rs (cached; a few minutes on a fresh machine).
+  "$COVI_ROOT/hack/xen-lab.sh" image
+fi
 
 if [ "${#custom[@]}" -eq 0 ]; then
   phase "cargo fmt --check"
@@ -64,9 +88,11 @@ phase "start control plane"
 testbed_start "$COVI_CACHE/testbed/test-$$"
 echo "test bed: $COVI_APISERVER (state in $COVI_TESTBED_DIR)"
 
-phase "start libvirtd"
-testbed_libvirtd
-testbed_libvirt_peers
+if [ "$needs_libvirtd" = 1 ]; then
+  phase "start libvirtd"
+  testbed_libvirtd
+  testbed_libvirt_peers
+fi
 
 if [ "${#custom[@]}" -gt 0 ]; then
   phase "run: ${custom[*]}"
