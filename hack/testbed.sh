@@ -202,32 +202,12 @@ _testbed_kill() {
   done
 }
 
-# testbed_node_xml PATH CPUS MEMORY_GIB: a libvirt test-driver node with a storage pool
-# "default-pool" holding the examples' image volume debian-12.img. Each agent opening
-# test://PATH gets its own in-memory hypervisor with this inventory. (The test driver
-# gives every pool 100 GiB, whatever a file says.)
+# testbed_node_xml PATH CPUS MEMORY_GIB: a libvirt test-driver host inventory from
+# hack/test-node.xml (the tests fill in the same file).
 testbed_node_xml() {
   local path=$1 cpus=$2 mem_gib=$3
-  cat >"$path" <<XML
-<node>
-  <cpu>
-    <mhz>2000</mhz><model>x86_64</model>
-    <nodes>1</nodes><sockets>1</sockets><cores>$cpus</cores><threads>1</threads><active>$cpus</active>
-  </cpu>
-  <memory>$(( mem_gib * 1024 * 1024 ))</memory>
-  <pool type='dir'>
-    <name>default-pool</name>
-    <uuid>$(cat /proc/sys/kernel/random/uuid)</uuid>
-    <target><path>/var/lib/covi/default-pool</path></target>
-    <volume type='file'>
-      <name>debian-12.img</name>
-      <capacity unit='GiB'>2</capacity>
-      <allocation>0</allocation>
-      <target><path>/var/lib/covi/default-pool/debian-12.img</path></target>
-    </volume>
-  </pool>
-</node>
-XML
+  sed -e "s/@CPUS@/$cpus/g" -e "s/@MEMORY_KIB@/$(( mem_gib * 1024 * 1024 ))/" \
+    -e "s/@UUID@/$(cat /proc/sys/kernel/random/uuid)/" "$COVI_ROOT/hack/test-node.xml" >"$path"
 }
 
 # testbed_spawn_covi NAME COMMAND...: runs a covi binary under the test bed's

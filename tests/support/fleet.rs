@@ -106,22 +106,15 @@ impl Drop for Process {
     }
 }
 
-/// A libvirt test-driver inventory: CPUs, memory, and a storage pool holding the
-/// image volume debian-12.img. Each `test://PATH` open has its own state. The test
-/// driver gives every pool 100 GiB whatever the file says, so test disks stay small.
+/// A libvirt test-driver inventory from `hack/test-node.xml` (as `hack/testbed.sh`
+/// writes it): CPUs, memory, and a storage pool holding the image volume debian-12.img.
+/// Each `test://PATH` open has its own state.
 pub fn node_xml(name: &str, cpus: u32, memory_gib: u64) -> PathBuf {
     let path = testbed_dir().join(format!("{name}-node.xml"));
-    let xml = format!(
-        "<node><cpu><mhz>2000</mhz><model>x86_64</model><nodes>1</nodes><sockets>1</sockets>\
-         <cores>{cpus}</cores><threads>1</threads><active>{cpus}</active></cpu>\
-         <memory>{kib}</memory>\
-         <pool type='dir'><name>default-pool</name><uuid>{uuid}</uuid>\
-         <target><path>/var/lib/covi/default-pool</path></target>\
-         <volume type='file'><name>debian-12.img</name><capacity unit='GiB'>2</capacity><allocation>0</allocation>\
-         <target><path>/var/lib/covi/default-pool/debian-12.img</path></target></volume></pool></node>",
-        kib = memory_gib * 1024 * 1024,
-        uuid = uuid_for(name),
-    );
+    let xml = include_str!("../../hack/test-node.xml")
+        .replace("@CPUS@", &cpus.to_string())
+        .replace("@MEMORY_KIB@", &(memory_gib * 1024 * 1024).to_string())
+        .replace("@UUID@", &uuid_for(name));
     std::fs::write(&path, xml).expect("node XML");
     path
 }
