@@ -18,22 +18,15 @@ use covi_api::{Host, VirtualServer};
 use covi_tests::fleet::{Fleet, NetnsHost, Process, endpoint_of, get};
 use covi_tests::guests::ready;
 use covi_tests::sampler::Sampler;
-use covi_tests::{FIELD_MANAGER, Rng, admin, all_ready_again, install_crds, namespace, wait_until};
+use covi_tests::{Rng, admin, all_ready_again, install_crds, namespace, wait_until};
 use kube::Client;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, ListParams};
 use serde_json::{Value, json};
 
 use covi_tests::SERIAL;
+use covi_tests::fleet::apply_server;
 
 const DEADLINE: Duration = Duration::from_secs(60);
-
-async fn apply_server(api: &Api<VirtualServer>, name: &str, pool: &str, ha: bool) {
-    let server = json!({"apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer", "metadata": {"name": name}, "spec": {
-        "hostPool": pool, "class": "small", "boot": {"image": "debian-12"}, "highAvailability": ha,
-        "owner": "team-test", "purpose": "failover test"
-    }});
-    api.patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&server)).await.expect("apply server");
-}
 
 fn host_of(s: &VirtualServer) -> Option<String> {
     s.status.as_ref().and_then(|st| st.host.clone())
@@ -78,10 +71,10 @@ impl Scene {
         let ns = namespace(&client, id).await;
         let api: Api<VirtualServer> = Api::namespaced(client.clone(), &ns);
         for name in ha {
-            apply_server(&api, name, &pool, true).await;
+            apply_server(&api, name, &pool, json!({"highAvailability": true})).await;
         }
         for name in plain {
-            apply_server(&api, name, &pool, false).await;
+            apply_server(&api, name, &pool, json!({"highAvailability": false})).await;
         }
         for name in ha.iter().chain(plain) {
             fleet.wait_server(&api, name, "to run on host 1", DEADLINE, ready).await;
@@ -349,7 +342,7 @@ async fn chaos_of_kills_freezes_and_partitions_never_runs_a_server_twice() {
     let api: Api<VirtualServer> = Api::namespaced(client.clone(), &ns);
     let servers: Vec<String> = (1..=6).map(|i| format!("ha-{i}")).collect();
     for name in &servers {
-        apply_server(&api, name, &pool, true).await;
+        apply_server(&api, name, &pool, json!({"highAvailability": true})).await;
     }
     let all_ready = || async {
         let list = api.list(&ListParams::default()).await.ok()?;
@@ -421,7 +414,7 @@ async fn losing_too_much_of_a_pool_at_once_pauses_failover() {
     fleet.wait_pool_ready(&client, &pool, 1).await;
     let ns = namespace(&client, "mass").await;
     let api: Api<VirtualServer> = Api::namespaced(client.clone(), &ns);
-    apply_server(&api, "ha-1", &pool, true).await;
+    apply_server(&api, "ha-1", &pool, json!({"highAvailability": true})).await;
     fleet.wait_server(&api, "ha-1", "to run on host 1", DEADLINE, ready).await;
     fleet.start_agent(2, 8, 16);
     fleet.wait_pool_ready(&client, &pool, 2).await;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use covi_api::{VirtualServer, VmRequest};
 use covi_tests::fleet::Fleet;
+use covi_tests::fleet::apply_server;
 use covi_tests::guests::ready;
 use covi_tests::{FIELD_MANAGER, admin, install_crds, namespace, poll};
 use kube::api::{Api, Patch, PatchParams};
@@ -40,13 +41,6 @@ async fn wait_kstatus(resource: &str, name: &str, want: &str) -> String {
     found.unwrap_or_else(|| panic!("kstatus of {resource} {name}: wanted {want}, last said {} ({})", last.0, last.1))
 }
 
-async fn apply_server(api: &Api<VirtualServer>, name: &str, pool: &str, image: &str) {
-    let server = json!({"apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer", "metadata": {"name": name},
-        "spec": {"hostPool": pool, "class": "small", "boot": {"image": image},
-                 "owner": "team-test", "purpose": "kstatus test"}});
-    api.patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&server)).await.expect("apply server");
-}
-
 #[tokio::test]
 async fn kstatus_reads_servers_pools_hosts_and_requests() {
     let client = admin().await;
@@ -63,7 +57,7 @@ async fn kstatus_reads_servers_pools_hosts_and_requests() {
 
     // No host yet: the pool is not Ready and the server waits for room.
     wait_kstatus("hostpools", &pool, "InProgress").await;
-    apply_server(&servers, "web", &pool, "debian-12").await;
+    apply_server(&servers, "web", &pool, json!({"boot": {"image": "debian-12"}})).await;
     let pending = wait_kstatus("virtualservers", &web, "InProgress").await;
     assert!(!ready(&servers.get("web").await.unwrap()), "InProgress while not Ready ({pending})");
 
@@ -76,7 +70,7 @@ async fn kstatus_reads_servers_pools_hosts_and_requests() {
     wait_kstatus("hosts", &host, "Current").await;
 
     // An image the pool does not carry: Stalled, so Failed, with the reason.
-    apply_server(&servers, "old", &pool, "windows-95").await;
+    apply_server(&servers, "old", &pool, json!({"boot": {"image": "windows-95"}})).await;
     let failed = wait_kstatus("virtualservers", &format!("{ns}/old"), "Failed").await;
     assert!(failed.contains("windows-95"), "the message says why: {failed}");
 

@@ -15,26 +15,14 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
-use serde_json::{Value, json};
+use serde_json::json;
 
 // Every test here runs its own operator, and an operator schedules every pool, so
 // the tests take turns.
 use covi_tests::SERIAL;
+use covi_tests::fleet::apply_server;
 
 const DEADLINE: Duration = Duration::from_secs(30);
-
-async fn apply_server(api: &Api<VirtualServer>, name: &str, pool: &str, extra: Value) {
-    let mut spec = json!({
-        "hostPool": pool, "class": "small", "boot": {"image": "debian-12"},
-        "owner": "team-test", "purpose": "integration test"
-    });
-    covi_tests::merge(&mut spec, &extra);
-    let server =
-        json!({"apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer", "metadata": {"name": name}, "spec": spec});
-    api.patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&server))
-        .await
-        .unwrap_or_else(|e| panic!("applying server {name}: {e}"));
-}
 
 fn phase(s: &VirtualServer) -> Option<VirtualServerPhase> {
     s.status.as_ref().and_then(|st| st.phase)

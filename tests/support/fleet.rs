@@ -522,3 +522,18 @@ pub fn kubeconfig_as(name: &str, user: &str, groups: &[&str]) -> PathBuf {
     std::fs::write(&path, text).expect("kubeconfig");
     path
 }
+
+/// Applies a server of a test-driver fleet's pool: class small, image debian-12, with
+/// `extra` merged into the spec (a null removes a field).
+pub async fn apply_server(api: &Api<covi_api::VirtualServer>, name: &str, pool: &str, extra: serde_json::Value) {
+    let mut spec = json!({
+        "hostPool": pool, "class": "small", "boot": {"image": "debian-12"},
+        "owner": "team-test", "purpose": "integration test"
+    });
+    crate::merge(&mut spec, &extra);
+    let server =
+        json!({"apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer", "metadata": {"name": name}, "spec": spec});
+    api.patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&server))
+        .await
+        .unwrap_or_else(|e| panic!("applying server {name}: {e}"));
+}
