@@ -8,7 +8,7 @@
 #   COVI_BENCH_FAILOVER=off                         skip the failover measurement
 #   COVI_BENCH_PPROF=1                              CPU profile of kube-apiserver per burst (.cache/bench/*.pprof)
 #   COVI_BENCH_RENEW_SECONDS=5                      bursts' pool: renew 5 s, fence 15 s, lease 25 s (large fleets)
-# Targets (reported against, never asserted): see README.md, "Benchmark".
+# Targets (reported against, never asserted): see docs/benchmark.md.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 cd "$COVI_ROOT"
