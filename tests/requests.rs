@@ -308,6 +308,15 @@ async fn bind(client: &Client, ns: &str, user: &str, role: &str, kind: &str) {
         .expect("create binding");
 }
 
+/// A request `name` for `replicas` small servers of `pool`, made by user `requester`.
+fn request_by(requester: &str, name: &str, pool: &str, replicas: i32) -> Value {
+    json!({"apiVersion": "covi.io/v1alpha1", "kind": "VmRequest", "metadata": {"name": name}, "spec": {
+        "replicas": replicas, "reason": "requested in a test", "requester": requester,
+        "template": {"spec": {"hostPool": pool, "class": "small", "boot": {"image": "debian-12"},
+                              "owner": requester, "purpose": "a test"}}
+    }})
+}
+
 /// A decision for generation 1, a request as created.
 fn approval(type_: &str, reason: &str) -> Value {
     decision_for(type_, reason, 1)
@@ -344,12 +353,7 @@ async fn only_an_approver_who_is_not_the_requester_can_approve() {
         let ns = ns.clone();
         async move { Api::<VmRequest>::namespaced(client_as(user, &[]).await, &ns) }
     };
-    let body = |requester: &str| {
-        json!({"apiVersion": "covi.io/v1alpha1", "kind": "VmRequest", "metadata": {"name": "db"}, "spec": {
-            "replicas": 1, "reason": "a database", "requester": requester,
-            "template": {"spec": {"hostPool": s.pool, "class": "small", "boot": {"image": "debian-12"}, "owner": "alice", "purpose": "db"}}
-        }})
-    };
+    let body = |requester: &str| request_by(requester, "db", &s.pool, 1);
     let alice = as_user("alice").await;
     // The policy is active once a forged requester is refused (policies load asynchronously).
     let forged = wait_until("the requester policy to refuse a forged requester", DEADLINE, || async {
@@ -407,10 +411,7 @@ async fn growing_or_changing_an_approved_request_waits_for_a_new_approval() {
     bind(&s.client, &s.ns, "alice", "covi-requester", "ClusterRole").await;
     bind(&s.client, &s.ns, "bob", "covi-approver", "ClusterRole").await;
     let alice = Api::<VmRequest>::namespaced(client_as("alice", &[]).await, &s.ns);
-    let body = json!({"apiVersion": "covi.io/v1alpha1", "kind": "VmRequest", "metadata": {"name": "grow"}, "spec": {
-        "replicas": 2, "reason": "load test", "requester": "alice",
-        "template": {"spec": {"hostPool": s.pool, "class": "small", "boot": {"image": "debian-12"}, "owner": "alice", "purpose": "load"}}
-    }});
+    let body = request_by("alice", "grow", &s.pool, 2);
     wait_until("alice's request to be admitted", DEADLINE, || async {
         alice.patch("grow", &PatchParams::apply("alice"), &Patch::Apply(&body)).await.ok()
     })
