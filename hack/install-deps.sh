@@ -4,13 +4,28 @@
 # and libvirtd with QEMU/TCG), virtlockd and its lockd plugin (disk leases on the test
 # bed's libvirt peers), plus the small tools the test bed uses.
 # Idempotent: a second run with everything present costs about a second.
+#
+# Usage: install-deps.sh [--no-guests]
+#   --no-guests  only what building and libvirt's test driver need: no libvirtd, no
+#                QEMU, no virtlockd, no guest-image tools (hack/test.sh passes it when
+#                every test asked for runs on the test driver).
 set -euo pipefail
 
-packages=(pkg-config libvirt-dev libvirt-daemon libvirt-daemon-driver-qemu
-  libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils
-  libvirt-daemon-lock libvirt-daemon-plugin-lockd
-  openssl curl jq iproute2 iptables xorriso libxml2-utils lua5.4
-  debootstrap cpio socat e2fsprogs)
+guests=1
+for arg in "$@"; do
+  case "$arg" in
+    --no-guests) guests=0 ;;
+    -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "install-deps: unknown argument $arg (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+packages=(pkg-config libvirt-dev
+  openssl curl jq iproute2 iptables xorriso libxml2-utils lua5.4 socat e2fsprogs)
+if [ "$guests" = 1 ]; then
+  packages+=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system libvirt-clients
+    qemu-system-x86 qemu-utils libvirt-daemon-lock libvirt-daemon-plugin-lockd debootstrap cpio)
+fi
 
 missing=()
 for p in "${packages[@]}"; do

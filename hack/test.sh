@@ -46,7 +46,11 @@ total_start=$(date +%s)
 export RUST_BACKTRACE=0
 
 phase "install packages"
-"$COVI_ROOT/hack/install-deps.sh"
+if [ "$needs_libvirtd" = 1 ]; then
+  "$COVI_ROOT/hack/install-deps.sh"
+else
+  "$COVI_ROOT/hack/install-deps.sh" --no-guests
+fi
 
 phase "build control plane"
 "$COVI_ROOT/hack/build-control-plane.sh"

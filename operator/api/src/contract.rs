@@ -23,6 +23,8 @@ pub mod manager {
     pub const OPERATOR_STALLED: &str = "covi-operator-stalled";
     /// A server's `status.migration`.
     pub const OPERATOR_MIGRATION: &str = "covi-operator-migration";
+    /// A standalone server's ExpiringSoon condition (`spec.expiresAt`).
+    pub const OPERATOR_EXPIRY: &str = "covi-operator-expiry";
     /// Everything an agent writes: its Host, its Lease, its servers' phase, Ready and
     /// domain UUID.
     pub const AGENT: &str = "covi-agent";
@@ -60,7 +62,7 @@ pub mod condition_type {
 
 /// A server-side apply patch of a `K`'s status, `{apiVersion, kind, status}`, with the
 /// group, version and kind taken from the type rather than typed out by hand.
-pub fn status_patch<K: kube::Resource<DynamicType = ()>>(status: serde_json::Value) -> serde_json::Value {
+pub fn status_patch<K: kube::Resource<DynamicType = ()>>(status: impl serde::Serialize) -> serde_json::Value {
     serde_json::json!({"apiVersion": K::api_version(&()), "kind": K::kind(&()), "status": status})
 }
 

@@ -25,8 +25,12 @@ pub enum Error {
     WatchEnded(&'static str),
 
     /// A VmRequest's template does not make a VirtualServer.
-    #[error("server from the template of {request}: {source}")]
-    Template { request: String, source: serde_json::Error },
+    #[error("server from the template of {request}: {message}")]
+    Template { request: String, message: String },
+
+    /// A write to the API server failed; `what` names the write and its object.
+    #[error("{what}: {source}")]
+    Write { what: String, source: kube::Error },
 
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
@@ -41,6 +45,7 @@ impl Error {
             Error::Leadership(_) => "leadership",
             Error::WatchEnded(_) => "watch_ended",
             Error::Template { .. } => "template",
+            Error::Write { .. } => "write",
             Error::Kube(_) => "kube",
         }
     }

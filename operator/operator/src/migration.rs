@@ -15,7 +15,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use covi_api::VirtualServer;
 use covi_api::condition::find_condition;
 use covi_api::contract::condition_type;
 use covi_api::host::UnmovableServer;
@@ -23,12 +22,13 @@ use covi_api::host_pool::Hypervisor;
 use covi_api::virtual_server::{
     MigrationPhase, MigrationStatus, READY_HANDED_OFF, READY_MIGRATION_FAILED, VirtualServerPhase,
 };
+use covi_api::{HostPool, VirtualServer};
 use covi_placement::{Demand, Pool};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::{Resource, ResourceExt};
 
-use crate::scheduler::{PoolView, bound_host, holds, live_facts, rules};
+use crate::scheduler::{Decision, PoolView, bound_host, holds, live_facts, rules};
 
 /// What to do about one server's migration.
 #[derive(Clone, Debug, PartialEq)]
@@ -341,6 +341,20 @@ pub fn evacuation(
 fn unmovable(plan: &mut Plan, host: &str, server: &VirtualServer, reason: &str, message: &str) {
     if let Some(list) = plan.unmovable.get_mut(host) {
         list.push(UnmovableServer { server: key(server), reason: reason.into(), message: message.into() });
+    }
+}
+
+/// The binding that hands `server` over from `from` to `to`: same address, same size.
+pub fn hand_over(pool: &HostPool, server: &VirtualServer, from: String, to: String) -> Decision {
+    let status = server.status.clone().unwrap_or_default();
+    let size = pool.size_of(&server.spec).ok();
+    Decision::Bind {
+        host: to,
+        address: status.address.as_deref().and_then(|a| a.parse().ok()),
+        cpus: status.cpus.or(size.as_ref().map(|s| s.cpus)).unwrap_or(0),
+        memory: status.memory.clone().or(size.map(|s| covi_placement::format_mib(s.memory_mib))).unwrap_or_default(),
+        failover_from: None,
+        migrated_from: Some(from),
     }
 }
 
