@@ -62,14 +62,20 @@ impl Leases {
     /// may stretch them, never shorten them.
     pub fn liveness(&self, host: &str, now: Instant, failover: &Failover) -> Liveness {
         let Some(seen) = self.seen.get(host) else { return Liveness::Unknown };
-        let lost = failover.loss_after(&seen.timings);
-        let missed = lost.saturating_sub(Duration::from_secs(failover.grace_seconds.into()));
-        match now.saturating_duration_since(seen.at) {
-            silent if silent >= lost => Liveness::Lost,
-            silent if silent > missed => Liveness::HeartbeatMissed,
-            _ if !seen.renewed => Liveness::Unconfirmed,
-            _ => Liveness::Alive,
-        }
+        judge(now.saturating_duration_since(seen.at), seen.renewed, failover.loss_after(&seen.timings), failover)
+    }
+}
+
+/// The liveness of a host whose Lease this operator has seen unchanged for `silent`
+/// (`renewed`: it has also seen it change), lost after `lost` (see
+/// [`Failover::loss_after`]).
+pub fn judge(silent: Duration, renewed: bool, lost: Duration, failover: &Failover) -> Liveness {
+    let missed = lost.saturating_sub(Duration::from_secs(failover.grace_seconds.into()));
+    match silent {
+        silent if silent >= lost => Liveness::Lost,
+        silent if silent > missed => Liveness::HeartbeatMissed,
+        _ if !renewed => Liveness::Unconfirmed,
+        _ => Liveness::Alive,
     }
 }
 

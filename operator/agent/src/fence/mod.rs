@@ -20,6 +20,13 @@ pub fn overdue(since: Duration, fence_after: Duration) -> bool {
     since >= fence_after
 }
 
+/// Whether a host may start domains: its agent renewed since it started
+/// (`renewed_once`), it is not fenced, and its last renewal was less than
+/// `fence_after` ago (`since`).
+pub fn may_start(renewed_once: bool, fenced: bool, since: Duration, fence_after: Duration) -> bool {
+    renewed_once && !fenced && !overdue(since, fence_after)
+}
+
 /// The fencing state shared by the lease loop, the watchdog and every reconcile.
 pub struct Fence {
     last_renewal: Mutex<Instant>,
@@ -104,9 +111,7 @@ impl Fence {
     /// Whether the agent may start domains: renewed in this process, not fenced, not
     /// overdue.
     pub fn may_start(&self) -> bool {
-        self.renewed_once.load(Ordering::SeqCst)
-            && !self.is_fenced()
-            && !overdue(self.since_renewal(), self.fence_after())
+        may_start(self.renewed_once.load(Ordering::SeqCst), self.is_fenced(), self.since_renewal(), self.fence_after())
     }
 
     /// Runs `start` only if the agent may start, holding the fencing lock across the
