@@ -13,6 +13,7 @@ use covi_api::{Host, HostPool, VirtualServer};
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::Timestamp;
+use kube::Api;
 use kube::runtime::reflector::Store;
 use kube::{Resource, ResourceExt};
 
@@ -30,8 +31,9 @@ pub struct Scheduler {
     pub pools: Store<HostPool>,
     pub hosts: Store<Host>,
     pub servers: Store<VirtualServer>,
-    /// Host Leases, in the operator's namespace.
+    /// Host Leases, in the operator's namespace, and the API to read one fresh.
     pub host_leases: Store<Lease>,
+    lease_api: Api<Lease>,
     pub metrics: Metrics,
     /// Bindings written but perhaps not yet in the server store, by server UID.
     assumed: HashMap<String, Assumed>,
@@ -50,6 +52,7 @@ impl Scheduler {
         hosts: Store<Host>,
         servers: Store<VirtualServer>,
         host_leases: Store<Lease>,
+        lease_api: Api<Lease>,
         metrics: Metrics,
     ) -> Scheduler {
         Scheduler {
@@ -58,6 +61,7 @@ impl Scheduler {
             hosts,
             servers,
             host_leases,
+            lease_api,
             metrics,
             assumed: HashMap::new(),
             leases: Leases::default(),
@@ -71,7 +75,8 @@ impl Scheduler {
         let hosts = self.hosts.state();
         let pools = self.pools.state();
         self.forget_seen_bindings(&servers);
-        let liveness = self.liveness(&pools, &hosts);
+        let mut liveness = self.liveness(&pools, &hosts);
+        self.confirm_losses(&pools, &hosts, &servers, &mut liveness).await;
         self.acted_on = liveness.clone();
         let unready: BTreeSet<String> =
             liveness.iter().filter(|(_, l)| **l != Liveness::Alive).map(|(h, _)| h.clone()).collect();
@@ -161,6 +166,48 @@ impl Scheduler {
                 (h.name_any(), self.leases.liveness(&h.name_any(), now, &failover))
             })
             .collect()
+    }
+
+    /// A host judged Lost that still has servers is confirmed by a fresh read of its
+    /// Lease before anything acts on it: the cache of Leases may lag, and a renewal it
+    /// does not show yet means the host is alive and will not fence itself (the
+    /// protocol's model found the double run a lagging cache allows). Unconfirmed (the
+    /// read failed), it counts as HeartbeatMissed for this pass.
+    async fn confirm_losses(
+        &mut self,
+        pools: &[Arc<HostPool>],
+        hosts: &[Arc<Host>],
+        servers: &[Arc<VirtualServer>],
+        liveness: &mut HashMap<String, Liveness>,
+    ) {
+        let occupied: BTreeSet<&str> = servers.iter().filter_map(|s| bound_host(s, &self.assumed)).collect();
+        for host in hosts {
+            let name = host.name_any();
+            let Some(judged) = liveness.get_mut(&name) else { continue };
+            if *judged != Liveness::Lost || !occupied.contains(name.as_str()) {
+                continue;
+            }
+            match self.lease_api.get_opt(&name).await {
+                Ok(Some(lease)) => {
+                    let renew = lease.spec.as_ref().and_then(|s| s.renew_time.as_ref()).map(|t| t.0.to_string());
+                    let now = Instant::now();
+                    self.leases.observe(&name, renew, covi_api::host::lease_timings(&lease), now);
+                    let failover = covi_api::host_pool::pool_for_labels(pools, host.labels())
+                        .map(|p| p.spec.failover.clone())
+                        .unwrap_or_default();
+                    *judged = self.leases.liveness(&name, now, &failover);
+                    if *judged != Liveness::Lost {
+                        tracing::info!(host = %name, "the Lease renewed after all: the cache lagged; not lost");
+                    }
+                }
+                // No Lease at all: nothing renews it.
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(host = %name, error = %e, "confirming a lost host failed; not acting on it yet");
+                    *judged = Liveness::HeartbeatMissed;
+                }
+            }
+        }
     }
 
     /// Drops assumed bindings the store now shows (or whose server is gone).

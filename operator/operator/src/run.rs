@@ -59,8 +59,9 @@ pub async fn run_leader(client: Client, config: &Config, metrics: Metrics) -> Re
     wait_synced("Leases", &host_leases).await?;
     // VmRequests have their own controller, with its own watches.
     let ctx = Arc::new(Context::new(writer.clone(), pools.clone(), servers.clone()));
-    let _stop_controller = AbortOnDrop(tokio::spawn(request_controller::run(client, ctx)));
-    let mut scheduler = Scheduler::new(writer, pools, hosts, servers, host_leases, metrics);
+    let _stop_controller = AbortOnDrop(tokio::spawn(request_controller::run(client.clone(), ctx)));
+    let lease_api = Api::<Lease>::namespaced(client.clone(), &config.namespace);
+    let mut scheduler = Scheduler::new(writer, pools, hosts, servers, host_leases, lease_api, metrics);
     tracing::info!("leading: scheduling servers");
     loop {
         let started = Instant::now();
