@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use covi_api::contract::REQUEST_LABEL;
+use covi_api::vm_request::VmRequestPhase;
 use covi_api::{HostPool, VirtualServer, VmRequest};
 use futures::StreamExt;
 use k8s_openapi::jiff::Timestamp;
@@ -35,6 +36,9 @@ const CREATED_GRACE: Duration = Duration::from_secs(30);
 
 /// Looked at again at least this often, whatever the watches say.
 const RESYNC: Duration = Duration::from_secs(300);
+
+/// Looked at again this often while its servers come up or go.
+const SETTLING: Duration = Duration::from_secs(2);
 
 pub struct Context {
     pub writer: Writer,
@@ -139,6 +143,10 @@ async fn reconcile(request: Arc<VmRequest>, ctx: Arc<Context>) -> Result<Action>
     if let Some(write) = &plan.status {
         ctx.writer.apply(request.as_ref(), write).await?;
     }
+    let phase = plan.status.as_ref().map(|w| w.status.phase).unwrap_or(request.status.as_ref().and_then(|s| s.phase));
+    // The servers were read from the leader's cache, which may trail the watch that
+    // woke this reconcile: while servers come up, look again soon.
+    let settling = phase == Some(VmRequestPhase::Provisioning) || !plan.create.is_empty() || !plan.delete.is_empty();
     let webhook = pool.as_ref().and_then(|p| p.spec.approval.as_ref()).and_then(|a| a.webhook_url.clone());
     for note in plan.notes {
         if let Some(url) = &webhook
@@ -153,7 +161,7 @@ async fn reconcile(request: Arc<VmRequest>, ctx: Arc<Context>) -> Result<Action>
         .and_then(|at| Duration::try_from(at.duration_since(now)).ok())
         .map(|d| d + Duration::from_millis(100))
         .unwrap_or(RESYNC)
-        .min(RESYNC);
+        .min(if settling { SETTLING } else { RESYNC });
     Ok(Action::requeue(revisit))
 }
 
