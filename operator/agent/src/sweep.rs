@@ -10,7 +10,7 @@ use crate::libvirt::{Libvirt, ObservedDomain};
 use crate::server::volume_names;
 
 /// What to do with a covi domain no server on this host claims.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Orphan {
     /// The server still exists and is bound here: the watch has not caught up.
     Keep,

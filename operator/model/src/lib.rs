@@ -6,14 +6,19 @@
 //! (the binding, the Leases). Nondeterminism: every step of every actor in any order,
 //! caches that lag (an agent's or the operator's view is brought up to date by a step
 //! of its own), clock ticks, and faults up to a bound: agent crash and restart with
-//! guests alive, host power loss and return, partition from the API server and heal.
+//! guests alive, host power loss and return, partition from the API server and heal,
+//! and (when enabled) a libvirt that stops answering and answers again. The user may
+//! delete the server at any point (when enabled): agents and the operator then clean
+//! up its domain and volumes and release its finalizer.
 //!
 //! The decisions are covi's own functions, not copies: the operator's liveness
 //! judgement ([`covi_operator::health::judge`]) and scheduling pass
 //! ([`covi_operator::scheduler::pass`]), the agent's plan and converge steps
 //! ([`covi_agent::server::plan`], [`covi_agent::converge::steps`]), its orphan
 //! judgement ([`covi_agent::sweep::judge`]) and its fencing decisions
-//! ([`covi_agent::fence::overdue`], [`covi_agent::fence::may_start`]).
+//! ([`covi_agent::fence::overdue`], [`covi_agent::fence::may_start`]), and the
+//! operator's rule for releasing the finalizer of a server being deleted
+//! ([`covi_operator::scheduler::release_reason`]).
 //!
 //! Time: a tick advances every clock by one second. Timings are the pool's
 //! (`renewSeconds` 1, `fenceAfterSeconds` 2, `leaseDurationSeconds` 3, `graceSeconds` 1
@@ -21,11 +26,12 @@
 //! acts within milliseconds of its deadline, far inside the margin between
 //! fenceAfter and lease + grace), and, without disk leases, a crashed agent is
 //! restarted (by its DaemonSet) before its deadline passes — the one assumption the
-//! disk leases remove.
+//! disk leases remove. A watchdog whose libvirt hangs cannot act, and time passes it.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
-use std::sync::Arc;
+use std::hash::Hash;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use covi_agent::converge::{Step, steps};
@@ -34,7 +40,9 @@ use covi_agent::sweep::{Orphan, judge as judge_orphan};
 use covi_api::host_pool::{Failover, LeaseTimings};
 use covi_api::{Host as HostObject, HostPool, VirtualServer};
 use covi_operator::health::{Liveness, judge};
-use covi_operator::scheduler::{Decision, PoolView};
+use covi_operator::scheduler::{Decision, PoolView, release_reason};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
 use serde_json::json;
 use stateright::{Model, Property};
 
@@ -89,11 +97,67 @@ pub struct Protocol {
     /// Faults (crash, restart, power loss, power on, partition, heal) in one run.
     pub max_faults: u8,
     pub failover: Failover,
+    /// The user may delete the server.
+    pub deletion: bool,
+    /// libvirt may stop answering on a host (a fault) and answer again.
+    pub hangs: bool,
+    /// Check, from every reachable state, that the system settles once faults stop.
+    pub liveness: bool,
     /// Built once: the pool, the server unbound, a host, and the server's domain.
     pool: HostPool,
     server: VirtualServer,
     host: HostObject,
     domain: ObservedDomain,
+    /// covi's functions are deterministic: each answer is computed once per input.
+    memo: Memos,
+}
+
+/// A function's answers by input, shared by the checker's threads.
+struct Memo<K, V>(Arc<RwLock<HashMap<K, V>>>);
+
+impl<K, V> Clone for Memo<K, V> {
+    fn clone(&self) -> Self {
+        Memo(self.0.clone())
+    }
+}
+
+impl<K, V> Default for Memo<K, V> {
+    fn default() -> Self {
+        Memo(Arc::default())
+    }
+}
+
+impl<K: Hash + Eq, V: Clone> Memo<K, V> {
+    fn get(&self, key: K, compute: impl FnOnce() -> V) -> V {
+        if let Some(v) = self.0.read().expect("memo lock").get(&key) {
+            return v.clone();
+        }
+        let v = compute();
+        self.0.write().expect("memo lock").insert(key, v.clone());
+        v
+    }
+}
+
+/// What the operator's scheduling pass depends on: the server as it sees it, and each
+/// host's liveness and readiness.
+type PassInput = (Server, Vec<(Liveness, bool)>);
+
+#[derive(Clone, Default)]
+struct Memos {
+    /// The scheduling pass: where it binds the server, by what the operator sees.
+    pass: Memo<PassInput, Option<u8>>,
+    /// Whether the agent's plan and converge steps start the server.
+    start: Memo<(Server, bool), bool>,
+    /// The orphan judgement of the domain on a host.
+    orphan: Memo<(Option<Server>, usize), Orphan>,
+    /// Whether the operator releases the finalizer.
+    release: Memo<(Server, Vec<bool>), bool>,
+}
+
+impl std::fmt::Debug for Memos {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Memos")
+    }
 }
 
 impl Protocol {
@@ -117,7 +181,37 @@ impl Protocol {
             vcpus: plan.domain.cpus,
             memory_kib: plan.domain.memory_mib * 1024,
         };
-        Protocol { hosts, disk_leases, races, max_faults, failover, pool, server, host: host(), domain }
+        Protocol {
+            hosts,
+            disk_leases,
+            races,
+            max_faults,
+            failover,
+            deletion: false,
+            hangs: false,
+            liveness: false,
+            pool,
+            server,
+            host: host(),
+            domain,
+            memo: Memos::default(),
+        }
+    }
+
+    /// The user may delete the server at any point.
+    pub fn with_deletion(self) -> Protocol {
+        Protocol { deletion: true, ..self }
+    }
+
+    /// libvirt may hang on any host (each hang counts as a fault).
+    pub fn with_hangs(self) -> Protocol {
+        Protocol { hangs: true, ..self }
+    }
+
+    /// Also checks that every reachable state settles once faults stop (see
+    /// [`Protocol::settle`]).
+    pub fn with_liveness(self) -> Protocol {
+        Protocol { liveness: true, ..self }
     }
 
     fn fence_after(&self) -> Duration {
@@ -149,13 +243,17 @@ pub struct Host {
     pub cut_off: bool,
     /// The server's domain runs here.
     pub running: bool,
-    /// The agent's watch cache of the server's binding (None: not synced since start).
-    pub sees: Option<Option<u8>>,
+    /// libvirt does not answer.
+    pub hung: bool,
+    /// The agent's watch cache of the server (None: not synced since start; Some(None):
+    /// the server is gone).
+    pub sees: Option<Option<Server>>,
     pub renewed_once: bool,
     pub fenced: bool,
     /// The agent's clock: seconds since its last renewal.
     pub since_renewal: u8,
-    /// Passed the start's check, not yet started (only with `start_check_not_held`).
+    /// Passed the start's check, not yet started: with `start_check_not_held`, or a
+    /// start sent to a libvirt that hangs (which holds the fencing lock meanwhile).
     pub starting: bool,
     /// The Lease changed since the operator last read it.
     pub lease_changed: bool,
@@ -165,15 +263,36 @@ pub struct Host {
     pub seen_renewing: bool,
 }
 
+/// The server as the API server holds it, and as caches show it.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub struct Server {
+    /// `status.host`.
+    pub bound: Option<u8>,
+    /// The user deleted it (`deletionTimestamp`); it stays while covi's finalizer does.
+    pub deleting: bool,
+}
+
 /// The whole system.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct State {
     pub hosts: Vec<Host>,
-    /// The server's `status.host` in the API server.
-    pub bound: Option<u8>,
+    /// The server in the API server (None: deleted and its finalizer released).
+    pub server: Option<Server>,
     /// The operator's cache of it.
-    pub operator_sees: Option<u8>,
+    pub operator_sees: Option<Server>,
+    /// Its disk on the pool's shared storage exists.
+    pub volume: bool,
     pub faults: u8,
+}
+
+impl State {
+    pub fn bound(&self) -> Option<u8> {
+        self.server.and_then(|s| s.bound)
+    }
+
+    pub fn running(&self) -> impl Iterator<Item = usize> + '_ {
+        self.hosts.iter().enumerate().filter(|(_, h)| h.running).map(|(i, _)| i)
+    }
 }
 
 /// Who did what.
@@ -194,6 +313,9 @@ pub enum Action {
     PowerOn(u8),
     Cut(u8),
     Heal(u8),
+    Hang(u8),
+    Answer(u8),
+    UserDeletes,
 }
 
 fn pool(failover: &Failover) -> HostPool {
@@ -246,10 +368,14 @@ impl Protocol {
         Arc::new(host)
     }
 
-    fn server(&self, bound: Option<u8>) -> VirtualServer {
+    /// The server object as `seen`.
+    fn server(&self, seen: Server) -> VirtualServer {
         let mut server = self.server.clone();
         if let Some(status) = server.status.as_mut() {
-            status.host = bound.map(|b| host_name(b.into()));
+            status.host = seen.bound.map(|b| host_name(b.into()));
+        }
+        if seen.deleting {
+            server.metadata.deletion_timestamp = Some(Time(Timestamp::UNIX_EPOCH));
         }
         server
     }
@@ -264,52 +390,90 @@ impl Protocol {
             .collect()
     }
 
-    /// The operator's scheduling pass over its caches: covi's own.
-    fn scheduling_pass(&self, state: &State) -> Option<Decision> {
-        let pool = &self.pool;
+    fn lost_hosts(&self, state: &State) -> BTreeSet<String> {
         let liveness = self.liveness(state);
-        let names = |want: &dyn Fn(Liveness) -> bool| -> BTreeSet<String> {
-            liveness.iter().enumerate().filter(|(_, l)| want(**l)).map(|(i, _)| host_name(i)).collect()
-        };
-        let unready = names(&|l| l != Liveness::Alive);
-        let lost = names(&|l| l == Liveness::Lost);
-        let hosts: Vec<_> = state.hosts.iter().enumerate().map(|(i, h)| self.host_object(i, h)).collect();
-        let assumed = HashMap::new();
-        let view = PoolView {
-            pool,
-            hosts,
-            servers: vec![Arc::new(self.server(state.operator_sees))],
-            assumed: &assumed,
-            unready: &unready,
-            lost: &lost,
-        };
-        let paused = covi_operator::health::mass_failure(lost.len(), state.hosts.len(), self.failover.max_lost_percent);
-        covi_operator::scheduler::pass(&view, !paused).into_iter().map(|(_, d)| d).next()
+        liveness.iter().enumerate().filter(|(_, l)| **l == Liveness::Lost).map(|(i, _)| host_name(i)).collect()
+    }
+
+    /// The operator's scheduling pass over its caches: covi's own. Where it binds the
+    /// server, if it does.
+    fn scheduling_pass(&self, state: &State) -> Option<u8> {
+        let seen = state.operator_sees?;
+        let liveness = self.liveness(state);
+        let ready = |h: &Host| h.agent && h.power && !h.cut_off;
+        let key = (seen, liveness.iter().zip(&state.hosts).map(|(l, h)| (*l, ready(h))).collect::<Vec<_>>());
+        self.memo.pass.get(key, || {
+            let names = |want: &dyn Fn(Liveness) -> bool| -> BTreeSet<String> {
+                liveness.iter().enumerate().filter(|(_, l)| want(**l)).map(|(i, _)| host_name(i)).collect()
+            };
+            let unready = names(&|l| l != Liveness::Alive);
+            let lost = names(&|l| l == Liveness::Lost);
+            let hosts: Vec<_> = state.hosts.iter().enumerate().map(|(i, h)| self.host_object(i, h)).collect();
+            let assumed = HashMap::new();
+            let view = PoolView {
+                pool: &self.pool,
+                hosts,
+                servers: vec![Arc::new(self.server(seen))],
+                assumed: &assumed,
+                unready: &unready,
+                lost: &lost,
+            };
+            let paused =
+                covi_operator::health::mass_failure(lost.len(), state.hosts.len(), self.failover.max_lost_percent);
+            match covi_operator::scheduler::pass(&view, !paused).into_iter().map(|(_, d)| d).next() {
+                Some(Decision::Bind { host, .. }) => {
+                    (0..state.hosts.len()).find(|j| host_name(*j) == host).map(|j| j as u8)
+                }
+                _ => None,
+            }
+        })
+    }
+
+    /// Whether the operator releases the finalizer of the server it sees being deleted:
+    /// covi's own rule.
+    fn operator_releases(&self, state: &State) -> bool {
+        let Some(seen) = state.operator_sees.filter(|s| s.deleting) else { return false };
+        let liveness = self.liveness(state);
+        let key = (seen, liveness.iter().map(|l| *l == Liveness::Lost).collect());
+        self.memo.release.get(key, || {
+            let hosts: BTreeSet<String> = (0..state.hosts.len()).map(host_name).collect();
+            release_reason(&self.server(seen), &HashMap::new(), &hosts, &self.lost_hosts(state)).is_some()
+        })
     }
 
     /// What the agent on `i` does with the server as its cache shows it: start it
-    /// (covi's plan and converge steps), remove it (covi's orphan judgement), or nothing.
+    /// (covi's plan and converge steps), clean up after a deletion, remove a domain no
+    /// server here claims (covi's orphan judgement), or nothing.
     fn converge(&self, state: &State, i: usize) -> Converge {
         let h = &state.hosts[i];
-        let Some(sees) = h.sees else { return Converge::Nothing };
+        // A start in flight holds up the agent's reconcile of the server until it returns.
+        let Some(sees) = h.sees.filter(|_| !h.starting) else { return Converge::Nothing };
         let me = i as u8;
-        if sees == Some(me) {
-            let plan = covi_agent::server::plan(&self.server(sees), &self.pool, "test").expect("a plan");
-            let observed = if h.running { vec![self.domain.clone()] } else { vec![] };
-            if steps(&plan, &observed, None, Duration::from_secs(30)).contains(&Step::Start) {
-                return Converge::Start;
+        if let Some(seen) = sees.filter(|s| s.bound == Some(me)) {
+            // The agent's reconcile: a server being deleted is cleaned up.
+            if seen.deleting {
+                return Converge::CleanUp(seen);
             }
-            return Converge::Nothing;
+            let start = self.memo.start.get((seen, h.running), || {
+                let plan = covi_agent::server::plan(&self.server(seen), &self.pool, "test").expect("a plan");
+                let observed = if h.running { vec![self.domain.clone()] } else { vec![] };
+                steps(&plan, &observed, None, Duration::from_secs(30)).contains(&Step::Start)
+            });
+            return if start { Converge::Start } else { Converge::Nothing };
         }
         if h.running {
             // The sweep reads the server fresh; cut off, it cannot.
             if h.cut_off {
                 return Converge::Nothing;
             }
-            let server = self.server(state.bound);
-            return match judge_orphan(&self.domain, Some(&server), &host_name(i)) {
+            let verdict = self.memo.orphan.get((state.server, i), || {
+                let server = state.server.map(|s| self.server(s));
+                judge_orphan(&self.domain, server.as_ref(), &host_name(i))
+            });
+            return match verdict {
                 Orphan::Keep => Converge::Nothing,
-                Orphan::RemoveDomain | Orphan::RemoveAll => Converge::Remove,
+                Orphan::RemoveDomain => Converge::Remove { volume: false },
+                Orphan::RemoveAll => Converge::Remove { volume: true },
             };
         }
         Converge::Nothing
@@ -323,7 +487,8 @@ impl Protocol {
         if !covi_agent::fence::may_start(h.renewed_once, h.fenced, since, self.fence_after()) {
             return false;
         }
-        if !self.races.no_pre_start_read && (h.cut_off || state.bound != Some(i as u8)) {
+        let fresh = state.server.is_some_and(|s| s.bound == Some(i as u8) && !s.deleting);
+        if !self.races.no_pre_start_read && (h.cut_off || !fresh) {
             return false;
         }
         self.disk_free(state, i)
@@ -333,24 +498,141 @@ impl Protocol {
         !self.disk_leases || !state.hosts.iter().enumerate().any(|(j, o)| j != i && o.running)
     }
 
+    /// The watchdog must fence now (overdue, and a domain runs or it has not fenced).
     fn watchdog_due(&self, h: &Host) -> bool {
         let overdue = covi_agent::fence::overdue(Duration::from_secs(h.since_renewal.into()), self.fence_after());
         h.agent && h.power && overdue && (h.running || !h.fenced)
     }
 
+    /// Due, and able to: libvirt answers, and no start holds the fencing lock.
+    fn watchdog_acts(&self, h: &Host) -> bool {
+        let lock_held = h.starting && !self.races.start_check_not_held;
+        self.watchdog_due(h) && !h.hung && !lock_held
+    }
+
     fn tick_allowed(&self, state: &State) -> bool {
         let deadline = self.failover.fence_after_seconds.saturating_sub(1) as u8;
         state.hosts.iter().all(|h| {
-            !self.watchdog_due(h)
+            !self.watchdog_acts(h)
                 && (self.disk_leases || h.agent || !h.power || !h.running || h.since_renewal < deadline)
         })
+    }
+
+    /// The actions that are not faults, in a fixed order: what a fair scheduler picks
+    /// from once faults stop.
+    fn steps(&self, state: &State, actions: &mut Vec<Action>) {
+        if self.tick_allowed(state) {
+            actions.push(Action::Tick);
+        }
+        actions.push(Action::OperatorReadsLeases);
+        actions.push(Action::OperatorSyncs);
+        actions.push(Action::OperatorPass);
+        for (i, h) in state.hosts.iter().enumerate() {
+            let i = i as u8;
+            if h.agent && h.power {
+                if !h.cut_off {
+                    actions.push(Action::Renew(i));
+                    actions.push(Action::AgentSyncs(i));
+                }
+                actions.push(Action::AgentConverges(i));
+                if h.starting {
+                    actions.push(Action::AgentStartsNow(i));
+                }
+                if self.watchdog_acts(h) {
+                    actions.push(Action::Watchdog(i));
+                }
+            }
+            // The DaemonSet restarts a crashed agent, faults or not.
+            if h.power && !h.agent {
+                actions.push(Action::AgentRestart(i));
+            }
+        }
+    }
+
+    /// Everything broken is mended, in order: power, network, libvirt.
+    fn repairs(&self, state: &State) -> Vec<Action> {
+        let mut out = Vec::new();
+        for (i, h) in state.hosts.iter().enumerate() {
+            let i = i as u8;
+            if !h.power {
+                out.push(Action::PowerOn(i));
+            }
+            if h.cut_off {
+                out.push(Action::Heal(i));
+            }
+            if h.hung {
+                out.push(Action::Answer(i));
+            }
+        }
+        out
+    }
+
+    /// The server is gone and nothing of it runs or can start again: nothing that
+    /// follows concerns it, so the run ends here.
+    fn finished(&self, state: &State) -> bool {
+        let may_start = |h: &Host| h.starting || h.sees.flatten().is_some_and(|s| !s.deleting);
+        state.server.is_none() && state.running().next().is_none() && !state.hosts.iter().any(may_start)
+    }
+
+    /// Where the system must get to once faults stop: the server runs on the host it is
+    /// bound to and nowhere else (or is deleted and runs nowhere), and no host stays
+    /// fenced.
+    pub fn settled(&self, state: &State) -> bool {
+        let placed = match state.server {
+            None => state.running().next().is_none(),
+            Some(s) => s.bound.is_some_and(|b| state.hosts[b as usize].running) && state.running().count() == 1,
+        };
+        placed && state.hosts.iter().all(|h| !h.fenced && !h.starting)
+    }
+
+    /// Liveness, checked from one state: faults stop and what they broke is mended, then
+    /// a fair scheduler (every enabled action in turn, round-robin, a second passing as
+    /// one of them) runs until the system has [`settled`](Protocol::settled). Returns the
+    /// run, and whether it settled within the bound.
+    pub fn settle(&self, from: &State) -> (Vec<(State, Option<Action>)>, bool) {
+        const BOUND: usize = 400;
+        let mut state = from.clone();
+        state.faults = self.max_faults;
+        let mut run = Vec::new();
+        for repair in self.repairs(&state) {
+            if let Some(next) = self.next_state(&state, repair) {
+                run.push((state, Some(repair)));
+                state = next;
+            }
+        }
+        let mut turn = 0usize;
+        let mut actions = Vec::new();
+        while run.len() < BOUND {
+            if self.settled(&state) {
+                run.push((state, None));
+                return (run, true);
+            }
+            actions.clear();
+            self.steps(&state, &mut actions);
+            let enabled: Vec<(Action, State)> =
+                actions.iter().filter_map(|a| Some((*a, self.next_state(&state, *a)?))).collect();
+            if enabled.is_empty() {
+                break;
+            }
+            let (action, next) = enabled[turn % enabled.len()].clone();
+            turn += 1;
+            run.push((state, Some(action)));
+            state = next;
+        }
+        run.push((state, None));
+        (run, false)
     }
 }
 
 enum Converge {
     Nothing,
     Start,
-    Remove,
+    /// Remove the domain, and the volume with it when the server is gone.
+    Remove {
+        volume: bool,
+    },
+    /// The server being deleted: remove the domain, the volumes, then the finalizer.
+    CleanUp(Server),
 }
 
 pub fn host_name(i: usize) -> String {
@@ -367,7 +649,8 @@ impl Model for Protocol {
             agent: true,
             cut_off: false,
             running: i == 0,
-            sees: Some(Some(0)),
+            hung: false,
+            sees: Some(Some(Server { bound: Some(0), deleting: false })),
             renewed_once: true,
             fenced: false,
             since_renewal: 0,
@@ -376,43 +659,39 @@ impl Model for Protocol {
             silent: 0,
             seen_renewing: true,
         };
-        vec![State { hosts: (0..self.hosts).map(host).collect(), bound: Some(0), operator_sees: Some(0), faults: 0 }]
+        let server = Some(Server { bound: Some(0), deleting: false });
+        vec![State {
+            hosts: (0..self.hosts).map(host).collect(),
+            server,
+            operator_sees: server,
+            volume: true,
+            faults: 0,
+        }]
     }
 
     fn actions(&self, state: &State, actions: &mut Vec<Action>) {
-        if self.tick_allowed(state) {
-            actions.push(Action::Tick);
+        if self.finished(state) {
+            return;
         }
-        actions.push(Action::OperatorReadsLeases);
-        actions.push(Action::OperatorSyncs);
-        actions.push(Action::OperatorPass);
-        let faults_left = state.faults < self.max_faults;
+        self.steps(state, actions);
+        if self.deletion && state.server.is_some_and(|s| !s.deleting) {
+            actions.push(Action::UserDeletes);
+        }
         for (i, h) in state.hosts.iter().enumerate() {
             let i = i as u8;
-            if h.agent && h.power {
-                if !h.cut_off {
-                    actions.push(Action::Renew(i));
-                    actions.push(Action::AgentSyncs(i));
-                }
-                actions.push(Action::AgentConverges(i));
-                if h.starting {
-                    actions.push(Action::AgentStartsNow(i));
-                }
-                if self.watchdog_due(h) {
-                    actions.push(Action::Watchdog(i));
-                }
+            if self.hangs && h.hung {
+                actions.push(Action::Answer(i));
             }
-            if faults_left {
-                match (h.power, h.agent) {
-                    (true, true) => actions.push(Action::AgentCrash(i)),
-                    (true, false) => actions.push(Action::AgentRestart(i)),
-                    _ => {}
-                }
-                actions.push(if h.power { Action::PowerOff(i) } else { Action::PowerOn(i) });
-                actions.push(if h.cut_off { Action::Heal(i) } else { Action::Cut(i) });
-            } else if h.power && !h.agent {
-                // The DaemonSet restarts a crashed agent, faults or not.
-                actions.push(Action::AgentRestart(i));
+            if state.faults >= self.max_faults {
+                continue;
+            }
+            if h.power && h.agent {
+                actions.push(Action::AgentCrash(i));
+            }
+            actions.push(if h.power { Action::PowerOff(i) } else { Action::PowerOn(i) });
+            actions.push(if h.cut_off { Action::Heal(i) } else { Action::Cut(i) });
+            if self.hangs && h.power && !h.hung {
+                actions.push(Action::Hang(i));
             }
         }
     }
@@ -443,38 +722,58 @@ impl Model for Protocol {
                     }
                 }
             }
-            Action::OperatorSyncs => s.operator_sees = s.bound,
+            Action::OperatorSyncs => s.operator_sees = s.server,
             Action::OperatorPass => {
                 // A host with the server that the cache shows lost is read fresh first.
                 if !self.races.lease_cache_trusted {
                     let liveness = self.liveness(&s);
+                    let occupied = s.operator_sees.and_then(|o| o.bound);
                     for (i, h) in s.hosts.iter_mut().enumerate() {
-                        let occupied = s.operator_sees == Some(i as u8);
-                        if liveness[i] == Liveness::Lost && occupied && h.lease_changed {
+                        if liveness[i] == Liveness::Lost && occupied == Some(i as u8) && h.lease_changed {
                             h.lease_changed = false;
                             h.silent = 0;
                             h.seen_renewing = true;
                         }
                     }
                 }
-                if let Some(Decision::Bind { host, .. }) = self.scheduling_pass(&s) {
-                    // Conditional on the version decided on: a stale cache conflicts.
-                    if s.operator_sees == s.bound {
-                        let to = (0..s.hosts.len()).find(|j| host_name(*j) == host).map(|j| j as u8);
-                        s.bound = to;
-                        s.operator_sees = to;
+                // Writes are conditional on the version decided on: a stale cache conflicts.
+                let current = s.operator_sees == s.server;
+                if self.operator_releases(&s) {
+                    if current {
+                        s.server = None;
+                        s.operator_sees = None;
                     }
+                } else if let Some(to) = self.scheduling_pass(&s)
+                    && current
+                {
+                    if let Some(server) = s.server.as_mut() {
+                        server.bound = Some(to);
+                    }
+                    s.operator_sees = s.server;
                 }
             }
-            Action::AgentSyncs(i) => s.hosts[i as usize].sees = Some(s.bound),
+            Action::AgentSyncs(i) => s.hosts[i as usize].sees = Some(s.server),
             Action::AgentConverges(i) => match self.converge(&s, i as usize) {
                 Converge::Nothing => return None,
-                Converge::Remove => s.hosts[i as usize].running = false,
+                Converge::Remove { .. } | Converge::CleanUp(_) if s.hosts[i as usize].hung => return None,
+                Converge::Remove { volume } => {
+                    s.hosts[i as usize].running = false;
+                    s.volume &= !volume;
+                }
+                Converge::CleanUp(seen) => {
+                    s.hosts[i as usize].running = false;
+                    s.volume = false;
+                    // The finalizer's release is conditional on the version the agent saw.
+                    if !s.hosts[i as usize].cut_off && s.server == Some(seen) {
+                        s.server = None;
+                    }
+                }
                 Converge::Start => {
                     if !self.may_start(&s, i as usize) {
                         return None;
                     }
-                    if self.races.start_check_not_held {
+                    // A libvirt that hangs takes the start and answers later.
+                    if self.races.start_check_not_held || s.hosts[i as usize].hung {
                         s.hosts[i as usize].starting = true;
                     } else {
                         s.hosts[i as usize].running = true;
@@ -482,6 +781,9 @@ impl Model for Protocol {
                 }
             },
             Action::AgentStartsNow(i) => {
+                if s.hosts[i as usize].hung {
+                    return None;
+                }
                 let free = self.disk_free(&s, i as usize);
                 let h = &mut s.hosts[i as usize];
                 h.starting = false;
@@ -517,6 +819,7 @@ impl Model for Protocol {
                 h.power = false;
                 h.agent = false;
                 h.running = false;
+                h.hung = false;
                 h.sees = None;
                 h.starting = false;
             }
@@ -537,31 +840,84 @@ impl Model for Protocol {
                 s.faults += 1;
                 s.hosts[i as usize].cut_off = false;
             }
+            Action::Hang(i) => {
+                s.faults += 1;
+                s.hosts[i as usize].hung = true;
+            }
+            Action::Answer(i) => {
+                if s.faults < self.max_faults {
+                    s.faults += 1;
+                }
+                s.hosts[i as usize].hung = false;
+            }
+            Action::UserDeletes => {
+                if let Some(server) = s.server.as_mut() {
+                    server.deleting = true;
+                }
+            }
+        }
+        if s.faults > self.max_faults {
+            s.faults = self.max_faults;
         }
         (s != *last).then_some(s)
     }
 
     fn properties(&self) -> Vec<Property<Self>> {
-        vec![
-            Property::always("at most one running copy", |_, s: &State| {
-                s.hosts.iter().filter(|h| h.running).count() <= 1
-            }),
+        let mut properties = vec![
+            Property::always(SAFETY, |_, s: &State| s.running().count() <= 1),
+            Property::always(VOLUME, |_, s: &State| s.volume || s.running().next().is_none()),
+            Property::always(FINALIZER, |_, s: &State| s.server.is_some() || s.running().next().is_none()),
             // Not vacuous: failover does happen in the model.
-            Property::sometimes("the server fails over and runs elsewhere", |_, s: &State| {
-                s.bound.is_some_and(|b| b != 0) && s.hosts.iter().enumerate().any(|(i, h)| i != 0 && h.running)
+            Property::sometimes(FAILS_OVER, |_, s: &State| {
+                s.bound().is_some_and(|b| b != 0) && s.running().any(|i| i != 0)
             }),
-        ]
+        ];
+        if self.deletion {
+            properties.push(Property::sometimes(DELETED, |_, s: &State| s.server.is_none()));
+        }
+        if self.liveness {
+            properties.push(Property::always(SETTLES, |model: &Protocol, s: &State| model.settle(s).1));
+        }
+        properties
     }
 }
+
+/// At most one running copy of the server in every reachable state.
+pub const SAFETY: &str = "at most one running copy";
+/// No volume deleted while a domain using it runs.
+pub const VOLUME: &str = "no volume deleted while its domain runs";
+/// The finalizer is released only when no domain of the server runs.
+pub const FINALIZER: &str = "finalizer released only when no domain runs";
+/// Every safety property.
+pub const SAFETY_PROPERTIES: [&str; 3] = [SAFETY, VOLUME, FINALIZER];
+pub const FAILS_OVER: &str = "the server fails over and runs elsewhere";
+pub const DELETED: &str = "the server is deleted and cleaned up";
+/// Once faults stop, the server runs again on its host (or is gone) and no host stays
+/// fenced.
+pub const SETTLES: &str = "once faults stop, the server runs again and no host stays fenced";
 
 /// A counterexample as a readable trace: who did what, in order, and what ran where.
 pub fn trace(path: &[(State, Option<Action>)]) -> String {
     let mut out = String::new();
     for (n, (state, action)) in path.iter().enumerate() {
-        let running: Vec<_> =
-            state.hosts.iter().enumerate().filter(|(_, h)| h.running).map(|(i, _)| host_name(i)).collect();
-        let bound = state.bound.map(|b| host_name(b.into())).unwrap_or_else(|| "nowhere".into());
-        let _ = writeln!(out, "{n:>3}. bound to {bound}; running on {running:?}");
+        let running: Vec<_> = state.running().map(host_name).collect();
+        let server = match state.server {
+            None => "gone".to_string(),
+            Some(s) => {
+                let bound = s.bound.map(|b| host_name(b.into())).unwrap_or_else(|| "nowhere".into());
+                format!("bound to {bound}{}", if s.deleting { ", being deleted" } else { "" })
+            }
+        };
+        let fenced: Vec<_> =
+            state.hosts.iter().enumerate().filter(|(_, h)| h.fenced).map(|(i, _)| host_name(i)).collect();
+        let _ = write!(out, "{n:>3}. server {server}; running on {running:?}");
+        if !fenced.is_empty() {
+            let _ = write!(out, "; fenced {fenced:?}");
+        }
+        if !state.volume {
+            let _ = write!(out, "; disk deleted");
+        }
+        let _ = writeln!(out);
         if let Some(action) = action {
             let _ = writeln!(out, "     then: {}", describe(*action));
         }
@@ -588,5 +944,8 @@ pub fn describe(action: Action) -> String {
         Action::PowerOn(i) => format!("{} powers on", h(i)),
         Action::Cut(i) => format!("{} is cut off from the API server", h(i)),
         Action::Heal(i) => format!("{}'s network heals", h(i)),
+        Action::Hang(i) => format!("libvirt on {} stops answering", h(i)),
+        Action::Answer(i) => format!("libvirt on {} answers again", h(i)),
+        Action::UserDeletes => "the user deletes the server".into(),
     }
 }

@@ -1,38 +1,50 @@
-//! The protocol checked exhaustively within a bound that finishes in CI; a larger
-//! bound runs by hand (`hack/model-check.sh`).
+//! The protocol checked exhaustively within bounds that finish in CI; larger bounds
+//! run by hand (`hack/model-check.sh`).
 
-use covi_model::{Protocol, Races, trace};
+use covi_model::{DELETED, FAILS_OVER, Protocol, Races, SAFETY, SAFETY_PROPERTIES, SETTLES, trace};
 use stateright::{Checker, Model};
 
-const SAFETY: &str = "at most one running copy";
-
-/// Checks `protocol` to the end and returns the counterexample to safety, if any,
-/// as a readable trace.
-fn check(protocol: Protocol) -> (Option<String>, usize) {
+/// Checks `protocol` to the end; returns each of `properties` that fails, with its
+/// counterexample as a readable trace, and the number of states.
+fn check(protocol: Protocol, properties: &[&'static str]) -> (Vec<String>, usize) {
     let checker = protocol.checker().threads(2).spawn_bfs().join();
     let count = checker.unique_state_count();
-    let found = checker.discovery(SAFETY).map(|path| trace(&path.into_vec()));
+    let found = properties
+        .iter()
+        .filter_map(|p| checker.discovery(p).map(|path| format!("{p}:\n{}", trace(&path.into_vec()))))
+        .collect();
     (found, count)
 }
 
-#[test]
-fn without_disk_leases_the_fixed_protocol_never_runs_two_copies() {
-    let (found, count) = check(Protocol::new(2, false, Races::default(), 2));
-    assert!(found.is_none(), "two copies after {count} states:\n{}", found.unwrap_or_default());
+fn holds(protocol: Protocol, properties: &[&'static str]) -> usize {
+    let (found, count) = check(protocol, properties);
+    assert!(found.is_empty(), "after {count} states:\n{}", found.join("\n"));
     println!("{count} states");
+    count
 }
 
 #[test]
-fn failover_happens_in_the_model() {
-    let checker = Protocol::new(2, false, Races::default(), 1).checker().spawn_bfs().join();
-    assert!(checker.discovery("the server fails over and runs elsewhere").is_some(), "the model can fail over");
+fn without_disk_leases_the_fixed_protocol_keeps_every_safety_property() {
+    holds(Protocol::new(2, false, Races::default(), 2), &SAFETY_PROPERTIES);
+}
+
+#[test]
+fn a_deletion_at_any_point_leaves_no_domain_running_and_no_disk_in_use_deleted() {
+    holds(Protocol::new(2, false, Races::default(), 1).with_deletion(), &SAFETY_PROPERTIES);
+}
+
+#[test]
+fn failover_and_deletion_happen_in_the_model() {
+    let checker = Protocol::new(2, false, Races::default(), 1).with_deletion().checker().spawn_bfs().join();
+    assert!(checker.discovery(FAILS_OVER).is_some(), "the model can fail over");
+    assert!(checker.discovery(DELETED).is_some(), "the model can delete the server");
 }
 
 #[test]
 fn each_race_of_never_two_copies_is_found_without_disk_leases() {
     for (name, races) in Races::each() {
-        let (found, count) = check(Protocol::new(2, false, races, 2));
-        let trace = found.unwrap_or_else(|| panic!("{name}: no counterexample in {count} states"));
+        let (found, count) = check(Protocol::new(2, false, races, 2), &[SAFETY]);
+        let trace = found.first().unwrap_or_else(|| panic!("{name}: no counterexample in {count} states"));
         println!("{name}:\n{trace}");
     }
 }
@@ -40,6 +52,26 @@ fn each_race_of_never_two_copies_is_found_without_disk_leases() {
 #[test]
 fn disk_leases_hold_even_with_every_race_back() {
     let all = Races::each().into_iter().fold(Races::default(), |all, (_, r)| all.with(r));
-    let (found, count) = check(Protocol::new(2, true, all, 2));
-    assert!(found.is_none(), "two copies after {count} states:\n{}", found.unwrap_or_default());
+    holds(Protocol::new(2, true, all, 2), &[SAFETY]);
+}
+
+#[test]
+fn with_disk_leases_a_libvirt_that_hangs_never_runs_two_copies() {
+    holds(Protocol::new(2, true, Races::default(), 2).with_hangs(), &SAFETY_PROPERTIES);
+}
+
+/// The assumption fencing rests on, made visible: without disk leases, a libvirt that
+/// does not answer the watchdog's destroy lets the guest outlive the host's deadline
+/// while the operator restarts it elsewhere (docs/model.md).
+#[test]
+fn without_disk_leases_a_libvirt_that_hangs_is_the_hole_left() {
+    let (found, count) = check(Protocol::new(2, false, Races::default(), 1).with_hangs(), &[SAFETY]);
+    let trace = found.first().unwrap_or_else(|| panic!("no counterexample in {count} states"));
+    assert!(trace.contains("stops answering"), "{trace}");
+    println!("{trace}");
+}
+
+#[test]
+fn once_faults_stop_every_state_settles() {
+    holds(Protocol::new(2, false, Races::default(), 1).with_liveness(), &[SETTLES]);
 }

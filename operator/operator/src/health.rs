@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use covi_api::host_pool::{Failover, LeaseTimings};
 
 /// What the operator believes of a host.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Liveness {
     /// No Lease seen yet: not schedulable, and nothing to fail over.
     Unknown,
