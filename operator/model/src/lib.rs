@@ -28,6 +28,8 @@
 //! restarted (by its DaemonSet) before its deadline passes — the one assumption the
 //! disk leases remove. A watchdog whose libvirt hangs cannot act, and time passes it.
 
+pub mod leaders;
+
 use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::hash::Hash;
@@ -44,7 +46,7 @@ use covi_operator::scheduler::{Decision, PoolView, release_reason};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use serde_json::json;
-use stateright::{Model, Property};
+use stateright::{Expectation, Model, Property};
 
 /// Protocol bugs covi had (the issue "Never two copies"), put back one at a time to
 /// show that the checker finds them.
@@ -113,7 +115,7 @@ pub struct Protocol {
 }
 
 /// A function's answers by input, shared by the checker's threads.
-struct Memo<K, V>(Arc<RwLock<HashMap<K, V>>>);
+pub(crate) struct Memo<K, V>(Arc<RwLock<HashMap<K, V>>>);
 
 impl<K, V> Clone for Memo<K, V> {
     fn clone(&self) -> Self {
@@ -128,7 +130,7 @@ impl<K, V> Default for Memo<K, V> {
 }
 
 impl<K: Hash + Eq, V: Clone> Memo<K, V> {
-    fn get(&self, key: K, compute: impl FnOnce() -> V) -> V {
+    pub(crate) fn get(&self, key: K, compute: impl FnOnce() -> V) -> V {
         if let Some(v) = self.0.read().expect("memo lock").get(&key) {
             return v.clone();
         }
@@ -142,7 +144,7 @@ impl<K: Hash + Eq, V: Clone> Memo<K, V> {
 /// host's liveness and readiness.
 type PassInput = (Server, Vec<(Liveness, bool)>);
 
-#[derive(Clone, Default)]
+#[derive(Clone, Debug, Default)]
 struct Memos {
     /// The scheduling pass: where it binds the server, by what the operator sees.
     pass: Memo<PassInput, Option<u8>>,
@@ -154,9 +156,9 @@ struct Memos {
     release: Memo<(Server, Vec<bool>), bool>,
 }
 
-impl std::fmt::Debug for Memos {
+impl<K, V> std::fmt::Debug for Memo<K, V> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Memos")
+        f.write_str("Memo")
     }
 }
 
@@ -895,6 +897,27 @@ pub const DELETED: &str = "the server is deleted and cleaned up";
 /// Once faults stop, the server runs again on its host (or is gone) and no host stays
 /// fenced.
 pub const SETTLES: &str = "once faults stop, the server runs again and no host stays fenced";
+
+/// The path to a property's first counterexample: stateright keeps checking a property
+/// it has found broken (while others are still open) and records the last state that
+/// breaks it; the first one is the shortest story.
+pub fn first_violation<M: Model>(
+    model: &M,
+    property: &str,
+    mut path: Vec<(M::State, Option<M::Action>)>,
+) -> Vec<(M::State, Option<M::Action>)> {
+    let Some(p) = model.properties().into_iter().find(|p| p.name == property) else { return path };
+    if p.expectation != Expectation::Always {
+        return path;
+    }
+    if let Some(at) = path.iter().position(|(s, _)| !(p.condition)(model, s)) {
+        path.truncate(at + 1);
+        if let Some(last) = path.last_mut() {
+            last.1 = None;
+        }
+    }
+    path
+}
 
 /// A counterexample as a readable trace: who did what, in order, and what ran where.
 pub fn trace(path: &[(State, Option<Action>)]) -> String {

@@ -1,7 +1,7 @@
 //! The protocol checked exhaustively within bounds that finish in CI; larger bounds
 //! run by hand (`hack/model-check.sh`).
 
-use covi_model::{DELETED, FAILS_OVER, Protocol, Races, SAFETY, SAFETY_PROPERTIES, SETTLES, trace};
+use covi_model::{DELETED, FAILS_OVER, Protocol, Races, SAFETY, SAFETY_PROPERTIES, SETTLES, first_violation, trace};
 use stateright::{Checker, Model};
 
 /// Checks `protocol` to the end; returns each of `properties` that fails, with its
@@ -11,7 +11,10 @@ fn check(protocol: Protocol, properties: &[&'static str]) -> (Vec<String>, usize
     let count = checker.unique_state_count();
     let found = properties
         .iter()
-        .filter_map(|p| checker.discovery(p).map(|path| format!("{p}:\n{}", trace(&path.into_vec()))))
+        .filter_map(|p| {
+            let path = first_violation(checker.model(), p, checker.discovery(p)?.into_vec());
+            Some(format!("{p}:\n{}", trace(&path)))
+        })
         .collect();
     (found, count)
 }

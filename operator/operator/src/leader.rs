@@ -105,7 +105,21 @@ impl Candidate {
             next_try = now + self.duration / 5;
             let sent = Instant::now();
             let attempt = tokio::time::timeout(self.duration / 3, self.step(&mut seen, last_ok.is_some()));
-            match attempt.await {
+            tokio::pin!(attempt);
+            // The check goes on while the step waits for the API server: a leader whose
+            // renewal hangs past its deadline stops then, not when the step gives up
+            // (up to a third of the duration later, which is the whole margin a
+            // standby leaves).
+            let result = loop {
+                tokio::select! {
+                    result = &mut attempt => break result,
+                    _ = tick.tick() => {
+                        let acting = may_act(last_ok, Instant::now(), self.duration);
+                        leading.send_if_modified(|l| std::mem::replace(l, acting) != acting);
+                    }
+                }
+            };
+            match result {
                 Ok(Ok(true)) => last_ok = Some(sent),
                 Ok(Ok(false)) => {
                     if last_ok.take().is_some() {
