@@ -251,14 +251,13 @@ fn follow(
     let phase = server.status.as_ref().and_then(|s| s.phase);
     let ready = ready_reason(server);
     if host == m.source {
-        if lost.contains(host) {
-            return fail(format!("the source host {host} was lost; failover takes over"));
-        }
         return match ready {
             Some((_, READY_HANDED_OFF, _)) if phase == Some(VirtualServerPhase::Migrating) => {
                 // Live: the guest runs on the target now and belongs there, Ready or not
-                // (a new leader has confirmed no host yet); a sick target goes down
-                // the failover path from there, never back to the source.
+                // (a new leader has confirmed no host yet), and whatever became of the
+                // source since (lost while failover pauses, it would start the server
+                // again beside the moved guest when it answers); a sick target goes
+                // down the failover path from there, never back to the source.
                 if live(m) || ready_hosts.contains(m.target.as_str()) {
                     Some(Action::HandOver { source: m.source.clone(), target: m.target.clone() })
                 } else {
@@ -267,6 +266,12 @@ fn follow(
                 }
             }
             Some((_, READY_MIGRATION_FAILED, message)) => fail(message.to_string()),
+            // Lost before it said how a live move went: libvirt may have finished it,
+            // and the guest run on the target. Failing the move would let the source
+            // start the server beside it when it answers; it stays open until failover
+            // binds the server to the target or the source answers.
+            _ if lost.contains(host) && live(m) => None,
+            _ if lost.contains(host) => fail(format!("the source host {host} was lost; failover takes over")),
             _ => None,
         };
     }

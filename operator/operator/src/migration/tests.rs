@@ -151,6 +151,50 @@ fn the_protocol_hands_over_only_after_the_source_let_go() {
     }
 }
 
+fn live(phase: &str, source: &str, target: &str) -> Value {
+    let mut m = migration(phase, source, target);
+    m["mode"] = json!("Live");
+    m
+}
+
+/// Found by the protocol's model: the source of a live move handed off (the guest runs
+/// on the target), then every host went silent at once, so failover paused (the
+/// operator may be the one cut off). The move was failed and the server left bound to
+/// the source, which started it again when it answered, beside the moved guest.
+#[test]
+fn a_live_hand_off_completes_even_when_the_source_is_lost_after_it() {
+    let hosts = [host("h1", 4, false), host("h2", 4, false)];
+    let handed = server(
+        "web",
+        "h1",
+        json!({}),
+        json!({"phase": "Migrating", "conditions": [ready("False", "HandedOff", "migrated live to h2")],
+               "migration": live("Running", "h1", "h2")}),
+    );
+    for lost in [&["h1"][..], &["h1", "h2"]] {
+        let p = run(&pool(true, 2), &hosts, std::slice::from_ref(&handed), lost);
+        assert_eq!(p.actions[0].1, Action::HandOver { source: "h1".into(), target: "h2".into() }, "lost {lost:?}");
+    }
+}
+
+/// The source of a live move is lost before it said how the move went: libvirt may
+/// have finished the move, so the guest may run on the target. The move is not failed
+/// (a source that answers again would start the server beside it): failover takes the
+/// server to the target, or the source answers and the protocol goes on.
+#[test]
+fn a_live_move_whose_source_is_lost_before_it_hands_off_stays_open() {
+    let hosts = [host("h1", 4, false), host("h2", 4, false)];
+    let moving = server("web", "h1", json!({}), json!({"migration": live("Running", "h1", "h2")}));
+    let p = run(&pool(true, 2), &hosts, std::slice::from_ref(&moving), &["h1"]);
+    assert!(p.actions.is_empty(), "{:?}", p.actions);
+    // Cold, nothing can run on the target before the hand-off: failed, failover takes over.
+    let cold = server("web", "h1", json!({}), json!({"migration": migration("Running", "h1", "h2")}));
+    assert_eq!(
+        records(&run(&pool(true, 2), &hosts, &[cold], &["h1"])),
+        [("web".into(), MigrationPhase::Failed, "h2".into())]
+    );
+}
+
 fn live_migration(phase: &str, source: &str, target: &str) -> Value {
     let mut m = migration(phase, source, target);
     m["mode"] = json!("Live");
