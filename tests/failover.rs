@@ -433,3 +433,84 @@ async fn losing_too_much_of_a_pool_at_once_pauses_failover() {
     assert_eq!(host_of(&s), Some(fleet.host_name(1)), "the server was not moved");
     assert!(s.status.unwrap().failovers.is_empty());
 }
+
+/// The protocol's model found this double run with no fault at all: the leader judges
+/// liveness on its watch cache of Leases, and a cache that lags by more than
+/// leaseDuration + grace declares a host lost that has kept renewing (and so never
+/// fences). The leader's real pass runs here over real caches of pools, hosts and
+/// servers, but a cache of Leases that stops taking host 1's renewals; host 1's agent
+/// renews all along. Its HA server must stay where it runs.
+#[tokio::test]
+async fn a_lease_cache_that_lags_never_fails_over_a_host_that_renews() {
+    use covi_operator::pass::Scheduler;
+    use futures::StreamExt;
+    use k8s_openapi::api::coordination::v1::Lease;
+    use kube::ResourceExt;
+    use kube::runtime::events::Reporter;
+    use kube::runtime::reflector::{self, Store};
+    use kube::runtime::{WatchStreamExt, watcher};
+
+    let _turn = SERIAL.lock().await;
+    let mut scene = Scene::new("lagging", &["ha-1"], &[]).await;
+    // From here this test's pass is the only leader.
+    scene.fleet.operator.as_mut().unwrap().kill();
+    let client = scene.client.clone();
+    fn cache<K>(api: Api<K>) -> Store<K>
+    where
+        K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync,
+        K: 'static,
+    {
+        let (store, writer) = reflector::store();
+        let stream = reflector::reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
+        tokio::spawn(stream.for_each(|_| futures::future::ready(())));
+        store
+    }
+    let home = scene.fleet.host_name(1);
+    // The Lease cache: every event, except host 1's renewals once it has been listed.
+    let lease_api: Api<Lease> = Api::namespaced(client.clone(), &scene.fleet.lease_namespace);
+    let (leases, mut lease_writer) = reflector::store::<Lease>();
+    let lagging = home.clone();
+    tokio::spawn(watcher(lease_api.clone(), watcher::Config::default()).default_backoff().for_each(move |event| {
+        let stale = matches!(&event, Ok(watcher::Event::Apply(l)) if l.name_any() == lagging);
+        if let Ok(event) = event
+            && !stale
+        {
+            lease_writer.apply_watcher_event(&event);
+        }
+        futures::future::ready(())
+    }));
+    let (pools, hosts, servers) =
+        (cache(Api::all(client.clone())), cache(Api::all(client.clone())), cache(Api::all(client.clone())));
+    for (what, ready) in [
+        ("pools", pools.wait_until_ready().await.is_ok()),
+        ("hosts", hosts.wait_until_ready().await.is_ok()),
+        ("servers", servers.wait_until_ready().await.is_ok()),
+        ("leases", leases.wait_until_ready().await.is_ok()),
+    ] {
+        assert!(ready, "the cache of {what} syncs");
+    }
+    let reporter = Reporter { controller: "covi-operator-test".into(), instance: None };
+    let writer = covi_operator::writer::Writer::new(client.clone(), reporter);
+    let metrics = covi_operator::metrics::Metrics::new(&mut prometheus_client::registry::Registry::default());
+    let mut leader = Scheduler::new(writer, pools, hosts, servers, leases.clone(), lease_api.clone(), metrics);
+
+    // Past leaseDuration + grace (10 + 3 s by default) and two seconds more, a pass
+    // every half second: ha-1 stays on host 1 and never fails over.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(15) {
+        leader.pass().await.expect("a pass");
+        let s = scene.api.get("ha-1").await.expect("ha-1");
+        let st = s.status.clone().unwrap_or_default();
+        assert_eq!(st.host.as_deref(), Some(home.as_str()), "ha-1 moved off a host that renews: {st:?}");
+        assert!(st.failovers.is_empty(), "ha-1 failed over from a host that renews: {st:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // The cache did lag by more than the loss deadline: its host 1 Lease is the one
+    // listed at the start, and host 1 has renewed since.
+    let renew = |l: &Lease| l.spec.as_ref().and_then(|s| s.renew_time.clone()).map(|t| t.0).expect("renewTime");
+    let cached = renew(&leases.state().into_iter().find(|l| l.name_any() == home).expect("host 1 in the cache"));
+    let fresh = renew(&lease_api.get(&home).await.expect("host 1's Lease"));
+    let lag = fresh.duration_since(cached).as_secs_f64();
+    assert!(lag > 13.0, "the cache lagged {lag:.1} s, not past leaseDuration + grace");
+    scene.fleet.wait_server(&scene.api, "ha-1", "to run on host 1", DEADLINE, ready).await;
+}
