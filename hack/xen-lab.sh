@@ -184,8 +184,17 @@ if [ "$up" = 1 ]; then
 else
   echo "COVI-LAB libvirtd did not start:"; tail -n 20 /var/log/libvirt/libvirtd.log
 fi
+# Every 5 s: dom0's own pulse (so a silent console tells a hung dom0 from a slow one),
+# xl list (bounded: it reads names from xenstore, which can block), the guests'
+# consoles and the agent's last lines. When xl list does not answer, Xen's own log.
 while :; do
-  echo "COVI-LAB-XL-BEGIN"; xl list 2>&1; echo "COVI-LAB-XL-END"
+  echo "COVI-LAB-DOM0 up $(cut -d' ' -f1 /proc/uptime)s load $(cut -d' ' -f1-3 /proc/loadavg) free $(awk '/MemAvailable/ {print $2}' /proc/meminfo)kB"
+  echo "COVI-LAB-XL-BEGIN"
+  if ! timeout 20 xl list 2>&1; then
+    echo "COVI-LAB xl list did not answer in 20 s; xl dmesg:"
+    timeout 10 xl dmesg 2>&1 | tail -n 15
+  fi
+  echo "COVI-LAB-XL-END"
   for f in /var/log/xen/console/guest-*.log; do
     [ -f "$f" ] && sed "s|^|COVI-LAB-CONSOLE $(basename "$f"): |" "$f"
   done

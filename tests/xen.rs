@@ -46,11 +46,57 @@ impl Lab {
         std::fs::read_to_string(self.dir.join("serial.log")).unwrap_or_default()
     }
 
-    /// The end of dom0's console (or of the boot script's output), for failure messages.
+    /// The end of dom0's console (or of the boot script's output), for failure messages,
+    /// with how long the console has been silent (dom0 prints every 5 s, so a long
+    /// silence means dom0 or Xen stopped, not a slow guest) and what else used the CPU.
     fn tail(&self) -> String {
         let serial = self.serial();
         let lines: Vec<&str> = serial.lines().collect();
-        format!("{}\n--- xen-lab.sh:\n{}", lines[lines.len().saturating_sub(60)..].join("\n"), self.qemu.log_tail())
+        let silent = std::fs::metadata(self.dir.join("serial.log"))
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .map_or_else(|| "unknown".to_string(), |d| format!("{:.0?}", d));
+        let top = Command::new("ps")
+            .args(["-eo", "pid,pcpu,etime,rss,comm", "--sort=-pcpu"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).lines().take(8).collect::<Vec<_>>().join("\n"))
+            .unwrap_or_default();
+        let disk = Command::new("df")
+            .args(["-h", &self.dir.display().to_string()])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        format!(
+            "{}\n--- dom0's console silent for {silent}; QEMU says {}; the busiest processes here:\n{top}\n{disk}--- xen-lab.sh:\n{}",
+            lines[lines.len().saturating_sub(60)..].join("\n"),
+            self.monitor("info status").unwrap_or_else(|| "nothing (no monitor)".into()),
+            self.qemu.log_tail()
+        )
+    }
+
+    /// A command to QEMU's monitor and its answer (`info status` tells a VM that runs
+    /// from one QEMU paused, for example on a host disk that filled up).
+    fn monitor(&self, command: &str) -> Option<String> {
+        use std::io::{Read, Write};
+        let mut socket = std::os::unix::net::UnixStream::connect(self.dir.join("monitor.sock")).ok()?;
+        socket.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        socket.write_all(format!("{command}\n").as_bytes()).ok()?;
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        // The banner, the echo and the answer arrive in pieces; read until it goes quiet.
+        while let Ok(n) = socket.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&answer).into_owned();
+        let line = text
+            .lines()
+            .map(|l| l.trim_matches(|c: char| c.is_control() || c == ' '))
+            .find(|l| l.starts_with("VM status"));
+        Some(line.unwrap_or(text.trim()).to_string())
     }
 
     /// The latest `xl list` dom0 printed.
@@ -217,6 +263,7 @@ async fn a_server_runs_as_a_pv_guest_on_a_real_xen_host() {
     .await;
     assert!(seen.is_some(), "xl list and the guest console in dom0:\n{}", lab.tail());
     println!("the guest printed its marker {:.0?} after the server was Ready", booting.elapsed());
+    println!("QEMU's monitor: {}", lab.monitor("info status").unwrap_or_default());
     println!("{}", lab.xl_list().unwrap_or_default());
     let serial = lab.serial();
     let console = serial.lines().rfind(|l| l.contains("COVI-GUEST-UP")).unwrap_or_default();
