@@ -13,13 +13,16 @@ if [ $# -gt 0 ]; then
 fi
 status=0
 for args in \
+  "failover --hosts=2 --faults=2" \
   "failover --hosts=2 --faults=3" \
-  "failover --hosts=3 --faults=2" \
+  "failover --hosts=2 --faults=1 --deletion" \
   "failover --hosts=2 --faults=2 --deletion" \
-  "failover --hosts=2 --faults=3 --hangs --disk-leases" \
-  "failover --hosts=2 --faults=2 --liveness" \
-  "election --faults=4" \
-  "election --faults=4 --one-identity"; do
+  "failover --hosts=2 --faults=2 --hangs --disk-leases" \
+  "failover --hosts=2 --faults=1 --liveness" \
+  "failover --hosts=2 --faults=0 --migration=live" \
+  "failover --hosts=2 --faults=0 --migration=cold" \
+  "election --faults=3" \
+  "election --faults=3 --one-identity"; do
   echo "== covi-model $args"
   # shellcheck disable=SC2086
   target/release/covi-model $args || status=1

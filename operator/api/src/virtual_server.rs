@@ -350,7 +350,7 @@ pub struct MigrationStatus {
 }
 
 /// Phase of a migration.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum MigrationPhase {
     Pending,
     Running,

@@ -39,9 +39,13 @@ use std::time::Duration;
 use covi_agent::converge::{Step, steps};
 use covi_agent::libvirt::ObservedDomain;
 use covi_agent::sweep::{Orphan, judge as judge_orphan};
-use covi_api::host_pool::{Failover, LeaseTimings};
+use covi_api::host_pool::{Failover, Hypervisor, LeaseTimings};
+use covi_api::virtual_server::{
+    FailoverRecord, MigrationPhase, MigrationStatus, READY_HANDED_OFF, READY_MIGRATION_FAILED, VirtualServerPhase,
+};
 use covi_api::{Host as HostObject, HostPool, VirtualServer};
 use covi_operator::health::{Liveness, judge};
+use covi_operator::migration::{Action as MoveAction, plan_moves};
 use covi_operator::scheduler::{Decision, PoolView, release_reason};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -64,6 +68,12 @@ pub struct Races {
     /// The operator acts on a host's loss as its cache of Leases shows it, without a
     /// fresh read (found by this model: a cache that lags declares a live host lost).
     pub lease_cache_trusted: bool,
+    /// The watchdog fences once and then stops, though domains may become active
+    /// later (an incoming live migration).
+    pub fence_once: bool,
+    /// A live hand-off to a target that is not Ready is failed and the server sent
+    /// back to its source, though the guest already runs on the target.
+    pub live_sent_back: bool,
 }
 
 impl Races {
@@ -74,10 +84,12 @@ impl Races {
             start_check_not_held: self.start_check_not_held || other.start_check_not_held,
             no_pre_start_read: self.no_pre_start_read || other.no_pre_start_read,
             lease_cache_trusted: self.lease_cache_trusted || other.lease_cache_trusted,
+            fence_once: self.fence_once || other.fence_once,
+            live_sent_back: self.live_sent_back || other.live_sent_back,
         }
     }
 
-    /// Each race alone, by name.
+    /// Each race of the issue "Never two copies" alone, by name.
     pub fn each() -> Vec<(&'static str, Races)> {
         let none = Races::default();
         vec![
@@ -85,6 +97,15 @@ impl Races {
             ("start_check_not_held", Races { start_check_not_held: true, ..none }),
             ("no_pre_start_read", Races { no_pre_start_read: true, ..none }),
             ("lease_cache_trusted", Races { lease_cache_trusted: true, ..none }),
+        ]
+    }
+
+    /// Each race of a migration alone, by name (they show only with migration on).
+    pub fn each_of_a_move() -> Vec<(&'static str, Races)> {
+        let none = Races::default();
+        vec![
+            ("fence_once", Races { fence_once: true, ..none }),
+            ("live_sent_back", Races { live_sent_back: true, ..none }),
         ]
     }
 }
@@ -103,6 +124,10 @@ pub struct Protocol {
     pub deletion: bool,
     /// libvirt may stop answering on a host (a fault) and answer again.
     pub hangs: bool,
+    /// The user may put a host in maintenance, which moves the server off it.
+    pub migration: bool,
+    /// The hosts' libvirt driver, as libvirt names it.
+    driver: &'static str,
     /// Check, from every reachable state, that the system settles once faults stop.
     pub liveness: bool,
     /// Built once: the pool, the server unbound, a host, and the server's domain.
@@ -140,14 +165,35 @@ impl<K: Hash + Eq, V: Clone> Memo<K, V> {
     }
 }
 
-/// What the operator's scheduling pass depends on: the server as it sees it, and each
-/// host's liveness and readiness.
-type PassInput = (Server, Vec<(Liveness, bool)>);
+/// What the operator's pass depends on: the server as it sees it, and each host's
+/// liveness, readiness and maintenance.
+type PassInput = (Server, Vec<(Liveness, bool, bool)>);
+
+/// The operator's pass, for the model's one server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OperatorStep {
+    Nothing,
+    /// Bind it to a host (`failover`: away from a lost one).
+    Bind {
+        to: u8,
+        failover: bool,
+    },
+    /// Write this migration record.
+    Record(Move),
+    Cancel,
+    /// The source handed it off: bind it to the target.
+    HandOver(u8),
+    /// The target could not run it: back to the source, with the record.
+    Return {
+        to: u8,
+        record: Move,
+    },
+}
 
 #[derive(Clone, Debug, Default)]
 struct Memos {
-    /// The scheduling pass: where it binds the server, by what the operator sees.
-    pass: Memo<PassInput, Option<u8>>,
+    /// The operator's pass, by what it sees.
+    pass: Memo<PassInput, OperatorStep>,
     /// Whether the agent's plan and converge steps start the server.
     start: Memo<(Server, bool), bool>,
     /// The orphan judgement of the domain on a host.
@@ -191,6 +237,8 @@ impl Protocol {
             failover,
             deletion: false,
             hangs: false,
+            migration: false,
+            driver: "test",
             liveness: false,
             pool,
             server,
@@ -203,6 +251,15 @@ impl Protocol {
     /// The user may delete the server at any point.
     pub fn with_deletion(self) -> Protocol {
         Protocol { deletion: true, ..self }
+    }
+
+    /// The user may put a host in maintenance (once per run), which moves the server
+    /// off it: live on a QEMU pool (`live`), cold on a test-driver pool.
+    pub fn with_migration(self, live: bool) -> Protocol {
+        let mut pool = self.pool.clone();
+        pool.spec.hypervisor = if live { Hypervisor::Qemu } else { Hypervisor::Test };
+        let driver = if live { "QEMU" } else { "test" };
+        Protocol { migration: true, pool, driver, ..self }
     }
 
     /// libvirt may hang on any host (each hang counts as a fault).
@@ -247,6 +304,8 @@ pub struct Host {
     pub running: bool,
     /// libvirt does not answer.
     pub hung: bool,
+    /// The Host's `spec.maintenance`: servers move off it.
+    pub maintenance: bool,
     /// The agent's watch cache of the server (None: not synced since start; Some(None):
     /// the server is gone).
     pub sees: Option<Option<Server>>,
@@ -272,6 +331,38 @@ pub struct Server {
     pub bound: Option<u8>,
     /// The user deleted it (`deletionTimestamp`); it stays while covi's finalizer does.
     pub deleting: bool,
+    /// `status.migration`.
+    pub moving: Option<Move>,
+    /// What the agent last reported (`status.phase` and the Ready condition).
+    pub report: Report,
+    /// Failover rebound it from the source of its running migration.
+    pub failed_over: bool,
+}
+
+impl Server {
+    fn at(bound: Option<u8>) -> Server {
+        Server { bound, deleting: false, moving: None, report: Report::Running, failed_over: false }
+    }
+}
+
+/// A migration record.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub struct Move {
+    pub source: u8,
+    pub target: u8,
+    pub phase: MigrationPhase,
+    pub live: bool,
+}
+
+/// The agent's report on the server.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Report {
+    /// Running, Ready.
+    Running,
+    /// Migrating, Ready=False HandedOff: the domain left the source.
+    HandedOff,
+    /// Running, Ready=True MigrationFailed: the move failed, it still runs on the source.
+    MigrationFailed,
 }
 
 /// The whole system.
@@ -318,6 +409,7 @@ pub enum Action {
     Hang(u8),
     Answer(u8),
     UserDeletes,
+    Maintenance(u8),
 }
 
 fn pool(failover: &Failover) -> HostPool {
@@ -367,6 +459,7 @@ impl Protocol {
         if let Some(ready) = host.status.as_mut().and_then(|s| s.conditions.first_mut()) {
             ready.status = if h.agent && h.power && !h.cut_off { "True" } else { "False" }.into();
         }
+        host.spec.maintenance = h.maintenance;
         Arc::new(host)
     }
 
@@ -375,6 +468,42 @@ impl Protocol {
         let mut server = self.server.clone();
         if let Some(status) = server.status.as_mut() {
             status.host = seen.bound.map(|b| host_name(b.into()));
+            let (phase, ready, reason) = match seen.report {
+                Report::Running => (VirtualServerPhase::Running, "True", "Running"),
+                Report::HandedOff => (VirtualServerPhase::Migrating, "False", READY_HANDED_OFF),
+                Report::MigrationFailed => (VirtualServerPhase::Running, "True", READY_MIGRATION_FAILED),
+            };
+            status.phase = Some(phase);
+            status.conditions = vec![covi_api::Condition {
+                type_: covi_api::contract::condition_type::READY.into(),
+                status: ready.into(),
+                reason: reason.into(),
+                message: String::new(),
+                last_transition_time: Time(Timestamp::UNIX_EPOCH),
+                observed_generation: None,
+            }];
+            // Times in order: the move started, a failover, the move finished, now.
+            let at = |secs: i64| Some(Time(Timestamp::from_second(secs).expect("a time")));
+            status.migration = seen.moving.map(|m| MigrationStatus {
+                source: host_name(m.source.into()),
+                target: host_name(m.target.into()),
+                phase: m.phase,
+                mode: Some(if m.live { "Live" } else { "Cold" }.into()),
+                started_at: at(1),
+                finished_at: matches!(m.phase, MigrationPhase::Succeeded | MigrationPhase::Failed)
+                    .then(|| at(3))
+                    .flatten(),
+                reason: None,
+            });
+            status.failovers = match (seen.failed_over, seen.moving, seen.bound) {
+                (true, Some(m), Some(b)) => vec![FailoverRecord {
+                    from: host_name(m.source.into()),
+                    to: host_name(b.into()),
+                    at: Time(Timestamp::from_second(2).expect("a time")),
+                    reason: "HostLost".into(),
+                }],
+                _ => vec![],
+            };
         }
         if seen.deleting {
             server.metadata.deletion_timestamp = Some(Time(Timestamp::UNIX_EPOCH));
@@ -397,13 +526,13 @@ impl Protocol {
         liveness.iter().enumerate().filter(|(_, l)| **l == Liveness::Lost).map(|(i, _)| host_name(i)).collect()
     }
 
-    /// The operator's scheduling pass over its caches: covi's own. Where it binds the
-    /// server, if it does.
-    fn scheduling_pass(&self, state: &State) -> Option<u8> {
-        let seen = state.operator_sees?;
+    /// What the operator's pass does with the server as its caches show it: covi's
+    /// scheduling pass (failover), then its migration planner.
+    fn operator_step(&self, state: &State) -> OperatorStep {
+        let Some(seen) = state.operator_sees else { return OperatorStep::Nothing };
         let liveness = self.liveness(state);
         let ready = |h: &Host| h.agent && h.power && !h.cut_off;
-        let key = (seen, liveness.iter().zip(&state.hosts).map(|(l, h)| (*l, ready(h))).collect::<Vec<_>>());
+        let key = (seen, liveness.iter().zip(&state.hosts).map(|(l, h)| (*l, ready(h), h.maintenance)).collect());
         self.memo.pass.get(key, || {
             let names = |want: &dyn Fn(Liveness) -> bool| -> BTreeSet<String> {
                 liveness.iter().enumerate().filter(|(_, l)| want(**l)).map(|(i, _)| host_name(i)).collect()
@@ -420,14 +549,39 @@ impl Protocol {
                 unready: &unready,
                 lost: &lost,
             };
+            let index = |name: &str| (0..state.hosts.len()).find(|j| host_name(*j) == name).map(|j| j as u8);
             let paused =
                 covi_operator::health::mass_failure(lost.len(), state.hosts.len(), self.failover.max_lost_percent);
-            match covi_operator::scheduler::pass(&view, !paused).into_iter().map(|(_, d)| d).next() {
-                Some(Decision::Bind { host, .. }) => {
-                    (0..state.hosts.len()).find(|j| host_name(*j) == host).map(|j| j as u8)
-                }
-                _ => None,
+            if let Some(Decision::Bind { host, failover_from, .. }) =
+                covi_operator::scheduler::pass(&view, !paused).into_iter().map(|(_, d)| d).next()
+            {
+                return index(&host)
+                    .map_or(OperatorStep::Nothing, |to| OperatorStep::Bind { to, failover: failover_from.is_some() });
             }
+            let Some((_, action)) = plan_moves(&view, &BTreeSet::new(), Timestamp::from_second(4).expect("a time"))
+                .actions
+                .into_iter()
+                .next()
+            else {
+                return OperatorStep::Nothing;
+            };
+            let record = |m: &MigrationStatus| -> Option<Move> {
+                Some(Move {
+                    source: index(&m.source)?,
+                    target: index(&m.target)?,
+                    phase: m.phase,
+                    live: m.mode.as_deref() == Some("Live"),
+                })
+            };
+            let step = match action {
+                MoveAction::Record(m) => record(&m).map(OperatorStep::Record),
+                MoveAction::Cancel => Some(OperatorStep::Cancel),
+                MoveAction::HandOver { target, .. } => index(&target).map(OperatorStep::HandOver),
+                MoveAction::Return { target, record: m } => {
+                    index(&target).zip(record(&m)).map(|(to, record)| OperatorStep::Return { to, record })
+                }
+            };
+            step.unwrap_or(OperatorStep::Nothing)
         })
     }
 
@@ -456,12 +610,23 @@ impl Protocol {
             if seen.deleting {
                 return Converge::CleanUp(seen);
             }
+            // A migration taking the server away: the source hands it off.
+            if let Some(m) = seen.moving.filter(|m| m.phase == MigrationPhase::Running && m.source == me) {
+                return Converge::HandOff(m);
+            }
             let start = self.memo.start.get((seen, h.running), || {
-                let plan = covi_agent::server::plan(&self.server(seen), &self.pool, "test").expect("a plan");
+                let plan = covi_agent::server::plan(&self.server(seen), &self.pool, self.driver).expect("a plan");
                 let observed = if h.running { vec![self.domain.clone()] } else { vec![] };
                 steps(&plan, &observed, None, Duration::from_secs(30)).contains(&Step::Start)
             });
-            return if start { Converge::Start } else { Converge::Nothing };
+            if start {
+                return Converge::Start;
+            }
+            // Running here as it should: the agent says so.
+            if h.running && seen.report != Report::Running && !h.cut_off {
+                return Converge::Report;
+            }
+            return Converge::Nothing;
         }
         if h.running {
             // The sweep reads the server fresh; cut off, it cannot.
@@ -503,7 +668,9 @@ impl Protocol {
     /// The watchdog must fence now (overdue, and a domain runs or it has not fenced).
     fn watchdog_due(&self, h: &Host) -> bool {
         let overdue = covi_agent::fence::overdue(Duration::from_secs(h.since_renewal.into()), self.fence_after());
-        h.agent && h.power && overdue && (h.running || !h.fenced)
+        // Fencing repeats while overdue: a domain may become active after the first.
+        let again = h.running && !self.races.fence_once;
+        h.agent && h.power && overdue && (again || !h.fenced)
     }
 
     /// Due, and able to: libvirt answers, and no start holds the fencing lock.
@@ -584,7 +751,11 @@ impl Protocol {
             None => state.running().next().is_none(),
             Some(s) => s.bound.is_some_and(|b| state.hosts[b as usize].running) && state.running().count() == 1,
         };
-        placed && state.hosts.iter().all(|h| !h.fenced && !h.starting)
+        let moving = state
+            .server
+            .and_then(|s| s.moving)
+            .is_some_and(|m| matches!(m.phase, MigrationPhase::Pending | MigrationPhase::Running));
+        placed && !moving && state.hosts.iter().all(|h| !h.fenced && !h.starting)
     }
 
     /// Liveness, checked from one state: faults stop and what they broke is mended, then
@@ -635,6 +806,10 @@ enum Converge {
     },
     /// The server being deleted: remove the domain, the volumes, then the finalizer.
     CleanUp(Server),
+    /// The source's side of a migration.
+    HandOff(Move),
+    /// Report the server Running.
+    Report,
 }
 
 pub fn host_name(i: usize) -> String {
@@ -652,7 +827,8 @@ impl Model for Protocol {
             cut_off: false,
             running: i == 0,
             hung: false,
-            sees: Some(Some(Server { bound: Some(0), deleting: false })),
+            maintenance: false,
+            sees: Some(Some(Server::at(Some(0)))),
             renewed_once: true,
             fenced: false,
             since_renewal: 0,
@@ -661,7 +837,7 @@ impl Model for Protocol {
             silent: 0,
             seen_renewing: true,
         };
-        let server = Some(Server { bound: Some(0), deleting: false });
+        let server = Some(Server::at(Some(0)));
         vec![State {
             hosts: (0..self.hosts).map(host).collect(),
             server,
@@ -678,6 +854,14 @@ impl Model for Protocol {
         self.steps(state, actions);
         if self.deletion && state.server.is_some_and(|s| !s.deleting) {
             actions.push(Action::UserDeletes);
+        }
+        if self.migration {
+            // One host, once per run (more would not fit the bound CI checks).
+            if !state.hosts.iter().any(|h| h.maintenance) {
+                for i in 0..state.hosts.len() {
+                    actions.push(Action::Maintenance(i as u8));
+                }
+            }
         }
         for (i, h) in state.hosts.iter().enumerate() {
             let i = i as u8;
@@ -745,11 +929,39 @@ impl Model for Protocol {
                         s.server = None;
                         s.operator_sees = None;
                     }
-                } else if let Some(to) = self.scheduling_pass(&s)
-                    && current
-                {
-                    if let Some(server) = s.server.as_mut() {
-                        server.bound = Some(to);
+                } else if current {
+                    let step = self.operator_step(&s);
+                    let unready = self.liveness(&s).iter().map(|l| *l != Liveness::Alive).collect::<Vec<_>>();
+                    let server = s.server.as_mut()?;
+                    match step {
+                        OperatorStep::Nothing => {}
+                        OperatorStep::Bind { to, failover } => {
+                            let from_source = server
+                                .moving
+                                .is_some_and(|m| m.phase == MigrationPhase::Running && Some(m.source) == server.bound);
+                            server.failed_over |= failover && from_source;
+                            server.bound = Some(to);
+                        }
+                        OperatorStep::Record(m) => {
+                            if m.phase == MigrationPhase::Running {
+                                server.failed_over = false;
+                            }
+                            server.moving = Some(m);
+                        }
+                        OperatorStep::Cancel => server.moving = None,
+                        OperatorStep::HandOver(to) => {
+                            let live = server.moving.is_some_and(|m| m.live);
+                            if self.races.live_sent_back && live && unready[to as usize] {
+                                // The old rule: a target not Ready fails the move.
+                                server.moving = server.moving.map(|m| Move { phase: MigrationPhase::Failed, ..m });
+                            } else {
+                                server.bound = Some(to);
+                            }
+                        }
+                        OperatorStep::Return { to, record } => {
+                            server.bound = Some(to);
+                            server.moving = Some(record);
+                        }
                     }
                     s.operator_sees = s.server;
                 }
@@ -768,6 +980,42 @@ impl Model for Protocol {
                     // The finalizer's release is conditional on the version the agent saw.
                     if !s.hosts[i as usize].cut_off && s.server == Some(seen) {
                         s.server = None;
+                    }
+                }
+                Converge::Report => {
+                    if let Some(server) = s.server.as_mut() {
+                        server.report = Report::Running;
+                    }
+                }
+                Converge::HandOff(m) => {
+                    let me = i as usize;
+                    let report = |s: &mut State, r: Report| {
+                        if !s.hosts[me].cut_off
+                            && let Some(server) = s.server.as_mut()
+                        {
+                            server.report = r;
+                        }
+                    };
+                    if !s.hosts[me].running {
+                        report(&mut s, Report::HandedOff);
+                    } else if s.hosts[me].hung {
+                        return None;
+                    } else if !m.live {
+                        // Cold: shut down (and undefine); the hand-off is reported next.
+                        s.hosts[me].running = false;
+                    } else if s.hosts[me].cut_off {
+                        // The agent reads the target's address before it migrates.
+                        return None;
+                    } else {
+                        let target = m.target as usize;
+                        if s.hosts[target].power && !s.hosts[target].hung {
+                            // libvirt moves the running guest: it never runs on both.
+                            s.hosts[me].running = false;
+                            s.hosts[target].running = true;
+                            report(&mut s, Report::HandedOff);
+                        } else {
+                            report(&mut s, Report::MigrationFailed);
+                        }
                     }
                 }
                 Converge::Start => {
@@ -857,6 +1105,7 @@ impl Model for Protocol {
                     server.deleting = true;
                 }
             }
+            Action::Maintenance(i) => s.hosts[i as usize].maintenance = true,
         }
         if s.faults > self.max_faults {
             s.faults = self.max_faults;
@@ -877,6 +1126,11 @@ impl Model for Protocol {
         if self.deletion {
             properties.push(Property::sometimes(DELETED, |_, s: &State| s.server.is_none()));
         }
+        if self.migration {
+            properties.push(Property::sometimes(MIGRATES, |_, s: &State| {
+                s.server.and_then(|s| s.moving).is_some_and(|m| m.phase == MigrationPhase::Succeeded)
+            }));
+        }
         if self.liveness {
             properties.push(Property::always(SETTLES, |model: &Protocol, s: &State| model.settle(s).1));
         }
@@ -894,9 +1148,10 @@ pub const FINALIZER: &str = "finalizer released only when no domain runs";
 pub const SAFETY_PROPERTIES: [&str; 3] = [SAFETY, VOLUME, FINALIZER];
 pub const FAILS_OVER: &str = "the server fails over and runs elsewhere";
 pub const DELETED: &str = "the server is deleted and cleaned up";
-/// Once faults stop, the server runs again on its host (or is gone) and no host stays
-/// fenced.
-pub const SETTLES: &str = "once faults stop, the server runs again and no host stays fenced";
+pub const MIGRATES: &str = "a migration succeeds";
+/// Once faults stop, the server runs again on its host (or is gone), every migration
+/// has ended, and no host stays fenced.
+pub const SETTLES: &str = "once faults stop, the server runs again, migrations end and no host stays fenced";
 
 /// The path to a property's first counterexample: stateright keeps checking a property
 /// it has found broken (while others are still open) and records the last state that
@@ -928,7 +1183,16 @@ pub fn trace(path: &[(State, Option<Action>)]) -> String {
             None => "gone".to_string(),
             Some(s) => {
                 let bound = s.bound.map(|b| host_name(b.into())).unwrap_or_else(|| "nowhere".into());
-                format!("bound to {bound}{}", if s.deleting { ", being deleted" } else { "" })
+                let mut text = format!("bound to {bound}{}", if s.deleting { ", being deleted" } else { "" });
+                if let Some(m) = s.moving {
+                    let mode = if m.live { "live" } else { "cold" };
+                    let (from, to) = (host_name(m.source.into()), host_name(m.target.into()));
+                    let _ = write!(text, ", {mode} move {from} to {to} {:?}", m.phase);
+                }
+                if s.report != Report::Running {
+                    let _ = write!(text, ", reported {:?}", s.report);
+                }
+                text
             }
         };
         let fenced: Vec<_> =
@@ -970,5 +1234,6 @@ pub fn describe(action: Action) -> String {
         Action::Hang(i) => format!("libvirt on {} stops answering", h(i)),
         Action::Answer(i) => format!("libvirt on {} answers again", h(i)),
         Action::UserDeletes => "the user deletes the server".into(),
+        Action::Maintenance(i) => format!("the user puts {} in maintenance", h(i)),
     }
 }

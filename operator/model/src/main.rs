@@ -46,6 +46,10 @@ struct FailoverArgs {
     /// libvirt may stop answering on a host (a fault).
     #[arg(long)]
     hangs: bool,
+    /// The user may put a host in maintenance, which moves the server off it: live (a
+    /// QEMU pool) or cold (a test-driver pool).
+    #[arg(long, value_parser = ["live", "cold"])]
+    migration: Option<String>,
     /// Also check that every reachable state settles once faults stop (slower).
     #[arg(long)]
     liveness: bool,
@@ -68,7 +72,7 @@ struct ElectionArgs {
 }
 
 fn failover_races() -> Vec<&'static str> {
-    Races::each().into_iter().map(|(name, _)| name).collect()
+    Races::each().into_iter().chain(Races::each_of_a_move()).map(|(name, _)| name).collect()
 }
 
 fn election_races() -> Vec<&'static str> {
@@ -120,7 +124,7 @@ where
 
 fn failover(args: FailoverArgs) -> ExitCode {
     let mut races = Races::default();
-    for (name, r) in Races::each() {
+    for (name, r) in Races::each().into_iter().chain(Races::each_of_a_move()) {
         if args.races.iter().any(|a| a == name) {
             races = races.with(r);
         }
@@ -132,6 +136,9 @@ fn failover(args: FailoverArgs) -> ExitCode {
     if args.hangs {
         protocol = protocol.with_hangs();
     }
+    if let Some(mode) = &args.migration {
+        protocol = protocol.with_migration(mode == "live");
+    }
     if args.liveness {
         protocol = protocol.with_liveness();
     }
@@ -140,8 +147,15 @@ fn failover(args: FailoverArgs) -> ExitCode {
         properties.push(SETTLES);
     }
     let what = format!(
-        "failover: hosts {}, faults {}, disk leases {}, deletion {}, hangs {}, liveness {}, races {:?}",
-        args.hosts, args.faults, args.disk_leases, args.deletion, args.hangs, args.liveness, args.races
+        "failover: hosts {}, faults {}, disk leases {}, deletion {}, hangs {}, migration {}, liveness {}, races {:?}",
+        args.hosts,
+        args.faults,
+        args.disk_leases,
+        args.deletion,
+        args.hangs,
+        args.migration.as_deref().unwrap_or("none"),
+        args.liveness,
+        args.races
     );
     let settle = protocol.clone();
     report(protocol, what, &properties, trace, move |property, last| match property {
