@@ -21,6 +21,7 @@ for args in \
   "failover --hosts=2 --faults=1 --liveness" \
   "failover --hosts=2 --faults=0 --migration=live" \
   "failover --hosts=2 --faults=0 --migration=cold" \
+  "failover --hosts=2 --faults=0 --migration=live --liveness" \
   "election --faults=3" \
   "election --faults=3 --one-identity"; do
   echo "== covi-model $args"

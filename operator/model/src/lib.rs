@@ -1153,6 +1153,30 @@ pub const MIGRATES: &str = "a migration succeeds";
 /// has ended, and no host stays fenced.
 pub const SETTLES: &str = "once faults stop, the server runs again, migrations end and no host stays fenced";
 
+/// A model's run in words.
+pub type Trace<M> = fn(&[(<M as Model>::State, Option<<M as Model>::Action>)]) -> String;
+
+/// Checks `model` to the end on two threads: each of `properties` that fails, with its
+/// first counterexample as a readable trace, and the number of states.
+pub fn check<M>(model: M, properties: &[&'static str], trace: Trace<M>) -> (Vec<String>, usize)
+where
+    M: Model + Send + Sync + 'static,
+    M::State: Clone + std::fmt::Debug + Hash + PartialEq + Send + Sync + 'static,
+    M::Action: Clone + std::fmt::Debug + PartialEq + Send + Sync + 'static,
+{
+    use stateright::Checker;
+    let checker = model.checker().threads(2).spawn_bfs().join();
+    let count = checker.unique_state_count();
+    let found = properties
+        .iter()
+        .filter_map(|p| {
+            let path = first_violation(checker.model(), p, checker.discovery(p)?.into_vec());
+            Some(format!("{p}:\n{}", trace(&path)))
+        })
+        .collect();
+    (found, count)
+}
+
 /// The path to a property's first counterexample: stateright keeps checking a property
 /// it has found broken (while others are still open) and records the last state that
 /// breaks it; the first one is the shortest story.

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
 use covi_model::leaders::{self, Election};
-use covi_model::{Protocol, Races, SAFETY_PROPERTIES, SETTLES, first_violation, trace};
+use covi_model::{Protocol, Races, SAFETY_PROPERTIES, SETTLES, Trace, first_violation, trace};
 use stateright::{Checker, Model};
 
 /// Checks covi's protocols exhaustively to a bound (docs/model.md).
@@ -85,9 +85,6 @@ fn main() -> ExitCode {
         Which::Election(args) => election(args),
     }
 }
-
-/// How a model's run reads in words.
-type Trace<M> = fn(&[(<M as Model>::State, Option<<M as Model>::Action>)]) -> String;
 
 /// Runs the checker on `model` with every core and reports each of `properties`;
 /// `explain` adds to a counterexample.

@@ -9,16 +9,7 @@ use stateright::{Checker, Model};
 /// Checks `protocol` to the end; returns each of `properties` that fails, with its
 /// counterexample as a readable trace, and the number of states.
 fn check(protocol: Protocol, properties: &[&'static str]) -> (Vec<String>, usize) {
-    let checker = protocol.checker().threads(2).spawn_bfs().join();
-    let count = checker.unique_state_count();
-    let found = properties
-        .iter()
-        .filter_map(|p| {
-            let path = first_violation(checker.model(), p, checker.discovery(p)?.into_vec());
-            Some(format!("{p}:\n{}", trace(&path)))
-        })
-        .collect();
-    (found, count)
+    covi_model::check(protocol, properties, trace)
 }
 
 fn holds(protocol: Protocol, properties: &[&'static str]) -> usize {
@@ -109,4 +100,11 @@ fn a_live_move_sent_back_is_found() {
     let (found, count) = check(Protocol::new(2, false, races, 0).with_migration(true), &[SAFETY]);
     let trace = found.first().unwrap_or_else(|| panic!("no counterexample in {count} states"));
     println!("{trace}");
+}
+
+/// Once faults stop, every live move ends (Succeeded or Failed), the server runs and no
+/// host stays fenced, from every state the interleavings reach.
+#[test]
+fn once_faults_stop_every_move_ends() {
+    holds(Protocol::new(2, false, Races::default(), 0).with_migration(true).with_liveness(), &[SETTLES]);
 }

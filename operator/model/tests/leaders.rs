@@ -1,21 +1,11 @@
 //! Two operator replicas, one leader Lease, and the addresses the leader gives: checked
 //! exhaustively within a bound that finishes in CI.
 
-use covi_model::first_violation;
 use covi_model::leaders::{ADDRESSES, Election, HANDED_OVER, ONE_LEADER, Races, trace};
 use stateright::{Checker, Model};
 
 fn check(election: Election, properties: &[&'static str]) -> (Vec<String>, usize) {
-    let checker = election.checker().threads(2).spawn_bfs().join();
-    let count = checker.unique_state_count();
-    let found = properties
-        .iter()
-        .filter_map(|p| {
-            let path = first_violation(checker.model(), p, checker.discovery(p)?.into_vec());
-            Some(format!("{p}:\n{}", trace(&path)))
-        })
-        .collect();
-    (found, count)
+    covi_model::check(election, properties, trace)
 }
 
 #[test]
