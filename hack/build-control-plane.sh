@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Builds etcd, kube-apiserver, kube-controller-manager and kubectl at the versions in
 # hack/versions.env from their Go modules (the module proxy is the only source we
-# have; no release tarballs). Binaries land in a folder keyed by version, so a second
-# run is a no-op that costs milliseconds.
+# have; no release tarballs), and the test bed node's kubelet, kube-proxy and
+# kube-scheduler from the same Kubernetes module. Binaries land in a folder keyed by
+# version, so a second run is a no-op that costs milliseconds; a missing binary alone
+# is built when the others are there.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
-want=(etcd kube-apiserver kube-controller-manager kubectl)
+kube=(kube-apiserver kube-controller-manager kubectl kubelet kube-proxy kube-scheduler)
+want=(etcd "${kube[@]}")
 have_all=1
 for b in "${want[@]}"; do [ -x "$CONTROL_PLANE_BIN/$b" ] || have_all=0; done
 if [ "$have_all" = 1 ]; then
@@ -23,8 +26,9 @@ mkdir -p "$work/kubernetes" "$work/etcd" "$CONTROL_PLANE_BIN"
 # dependency those replaces are ignored, so we name each at the matching v0 tag.
 k8s_minor="${KUBERNETES_VERSION#v1.}"
 staging_version="v0.${k8s_minor}"
-if [ ! -x "$CONTROL_PLANE_BIN/kube-apiserver" ] || [ ! -x "$CONTROL_PLANE_BIN/kube-controller-manager" ] \
-   || [ ! -x "$CONTROL_PLANE_BIN/kubectl" ]; then
+missing=()
+for b in "${kube[@]}"; do [ -x "$CONTROL_PLANE_BIN/$b" ] || missing+=("$b"); done
+if [ "${#missing[@]}" -gt 0 ]; then
   cd "$work/kubernetes"
   go mod download -json "k8s.io/kubernetes@${KUBERNETES_VERSION}" >/dev/null
   gomod="$(go env GOMODCACHE)/cache/download/k8s.io/kubernetes/@v/${KUBERNETES_VERSION}.mod"
@@ -48,11 +52,14 @@ import (
 	_ "k8s.io/kubernetes/cmd/kube-apiserver"
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
 	_ "k8s.io/kubernetes/cmd/kubectl"
+	_ "k8s.io/kubernetes/cmd/kubelet"
+	_ "k8s.io/kubernetes/cmd/kube-proxy"
+	_ "k8s.io/kubernetes/cmd/kube-scheduler"
 )
 GO
   echo "build-control-plane: resolving k8s.io/kubernetes ${KUBERNETES_VERSION} modules"
   go mod tidy -e >/dev/null 2>&1 || true
-  for b in kube-apiserver kube-controller-manager kubectl; do
+  for b in "${missing[@]}"; do
     echo "build-control-plane: building $b"
     go build -tags tools -trimpath -ldflags "-s -w \
       -X k8s.io/component-base/version.gitVersion=${KUBERNETES_VERSION} \

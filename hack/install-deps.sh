@@ -2,12 +2,13 @@
 # Installs the Debian packages covi's build and tests need: libvirt 11 and QEMU 10
 # from bookworm-backports (the agent links against libvirt; tests use its test driver
 # and libvirtd with QEMU/TCG), virtlockd and its lockd plugin (disk leases on the test
-# bed's libvirt peers), plus the small tools the test bed uses.
+# bed's libvirt peers), containerd, runc and the CNI plugins (the test bed's node), plus
+# the small tools the test bed uses.
 # Idempotent: a second run with everything present costs about a second.
 #
 # Usage: install-deps.sh [--no-guests]
 #   --no-guests  only what building and libvirt's test driver need: no libvirtd, no
-#                QEMU, no virtlockd, no guest-image tools (hack/test.sh passes it when
+#                QEMU, no virtlockd, no guest-image tools, no node (hack/test.sh passes it when
 #                every test asked for runs on the test driver).
 set -euo pipefail
 
@@ -24,7 +25,8 @@ packages=(pkg-config libvirt-dev
   openssl curl jq iproute2 iptables xorriso libxml2-utils lua5.4 socat e2fsprogs)
 if [ "$guests" = 1 ]; then
   packages+=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system libvirt-clients
-    qemu-system-x86 qemu-utils libvirt-daemon-lock libvirt-daemon-plugin-lockd debootstrap cpio)
+    qemu-system-x86 qemu-utils libvirt-daemon-lock libvirt-daemon-plugin-lockd debootstrap cpio
+    containerd runc containernetworking-plugins conntrack)
 fi
 
 missing=()

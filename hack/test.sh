@@ -4,10 +4,11 @@
 #   hack/test.sh -- CMD...             set up the test bed, then run CMD in it instead
 #                                      (e.g. hack/test.sh -- cargo test -p covi-tests --test api;
 #                                      test targets on libvirt's test driver skip libvirtd,
-#                                      the libvirt peers and the Xen image)
+#                                      the libvirt peers, the node and the Xen image)
 # Installs what is missing, builds the pinned control plane (cached), checks format,
-# lints and CRD drift, starts etcd + kube-apiserver + kube-controller-manager on
-# loopback, runs every test against them, and tears it all down. Prints each phase's time.
+# lints and CRD drift, starts etcd + kube-apiserver + kube-controller-manager, libvirtd
+# and a real node (kubelet, containerd; hack/node.sh) with covi's images, runs every
+# test against them, and tears it all down. Prints each phase's time.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 . "$COVI_ROOT/hack/testbed.sh"
@@ -20,20 +21,23 @@ if [ "${1:-}" = "--" ]; then
 fi
 
 # What the run needs of the test bed: everything, unless CMD names only test targets
-# (--test NAME) that use libvirt's test driver (no libvirtd, no libvirt peers, no Xen
-# dom0 image). Any other target, or none named, gets all of it.
+# (--test NAME) that use libvirt's test driver (no libvirtd, no libvirt peers, no node,
+# no Xen dom0 image). Any other target, or none named, gets all of it.
 needs_libvirtd=1
 needs_xen=1
+needs_node=1
 if [ "${#custom[@]}" -gt 0 ]; then
   asked=$(printf '%s\n' "${custom[@]}" | awk 'prev == "--test" { print } /^--test=/ { print substr($0, 8) } { prev = $0 }')
   if [ -n "$asked" ]; then
     needs_libvirtd=0
     needs_xen=0
+    needs_node=0
     for t in $asked; do
       case "$t" in
         api | argocd_health | domain_xml | failover | install | kstatus | migration | requests | servers) ;;
         qemu | disk_leases) needs_libvirtd=1 ;;
-        *) needs_libvirtd=1 needs_xen=1 ;;
+        node) needs_libvirtd=1 needs_node=1 ;;
+        *) needs_libvirtd=1 needs_xen=1 needs_node=1 ;;
       esac
     done
   fi
@@ -96,6 +100,16 @@ if [ "$needs_libvirtd" = 1 ]; then
   phase "start libvirtd"
   testbed_libvirtd
   testbed_libvirt_peers
+fi
+
+if [ "$needs_node" = 1 ]; then
+  phase "start the node"
+  # kubelet, containerd, kube-proxy, kube-scheduler; covi's images built and imported,
+  # and a second tag of them for tests/node.rs's `helm upgrade`.
+  testbed_node
+  next=$("$COVI_ROOT/hack/build-images.sh" --tag="$COVI_IMAGE_TAG-next" --import="$COVI_NODE_CONTAINERD")
+  export COVI_IMAGE_NEXT_TAG="$COVI_IMAGE_TAG-next"
+  echo "$next" | tail -n 1
 fi
 
 if [ "${#custom[@]}" -gt 0 ]; then

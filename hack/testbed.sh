@@ -1,7 +1,10 @@
-# The test bed's control plane: etcd, kube-apiserver and kube-controller-manager on
-# loopback with throwaway certificates and RBAC, the recipe of controller-runtime's
-# envtest plus the controller manager (so owner references are garbage-collected).
-# Source it after hack/lib.sh; then `testbed_start DIR` and `testbed_stop`.
+# The test bed's control plane: etcd, kube-apiserver and kube-controller-manager with
+# throwaway certificates and RBAC, the recipe of controller-runtime's envtest plus the
+# controller manager (garbage collection, and the workload controllers the node's pods
+# need). As root the API server also listens on the node's address (hack/node.sh), so
+# that pods reach it through the `kubernetes` Service; else on loopback only.
+# Source it after hack/lib.sh; then `testbed_start DIR`, optionally `testbed_node`, and
+# `testbed_stop`.
 #
 # testbed_start exports:
 #   KUBECONFIG            admin kubeconfig (client certificate in group system:masters)
@@ -51,9 +54,12 @@ _testbed_certs() {
   mkdir -p "$d"
   openssl req -x509 -newkey rsa:2048 -nodes -days 7 -subj "/CN=covi-testbed-ca" \
     -keyout "$d/ca.key" -out "$d/ca.crt" 2>/dev/null
+  # 10.0.0.1 is the `kubernetes` Service's ClusterIP, which pods on the node dial.
   _testbed_sign "$d" apiserver "/CN=kube-apiserver" \
-    "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc,IP:10.0.2.2,IP:10.201.0.1"
+    "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc,IP:10.0.2.2,IP:10.201.0.1,IP:10.0.0.1,IP:$COVI_NODE_IP"
   _testbed_sign "$d" admin "/O=system:masters/CN=covi-admin"
+  # The API server's identity towards kubelets (`kubectl logs`, `exec`).
+  _testbed_sign "$d" apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client"
   # The garbage collector must read and delete any kind, covi's included.
   _testbed_sign "$d" controller-manager "/O=system:masters/CN=system:kube-controller-manager"
   openssl genrsa -out "$d/sa.key" 2048 2>/dev/null
@@ -121,6 +127,11 @@ testbed_start() {
   export COVI_APISERVER="https://127.0.0.1:$api_port"
 
   _testbed_certs "$d/certs"
+  local bind=127.0.0.1 advertise=127.0.0.1
+  if [ "$(id -u)" = 0 ]; then
+    testbed_node_address
+    bind=0.0.0.0 advertise=$COVI_NODE_IP
+  fi
 
   _testbed_spawn etcd "$bin/etcd" --data-dir "$d/etcd" --unsafe-no-fsync \
     --listen-client-urls "http://127.0.0.1:$etcd_port" \
@@ -131,16 +142,19 @@ testbed_start() {
 
   _testbed_spawn kube-apiserver "$bin/kube-apiserver" \
     --etcd-servers "http://127.0.0.1:$etcd_port" \
-    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
+    --bind-address "$bind" --advertise-address "$advertise" --secure-port "$api_port" \
     --tls-cert-file "$d/certs/apiserver.crt" --tls-private-key-file "$d/certs/apiserver.key" \
     --client-ca-file "$d/certs/ca.crt" \
-    --authorization-mode RBAC \
+    --authorization-mode Node,RBAC \
+    --kubelet-client-certificate "$d/certs/apiserver-kubelet-client.crt" \
+    --kubelet-client-key "$d/certs/apiserver-kubelet-client.key" \
+    --kubelet-preferred-address-types InternalIP \
     --service-account-issuer "https://kubernetes.default.svc" \
     --service-account-key-file "$d/certs/sa.pub" \
     --service-account-signing-key-file "$d/certs/sa.key" \
     --service-cluster-ip-range 10.0.0.0/24 \
     --allow-privileged=true \
-    --disable-admission-plugins ServiceAccount
+    --enable-admission-plugins NodeRestriction
 
   testbed_kubeconfig admin
   testbed_kubeconfig controller-manager
@@ -150,11 +164,18 @@ testbed_start() {
     return 1
   fi
 
+  # Garbage collection and namespaces for every test; the rest run the node's workloads
+  # (tokens' CA in every namespace, Deployments, DaemonSets, Services' endpoints, PDBs,
+  # the node's not-ready taint lifted once it is Ready).
+  local controllers=garbage-collector-controller,namespace-controller,serviceaccount-controller
+  controllers+=,root-ca-certificate-publisher-controller,deployment-controller,replicaset-controller
+  controllers+=,daemonset-controller,endpointslice-controller,disruption-controller
+  controllers+=,pod-garbage-collector-controller,node-lifecycle-controller
   _testbed_spawn kube-controller-manager "$bin/kube-controller-manager" \
     --kubeconfig "$d/controller-manager.kubeconfig" \
     --authentication-kubeconfig "$d/controller-manager.kubeconfig" \
     --authorization-kubeconfig "$d/controller-manager.kubeconfig" \
-    --controllers garbagecollector,namespace,serviceaccount \
+    --controllers "$controllers" \
     --leader-elect=false --secure-port 0 \
     --service-account-private-key-file "$d/certs/sa.key" \
     --root-ca-file "$d/certs/ca.crt"
@@ -166,6 +187,8 @@ testbed_start() {
 testbed_stop() {
   [ "${#_testbed_pids[@]}" -gt 0 ] || return 0
   local others=() libvirt=() pid d i
+  # The node's pods first, through the CRI, while kubelet and containerd still run.
+  testbed_node_stop
   for (( i=${#_testbed_pids[@]}-1; i>=0; i-- )); do
     pid=${_testbed_pids[$i]}
     if [[ " ${_testbed_libvirt_pids[*]:-} " == *" $pid "* ]]; then libvirt+=("$pid"); else others+=("$pid"); fi
@@ -184,6 +207,7 @@ testbed_stop() {
     done
     _testbed_kill "${libvirt[@]}"
   fi
+  [ "$_node_started" = 0 ] || _node_cleanup
   _testbed_pids=()
   _testbed_libvirt_pids=()
   _testbed_libvirt_uris=()
@@ -332,3 +356,6 @@ testbed_qemu_fixtures() {
   virsh -c qemu:///system vol-info --pool "$pool" tiny.img >/dev/null 2>&1 ||
     virsh -c qemu:///system vol-create-as "$pool" tiny.img 16M --format raw >/dev/null
 }
+
+# shellcheck source=hack/node.sh
+. "$COVI_ROOT/hack/node.sh"

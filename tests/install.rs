@@ -2,28 +2,9 @@
 //! (and each kustomize overlay) is accepted by the real API server (`--dry-run=server`:
 //! schema, admission, RBAC escalation checks) without creating anything.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-
-use covi_tests::{admin, client_as, install_crds, namespace, repo_root, wait_until};
+use covi_tests::{admin, client_as, install_crds, namespace, run, wait_until};
 
 use covi_tests::SERIAL;
-
-/// Runs `program args`, feeding `stdin`; returns (success, stdout, stderr).
-fn run(program: &str, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
-    let mut child = Command::new(program)
-        .args(args)
-        .current_dir(repo_root())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{program} runs (hack/test.sh puts it on PATH): {e}"));
-    child.stdin.take().expect("stdin").write_all(stdin.unwrap_or_default().as_bytes()).expect("write stdin");
-    let out = child.wait_with_output().expect("wait");
-    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    (out.status.success(), text(&out.stdout), text(&out.stderr))
-}
 
 fn helm_template(ns: &str, set: &[&str]) -> String {
     let kube_version = std::env::var("KUBERNETES_VERSION").expect("hack/lib.sh exports KUBERNETES_VERSION");

@@ -7,8 +7,9 @@ pub mod fleet;
 pub mod guests;
 pub mod sampler;
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -198,6 +199,23 @@ pub fn kubectl(args: &[&str]) -> (bool, String) {
     let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&output.stderr));
     (output.status.success(), text)
+}
+
+/// Runs `program args` in the repository's root, feeding `stdin`; returns (success,
+/// stdout, stderr).
+pub fn run(program: &str, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    let mut child = Command::new(program)
+        .args(args)
+        .current_dir(repo_root())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{program} runs (hack/test.sh puts it on PATH): {e}"));
+    child.stdin.take().expect("stdin").write_all(stdin.unwrap_or_default().as_bytes()).expect("write stdin");
+    let out = child.wait_with_output().expect("wait");
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.success(), text(&out.stdout), text(&out.stderr))
 }
 
 /// Parses a YAML document into a dynamic object.

@@ -12,11 +12,14 @@ use std::path::Path;
 use kube::Client;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
-/// Logs to stderr at the level RUST_LOG sets (default info).
+/// Logs to stdout at the level RUST_LOG sets (default info); colours only on a terminal,
+/// so `kubectl logs` and log collectors get plain text.
 pub fn init_logging() {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_ansi(std::io::stdout().is_terminal())
         .init();
 }
 
