@@ -39,10 +39,14 @@ wait_for() {
   done
 }
 
+# _testbed_spawn NAME COMMAND...: COMMAND in the background, logging to DIR/logs/NAME.log,
+# in a session of its own, so a Ctrl-C in the terminal reaches only the script, which
+# then stops everything in order (libvirtd would otherwise quit at once, and the guests
+# it runs could no longer be destroyed).
 _testbed_spawn() {
   local name=$1
   shift
-  setpriv --pdeathsig KILL -- "$@" >"$COVI_TESTBED_DIR/logs/$name.log" 2>&1 &
+  setsid setpriv --pdeathsig KILL -- "$@" >"$COVI_TESTBED_DIR/logs/$name.log" 2>&1 &
   _testbed_pids+=("$!")
   echo "$!" >"$COVI_TESTBED_DIR/pids/$name"
 }
