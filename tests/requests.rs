@@ -263,8 +263,13 @@ async fn a_short_lifetime_warns_then_expires_and_keeps_the_request() {
         all.items.is_empty().then_some(())
     })
     .await;
-    let events = s.events("trial").await;
-    assert!(events.contains("ExpiringSoon") && events.contains("Expired"), "{events:?}");
+    // Events are posted after the status write that they describe: wait for them.
+    let seen = covi_tests::poll(DEADLINE, || async {
+        let events = s.events("trial").await;
+        (events.contains("ExpiringSoon") && events.contains("Expired")).then_some(())
+    })
+    .await;
+    assert!(seen.is_some(), "ExpiringSoon and Expired Events; seen: {:?}", s.events("trial").await);
     assert!(s.requests.get_opt("trial").await.expect("get").is_some(), "the request is kept for the record");
 }
 
