@@ -102,7 +102,9 @@ if [ "$needs_libvirtd" = 1 ]; then
   testbed_libvirt_peers
 fi
 
-if [ "$needs_node" = 1 ]; then
+if [ "$needs_node" = 1 ] && [ "$(id -u)" != 0 ]; then
+  echo "testbed: not root, so no node for tests/node.rs (kubelet and containerd need root)"
+elif [ "$needs_node" = 1 ]; then
   phase "start the node"
   # kubelet, containerd, kube-proxy, kube-scheduler; covi's images built and imported,
   # and a second tag of them for tests/node.rs's `helm upgrade`.

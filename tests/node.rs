@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use covi_api::VirtualServer;
 use covi_tests::fleet::get;
 use covi_tests::guests::{apply_server, fixtures_in, qemu_pool, testbed_env};
-use covi_tests::{admin, run, wait_until};
+use covi_tests::{admin, poll, run, wait_until};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -173,7 +173,7 @@ async fn helm_installs_covi_on_a_real_node() {
     // through the chart's hostPath mount and registers its Host Ready.
     let agent = agent_pod(&client).await.unwrap_or_else(|| panic!("an agent pod runs\n{}", diagnose()));
     assert_eq!(agent.spec.as_ref().and_then(|s| s.node_name.as_deref()), Some(node.as_str()));
-    if wait_until_opt(DEADLINE, || host_ready(&client, &node)).await.is_none() {
+    if poll(DEADLINE, || host_ready(&client, &node)).await.is_none() {
         panic!("Host {node} never became Ready\n{}", diagnose());
     }
 
@@ -251,8 +251,7 @@ async fn helm_installs_covi_on_a_real_node() {
         run("kubectl", &["delete", "pod", &first_leader, "-n", SYSTEM, "--grace-period=0", "--force"], None);
     assert!(ok, "kubectl delete the leader's pod: {out}{err}");
     // The standby, or the pod that replaced the killed one, takes the Lease over.
-    let second_leader =
-        wait_until_opt(DEADLINE, || async { leader(&client).await.filter(|l| *l != first_leader) }).await;
+    let second_leader = poll(DEADLINE, || async { leader(&client).await.filter(|l| *l != first_leader) }).await;
     let Some(second_leader) = second_leader else {
         panic!("no other replica took over from {first_leader} (holder: {:?})\n{}", leader(&client).await, diagnose());
     };
@@ -261,7 +260,7 @@ async fn helm_installs_covi_on_a_real_node() {
     println!("{second_leader} leads {:?} after the leader's pod was killed", killed_at.elapsed());
     // The new leader schedules: a second server runs.
     apply_server(&servers, "db", &pool_name, json!({})).await;
-    if wait_until_opt(DEADLINE, || async { servers.get("db").await.ok().filter(server_ready) }).await.is_none() {
+    if poll(DEADLINE, || async { servers.get("db").await.ok().filter(server_ready) }).await.is_none() {
         panic!("the new leader did not bring up server db\n{}", diagnose());
     }
 
@@ -284,7 +283,7 @@ async fn helm_installs_covi_on_a_real_node() {
     .await;
     let image = rolled.spec.as_ref().map(|s| s.containers[0].image.clone().unwrap_or_default()).unwrap_or_default();
     assert!(image.ends_with(&format!(":{next_tag}")), "the new agent runs the new image: {image}");
-    if wait_until_opt(DEADLINE, || host_ready(&client, &node)).await.is_none() {
+    if poll(DEADLINE, || host_ready(&client, &node)).await.is_none() {
         panic!("Host {node} not Ready after the upgrade\n{}", diagnose());
     }
     // The new agent has compared the domains with the servers by now (one resync).
@@ -345,7 +344,7 @@ async fn helm_installs_covi_on_a_real_node() {
     );
     assert!(ok, "kubectl delete the agents: {out}{err}\n{}", diagnose());
     helm(&["uninstall", RELEASE, "--namespace", SYSTEM, "--wait", "--timeout=2m"]);
-    let gone = wait_until_opt(DEADLINE, || async {
+    let gone = poll(DEADLINE, || async {
         let pods = Api::<Pod>::namespaced(client.clone(), SYSTEM);
         pods.list(&ListParams::default().labels("app.kubernetes.io/name=covi"))
             .await
@@ -370,14 +369,6 @@ async fn helm_installs_covi_on_a_real_node() {
         "the agent stopped without fencing:\n{last_words}"
     );
     drop(installed);
-}
-
-async fn wait_until_opt<T, F, Fut>(deadline: Duration, check: F) -> Option<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    covi_tests::poll(deadline, check).await
 }
 
 /// Watches servers `names` until aborted; panics (failing the task) the moment one is

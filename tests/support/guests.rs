@@ -85,8 +85,9 @@ pub fn peer_uri(socket: &str) -> String {
     format!("qemu+unix:///system?socket={socket}")
 }
 
-/// A variable `hack/test.sh` sets when it starts the peers (as root).
+/// A variable `hack/test.sh` sets when it starts the peers or the node (as root).
 pub fn testbed_env(var: &str) -> String {
-    std::env::var(var)
-        .unwrap_or_else(|_| panic!("{var} is unset: run through hack/test.sh as root, which starts the libvirt peers"))
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!("{var} is unset: run through hack/test.sh as root, which starts the libvirt peers and the node")
+    })
 }
