@@ -286,8 +286,16 @@ async fn helm_installs_covi_on_a_real_node() {
     if poll(DEADLINE, || host_ready(&client, &node)).await.is_none() {
         panic!("Host {node} not Ready after the upgrade\n{}", diagnose());
     }
-    // The new agent has compared the domains with the servers by now (one resync).
-    tokio::time::sleep(Duration::from_secs(12)).await;
+    // The watch goes on until the new agent has compared its host's domains with the
+    // servers (its first resync counts both guests).
+    let pod_ip = rolled.status.as_ref().and_then(|s| s.pod_ip.clone()).expect("the new agent pod's address");
+    let resynced = poll(DEADLINE, || async {
+        get(&format!("{pod_ip}:9464"), "/metrics", Duration::from_secs(5))
+            .await
+            .filter(|m| m.contains("covi_agent_domains 2"))
+    })
+    .await;
+    assert!(resynced.is_some(), "the new agent counts both guests\n{}", diagnose());
     watch.abort();
     if let Err(e) = watch.await
         && e.is_panic()
