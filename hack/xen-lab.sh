@@ -224,9 +224,9 @@ INIT
   echo "xen-lab: booting Xen under QEMU/TCG (serial: $dir/serial.log)"
   # In the foreground: whoever runs `boot` owns QEMU (the tests give it a parent-death
   # signal, so the lab never outlives them).
-  # One CPU: with two (multi-threaded TCG), Xen and dom0 stopped for good right after a
-  # guest's vif came up, in two CI runs and one run here (QEMU "running" and near idle,
-  # the disk far from full). With one, a run is also faster (80 s against 122 s).
+  # One CPU: a run is faster (80 s against 122 s with two). Xen and dom0 sometimes stop
+  # for good soon after a guest is created, with two CPUs (three runs seen) and with one
+  # (one run seen): QEMU "running" and near idle, the disk far from full; cause unknown.
   exec qemu-system-x86_64 -accel tcg -machine q35 -m 2048 -smp 1 -cpu max \
     -nographic -no-reboot -serial "file:$dir/serial.log" -monitor "unix:$dir/monitor.sock,server,nowait" \
     -kernel "$dir/xen" -append "dom0_mem=1024M,max:1024M dom0_max_vcpus=1 console=com1 com1=115200,8n1" \
