@@ -106,25 +106,24 @@ async fn leader(client: &Client) -> Option<String> {
     lease.spec?.holder_identity
 }
 
-async fn operator_pods(client: &Client) -> Vec<Pod> {
+/// covi's pods of one component (operator or agent).
+async fn pods_of(client: &Client, component: &str) -> Vec<Pod> {
     let pods = Api::<Pod>::namespaced(client.clone(), SYSTEM);
-    let lp = ListParams::default().labels("app.kubernetes.io/component=operator");
+    let lp = ListParams::default().labels(&format!("app.kubernetes.io/component={component}"));
     pods.list(&lp).await.map(|l| l.items).unwrap_or_default()
 }
 
+async fn operator_pods(client: &Client) -> Vec<Pod> {
+    pods_of(client, "operator").await
+}
+
+/// The agent pod that runs and is not being deleted.
 async fn agent_pod(client: &Client) -> Option<Pod> {
-    let pods = Api::<Pod>::namespaced(client.clone(), SYSTEM);
-    let lp = ListParams::default().labels("app.kubernetes.io/component=agent");
-    let mut running: Vec<Pod> = pods
-        .list(&lp)
+    pods_of(client, "agent")
         .await
-        .ok()?
-        .items
         .into_iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
-        .collect();
-    running.pop()
+        .find(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
 }
 
 fn host_ready(client: &Client, node: &str) -> impl std::future::Future<Output = Option<()>> {
