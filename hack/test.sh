@@ -35,7 +35,7 @@ if [ "${#custom[@]}" -gt 0 ]; then
     for t in $asked; do
       case "$t" in
         api | argocd_health | domain_xml | failover | install | kstatus | migration | requests | servers) ;;
-        qemu | disk_leases) needs_libvirtd=1 ;;
+        qemu | disk_leases | usage) needs_libvirtd=1 ;;
         node) needs_libvirtd=1 needs_node=1 ;;
         *) needs_libvirtd=1 needs_xen=1 needs_node=1 ;;
       esac
@@ -61,6 +61,13 @@ phase "build control plane"
 
 phase "build tools"
 "$COVI_ROOT/hack/build-tools.sh"
+
+if [ "$needs_libvirtd" = 1 ]; then
+  phase "test guest"
+  # The small guest real-QEMU tests boot (a Debian kernel and a busybox initramfs).
+  COVI_GUEST_DIR=$("$COVI_ROOT/hack/guest.sh")
+  export COVI_GUEST_DIR
+fi
 
 if [ "$needs_xen" = 1 ]; then
   phase "Xen lab image"

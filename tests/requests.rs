@@ -8,7 +8,7 @@ use covi_api::condition::find_condition;
 use covi_api::vm_request::VmRequestPhase;
 use covi_api::{VirtualServer, VmRequest};
 use covi_tests::fleet::Fleet;
-use covi_tests::{FIELD_MANAGER, admin, client_as, install_crds, kubectl, namespace, wait_until};
+use covi_tests::{FIELD_MANAGER, admin, client_as, install_crds, kubectl, kubectl_covi, namespace, wait_until};
 use k8s_openapi::api::core::v1::Event;
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
@@ -466,7 +466,8 @@ async fn growing_or_changing_an_approved_request_waits_for_a_new_approval() {
     assert!(s.events("grow").await.contains("ChangedSinceApproval"));
     let (ok, out) = covi(&["pending"]);
     let row = out.lines().find(|l| l.contains("grow")).unwrap_or_else(|| panic!("not listed:\n{out}"));
-    assert!(ok && row.contains("\t2\t") && row.contains("re-approval: changed since generation 1"), "{row}");
+    let columns: Vec<&str> = row.split_whitespace().collect();
+    assert!(ok && columns[2] == "2" && row.contains("re-approval: changed since generation 1"), "{row}");
 
     // An approval of what bob saw before the change is refused by the plugin.
     let (ok, out) = covi(&["approve", "grow", "--generation=1", "--as=bob"]);
@@ -517,17 +518,6 @@ async fn growing_or_changing_an_approved_request_waits_for_a_new_approval() {
     }
 }
 
-/// Runs kubectl with covi's binaries first on PATH, so `kubectl covi` finds the plugin.
-fn kubectl_covi(args: &[&str]) -> (bool, String) {
-    let bin = covi_tests::fleet::bin("kubectl-covi");
-    let dir = bin.parent().expect("bin dir").display().to_string();
-    let path = format!("{dir}:{}", std::env::var("PATH").unwrap_or_default());
-    let out = std::process::Command::new("kubectl").args(args).env("PATH", path).output().expect("kubectl runs");
-    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.push_str(&String::from_utf8_lossy(&out.stderr));
-    (out.status.success(), text)
-}
-
 #[tokio::test]
 async fn kubectl_covi_lists_approves_and_describes_requests() {
     let _turn = SERIAL.lock().await;
@@ -571,7 +561,95 @@ async fn kubectl_covi_lists_approves_and_describes_requests() {
         assert!(out.contains(expected), "describe lacks {expected:?}:\n{out}");
     }
     let (ok, out) = kubectl_covi(&["covi", "deny", "analytics", "-n", &s.ns]);
-    assert!(!ok && out.contains("deny needs -m MESSAGE"), "{out}");
+    assert!(!ok && out.contains("--message <MESSAGE>"), "a denial says why:\n{out}");
+    let (ok, out) = kubectl_covi(&["covi", "deny", "--help"]);
+    assert!(ok && out.contains("Usage: kubectl covi deny"), "{out}");
+}
+
+/// The inventory: a requested server with its owner, request and approver, the hosts,
+/// and after deletion the server's record in covi's history, which a tenant cannot read.
+#[tokio::test]
+async fn the_inventory_lists_servers_and_hosts_and_remembers_deleted_servers() {
+    let _turn = SERIAL.lock().await;
+    let s = scene("inventory", json!({})).await;
+    let covi_ns = format!("--covi-namespace={}", s._fleet.lease_namespace);
+    s.request("ledger", 1, Some("168h")).await;
+    s.wait_request("ledger", "to wait for approval", |r| phase(r) == Some(VmRequestPhase::Pending)).await;
+    let (ok, out) = kubectl_covi(&[
+        "covi",
+        "approve",
+        "ledger",
+        "-m",
+        "for the audit",
+        "-n",
+        &s.ns,
+        "--as=bob",
+        "--as-group=system:masters",
+    ]);
+    assert!(ok, "{out}");
+    s.wait_request("ledger", "to be fulfilled", |r| phase(r) == Some(VmRequestPhase::Fulfilled)).await;
+
+    let (ok, out) = kubectl_covi(&["covi", "inventory", "-n", &s.ns, "-o", "json", &covi_ns]);
+    assert!(ok, "{out}");
+    let inventory: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}:\n{out}"));
+    let server = &inventory["servers"][0];
+    assert_eq!(server["name"], "ledger-0", "{inventory}");
+    for (key, expected) in [
+        ("namespace", s.ns.as_str()),
+        ("owner", "team-test"),
+        ("purpose", "requested in a test"),
+        ("pool", s.pool.as_str()),
+        ("request", "ledger"),
+        ("approver", "bob"),
+        ("status", "Running"),
+        ("deleted", "-"),
+    ] {
+        assert_eq!(server[key], expected, "{key} in {server}");
+    }
+    assert!(server["host"].as_str().is_some_and(|h| h.starts_with("inventory-host-")), "{server}");
+    assert!(server["expires"].as_str().is_some_and(|e| e.starts_with("20")), "the request's lifetime: {server}");
+    assert!(server["size"].as_str().is_some_and(|z| z.starts_with("1cpu/")), "{server}");
+    let hosts = inventory["hosts"].as_array().expect("hosts");
+    let host = hosts.iter().find(|h| h["name"] == "inventory-host-1").unwrap_or_else(|| panic!("{inventory}"));
+    assert_eq!((&host["hypervisor"], &host["cpus"], &host["ready"]), (&json!("TEST"), &json!("16"), &json!("True")));
+
+    // The table is aligned: every row's columns start where the header's do.
+    let (ok, out) = kubectl_covi(&["covi", "inventory", "--only=servers", "-n", &s.ns, &covi_ns]);
+    assert!(ok, "{out}");
+    let header = out.lines().next().expect("header");
+    let row = out.lines().find(|l| l.contains("ledger-0")).unwrap_or_else(|| panic!("{out}"));
+    for column in ["OWNER", "REQUEST", "APPROVER", "STATUS"] {
+        let at = header.find(column).unwrap_or_else(|| panic!("no {column} in {header}"));
+        assert!(row.len() > at && row.as_bytes()[at - 1] == b' ' && row.as_bytes()[at] != b' ', "{column}:\n{out}");
+    }
+
+    // Deleted with its request: the record stays, with who, where, when and how it ended.
+    s.requests.delete("ledger", &DeleteParams::default()).await.expect("delete request");
+    wait_until("the server to be gone", DEADLINE, || async {
+        s.servers.get_opt("ledger-0").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    let (ok, out) =
+        kubectl_covi(&["covi", "inventory", "--history", "--only=servers", "-n", &s.ns, "-o", "json", &covi_ns]);
+    assert!(ok, "{out}");
+    let rows: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}:\n{out}"));
+    let record = rows["servers"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["name"] == "ledger-0"))
+        .unwrap_or_else(|| panic!("no record of ledger-0:\n{out}"));
+    assert_eq!(
+        (&record["status"], &record["approver"], &record["owner"]),
+        (&json!("RequestDeleted"), &json!("bob"), &json!("team-test"))
+    );
+    assert!(record["deleted"].as_str().is_some_and(|d| d.starts_with("20")) && record["host"] != "-", "{record}");
+    let (ok, out) =
+        kubectl_covi(&["covi", "inventory", "--history", "--only=servers", "-o=csv", "-n", &s.ns, &covi_ns]);
+    assert!(ok && out.starts_with("NAMESPACE,NAME,OWNER,") && out.contains(",RequestDeleted,"), "{out}");
+
+    // A tenant reads servers but not covi's history.
+    bind(&s.client, &s.ns, "alice", "covi-requester", "ClusterRole").await;
+    let (ok, out) = kubectl_covi(&["covi", "inventory", "--history", "-n", &s.ns, "--as", "alice", &covi_ns]);
+    assert!(!ok && out.contains("covi-history-reader"), "{out}");
 }
 
 #[tokio::test]

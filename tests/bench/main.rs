@@ -700,6 +700,14 @@ fn targets(report: &serde_json::Map<String, Value>) -> Vec<Value> {
         add("API writes per server to Ready", b["apiWritesPerServer"].as_f64(), 3.0, "", context);
         add("ratio to the floor", b["ratioToFloor"].as_f64(), 1.5, "", format!(" ({n} burst)"));
     }
+    let usage = report.get("usageCollection").cloned().unwrap_or_default();
+    add(
+        "usage collection, 1,000 domains: agent CPU per interval (median)",
+        usage["testDriver1000"]["agentCpuMs"]["median"].as_f64(),
+        5.0,
+        " ms",
+        String::from(" (test driver)"),
+    );
     let failover = report.get("failover").cloned().unwrap_or_default();
     add(
         "failover of 20 HA servers (default timings)",
@@ -742,6 +750,81 @@ fn targets(report: &serde_json::Map<String, Value>) -> Vec<Value> {
     out
 }
 
+/// CPU time of the calling thread, in seconds.
+fn thread_cpu_seconds() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the timespec passed.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
+
+/// The agent's usage collection (one bulk `virConnectGetAllDomainStats` and the node's
+/// statistics), `rounds` times on `uri`: the agent's CPU and wall time per collection.
+fn collect_cost(uri: &str, rounds: usize) -> Value {
+    let conn = match virt::connect::Connect::open(Some(uri)) {
+        Ok(c) => c,
+        Err(e) => return json!({"failed": format!("opening {uri}: {e}")}),
+    };
+    let (mut cpu, mut wall, mut domains) = (Vec::new(), Vec::new(), 0);
+    for _ in 0..rounds {
+        let (c0, w0) = (thread_cpu_seconds(), Instant::now());
+        match covi_agent::usage::collect::collect(&conn, 0.0) {
+            Ok(collection) => domains = collection.domains.len(),
+            Err(e) => return json!({"failed": format!("collecting on {uri}: {e}")}),
+        }
+        cpu.push((thread_cpu_seconds() - c0) * 1000.0);
+        wall.push(w0.elapsed().as_secs_f64() * 1000.0);
+    }
+    let stats = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        json!({"median": v[v.len() / 2], "p95": v[(v.len() * 95).div_ceil(100) - 1]})
+    };
+    json!({"domains": domains, "rounds": rounds, "agentCpuMs": stats(cpu), "wallMs": stats(wall)})
+}
+
+/// What usage collection costs the agent: 1,000 running domains on the test driver (in
+/// the agent's process), and a few QEMU guests on a real libvirtd (test bed peer A).
+fn usage_collection() -> Value {
+    let dir = testbed_dir();
+    let domains: String = (0..1000)
+        .map(|i| {
+            format!(
+                "<domain type='test'><name>bench-{i}</name><memory>262144</memory><vcpu>1</vcpu>\
+                 <os><type>hvm</type></os><devices><interface type='user'/>\
+                 </devices></domain>"
+            )
+        })
+        .collect();
+    let base = std::fs::read_to_string(covi_tests::fleet::node_xml("bench-usage", 64, 256)).expect("node XML");
+    let inventory = dir.join("bench-usage-1000.xml");
+    std::fs::write(&inventory, base.replacen("</node>", &format!("{domains}</node>"), 1)).expect("inventory");
+    let test_driver = collect_cost(&format!("test://{}", inventory.display()), 50);
+    let real = match std::env::var("COVI_PEER_A_SOCKET") {
+        Err(_) => json!({"skipped": "COVI_PEER_A_SOCKET is unset (hack/test.sh starts the libvirtd peers)"}),
+        Ok(socket) => {
+            let uri = format!("qemu+unix:///system?socket={socket}");
+            let conn = virt::connect::Connect::open(Some(&uri)).expect("peer A");
+            // Three firmware-only guests, transient: gone when destroyed.
+            let guests: Vec<_> = (0..3)
+                .filter_map(|i| {
+                    let xml = format!(
+                        "<domain type='qemu'><name>bench-usage-{i}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
+                         <os><type arch='x86_64' machine='q35'>hvm</type></os></domain>"
+                    );
+                    conn.create_domain_xml(&xml, 0).ok()
+                })
+                .collect();
+            let mut cost = collect_cost(&uri, 50);
+            cost["guests"] = json!(guests.len());
+            for g in guests {
+                let _ = g.destroy();
+            }
+            cost
+        }
+    };
+    json!({"testDriver1000": test_driver, "libvirtdFewGuests": real})
+}
+
 #[tokio::main]
 async fn main() {
     let client = admin().await;
@@ -773,6 +856,9 @@ async fn main() {
         report.insert("libvirtdAgent".into(), libvirtd_agent(&client, Duration::from_secs(25)).await);
         eprintln!("bench: {}", report["libvirtdAgent"]);
     }
+    eprintln!("bench: usage collection");
+    report.insert("usageCollection".into(), usage_collection());
+    eprintln!("bench: {}", report["usageCollection"]);
     for (hosts, servers) in sizes("COVI_BENCH_SCALE", "off") {
         eprintln!("bench: scale {hosts} hosts, {servers} servers");
         let (mut b, mut running) = burst(&client, servers, hosts).await;

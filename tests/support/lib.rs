@@ -201,6 +201,18 @@ pub fn kubectl(args: &[&str]) -> (bool, String) {
     (output.status.success(), text)
 }
 
+/// Runs kubectl with covi's binaries first on PATH, so `kubectl covi` finds the plugin;
+/// returns success and stdout followed by stderr.
+pub fn kubectl_covi(args: &[&str]) -> (bool, String) {
+    let bin = fleet::bin("kubectl-covi");
+    let dir = bin.parent().expect("bin dir").display().to_string();
+    let path = format!("{dir}:{}", std::env::var("PATH").unwrap_or_default());
+    let out = std::process::Command::new("kubectl").args(args).env("PATH", path).output().expect("kubectl runs");
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
 /// Runs `program args` in the repository's root, feeding `stdin`; returns (success,
 /// stdout, stderr).
 pub fn run(program: &str, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {

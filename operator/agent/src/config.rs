@@ -39,6 +39,14 @@ pub const USAGE: &str = "usage: covi-agent --node-name NAME [options]
                           test-driver inventory DIR/NAME.xml (host NAME), each with its
                           own Host, Lease, connection and endpoint, in this one process
                           (--node-name and --libvirt-uri are then not used)
+  --usage-sample-seconds N
+                          collect every guest's and the host's statistics every N seconds,
+                          in one bulk libvirt call (default 10)
+  --usage-interval-seconds N
+                          summarize usage (mean, p95, the daily profile) over intervals of
+                          N seconds and write it to each server's and the Host's status once
+                          per interval (default 3600: one hour; shorter only in test beds,
+                          where an hour of the profile is then N seconds)
   --unsafe-migration      labs only: live-migrate even where libvirt cannot tell that the
                           disks are on shared storage (VIR_MIGRATE_UNSAFE), e.g. two
                           libvirt daemons on one machine sharing a local folder";
@@ -64,6 +72,10 @@ pub struct Config {
     pub domains_endpoint: bool,
     /// Fleet mode: a folder of test-driver inventories, one simulated host each.
     pub fleet: Option<PathBuf>,
+    /// How often usage is sampled.
+    pub usage_sample: Duration,
+    /// The interval usage is summarized and written over (an hour).
+    pub usage_interval: Duration,
 }
 
 /// The live-migration peer URI template that matches a local libvirt URI: the same
@@ -107,6 +119,8 @@ impl Config {
         let mut unsafe_migration = false;
         let mut domains_endpoint = false;
         let mut fleet = None;
+        let mut usage_sample = Duration::from_secs(10);
+        let mut usage_interval = Duration::from_secs(3600);
 
         let mut flags = Flags::new(args, USAGE);
         while let Some(flag) = flags.next_flag().map_err(Error::Config)? {
@@ -128,6 +142,8 @@ impl Config {
                 "--peer-uri" => peer_uri = Some(flags.value(&flag).map_err(Error::Config)?),
                 "--unsafe-migration" => unsafe_migration = true,
                 "--domains-endpoint" => domains_endpoint = true,
+                "--usage-sample-seconds" => usage_sample = flags.seconds(&flag).map_err(Error::Config)?,
+                "--usage-interval-seconds" => usage_interval = flags.seconds(&flag).map_err(Error::Config)?,
                 "--fleet" => fleet = Some(PathBuf::from(flags.value(&flag).map_err(Error::Config)?)),
                 _ => return Err(Error::Config(flags.unknown(&flag))),
             }
@@ -143,6 +159,13 @@ impl Config {
         let peer_uri = peer_uri.unwrap_or_else(|| default_peer_uri(&libvirt_uri));
         if !peer_uri.contains("{address}") {
             return Err(Error::Config(format!("--peer-uri {peer_uri:?} must contain {{address}}")));
+        }
+        if usage_interval < usage_sample * 2 {
+            return Err(Error::Config(format!(
+                "--usage-interval-seconds {} must be at least twice --usage-sample-seconds {}: a rate needs two samples",
+                usage_interval.as_secs(),
+                usage_sample.as_secs()
+            )));
         }
         Ok(Config {
             node_name,
@@ -160,6 +183,8 @@ impl Config {
             unsafe_migration,
             domains_endpoint,
             fleet,
+            usage_sample,
+            usage_interval,
         })
     }
 }
@@ -215,5 +240,6 @@ mod tests {
         assert!(err(&["--node-name", "h", "--label", "novalue"]).contains("is not KEY=VALUE"));
         assert!(err(&["--node-name", "h", "--bogus"]).contains("unknown flag --bogus"));
         assert!(err(&["--node-name"]).contains("--node-name needs a value"));
+        assert!(err(&["--node-name", "h", "--usage-interval-seconds=15"]).contains("at least twice"));
     }
 }

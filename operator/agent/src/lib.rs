@@ -14,3 +14,4 @@ pub mod run;
 pub mod seed;
 pub mod server;
 pub mod sweep;
+pub mod usage;

@@ -23,6 +23,10 @@ pub struct Metrics {
     pub reconcile_seconds: Histogram,
     pub domains: Gauge,
     pub lease_renewals: Family<ResultLabel, Counter>,
+    /// One bulk collection of every domain's and the host's statistics.
+    pub usage_collect_seconds: Histogram,
+    /// The last collection, exported at scrape time.
+    pub usage: crate::usage::exporter::UsageMetrics,
 }
 
 impl Metrics {
@@ -32,6 +36,8 @@ impl Metrics {
             reconcile_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             domains: Gauge::default(),
             lease_renewals: Family::default(),
+            usage_collect_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            usage: Default::default(),
         };
         registry.register(
             "covi_agent_reconciles",
@@ -45,6 +51,12 @@ impl Metrics {
         );
         registry.register("covi_agent_domains", "covi domains on this host", m.domains.clone());
         registry.register("covi_agent_lease_renewals", "Host lease renewals by result", m.lease_renewals.clone());
+        registry.register(
+            "covi_agent_usage_collect_duration_seconds",
+            "Time of one bulk collection of every domain's and the host's statistics",
+            m.usage_collect_seconds.clone(),
+        );
+        registry.register_collector(Box::new(m.usage.clone()));
         m
     }
 

@@ -218,6 +218,18 @@ async fn serve(
         reported: reported.clone(),
     };
     tokio::spawn(host.run(config.resync, recovered));
+    let usage = crate::usage::report::UsageLoop {
+        client: client.clone(),
+        node: config.node_name.clone(),
+        hypervisor: hypervisor.clone(),
+        servers: servers.clone(),
+        hosts_cpus: facts.cpus,
+        metrics: metrics.usage.clone(),
+        collect_seconds: metrics.usage_collect_seconds.clone(),
+        sample_every: config.usage_sample,
+        interval: config.usage_interval,
+    };
+    tokio::spawn(usage.run());
 
     let reporter = Reporter { controller: "covi-agent".into(), instance: Some(config.node_name.clone()) };
     let ctx = Arc::new(Context {

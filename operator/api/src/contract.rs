@@ -28,6 +28,9 @@ pub mod manager {
     /// Everything an agent writes: its Host, its Lease, its servers' phase, Ready and
     /// domain UUID.
     pub const AGENT: &str = "covi-agent";
+    /// A server's and a Host's `status.usage`, written once per interval by the agent
+    /// that measured it.
+    pub const AGENT_USAGE: &str = "covi-agent-usage";
 }
 
 /// Condition types covi writes, one entry per type in each object's `conditions`.

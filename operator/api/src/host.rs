@@ -97,6 +97,10 @@ pub struct HostStatus {
     /// running where they are.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unmovable: Vec<UnmovableServer>,
+    /// What the host used in all (every process, not only covi's guests), as its agent
+    /// measured it: the last completed hour and the daily profile. Written once an hour.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<crate::usage::Usage>,
 }
 
 /// A server that maintenance cannot move off its host.

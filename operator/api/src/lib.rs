@@ -11,9 +11,11 @@
 pub mod condition;
 pub mod contract;
 pub mod duration;
+pub mod history;
 pub mod host;
 pub mod host_pool;
 pub mod quantity;
+pub mod usage;
 pub mod virtual_server;
 pub mod vm_request;
 

@@ -275,6 +275,11 @@ pub struct VirtualServerStatus {
     /// Every restart of this server on another host after its host was lost, oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failovers: Vec<FailoverRecord>,
+
+    /// What the server used, as its host's agent measured it: the last completed hour
+    /// and the daily profile. Written once an hour.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<crate::usage::Usage>,
 }
 
 impl VirtualServer {

@@ -14,6 +14,7 @@ pub mod error;
 #[cfg(test)]
 pub mod fixtures;
 pub mod health;
+pub mod history;
 pub mod leader;
 pub mod metrics;
 pub mod migration;

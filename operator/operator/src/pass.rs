@@ -43,6 +43,8 @@ pub struct Scheduler {
     acted_on: HashMap<String, Liveness>,
     /// Addresses held by more than one server, as last reported.
     duplicates: BTreeMap<(String, std::net::Ipv4Addr), Vec<String>>,
+    /// Where deleted servers' records go; without it none are kept.
+    history: Option<crate::history::History>,
 }
 
 impl Scheduler {
@@ -67,7 +69,14 @@ impl Scheduler {
             leases: Leases::default(),
             acted_on: HashMap::new(),
             duplicates: BTreeMap::new(),
+            history: None,
         }
+    }
+
+    /// Keeps a record of every deleted server in `history` (see [`crate::history`]).
+    pub fn keep_history(mut self, history: crate::history::History) -> Scheduler {
+        self.history = Some(history);
+        self
     }
 
     pub async fn pass(&mut self) -> Result<()> {
@@ -85,6 +94,7 @@ impl Scheduler {
 
         self.add_finalizers(&servers).await?;
         self.release_deleted(&servers, &hosts, &lost).await?;
+        self.record_deleted(&servers).await;
 
         let mut unmovable = BTreeMap::new();
         for pool in &pools {
@@ -220,13 +230,24 @@ impl Scheduler {
     }
 
     async fn add_finalizers(&self, servers: &[Arc<VirtualServer>]) -> Result<()> {
-        let missing = servers
-            .iter()
-            .filter(|s| s.meta().deletion_timestamp.is_none() && !s.finalizers().iter().any(|f| f == FINALIZER));
-        let writes = missing.map(|s| async move {
-            let mut finalizers: Vec<&str> = s.finalizers().iter().map(String::as_str).collect();
-            finalizers.push(FINALIZER);
-            self.writer.set_finalizers(s.as_ref(), &finalizers).await.map(drop)
+        let mut wanted = vec![FINALIZER];
+        if self.history.is_some() {
+            wanted.push(covi_api::history::FINALIZER);
+        }
+        let missing = servers.iter().filter(|s| {
+            s.meta().deletion_timestamp.is_none() && wanted.iter().any(|w| !s.finalizers().iter().any(|f| f == w))
+        });
+        let writes = missing.map(|s| {
+            let wanted = &wanted;
+            async move {
+                let mut finalizers: Vec<&str> = s.finalizers().iter().map(String::as_str).collect();
+                for w in wanted {
+                    if !finalizers.contains(w) {
+                        finalizers.push(w);
+                    }
+                }
+                self.writer.set_finalizers(s.as_ref(), &finalizers).await.map(drop)
+            }
         });
         futures::stream::iter(writes).buffer_unordered(16).collect::<Vec<_>>().await.into_iter().collect()
     }
@@ -253,6 +274,29 @@ impl Scheduler {
             }
         }
         Ok(())
+    }
+
+    /// Deleted servers whose domain is gone (no covi.io/domain finalizer left): their
+    /// record goes to the history, then the history finalizer. A failed write leaves
+    /// the finalizer for the next pass.
+    async fn record_deleted(&self, servers: &[Arc<VirtualServer>]) {
+        let Some(history) = &self.history else { return };
+        let done = servers.iter().filter(|s| {
+            s.meta().deletion_timestamp.is_some()
+                && !s.finalizers().iter().any(|f| f == FINALIZER)
+                && s.finalizers().iter().any(|f| f == covi_api::history::FINALIZER)
+        });
+        for s in done {
+            if let Err(e) = history.record(s).await {
+                tracing::warn!(server = %s.name_any(), error = %e, "recording a deleted server's history failed; retrying next pass");
+                continue;
+            }
+            let rest: Vec<&str> =
+                s.finalizers().iter().map(String::as_str).filter(|f| *f != covi_api::history::FINALIZER).collect();
+            if let Err(e) = self.writer.set_finalizers(s.as_ref(), &rest).await {
+                tracing::warn!(server = %s.name_any(), error = %e, "releasing the history finalizer failed");
+            }
+        }
     }
 
     /// A Warning Event on every server sharing an address with another, once per new

@@ -222,6 +222,15 @@ pub fn owned<'a>(request: &VmRequest, servers: &'a [std::sync::Arc<VirtualServer
         .collect()
 }
 
+/// The approver a request's Approved condition names (see
+/// [`covi_api::history::approver_from_message`]).
+pub fn approver(request: &VmRequest) -> Option<String> {
+    let conditions = request.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
+    covi_api::condition::find_condition(conditions, covi_api::contract::condition_type::APPROVED)
+        .filter(|c| c.status == "True")
+        .and_then(|c| covi_api::history::approver_from_message(&c.message))
+}
+
 /// Server `name` of a request, from its template: labelled for the request, owned by
 /// it (so the garbage collector returns it with the request) and born with covi's
 /// finalizer (one write fewer per server than adding it later). None while the
@@ -234,8 +243,16 @@ pub fn server_from_template(request: &VmRequest, name: &str) -> Option<VirtualSe
     let mut server = VirtualServer::new(name, template.spec.clone());
     server.metadata.namespace = request.namespace();
     server.metadata.labels = Some(labels);
-    server.metadata.annotations = Some(meta.annotations).filter(|a| !a.is_empty());
-    server.metadata.finalizers = Some(vec![covi_api::contract::FINALIZER.to_string()]);
+    // Who approved is the operator's to say, from the approval; never the template's.
+    let mut annotations = meta.annotations;
+    annotations.remove(covi_api::history::APPROVED_BY);
+    if let Some(approver) = approver(request) {
+        annotations.insert(covi_api::history::APPROVED_BY.into(), approver);
+    }
+    server.metadata.annotations = Some(annotations).filter(|a| !a.is_empty());
+    // Both finalizers at once: no second write to add the history one.
+    server.metadata.finalizers =
+        Some(vec![covi_api::contract::FINALIZER.to_string(), covi_api::history::FINALIZER.to_string()]);
     server.metadata.owner_references = Some(vec![request.controller_owner_ref(&())?]);
     Some(server)
 }
@@ -292,11 +309,29 @@ mod tests {
         assert_eq!(server.namespace().as_deref(), Some("shop"));
         assert_eq!(server.labels().get("app").map(String::as_str), Some("web"));
         assert_eq!(server.labels().get(REQUEST_LABEL).map(String::as_str), Some("web"));
-        assert_eq!(server.finalizers(), [covi_api::contract::FINALIZER]);
+        assert_eq!(server.finalizers(), [covi_api::contract::FINALIZER, covi_api::history::FINALIZER]);
         let owner = &server.owner_references()[0];
         assert_eq!((owner.kind.as_str(), owner.uid.as_str(), owner.controller), ("VmRequest", "r1", Some(true)));
         r.metadata.uid = None;
         assert_eq!(server_from_template(&r, "web-0"), None, "no owner reference without a UID");
+    }
+
+    #[test]
+    fn a_requests_server_names_its_approver_and_a_template_cannot_forge_it() {
+        let forged = json!({"annotations": {covi_api::history::APPROVED_BY: "mallory", "note": "kept"}});
+        let mut r = request(
+            1,
+            json!([{"type": "Approved", "status": "True", "reason": "ApprovedByUser",
+            "message": "for the report (bob)", "lastTransitionTime": "2026-01-01T00:00:00Z"}]),
+        );
+        r.spec.template.metadata = Some(serde_json::from_value(forged.clone()).unwrap());
+        let server = server_from_template(&r, "web-0").unwrap();
+        assert_eq!(server.annotations().get(covi_api::history::APPROVED_BY).map(String::as_str), Some("bob"));
+        assert_eq!(server.annotations().get("note").map(String::as_str), Some("kept"));
+        let mut unnamed = request(1, json!([]));
+        unnamed.spec.template.metadata = Some(serde_json::from_value(forged).unwrap());
+        let server = server_from_template(&unnamed, "web-0").unwrap();
+        assert_eq!(server.annotations().get(covi_api::history::APPROVED_BY), None, "no approver named: none");
     }
 
     /// `request` as changed by its requester after generation 3 was approved and recorded.

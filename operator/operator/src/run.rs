@@ -61,7 +61,8 @@ pub async fn run_leader(client: Client, config: &Config, metrics: Metrics) -> Re
     let ctx = Arc::new(Context::new(writer.clone(), pools.clone(), servers.clone()));
     let _stop_controller = AbortOnDrop(tokio::spawn(request_controller::run(client.clone(), ctx)));
     let lease_api = Api::<Lease>::namespaced(client.clone(), &config.namespace);
-    let mut scheduler = Scheduler::new(writer, pools, hosts, servers, host_leases, lease_api, metrics);
+    let mut scheduler = Scheduler::new(writer, pools, hosts, servers, host_leases, lease_api, metrics)
+        .keep_history(crate::history::History::new(client.clone(), &config.namespace));
     tracing::info!("leading: scheduling servers");
     loop {
         let started = Instant::now();

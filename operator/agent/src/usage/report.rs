@@ -1,0 +1,143 @@
+//! The usage loop: collect every sample interval, keep the metrics snapshot current,
+//! and at the end of each summary interval write every server's and the Host's
+//! `status.usage` (one write each per interval).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use covi_api::contract::manager;
+use covi_api::usage::{Stat, Usage};
+use covi_api::{Host, VirtualServer};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::reflector::Store;
+use kube::{Client, Resource, ResourceExt};
+use prometheus_client::metrics::histogram::Histogram;
+use serde_json::json;
+
+use super::exporter::{ServerLabels, Snapshot, UsageMetrics};
+use super::{Completed, Tracker};
+use crate::libvirt::Libvirt;
+
+pub struct UsageLoop {
+    pub client: Client,
+    pub node: String,
+    pub hypervisor: Libvirt,
+    pub servers: Store<VirtualServer>,
+    pub hosts_cpus: u32,
+    pub metrics: UsageMetrics,
+    pub collect_seconds: Histogram,
+    pub sample_every: Duration,
+    pub interval: Duration,
+}
+
+impl UsageLoop {
+    pub async fn run(self) {
+        let mut tracker = Tracker::new(self.interval.as_secs());
+        let mut tick = tokio::time::interval(self.sample_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let at = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+            let started = Instant::now();
+            let collection = match self.hypervisor.run(move |c| super::collect::collect(c, at)).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "collecting usage failed");
+                    continue;
+                }
+            };
+            self.collect_seconds.observe(started.elapsed().as_secs_f64());
+            let servers: HashMap<String, Arc<VirtualServer>> =
+                self.servers.state().into_iter().filter_map(|s| Some((s.uid()?, s))).collect();
+            let labelled = collection
+                .domains
+                .iter()
+                .filter_map(|d| {
+                    let s = servers.get(&d.uuid)?;
+                    let labels = ServerLabels {
+                        namespace: s.namespace().unwrap_or_default(),
+                        name: s.name_any(),
+                        pool: s.spec.host_pool.clone(),
+                        host: self.node.clone(),
+                    };
+                    Some((labels, d.clone()))
+                })
+                .collect();
+            self.metrics.set(Snapshot {
+                host: self.node.clone(),
+                servers: labelled,
+                counters: collection.host,
+                cpus: self.hosts_cpus,
+            });
+            if let Some(done) = tracker.observe(&collection) {
+                self.write(&done, &servers).await;
+            }
+        }
+    }
+
+    /// One write per measured server and one for the Host, in sequence (spreading an
+    /// hour's writes of a full host over a few seconds rather than a burst).
+    async fn write(&self, done: &Completed, servers: &HashMap<String, Arc<VirtualServer>>) {
+        let sampled_at = Time(Timestamp::from_second(done.ended_at as i64).unwrap_or_else(|_| Timestamp::now()));
+        let mut written = 0;
+        for (uuid, (cpu, memory, samples)) in &done.domains {
+            // Gone or moved away before the interval ended: its new host reports it.
+            let Some(server) = servers.get(uuid) else { continue };
+            let previous = server.status.as_ref().and_then(|s| s.usage.clone());
+            let usage = self.next(previous, done, (*cpu, *memory, *samples), &sampled_at);
+            let api: Api<VirtualServer> = Api::namespaced(self.client.clone(), &server.namespace().unwrap_or_default());
+            match apply_usage::<VirtualServer>(&api, &server.name_any(), usage).await {
+                Ok(()) => written += 1,
+                Err(e) => tracing::warn!(server = %server.name_any(), error = %e, "writing usage failed"),
+            }
+        }
+        if let Some(summary) = done.host {
+            let api: Api<Host> = Api::all(self.client.clone());
+            let previous = api.get_opt(&self.node).await.ok().flatten().and_then(|h| h.status.and_then(|s| s.usage));
+            let usage = self.next(previous, done, summary, &sampled_at);
+            if let Err(e) = apply_usage::<Host>(&api, &self.node, usage).await {
+                tracing::warn!(error = %e, "writing the Host's usage failed");
+            }
+        }
+        tracing::info!(servers = written, hour = done.hour, "wrote usage for the interval");
+    }
+
+    fn next(
+        &self,
+        previous: Option<Usage>,
+        done: &Completed,
+        (cpu, memory, samples): (Stat, Stat, u32),
+        at: &Time,
+    ) -> Usage {
+        let mut usage = previous.unwrap_or_default();
+        // A profile kept at another interval length (a test bed's) does not mix.
+        if usage.interval_seconds != self.interval.as_secs() as u32 {
+            usage.profile.clear();
+        }
+        usage.record_hour(done.hour, cpu.p95, memory.p95);
+        Usage {
+            sampled_at: Some(at.clone()),
+            interval_seconds: self.interval.as_secs() as u32,
+            host: Some(self.node.clone()),
+            samples,
+            cpu,
+            memory,
+            profile: usage.profile,
+        }
+    }
+}
+
+async fn apply_usage<K>(api: &Api<K>, name: &str, usage: Usage) -> kube::Result<()>
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let patch = json!({
+        "apiVersion": K::api_version(&()), "kind": K::kind(&()),
+        "status": {"usage": usage},
+    });
+    api.patch_status(name, &PatchParams::apply(manager::AGENT_USAGE).force(), &Patch::Apply(&patch)).await?;
+    Ok(())
+}
