@@ -4,6 +4,8 @@
 //! The operator feeds it from its watches and writes the result; nothing here does I/O,
 //! so every rule is proven by a plain unit test.
 
+pub mod consolidate;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
