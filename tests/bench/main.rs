@@ -8,6 +8,8 @@
 //! ("off" skips it), COVI_BENCH_PPROF (set: a CPU profile of kube-apiserver per burst),
 //! COVI_BENCH_RENEW_SECONDS (R: the bursts' pool renews every R s, fences after 3R).
 
+mod consolidate;
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -700,6 +702,40 @@ fn targets(report: &serde_json::Map<String, Value>) -> Vec<Value> {
         add("API writes per server to Ready", b["apiWritesPerServer"].as_f64(), 3.0, "", context);
         add("ratio to the floor", b["ratioToFloor"].as_f64(), 1.5, "", format!(" ({n} burst)"));
     }
+    let c = report.get("consolidation").cloned().unwrap_or_default();
+    let mixed = &c["mixedFleet"];
+    let context = format!(
+        " ({} hosts against {} by FFD on peak; bound {})",
+        mixed["hostsUsed"], mixed["hostsFfdOnPeak"], mixed["lowerBound"]
+    );
+    add(
+        "consolidation: hosts saved over FFD on peak, at least 30%",
+        mixed["fewerHostsThanFfd"].as_f64().map(|f| -f),
+        -0.30,
+        "",
+        context,
+    );
+    add(
+        "consolidation: hosts over the lower bound, at most 5%",
+        mixed["overLowerBound"].as_f64(),
+        0.05,
+        "",
+        String::new(),
+    );
+    add(
+        "consolidation: overload host-hours on held-out days",
+        mixed["overloadHostHoursHeldOut"].as_f64(),
+        0.0,
+        "",
+        String::new(),
+    );
+    add(
+        "consolidation: planner time, 2,000 hosts / 20,000 servers",
+        c["scale"]["plannerSeconds"].as_f64(),
+        1.0,
+        " s",
+        String::new(),
+    );
     let usage = report.get("usageCollection").cloned().unwrap_or_default();
     add(
         "usage collection, 1,000 domains: agent CPU per interval (median)",
@@ -827,6 +863,18 @@ fn usage_collection() -> Value {
 
 #[tokio::main]
 async fn main() {
+    // Subcommands that need no cluster: the consolidation trace tools.
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() > 1 {
+        match consolidate::run(&args) {
+            Ok(out) => print!("{out}"),
+            Err(e) => {
+                eprintln!("{e}");
+                std::process::exit(2);
+            }
+        }
+        return;
+    }
     let client = admin().await;
     install_crds(&client).await;
     let mut report = serde_json::Map::new();
@@ -856,6 +904,9 @@ async fn main() {
         report.insert("libvirtdAgent".into(), libvirtd_agent(&client, Duration::from_secs(25)).await);
         eprintln!("bench: {}", report["libvirtdAgent"]);
     }
+    eprintln!("bench: consolidation");
+    report.insert("consolidation".into(), consolidate::bench());
+    eprintln!("bench: {}", report["consolidation"]);
     eprintln!("bench: usage collection");
     report.insert("usageCollection".into(), usage_collection());
     eprintln!("bench: {}", report["usageCollection"]);

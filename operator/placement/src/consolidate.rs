@@ -278,19 +278,33 @@ impl<'a> Packing<'a> {
         need.0 <= free.0 && need.1 <= free.1
     }
 
-    /// The fullest host but `except` that takes server `s`.
+    /// How much server `s` would raise host `h`'s busiest hour, as a share of θ ×
+    /// capacity (the two resources added): near zero where its busy hours are the
+    /// host's quiet ones.
+    fn raise(&self, s: usize, h: usize) -> f64 {
+        let (l, (tc, tm, _, _), server) = (&self.loads[h], self.limits[h], &self.input.servers[s]);
+        let (mut cpu, mut memory) = (0u64, 0u64);
+        for (hour, u) in server.profile.iter().enumerate() {
+            cpu = cpu.max(l.cpu[hour] + u64::from(u.cpu_millis));
+            memory = memory.max(l.memory[hour] + u64::from(u.memory_mib));
+        }
+        (cpu - l.peak_cpu) as f64 / tc.max(1) as f64 + (memory - l.peak_memory) as f64 / tm.max(1) as f64
+    }
+
+    /// The host but `except` that takes server `s` with the least rise of its busiest
+    /// hour (complementary profiles first), the fullest on a tie.
     fn best_fit(&self, s: usize, except: &[usize], only_used: bool) -> Option<usize> {
-        let mut best: Option<(f64, usize)> = None;
+        let mut best: Option<(f64, f64, usize)> = None;
         for h in 0..self.loads.len() {
             if except.contains(&h) || (only_used && self.loads[h].servers == 0) || !self.fits(s, h) {
                 continue;
             }
-            let f = self.fullness(h);
-            if best.is_none_or(|(b, _)| f > b) {
-                best = Some((f, h));
+            let (r, f) = (self.raise(s, h), self.fullness(h));
+            if best.is_none_or(|(br, bf, _)| r < br - 1e-9 || (r <= br + 1e-9 && f > bf)) {
+                best = Some((r, f, h));
             }
         }
-        best.map(|(_, h)| h)
+        best.map(|(_, _, h)| h)
     }
 }
 
