@@ -34,7 +34,7 @@ if [ "${#custom[@]}" -gt 0 ]; then
     needs_node=0
     for t in $asked; do
       case "$t" in
-        api | argocd_health | domain_xml | failover | install | kstatus | migration | requests | servers) ;;
+        api | argocd_health | consolidation | domain_xml | failover | install | kstatus | migration | requests | servers) ;;
         qemu | disk_leases | usage) needs_libvirtd=1 ;;
         node) needs_libvirtd=1 needs_node=1 ;;
         *) needs_libvirtd=1 needs_xen=1 needs_node=1 ;;

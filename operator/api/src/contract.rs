@@ -23,6 +23,8 @@ pub mod manager {
     pub const OPERATOR_STALLED: &str = "covi-operator-stalled";
     /// A server's `status.migration`.
     pub const OPERATOR_MIGRATION: &str = "covi-operator-migration";
+    /// A HostPool's `status.consolidation`.
+    pub const OPERATOR_CONSOLIDATION: &str = "covi-operator-consolidation";
     /// A standalone server's ExpiringSoon condition (`spec.expiresAt`).
     pub const OPERATOR_EXPIRY: &str = "covi-operator-expiry";
     /// Everything an agent writes: its Host, its Lease, its servers' phase, Ready and

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -110,9 +111,98 @@ pub struct HostPoolSpec {
     #[serde(default)]
     pub migration: MigrationPolicy,
 
+    /// Consolidation: planning fewer hosts from the servers' daily usage profiles
+    /// (docs/consolidation.md). Off unless asked for.
+    #[serde(default)]
+    pub consolidation: Consolidation,
+
     /// Which VmRequests for this pool are approved without a person.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approval: Option<ApprovalPolicy>,
+}
+
+/// How the pool plans consolidation.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Consolidation {
+    /// Off (the default), or Recommend: plan every interval and report the plan in the
+    /// pool's status and an Event; nothing is moved.
+    #[serde(default)]
+    pub mode: ConsolidationMode,
+    /// In every hour of the day, the servers a host would run may use at most this
+    /// percent of its CPU and of its memory (their profiles' peaks for that hour).
+    #[serde(default = "default_target_utilization")]
+    #[schemars(range(min = 10, max = 100))]
+    pub target_utilization_percent: u32,
+    /// Most moves one plan may contain.
+    #[serde(default = "default_max_moves")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub max_moves: u32,
+    /// Plan every this many seconds.
+    #[serde(default = "default_consolidation_interval")]
+    #[schemars(range(min = 10, max = 604800))]
+    pub interval_seconds: u32,
+}
+
+fn default_target_utilization() -> u32 {
+    80
+}
+
+fn default_max_moves() -> u32 {
+    5
+}
+
+fn default_consolidation_interval() -> u32 {
+    3600
+}
+
+impl Default for Consolidation {
+    fn default() -> Self {
+        Consolidation {
+            mode: ConsolidationMode::Off,
+            target_utilization_percent: default_target_utilization(),
+            max_moves: default_max_moves(),
+            interval_seconds: default_consolidation_interval(),
+        }
+    }
+}
+
+/// Whether a pool plans consolidation.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ConsolidationMode {
+    #[default]
+    Off,
+    Recommend,
+}
+
+/// The last consolidation plan of a pool.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsolidationStatus {
+    /// When it was planned.
+    pub planned_at: Time,
+    /// Hosts running servers now.
+    pub hosts_used: u32,
+    /// Hosts the plan would run them on.
+    pub planned_hosts: u32,
+    /// The moves, at most maxMoves.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub moves: Vec<PlannedMove>,
+    /// Hosts the plan empties: free to power off once the moves are made.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub emptied_hosts: Vec<String>,
+    /// Servers planned at their allocation because they have no usage profile yet.
+    #[serde(default)]
+    pub without_profile: u32,
+}
+
+/// One move of a consolidation plan.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct PlannedMove {
+    /// The server, as namespace/name.
+    pub server: String,
+    pub from: String,
+    pub to: String,
 }
 
 /// Limits on moving servers between the pool's hosts.
@@ -489,6 +579,9 @@ pub struct HostPoolStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
+    /// The last consolidation plan (spec.consolidation.mode Recommend).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consolidation: Option<ConsolidationStatus>,
 }
 
 /// Why a server's size cannot be worked out from its spec and pool.

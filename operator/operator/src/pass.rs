@@ -45,6 +45,8 @@ pub struct Scheduler {
     duplicates: BTreeMap<(String, std::net::Ipv4Addr), Vec<String>>,
     /// Where deleted servers' records go; without it none are kept.
     history: Option<crate::history::History>,
+    /// When each pool's consolidation was last planned.
+    consolidator: crate::consolidation::Consolidator,
 }
 
 impl Scheduler {
@@ -70,6 +72,7 @@ impl Scheduler {
             acted_on: HashMap::new(),
             duplicates: BTreeMap::new(),
             history: None,
+            consolidator: Default::default(),
         }
     }
 
@@ -137,6 +140,7 @@ impl Scheduler {
         self.expire_servers(&pools, &servers).await;
         self.update_hosts(&pools, &hosts, &servers, &liveness, unmovable).await;
         self.update_pools(&pools, &hosts, &servers, &unready, &lost).await;
+        self.consolidate(&pools, &hosts, &servers, &unready).await;
         self.metrics.count_phases(&servers, &hosts);
         Ok(())
     }
@@ -523,6 +527,36 @@ impl Scheduler {
                 Some(((), pool.clone(), write, None))
             })
             .collect();
+        self.writer.apply_each(writes).await;
+    }
+}
+
+impl Scheduler {
+    /// Recommend mode: the plan of every pool that asks and is due, in its status.
+    async fn consolidate(
+        &mut self,
+        pools: &[Arc<HostPool>],
+        hosts: &[Arc<Host>],
+        servers: &[Arc<VirtualServer>],
+        unready: &BTreeSet<String>,
+    ) {
+        #[derive(serde::Serialize)]
+        struct Only {
+            consolidation: covi_api::host_pool::ConsolidationStatus,
+        }
+        let now = Timestamp::now();
+        let mut writes = Vec::new();
+        for pool in pools {
+            if !self.consolidator.due(pool) {
+                continue;
+            }
+            let members: Vec<_> = hosts.iter().filter(|h| in_pool(pools, pool, h)).cloned().collect();
+            let here: Vec<_> = servers.iter().filter(|s| s.spec.host_pool == pool.name_any()).cloned().collect();
+            let (status, note) = crate::consolidation::recommend(pool, &members, &here, &self.assumed, unready, now);
+            let write =
+                StatusWrite::new(covi_api::contract::manager::OPERATOR_CONSOLIDATION, Only { consolidation: status });
+            writes.push(((), pool.clone(), write, note));
+        }
         self.writer.apply_each(writes).await;
     }
 }

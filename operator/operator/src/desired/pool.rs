@@ -92,6 +92,8 @@ pub fn update(facts: Facts, now: Timestamp) -> Option<StatusWrite<HostPoolStatus
         cpu_allocation: cpu,
         memory_allocation: memory,
         conditions: only(&conditions, &[condition_type::READY, condition_type::FAILOVER_PAUSED]),
+        // Written under its own field manager (see crate::consolidation).
+        consolidation: None,
     };
     let unchanged = !changed
         && status.observed_generation == desired.observed_generation
