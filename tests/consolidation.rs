@@ -87,3 +87,62 @@ async fn a_day_and_a_night_server_are_planned_onto_one_host_and_nothing_moves() 
     .await;
     assert!(plan.moves.is_empty() && plan.emptied_hosts.is_empty(), "{plan:?}");
 }
+
+/// Automatic mode: the plan's move is carried out through the migration path, the
+/// emptied host is labelled and marked Freed, and no server ever runs twice.
+#[tokio::test]
+async fn automatic_consolidation_empties_a_host_without_a_double_run() {
+    let _turn = SERIAL.lock().await;
+    let client = admin().await;
+    install_crds(&client).await;
+    let ns = namespace(&client, "autoconsol").await;
+    let mut fleet = Fleet::new(&client, "autoconsol").await;
+    let pool = fleet.apply_pool(&client, json!({"overcommit": {"cpu": 2}})).await;
+    fleet.start_agent(1, 4, 8);
+    fleet.start_agent(2, 4, 8);
+    fleet.start_operator();
+    fleet.wait_pool_ready(&client, &pool, 2).await;
+    let servers: Api<VirtualServer> = Api::namespaced(client.clone(), &ns);
+    for name in ["office", "batch"] {
+        apply_server(&servers, name, &pool, json!({})).await;
+        fleet.wait_server(&servers, name, "to run", DEADLINE, |s| s.is_ready()).await;
+    }
+    let agent = PatchParams::apply("covi-agent-usage").force();
+    servers.patch_status("office", &agent, &Patch::Apply(usage(3000, 8, 18))).await.expect("office usage");
+    servers.patch_status("batch", &agent, &Patch::Apply(usage(3000, 20, 6))).await.expect("batch usage");
+    let hosts_map = (1..=2)
+        .map(|n| (fleet.host_name(n), fleet.agents[n - 1].log.clone()))
+        .collect::<std::collections::BTreeMap<_, _>>();
+    let sampler = covi_tests::sampler::Sampler::start(std::sync::Arc::new(std::sync::Mutex::new(hosts_map)));
+
+    let pools: Api<HostPool> = Api::all(client.clone());
+    let automatic = json!({"spec": {"consolidation": {"mode": "Automatic", "intervalSeconds": 10}}});
+    pools.patch(&pool, &PatchParams::default(), &Patch::Merge(&automatic)).await.expect("automatic");
+    let host_of = |s: &VirtualServer| s.status.as_ref().and_then(|st| st.host.clone());
+    let together = wait_until("both servers on one host, running", DEADLINE, || async {
+        let (a, b) = (servers.get("office").await.ok()?, servers.get("batch").await.ok()?);
+        (host_of(&a).is_some() && host_of(&a) == host_of(&b) && a.is_ready() && b.is_ready()).then(|| host_of(&a))
+    })
+    .await
+    .expect("a host");
+    let freed_name = [fleet.host_name(1), fleet.host_name(2)].into_iter().find(|h| *h != together).unwrap();
+    let hosts: Api<covi_api::Host> = Api::all(client.clone());
+    let freed = wait_until("the emptied host marked free", DEADLINE, || async {
+        let h = hosts.get(&freed_name).await.ok()?;
+        let marked = h.metadata.labels.as_ref()?.get("covi.io/consolidation").map(String::as_str) == Some("free");
+        let condition = covi_api::condition::find_condition(&h.status.as_ref()?.conditions, "Freed")?.clone();
+        (marked && condition.status == "True").then_some(condition)
+    })
+    .await;
+    assert_eq!(freed.reason, "Consolidated");
+    let moved = servers.get("office").await.unwrap();
+    let migration = moved.status.as_ref().and_then(|s| s.migration.clone());
+    let other = servers.get("batch").await.unwrap();
+    let record = migration.or_else(|| other.status.and_then(|s| s.migration)).expect("a migration record");
+    assert_eq!(
+        (format!("{:?}", record.phase), record.target.as_str()),
+        ("Succeeded".to_string(), together.as_str()),
+        "moved by the migration path: {record:?}"
+    );
+    sampler.assert_never_twice().await;
+}

@@ -35,6 +35,10 @@ pub mod manager {
     pub const AGENT_USAGE: &str = "covi-agent-usage";
 }
 
+/// Label on a Host that automatic consolidation emptied: free to power off (by a person
+/// or a hook; covi never powers hosts off).
+pub const FREED_LABEL: &str = "covi.io/consolidation";
+
 /// Condition types covi writes, one entry per type in each object's `conditions`.
 pub mod condition_type {
     /// Every kind: whether the object is what its spec asks (kstatus reads it).
@@ -47,6 +51,8 @@ pub mod condition_type {
     pub const LOST: &str = "Lost";
     /// Host: drained for maintenance.
     pub const EVACUATED: &str = "Evacuated";
+    /// Host: emptied by automatic consolidation; free to power off.
+    pub const FREED: &str = "Freed";
     /// HostPool: failover waits because too many hosts are lost at once.
     pub const FAILOVER_PAUSED: &str = "FailoverPaused";
     /// VmRequest: an approver's (or the pool policy's) approval of one generation.

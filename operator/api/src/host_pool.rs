@@ -125,8 +125,10 @@ pub struct HostPoolSpec {
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Consolidation {
-    /// Off (the default), or Recommend: plan every interval and report the plan in the
-    /// pool's status and an Event; nothing is moved.
+    /// Off (the default); Recommend: plan every interval and report the plan in the
+    /// pool's status and an Event, moving nothing; Automatic: also carry the plan's
+    /// moves out through live migration (migration.maxConcurrent at a time) and mark
+    /// the hosts it empties (label covi.io/consolidation=free, condition Freed).
     #[serde(default)]
     pub mode: ConsolidationMode,
     /// In every hour of the day, the servers a host would run may use at most this
@@ -173,6 +175,7 @@ pub enum ConsolidationMode {
     #[default]
     Off,
     Recommend,
+    Automatic,
 }
 
 /// The last consolidation plan of a pool.
@@ -579,7 +582,7 @@ pub struct HostPoolStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
-    /// The last consolidation plan (spec.consolidation.mode Recommend).
+    /// The last consolidation plan (spec.consolidation.mode Recommend or Automatic).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consolidation: Option<ConsolidationStatus>,
 }

@@ -140,3 +140,51 @@ pub fn recommend(
     });
     (status, note)
 }
+
+/// Automatic mode: each host of the pool whose Freed mark must change — freed when the
+/// pool's plan empties it and no server is bound to it any more, no longer when a
+/// server is bound to it again — with its new Freed condition and the Event to publish.
+pub fn freed_marks(
+    pool: &HostPool,
+    members: &[Arc<Host>],
+    servers: &[Arc<VirtualServer>],
+    assumed: &HashMap<String, Assumed>,
+    now: Timestamp,
+) -> Vec<(Arc<Host>, bool, covi_api::Condition, Option<Note>)> {
+    use covi_api::condition::{ConditionStatus, find_condition, set_condition};
+    use covi_api::contract::condition_type::FREED;
+    let automatic = pool.spec.consolidation.mode == ConsolidationMode::Automatic;
+    let emptied: BTreeSet<&str> = pool
+        .status
+        .as_ref()
+        .and_then(|s| s.consolidation.as_ref())
+        .map(|c| c.emptied_hosts.iter().map(String::as_str).collect())
+        .unwrap_or_default();
+    let busy: BTreeSet<&str> =
+        servers.iter().filter(|s| s.spec.host_pool == pool.name_any()).filter_map(|s| bound_host(s, assumed)).collect();
+    let mut out = Vec::new();
+    for host in members {
+        let name = host.name_any();
+        let freed = automatic && emptied.contains(name.as_str()) && !busy.contains(name.as_str());
+        let mut conditions = host.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default();
+        let was = find_condition(&conditions, FREED).is_some_and(|c| c.status == "True");
+        let labelled = host.labels().contains_key(covi_api::contract::FREED_LABEL);
+        if freed == was && freed == labelled {
+            continue;
+        }
+        // A host never marked stays unmarked.
+        if !freed && find_condition(&conditions, FREED).is_none() && !labelled {
+            continue;
+        }
+        let (status, reason, message) = if freed {
+            (ConditionStatus::True, "Consolidated", "consolidation moved every server off this host: free to power off")
+        } else {
+            (ConditionStatus::False, "InUse", "servers run on this host")
+        };
+        set_condition(&mut conditions, FREED, status, reason, message, None, now);
+        let condition = find_condition(&conditions, FREED).cloned().expect("just set");
+        let note = (freed && !was).then(|| Note::normal("HostFreed", message, "Consolidate"));
+        out.push((host.clone(), freed, condition, note));
+    }
+    out
+}

@@ -51,6 +51,17 @@ pub struct Plan {
     pub unmovable: BTreeMap<String, Vec<UnmovableServer>>,
 }
 
+/// In a pool consolidating automatically, where the pool's current plan moves
+/// `server` from `host` (the plan lives in the pool's status, so a new leader follows it).
+fn consolidation_target(pool: &HostPool, server: &VirtualServer, host: &str) -> Option<String> {
+    if pool.spec.consolidation.mode != covi_api::host_pool::ConsolidationMode::Automatic {
+        return None;
+    }
+    let plan = pool.status.as_ref()?.consolidation.as_ref()?;
+    let me = key(server);
+    plan.moves.iter().find(|m| m.server == me && m.from == host).map(|m| m.to.clone())
+}
+
 fn key(server: &VirtualServer) -> String {
     format!("{}/{}", server.namespace().unwrap_or_default(), server.name_any())
 }
@@ -115,6 +126,7 @@ pub fn plan_moves(view: &PoolView, skip: &BTreeSet<String>, now: Timestamp) -> P
         let status = server.status.clone().unwrap_or_default();
         let pin = server.spec.placement.as_ref().and_then(|p| p.host.clone());
         let in_maintenance = maintenance.contains(&host);
+        let consolidate = consolidation_target(pool, server, &host);
 
         // A migration under way follows the protocol.
         if let Some(m) = server.active_migration().filter(|m| m.phase == MigrationPhase::Running) {
@@ -132,6 +144,7 @@ pub fn plan_moves(view: &PoolView, skip: &BTreeSet<String>, now: Timestamp) -> P
                 None
             }
             (None, true) => Some(None),
+            (None, false) => consolidate.map(Some),
             _ => None,
         };
         let Some(target) = wanted_target else {

@@ -558,6 +558,26 @@ impl Scheduler {
             writes.push(((), pool.clone(), write, note));
         }
         self.writer.apply_each(writes).await;
+        // Hosts automatic consolidation emptied: a label and a condition, each pass.
+        for pool in pools.iter().filter(|p| p.spec.consolidation.mode != covi_api::host_pool::ConsolidationMode::Off) {
+            let members: Vec<_> = hosts.iter().filter(|h| in_pool(pools, pool, h)).cloned().collect();
+            for (host, freed, condition, note) in
+                crate::consolidation::freed_marks(pool, &members, servers, &self.assumed, now)
+            {
+                let label = freed.then_some("free");
+                if let Err(e) = self.writer.set_label(host.as_ref(), covi_api::contract::FREED_LABEL, label).await {
+                    tracing::warn!(host = %host.name_any(), error = %e, "marking a freed host failed");
+                    continue;
+                }
+                let write = StatusWrite::new(
+                    covi_api::contract::manager::OPERATOR_CONSOLIDATION,
+                    desired::Conditions { conditions: vec![condition] },
+                );
+                if let Err(e) = self.writer.apply_and_note(host.as_ref(), &write, note).await {
+                    tracing::warn!(host = %host.name_any(), error = %e, "writing a host's Freed condition failed");
+                }
+            }
+        }
     }
 }
 

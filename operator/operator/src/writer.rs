@@ -97,6 +97,19 @@ impl Writer {
         }
     }
 
+    /// Sets (`Some`) or removes (`None`) label `key` on `object`.
+    pub async fn set_label<K: Located>(&self, object: &K, key: &str, value: Option<&str>) -> Result<()> {
+        let patch = serde_json::json!({"metadata": {"labels": {key: value}}});
+        match object
+            .api(self.client.clone())
+            .patch(&object.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(source) => Err(Error::Write { what: format!("label {key} of {}", object.describe()), source }),
+        }
+    }
+
     /// Applies many writes, [`WRITES_AT_ONCE`] at a time, each with its Event; a
     /// failure is logged and returned beside its tag.
     pub async fn apply_each<T, K: Located, S: serde::Serialize>(

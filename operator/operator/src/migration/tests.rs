@@ -325,3 +325,26 @@ fn a_move_whose_server_failover_unbound_is_failed() {
     let p = run(&pool(true, 2), &hosts, &[Arc::new(unbound)], &["h2"]);
     assert_eq!(records(&p), [("web".into(), MigrationPhase::Failed, "h2".into())]);
 }
+
+#[test]
+fn automatic_consolidation_moves_what_the_pools_plan_says_and_recommend_moves_nothing() {
+    let hosts = [host("h1", 8, false), host("h2", 8, false)];
+    let servers = [server("a", "h1", json!({}), json!({})), server("b", "h2", json!({}), json!({}))];
+    let with_plan = |mode: &str| {
+        let mut p = pool(true, 2);
+        p.spec.consolidation.mode = serde_json::from_value(json!(mode)).unwrap();
+        p.status = Some(
+            serde_json::from_value(json!({"consolidation": {"plannedAt": "2026-01-01T00:00:00Z", "hostsUsed": 2,
+                "plannedHosts": 1, "moves": [{"server": "ns/b", "from": "h2", "to": "h1"}],
+                "emptiedHosts": ["h2"]}}))
+            .unwrap(),
+        );
+        p
+    };
+    let plan = run(&with_plan("Automatic"), &hosts, &servers, &[]);
+    assert_eq!(records(&plan), [("b".to_string(), MigrationPhase::Running, "h1".to_string())]);
+    assert!(run(&with_plan("Recommend"), &hosts, &servers, &[]).actions.is_empty(), "recommend moves nothing");
+    // Once b runs on h1 the plan's move (from h2) asks nothing more.
+    let moved = [server("a", "h1", json!({}), json!({})), server("b", "h1", json!({}), json!({}))];
+    assert!(run(&with_plan("Automatic"), &hosts, &moved, &[]).actions.is_empty());
+}
