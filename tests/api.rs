@@ -270,6 +270,16 @@ fn invalid_cases() -> Vec<Case> {
             "overcommit.memory must be greater than 0 and at most 64",
         ),
         create(
+            "a consolidation window that is no time range",
+            with(host_pool(), json!({"spec": {"consolidation": {"mode": "Automatic", "window": "1am-5am"}}})),
+            "consolidation.window must be HH:MM-HH:MM (UTC), such as 01:00-05:00",
+        ),
+        create(
+            "a consolidation mode covi does not know",
+            with(host_pool(), json!({"spec": {"consolidation": {"mode": "Aggressive"}}})),
+            "supported values: \"Off\", \"Recommend\", \"Automatic\"",
+        ),
+        create(
             "fencing not before lease expiry",
             with(host_pool(), json!({"spec": {"failover": {"leaseDurationSeconds": 10, "fenceAfterSeconds": 10}}})),
             "fenceAfterSeconds plus renewSeconds must not exceed leaseDurationSeconds",

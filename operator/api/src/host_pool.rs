@@ -122,7 +122,7 @@ pub struct HostPoolSpec {
 }
 
 /// How the pool plans consolidation.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Consolidation {
     /// Off (the default); Recommend: plan every interval and report the plan in the
@@ -144,6 +144,27 @@ pub struct Consolidation {
     #[serde(default = "default_consolidation_interval")]
     #[schemars(range(min = 10, max = 604800))]
     pub interval_seconds: u32,
+    /// Automatic mode starts moves only in this daily window, UTC, as "HH:MM-HH:MM"
+    /// (it may pass midnight, e.g. "22:00-04:00"); moves under way finish. Unset: any time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^([01][0-9]|2[0-3]):[0-5][0-9]-([01][0-9]|2[0-3]):[0-5][0-9]$')").message("consolidation.window must be HH:MM-HH:MM (UTC), such as 01:00-05:00"))]
+    pub window: Option<String>,
+}
+
+impl Consolidation {
+    /// Whether automatic moves may start at `now`: inside the window, or no window.
+    pub fn in_window(&self, now: k8s_openapi::jiff::Timestamp) -> bool {
+        let Some(window) = &self.window else { return true };
+        let minutes = |hm: &str| -> Option<i64> {
+            let (h, m) = hm.split_once(':')?;
+            Some(h.parse::<i64>().ok()? * 60 + m.parse::<i64>().ok()?)
+        };
+        let Some((start, end)) = window.split_once('-').and_then(|(a, b)| Some((minutes(a)?, minutes(b)?))) else {
+            return false;
+        };
+        let at = now.as_second().rem_euclid(86_400) / 60;
+        if start <= end { (start..end).contains(&at) } else { at >= start || at < end }
+    }
 }
 
 fn default_target_utilization() -> u32 {
@@ -165,6 +186,7 @@ impl Default for Consolidation {
             target_utilization_percent: default_target_utilization(),
             max_moves: default_max_moves(),
             interval_seconds: default_consolidation_interval(),
+            window: None,
         }
     }
 }
@@ -751,5 +773,23 @@ mod tests {
         // A shorter recording never shortens the pool's own wait.
         let faster = LeaseTimings { lease_duration_seconds: Some(3), fence_after_seconds: Some(2) };
         assert_eq!(pool.loss_after(&faster), secs(13));
+    }
+}
+
+#[cfg(test)]
+mod consolidation_tests {
+    use super::Consolidation;
+    use k8s_openapi::jiff::Timestamp;
+
+    #[test]
+    fn the_window_is_daily_utc_and_may_pass_midnight() {
+        let at =
+            |hh: i64, mm: i64| Timestamp::from_second(1_800_000_000 / 86_400 * 86_400 + hh * 3600 + mm * 60).unwrap();
+        let night = Consolidation { window: Some("22:00-04:00".into()), ..Default::default() };
+        assert!(night.in_window(at(23, 30)) && night.in_window(at(3, 59)));
+        assert!(!night.in_window(at(4, 0)) && !night.in_window(at(12, 0)));
+        let early = Consolidation { window: Some("01:00-05:00".into()), ..Default::default() };
+        assert!(early.in_window(at(1, 0)) && !early.in_window(at(0, 59)) && !early.in_window(at(5, 0)));
+        assert!(Consolidation::default().in_window(at(12, 0)), "no window: any time");
     }
 }

@@ -53,8 +53,9 @@ pub struct Plan {
 
 /// In a pool consolidating automatically, where the pool's current plan moves
 /// `server` from `host` (the plan lives in the pool's status, so a new leader follows it).
-fn consolidation_target(pool: &HostPool, server: &VirtualServer, host: &str) -> Option<String> {
-    if pool.spec.consolidation.mode != covi_api::host_pool::ConsolidationMode::Automatic {
+fn consolidation_target(pool: &HostPool, server: &VirtualServer, host: &str, now: Timestamp) -> Option<String> {
+    let c = &pool.spec.consolidation;
+    if c.mode != covi_api::host_pool::ConsolidationMode::Automatic || !c.in_window(now) {
         return None;
     }
     let plan = pool.status.as_ref()?.consolidation.as_ref()?;
@@ -126,7 +127,7 @@ pub fn plan_moves(view: &PoolView, skip: &BTreeSet<String>, now: Timestamp) -> P
         let status = server.status.clone().unwrap_or_default();
         let pin = server.spec.placement.as_ref().and_then(|p| p.host.clone());
         let in_maintenance = maintenance.contains(&host);
-        let consolidate = consolidation_target(pool, server, &host);
+        let consolidate = consolidation_target(pool, server, &host, now);
 
         // A migration under way follows the protocol.
         if let Some(m) = server.active_migration().filter(|m| m.phase == MigrationPhase::Running) {

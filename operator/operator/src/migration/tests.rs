@@ -344,6 +344,12 @@ fn automatic_consolidation_moves_what_the_pools_plan_says_and_recommend_moves_no
     let plan = run(&with_plan("Automatic"), &hosts, &servers, &[]);
     assert_eq!(records(&plan), [("b".to_string(), MigrationPhase::Running, "h1".to_string())]);
     assert!(run(&with_plan("Recommend"), &hosts, &servers, &[]).actions.is_empty(), "recommend moves nothing");
+    // Outside the pool's window (the test's clock reads 00:00 UTC) nothing starts.
+    let mut closed = with_plan("Automatic");
+    closed.spec.consolidation.window = Some("01:00-05:00".into());
+    assert!(run(&closed, &hosts, &servers, &[]).actions.is_empty(), "outside the window");
+    closed.spec.consolidation.window = Some("23:00-01:00".into());
+    assert_eq!(run(&closed, &hosts, &servers, &[]).actions.len(), 1, "inside it");
     // Once b runs on h1 the plan's move (from h2) asks nothing more.
     let moved = [server("a", "h1", json!({}), json!({})), server("b", "h1", json!({}), json!({}))];
     assert!(run(&with_plan("Automatic"), &hosts, &moved, &[]).actions.is_empty());
