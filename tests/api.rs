@@ -277,7 +277,7 @@ fn invalid_cases() -> Vec<Case> {
         create(
             "a consolidation mode covi does not know",
             with(host_pool(), json!({"spec": {"consolidation": {"mode": "Aggressive"}}})),
-            "supported values: \"Off\", \"Recommend\", \"Automatic\"",
+            "supported values: \"Disabled\", \"Recommend\", \"Automatic\"",
         ),
         create(
             "fencing not before lease expiry",

@@ -8,6 +8,7 @@ use covi_api::{HostPool, VirtualServer};
 use covi_tests::fleet::{Fleet, apply_server};
 use covi_tests::{SERIAL, admin, install_crds, namespace, wait_until};
 use k8s_openapi::api::core::v1::Event;
+use kube::Client;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::{Value, json};
 
@@ -27,32 +28,38 @@ fn usage(busy: u32, from: u8, to: u8) -> Value {
         "memory": {"mean": 400, "p95": 400}, "profile": profile}}})
 }
 
-#[tokio::test]
-async fn a_day_and_a_night_server_are_planned_onto_one_host_and_nothing_moves() {
-    let _turn = SERIAL.lock().await;
+/// Two hosts of 4 CPUs, a pool that may allocate 8 vCPUs on each, and two running
+/// servers, "office" (busy by day) and "batch" (busy by night), one per host (Spread).
+async fn scene(id: &str) -> (Client, Fleet, String, Api<VirtualServer>) {
     let client = admin().await;
     install_crds(&client).await;
-    let ns = namespace(&client, "consolidate").await;
-    let mut fleet = Fleet::new(&client, "consolidate").await;
+    let ns = namespace(&client, id).await;
+    let mut fleet = Fleet::new(&client, id).await;
     let pool = fleet.apply_pool(&client, json!({"overcommit": {"cpu": 2}})).await;
     fleet.start_agent(1, 4, 8);
     fleet.start_agent(2, 4, 8);
     fleet.start_operator();
     fleet.wait_pool_ready(&client, &pool, 2).await;
     let servers: Api<VirtualServer> = Api::namespaced(client.clone(), &ns);
-    // Spread: one server per host.
     for name in ["office", "batch"] {
         apply_server(&servers, name, &pool, json!({})).await;
         fleet.wait_server(&servers, name, "to run", DEADLINE, |s| s.is_ready()).await;
     }
+    // Busy by day and by night: 3 of a host's 4 CPUs each, never at once.
+    let agent = PatchParams::apply("covi-agent-usage").force();
+    servers.patch_status("office", &agent, &Patch::Apply(usage(3000, 8, 18))).await.expect("office usage");
+    servers.patch_status("batch", &agent, &Patch::Apply(usage(3000, 20, 6))).await.expect("batch usage");
+    (client, fleet, pool, servers)
+}
+
+#[tokio::test]
+async fn a_day_and_a_night_server_are_planned_onto_one_host_and_nothing_moves() {
+    let _turn = SERIAL.lock().await;
+    let (client, _fleet, pool, servers) = scene("consolidate").await;
     let host_of = |s: &VirtualServer| s.status.as_ref().and_then(|st| st.host.clone());
     let before: Vec<_> =
         [servers.get("office").await.unwrap(), servers.get("batch").await.unwrap()].iter().map(host_of).collect();
     assert_ne!(before[0], before[1], "spread over both hosts");
-    let agent = PatchParams::apply("covi-agent-usage").force();
-    // Busy by day and by night: 3 of a host's 4 CPUs each, never at once.
-    servers.patch_status("office", &agent, &Patch::Apply(usage(3000, 8, 18))).await.expect("office usage");
-    servers.patch_status("batch", &agent, &Patch::Apply(usage(3000, 20, 6))).await.expect("batch usage");
 
     let pools: Api<HostPool> = Api::all(client.clone());
     let recommend = json!({"spec": {"consolidation": {"mode": "Recommend", "intervalSeconds": 10}}});
@@ -64,6 +71,7 @@ async fn a_day_and_a_night_server_are_planned_onto_one_host_and_nothing_moves() 
     .await;
     assert_eq!((plan.hosts_used, plan.moves.len(), plan.emptied_hosts.len(), plan.without_profile), (2, 1, 1, 0));
     let m = &plan.moves[0];
+    let ns = servers.namespace().unwrap_or_default();
     assert!(m.server.starts_with(&format!("{ns}/")) && m.from != m.to, "{m:?}");
     let events: Api<Event> = Api::all(client.clone());
     let planned = wait_until("the ConsolidationPlanned Event", DEADLINE, || async {
@@ -79,6 +87,7 @@ async fn a_day_and_a_night_server_are_planned_onto_one_host_and_nothing_moves() 
     assert_eq!(after, before);
 
     // Both busy by day: no host can be freed, and the next plan says so.
+    let agent = PatchParams::apply("covi-agent-usage").force();
     servers.patch_status("batch", &agent, &Patch::Apply(usage(3000, 9, 17))).await.expect("batch by day");
     let plan = wait_until("a plan with both hosts", DEADLINE, || async {
         let c = pools.get(&pool).await.ok()?.status?.consolidation?;
@@ -93,23 +102,7 @@ async fn a_day_and_a_night_server_are_planned_onto_one_host_and_nothing_moves() 
 #[tokio::test]
 async fn automatic_consolidation_empties_a_host_without_a_double_run() {
     let _turn = SERIAL.lock().await;
-    let client = admin().await;
-    install_crds(&client).await;
-    let ns = namespace(&client, "autoconsol").await;
-    let mut fleet = Fleet::new(&client, "autoconsol").await;
-    let pool = fleet.apply_pool(&client, json!({"overcommit": {"cpu": 2}})).await;
-    fleet.start_agent(1, 4, 8);
-    fleet.start_agent(2, 4, 8);
-    fleet.start_operator();
-    fleet.wait_pool_ready(&client, &pool, 2).await;
-    let servers: Api<VirtualServer> = Api::namespaced(client.clone(), &ns);
-    for name in ["office", "batch"] {
-        apply_server(&servers, name, &pool, json!({})).await;
-        fleet.wait_server(&servers, name, "to run", DEADLINE, |s| s.is_ready()).await;
-    }
-    let agent = PatchParams::apply("covi-agent-usage").force();
-    servers.patch_status("office", &agent, &Patch::Apply(usage(3000, 8, 18))).await.expect("office usage");
-    servers.patch_status("batch", &agent, &Patch::Apply(usage(3000, 20, 6))).await.expect("batch usage");
+    let (client, fleet, pool, servers) = scene("autoconsol").await;
     let hosts_map = (1..=2)
         .map(|n| (fleet.host_name(n), fleet.agents[n - 1].log.clone()))
         .collect::<std::collections::BTreeMap<_, _>>();

@@ -60,6 +60,7 @@ async fn the_rendered_chart_is_accepted_by_the_api_server() {
     let want = [
         "ClusterRole",
         "ClusterRoleBinding",
+        "ConfigMap",
         "CustomResourceDefinition",
         "DaemonSet",
         "Deployment",
@@ -74,6 +75,17 @@ async fn the_rendered_chart_is_accepted_by_the_api_server() {
         "ValidatingAdmissionPolicyBinding",
     ];
     assert_eq!(kinds(&all), want, "what the chart installs by default");
+    // The Grafana dashboard: a ConfigMap with the sidecar's label and JSON that parses.
+    let dashboard = serde_yaml::Deserializer::from_str(&all)
+        .filter_map(|d| <serde_json::Value as serde::Deserialize>::deserialize(d).ok())
+        .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == "covi-dashboard")
+        .expect("the dashboard ConfigMap");
+    assert_eq!(dashboard["metadata"]["labels"]["grafana_dashboard"], "1");
+    let board: serde_json::Value =
+        serde_json::from_str(dashboard["data"]["covi.json"].as_str().unwrap_or_default()).expect("dashboard JSON");
+    assert!(board["panels"].as_array().is_some_and(|p| p.len() > 5), "{board}");
+    let without = helm_template(&ns, &["grafanaDashboard.enabled=false"]);
+    assert!(!kinds(&without).contains(&"ConfigMap".to_string()), "the dashboard can be left out");
     let out = dry_run("helm template (defaults)", &all);
     assert!(out.contains("daemonset.apps/covi-agent serverside-applied (server dry run)"), "{out}");
     assert!(out.contains("validatingadmissionpolicy.admissionregistration.k8s.io/covi-agent-own-host"), "{out}");

@@ -223,13 +223,13 @@ async fn serve(
         node: config.node_name.clone(),
         hypervisor: hypervisor.clone(),
         servers: servers.clone(),
-        hosts_cpus: facts.cpus,
+        host_cpus: facts.cpus,
         metrics: metrics.usage.clone(),
         collect_seconds: metrics.usage_collect_seconds.clone(),
         sample_every: config.usage_sample,
         interval: config.usage_interval,
     };
-    tokio::spawn(usage.run());
+    tokio::spawn(Arc::new(usage).run());
 
     let reporter = Reporter { controller: "covi-agent".into(), instance: Some(config.node_name.clone()) };
     let ctx = Arc::new(Context {

@@ -112,7 +112,7 @@ pub struct HostPoolSpec {
     pub migration: MigrationPolicy,
 
     /// Consolidation: planning fewer hosts from the servers' daily usage profiles
-    /// (docs/consolidation.md). Off unless asked for.
+    /// (docs/consolidation.md). Disabled unless asked for.
     #[serde(default)]
     pub consolidation: Consolidation,
 
@@ -125,7 +125,7 @@ pub struct HostPoolSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Consolidation {
-    /// Off (the default); Recommend: plan every interval and report the plan in the
+    /// Disabled (the default); Recommend: plan every interval and report the plan in the
     /// pool's status and an Event, moving nothing; Automatic: also carry the plan's
     /// moves out through live migration (migration.maxConcurrent at a time) and mark
     /// the hosts it empties (label covi.io/consolidation=free, condition Freed).
@@ -182,7 +182,7 @@ fn default_consolidation_interval() -> u32 {
 impl Default for Consolidation {
     fn default() -> Self {
         Consolidation {
-            mode: ConsolidationMode::Off,
+            mode: ConsolidationMode::Disabled,
             target_utilization_percent: default_target_utilization(),
             max_moves: default_max_moves(),
             interval_seconds: default_consolidation_interval(),
@@ -194,8 +194,9 @@ impl Default for Consolidation {
 /// Whether a pool plans consolidation.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum ConsolidationMode {
+    // Not "Off": YAML 1.1 (kubectl, Helm) reads an unquoted Off as the boolean false.
     #[default]
-    Off,
+    Disabled,
     Recommend,
     Automatic,
 }

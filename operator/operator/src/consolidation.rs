@@ -28,7 +28,7 @@ impl Consolidator {
     /// Whether `pool` asks for a plan now.
     pub fn due(&mut self, pool: &HostPool) -> bool {
         let c = &pool.spec.consolidation;
-        if c.mode == ConsolidationMode::Off {
+        if c.mode == ConsolidationMode::Disabled {
             self.last.remove(&pool.name_any());
             return false;
         }

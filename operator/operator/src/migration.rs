@@ -206,8 +206,10 @@ pub fn plan_moves(view: &PoolView, skip: &BTreeSet<String>, now: Timestamp) -> P
             host_selector: placement_spec.host_selector.clone(),
             pinned_host: target.clone(),
             high_availability: server.spec.high_availability,
-            // Moving is not admission: reserve_hosts does not hold it back.
-            failover: true,
+            // Moving is not admission: reserve_hosts does not hold back maintenance or a
+            // person's pin. A consolidation move is covi's own choice: it must keep the
+            // N+1 reserve when it starts, not only when it was planned.
+            failover: pin.is_some() || in_maintenance,
         };
         // The source is excluded: in maintenance it is cordoned, and a pin names another host.
         let mut trial = placement.clone();

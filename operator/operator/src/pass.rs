@@ -559,7 +559,9 @@ impl Scheduler {
         }
         self.writer.apply_each(writes).await;
         // Hosts automatic consolidation emptied: a label and a condition, each pass.
-        for pool in pools.iter().filter(|p| p.spec.consolidation.mode != covi_api::host_pool::ConsolidationMode::Off) {
+        for pool in
+            pools.iter().filter(|p| p.spec.consolidation.mode != covi_api::host_pool::ConsolidationMode::Disabled)
+        {
             let members: Vec<_> = hosts.iter().filter(|h| in_pool(pools, pool, h)).cloned().collect();
             for (host, freed, condition, note) in
                 crate::consolidation::freed_marks(pool, &members, servers, &self.assumed, now)

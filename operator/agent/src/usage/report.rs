@@ -26,7 +26,7 @@ pub struct UsageLoop {
     pub node: String,
     pub hypervisor: Libvirt,
     pub servers: Store<VirtualServer>,
-    pub hosts_cpus: u32,
+    pub host_cpus: u32,
     pub metrics: UsageMetrics,
     pub collect_seconds: Histogram,
     pub sample_every: Duration,
@@ -34,7 +34,17 @@ pub struct UsageLoop {
 }
 
 impl UsageLoop {
-    pub async fn run(self) {
+    /// A fixed delay per host, up to a tenth of the interval (at most 5 minutes), before
+    /// it writes an interval's usage: every host's interval ends at the same moment, and
+    /// a fleet writing all at once would be a burst of one write per server.
+    fn spread(&self) -> Duration {
+        let h =
+            self.node.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        let window = (self.interval / 10).min(Duration::from_secs(300)).as_millis() as u64;
+        Duration::from_millis(h % window.max(1))
+    }
+
+    pub async fn run(self: Arc<Self>) {
         let mut tracker = Tracker::new(self.interval.as_secs());
         let mut tick = tokio::time::interval(self.sample_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -70,10 +80,14 @@ impl UsageLoop {
                 host: self.node.clone(),
                 servers: labelled,
                 counters: collection.host,
-                cpus: self.hosts_cpus,
+                cpus: self.host_cpus,
             });
             if let Some(done) = tracker.observe(&collection) {
-                self.write(&done, &servers).await;
+                let this = self.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(this.spread()).await;
+                    this.write(&done, &servers).await;
+                });
             }
         }
     }

@@ -354,3 +354,29 @@ fn automatic_consolidation_moves_what_the_pools_plan_says_and_recommend_moves_no
     let moved = [server("a", "h1", json!({}), json!({})), server("b", "h1", json!({}), json!({}))];
     assert!(run(&with_plan("Automatic"), &hosts, &moved, &[]).actions.is_empty());
 }
+
+#[test]
+fn a_consolidation_move_keeps_the_failover_reserve_when_it_starts() {
+    // Two hosts of 2 CPUs, one highly-available server each: moving b onto h1 would
+    // leave too little room to restart h1's servers if it were lost.
+    let hosts = [host("h1", 2, false), host("h2", 2, false)];
+    let ha = json!({"highAvailability": true});
+    let servers = [server("a", "h1", ha.clone(), json!({})), server("b", "h2", ha, json!({}))];
+    let mut p = pool(true, 2);
+    p.spec.failover.reserve_hosts = 1;
+    p.spec.consolidation.mode = covi_api::host_pool::ConsolidationMode::Automatic;
+    p.status = Some(
+        serde_json::from_value(json!({"consolidation": {"plannedAt": "2026-01-01T00:00:00Z", "hostsUsed": 2,
+            "plannedHosts": 1, "moves": [{"server": "ns/b", "from": "h2", "to": "h1"}]}}))
+        .unwrap(),
+    );
+    let plan = run(&p, &hosts, &servers, &[]);
+    let (_, action) = plan.actions.first().expect("a record");
+    match action {
+        Action::Record(m) => {
+            assert_eq!((m.phase, m.target.as_str()), (MigrationPhase::Pending, "h1"));
+            assert!(m.reason.as_deref().is_some_and(|r| r.starts_with("FailoverReserve")), "{m:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
