@@ -532,7 +532,8 @@ impl Scheduler {
 }
 
 impl Scheduler {
-    /// Recommend mode: the plan of every pool that asks and is due, in its status.
+    /// Consolidation: the plan of every pool that asks and is due, in its status (the
+    /// migration planner carries out an automatic pool's moves), and the Freed marks.
     async fn consolidate(
         &mut self,
         pools: &[Arc<HostPool>],
