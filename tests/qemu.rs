@@ -432,3 +432,72 @@ async fn a_target_failing_after_a_live_hand_off_keeps_the_guest() {
     sampler.assert_never_twice().await;
     covi_tests::delete_and_wait(&api, "guest", DEADLINE).await;
 }
+
+/// Automatic consolidation on real libvirt daemons: two guests with day and night
+/// profiles on two hosts end up on one, moved live by the migration path, never
+/// running twice, and the emptied host is marked free.
+#[tokio::test]
+async fn automatic_consolidation_moves_a_guest_live_and_frees_its_host() {
+    let _turn = SERIAL.lock().await;
+    let LiveBed { fleet, pool, api, conns, hosts: [h1, h2] } = live_bed("live-consolidate").await;
+    for name in ["office", "batch"] {
+        apply_server(&api, name, &pool, json!({})).await;
+        fleet.wait_server(&api, name, "to run", DEADLINE, ready).await;
+    }
+    let host_of = |s: &VirtualServer| s.status.as_ref().and_then(|st| st.host.clone());
+    let before = [api.get("office").await.unwrap(), api.get("batch").await.unwrap()];
+    assert_ne!(host_of(&before[0]), host_of(&before[1]), "spread over both hosts");
+    // Busy by day and by night: 1.2 of a host's 2 CPUs each, never at once.
+    let profile = |from: u8, to: u8| {
+        let hours: Vec<_> = (0..24u8)
+            .map(|h| {
+                let on = if from < to { h >= from && h < to } else { h >= from || h < to };
+                json!({"hour": h, "cpu": [if on { 1200 } else { 100 }], "memory": [200]})
+            })
+            .collect();
+        json!({"apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer", "status": {"usage": {
+            "intervalSeconds": 3600, "samples": 360, "cpu": {"mean": 100, "p95": 100},
+            "memory": {"mean": 200, "p95": 200}, "profile": hours}}})
+    };
+    let usage = PatchParams::apply("covi-agent-usage").force();
+    api.patch_status("office", &usage, &Patch::Apply(profile(8, 18))).await.expect("office usage");
+    api.patch_status("batch", &usage, &Patch::Apply(profile(20, 6))).await.expect("batch usage");
+    let (a, b) = peer_sockets();
+    let daemons = [(h1.clone(), a), (h2.clone(), b)].map(|(h, s)| (h, format!("qemu+unix:///system?socket={s}")));
+    let sampler = covi_tests::sampler::Sampler::on_daemons(daemons.into());
+
+    let client = admin().await;
+    let pools: Api<covi_api::HostPool> = Api::all(client.clone());
+    let automatic = json!({"spec": {"consolidation": {"mode": "Automatic", "intervalSeconds": 10}}});
+    pools.patch(&pool, &PatchParams::default(), &Patch::Merge(&automatic)).await.expect("automatic");
+    let (moved, target) = wait_until("one guest moved live onto the other's host", DEADLINE * 3, || async {
+        let (o, b) = (api.get("office").await.ok()?, api.get("batch").await.ok()?);
+        let together = ready(&o) && ready(&b) && host_of(&o).is_some() && host_of(&o) == host_of(&b);
+        let moved = [o, b].into_iter().find(|s| {
+            s.status.as_ref().and_then(|st| st.migration.as_ref()).is_some_and(|m| {
+                m.phase == covi_api::virtual_server::MigrationPhase::Succeeded && m.mode.as_deref() == Some("Live")
+            })
+        })?;
+        together.then(|| (moved.clone(), host_of(&moved).unwrap_or_default()))
+    })
+    .await;
+    let uid = moved.uid().expect("uid");
+    let conn = if target == h1 { &conns[0] } else { &conns[1] };
+    let (_, reason) = conn.lookup_domain_by_uuid_string(&uid).expect("on the target").state().expect("state");
+    assert!(format!("{reason:?}").contains("Migrated"), "the same guest, moved live: {reason:?}");
+    let freed = if target == h1 { &h2 } else { &h1 };
+    let hosts: Api<covi_api::Host> = Api::all(client);
+    wait_until("the emptied host marked free", DEADLINE, || async {
+        let h = hosts.get(freed).await.ok()?;
+        let label = h.metadata.labels.as_ref()?.get("covi.io/consolidation").cloned();
+        let c = covi_api::condition::find_condition(&h.status.as_ref()?.conditions, "Freed")?.clone();
+        (label.as_deref() == Some("free") && c.status == "True").then_some(())
+    })
+    .await;
+    sampler.assert_never_twice().await;
+    let disabled = json!({"spec": {"consolidation": {"mode": "Disabled"}}});
+    pools.patch(&pool, &PatchParams::default(), &Patch::Merge(&disabled)).await.expect("disable");
+    for name in ["office", "batch"] {
+        covi_tests::delete_and_wait(&api, name, DEADLINE).await;
+    }
+}
