@@ -86,7 +86,7 @@ impl UsageLoop {
                 let this = self.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(this.spread()).await;
-                    this.write(&done, &servers).await;
+                    this.write(&done).await;
                 });
             }
         }
@@ -94,12 +94,18 @@ impl UsageLoop {
 
     /// One write per measured server and one for the Host, in sequence (spreading an
     /// hour's writes of a full host over a few seconds rather than a burst).
-    async fn write(&self, done: &Completed, servers: &HashMap<String, Arc<VirtualServer>>) {
+    async fn write(&self, done: &Completed) {
         let sampled_at = Time(Timestamp::from_second(done.ended_at as i64).unwrap_or_else(|_| Timestamp::now()));
         let mut written = 0;
+        // Read again now: the write comes a while after the interval ended.
+        let now: HashMap<String, Arc<VirtualServer>> =
+            self.servers.state().into_iter().filter_map(|s| Some((s.uid()?, s))).collect();
         for (uuid, (cpu, memory, samples)) in &done.domains {
-            // Gone or moved away before the interval ended: its new host reports it.
-            let Some(server) = servers.get(uuid) else { continue };
+            // Gone or moved away since: its new host reports it (one write per interval).
+            let Some(server) = now.get(uuid) else { continue };
+            if server.status.as_ref().and_then(|s| s.host.as_deref()) != Some(self.node.as_str()) {
+                continue;
+            }
             let previous = server.status.as_ref().and_then(|s| s.usage.clone());
             let usage = self.next(previous, done, (*cpu, *memory, *samples), &sampled_at);
             let api: Api<VirtualServer> = Api::namespaced(self.client.clone(), &server.namespace().unwrap_or_default());
