@@ -138,4 +138,15 @@ async fn automatic_consolidation_empties_a_host_without_a_double_run() {
         "moved by the migration path: {record:?}"
     );
     sampler.assert_never_twice().await;
+
+    // Consolidation switched off: the marks go.
+    let disabled = json!({"spec": {"consolidation": {"mode": "Disabled"}}});
+    pools.patch(&pool, &PatchParams::default(), &Patch::Merge(&disabled)).await.expect("disable");
+    wait_until("the free mark taken back", DEADLINE, || async {
+        let h = hosts.get(&freed_name).await.ok()?;
+        let labelled = h.metadata.labels.as_ref().is_some_and(|l| l.contains_key("covi.io/consolidation"));
+        let c = covi_api::condition::find_condition(&h.status.as_ref()?.conditions, "Freed")?.clone();
+        (!labelled && c.status == "False").then_some(())
+    })
+    .await;
 }

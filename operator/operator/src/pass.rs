@@ -559,11 +559,21 @@ impl Scheduler {
             writes.push(((), pool.clone(), write, note));
         }
         self.writer.apply_each(writes).await;
-        // Hosts automatic consolidation emptied: a label and a condition, each pass.
-        for pool in
-            pools.iter().filter(|p| p.spec.consolidation.mode != covi_api::host_pool::ConsolidationMode::Disabled)
-        {
+        // Hosts automatic consolidation emptied: a label and a condition, each pass; a
+        // pool that stopped consolidating has its marks taken back.
+        for pool in pools {
             let members: Vec<_> = hosts.iter().filter(|h| in_pool(pools, pool, h)).cloned().collect();
+            let marked = |h: &Arc<Host>| {
+                h.labels().contains_key(covi_api::contract::FREED_LABEL)
+                    || h.status.as_ref().is_some_and(|s| {
+                        covi_api::condition::find_condition(&s.conditions, covi_api::contract::condition_type::FREED)
+                            .is_some_and(|c| c.status == "True")
+                    })
+            };
+            let disabled = pool.spec.consolidation.mode == covi_api::host_pool::ConsolidationMode::Disabled;
+            if disabled && !members.iter().any(marked) {
+                continue;
+            }
             for (host, freed, condition, note) in
                 crate::consolidation::freed_marks(pool, &members, servers, &self.assumed, now)
             {
