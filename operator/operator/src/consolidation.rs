@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use covi_api::host_pool::{ConsolidationMode, ConsolidationStatus, PlannedMove};
 use covi_api::virtual_server::VirtualServerPhase;
 use covi_api::{Host, HostPool, VirtualServer};
-use covi_placement::Demand;
 use covi_placement::consolidate::{HOURS, Input, Server, Use, plan};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -62,16 +61,7 @@ pub fn recommend(
         .filter_map(|s| {
             let host = bound_host(s, assumed).filter(|h| names.contains(*h))?;
             let size = pool.size_of(&s.spec).ok()?;
-            let placement = s.spec.placement.clone().unwrap_or_default();
-            let demand = Demand {
-                cpus: size.cpus,
-                memory_mib: size.memory_mib,
-                anti_affinity_group: placement.anti_affinity_group,
-                host_selector: placement.host_selector,
-                pinned_host: placement.host,
-                high_availability: s.spec.high_availability,
-                failover: false,
-            };
+            let demand = crate::scheduler::demand(s, &size, false);
             let status = s.status.as_ref();
             let profile = status.and_then(|st| st.usage.as_ref()).filter(|u| !u.profile.is_empty());
             if profile.is_none() {

@@ -198,18 +198,12 @@ pub fn plan_moves(view: &PoolView, skip: &BTreeSet<String>, now: Timestamp) -> P
             continue;
         }
         let Ok(size) = pool.size_of(&server.spec) else { continue };
-        let placement_spec = server.spec.placement.clone().unwrap_or_default();
+        // Moving is not admission: reserve_hosts does not hold back maintenance or a
+        // person's pin. A consolidation move is covi's own choice: it must keep the
+        // N+1 reserve when it starts, not only when it was planned.
         let demand = Demand {
-            cpus: size.cpus,
-            memory_mib: size.memory_mib,
-            anti_affinity_group: placement_spec.anti_affinity_group.clone(),
-            host_selector: placement_spec.host_selector.clone(),
             pinned_host: target.clone(),
-            high_availability: server.spec.high_availability,
-            // Moving is not admission: reserve_hosts does not hold back maintenance or a
-            // person's pin. A consolidation move is covi's own choice: it must keep the
-            // N+1 reserve when it starts, not only when it was planned.
-            failover: pin.is_some() || in_maintenance,
+            ..crate::scheduler::demand(server, &size, pin.is_some() || in_maintenance)
         };
         // The source is excluded: in maintenance it is cordoned, and a pin names another host.
         let mut trial = placement.clone();

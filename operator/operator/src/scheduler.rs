@@ -111,6 +111,21 @@ pub fn holds(pool: &HostPool, server: &VirtualServer, host: &str) -> Vec<Bound> 
     held
 }
 
+/// What `server` of `size` asks of a host: its size and its placement rules, pinned
+/// to `spec.placement.host` if set.
+pub fn demand(server: &VirtualServer, size: &covi_api::host_pool::Size, failover: bool) -> Demand {
+    let placement = server.spec.placement.clone().unwrap_or_default();
+    Demand {
+        cpus: size.cpus,
+        memory_mib: size.memory_mib,
+        anti_affinity_group: placement.anti_affinity_group,
+        host_selector: placement.host_selector,
+        pinned_host: placement.host,
+        high_availability: server.spec.high_availability,
+        failover,
+    }
+}
+
 /// Where a server is bound: a binding written but not yet seen wins over the status.
 pub fn bound_host<'a>(server: &'a VirtualServer, assumed: &'a HashMap<String, Assumed>) -> Option<&'a str> {
     server
@@ -307,16 +322,7 @@ fn decide(
             Err(e) => return Decision::Pending { reason: e.reason, message: e.message },
         },
     };
-    let placement_spec = spec.placement.clone().unwrap_or_default();
-    let demand = Demand {
-        cpus: size.cpus,
-        memory_mib: size.memory_mib,
-        anti_affinity_group: placement_spec.anti_affinity_group,
-        host_selector: placement_spec.host_selector,
-        pinned_host: placement_spec.host,
-        high_availability: spec.high_availability,
-        failover,
-    };
+    let demand = demand(server, &size, failover);
     match placement.place(&demand) {
         Ok(host) => {
             used.insert(address);
