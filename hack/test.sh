@@ -35,7 +35,7 @@ if [ "${#custom[@]}" -gt 0 ]; then
     for t in $asked; do
       case "$t" in
         api | argocd_health | consolidation | domain_xml | failover | install | kstatus | migration | requests | servers) ;;
-        qemu | disk_leases | usage) needs_libvirtd=1 ;;
+        qemu | disk_leases | usage | console) needs_libvirtd=1 ;;
         node) needs_libvirtd=1 needs_node=1 ;;
         *) needs_libvirtd=1 needs_xen=1 needs_node=1 ;;
       esac
@@ -102,6 +102,9 @@ phase "start control plane"
 { ls -dt "$COVI_CACHE"/testbed/test-* 2>/dev/null || true; } | tail -n +3 | xargs -r rm -rf
 testbed_start "$COVI_CACHE/testbed/test-$$"
 echo "test bed: $COVI_APISERVER (state in $COVI_TESTBED_DIR)"
+# As root the node's address exists from here on: the API server reaches aggregated
+# APIs served by test processes there (tests/console.rs).
+[ "$(id -u)" = 0 ] && export COVI_NODE_IP
 
 if [ "$needs_libvirtd" = 1 ]; then
   phase "start libvirtd"

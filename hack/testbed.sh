@@ -66,14 +66,21 @@ _testbed_certs() {
   _testbed_sign "$d" apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client"
   # The garbage collector must read and delete any kind, covi's included.
   _testbed_sign "$d" controller-manager "/O=system:masters/CN=system:kube-controller-manager"
+  # The aggregation layer: the API server proxies requests for aggregated APIs (covi's
+  # console) with this client certificate, from a CA of its own, and the user's name in
+  # X-Remote-* headers that the aggregated server trusts only from that CA.
+  openssl req -x509 -newkey rsa:2048 -nodes -days 7 -subj "/CN=covi-testbed-front-proxy-ca" \
+    -keyout "$d/front-proxy-ca.key" -out "$d/front-proxy-ca.crt" 2>/dev/null
+  CA=front-proxy-ca _testbed_sign "$d" front-proxy-client "/CN=front-proxy-client"
   openssl genrsa -out "$d/sa.key" 2048 2>/dev/null
   openssl rsa -in "$d/sa.key" -pubout -out "$d/sa.pub" 2>/dev/null
 }
 
 # _testbed_sign DIR NAME SUBJECT [SUBJECT_ALT_NAMES]: a key and an X.509 v3 certificate
-# signed by the CA; a server certificate when SANs are given, else a client one.
+# signed by the CA (DIR/$CA, default ca); a server certificate when SANs are given, else
+# a client one.
 _testbed_sign() {
-  local d=$1 name=$2 subject=$3 sans=${4:-} ext
+  local d=$1 name=$2 subject=$3 sans=${4:-} ext ca=${CA:-ca}
   ext="basicConstraints=CA:FALSE
 keyUsage=digitalSignature,keyEncipherment"
   if [ -n "$sans" ]; then
@@ -83,7 +90,7 @@ keyUsage=digitalSignature,keyEncipherment"
   fi
   openssl req -newkey rsa:2048 -nodes -subj "$subject" \
     -keyout "$d/$name.key" -out "$d/$name.csr" 2>/dev/null
-  openssl x509 -req -in "$d/$name.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial \
+  openssl x509 -req -in "$d/$name.csr" -CA "$d/$ca.crt" -CAkey "$d/$ca.key" -CAcreateserial \
     -days 7 -out "$d/$name.crt" -extfile <(echo "$ext") 2>/dev/null
 }
 
@@ -158,6 +165,14 @@ testbed_start() {
     --service-account-signing-key-file "$d/certs/sa.key" \
     --service-cluster-ip-range 10.0.0.0/24 \
     --allow-privileged=true \
+    --requestheader-client-ca-file "$d/certs/front-proxy-ca.crt" \
+    --requestheader-allowed-names front-proxy-client \
+    --requestheader-username-headers X-Remote-User \
+    --requestheader-group-headers X-Remote-Group \
+    --requestheader-extra-headers-prefix X-Remote-Extra- \
+    --proxy-client-cert-file "$d/certs/front-proxy-client.crt" \
+    --proxy-client-key-file "$d/certs/front-proxy-client.key" \
+    --enable-aggregator-routing=true \
     --enable-admission-plugins NodeRestriction
 
   testbed_kubeconfig admin

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use covi_api::VirtualServer;
 use covi_tests::fleet::{Fleet, scrape};
-use covi_tests::guests::{apply_server, fixtures_in, qemu_pool};
+use covi_tests::guests::{apply_server, fixtures_in, guest_files, qemu_pool};
 use covi_tests::{SERIAL, admin, install_crds, kubectl_covi, namespace, wait_until};
 use kube::api::Api;
 use serde_json::{Value, json};
@@ -17,18 +17,6 @@ const STORAGE_POOL: &str = "covi-test-usage";
 const DEADLINE: Duration = Duration::from_secs(180);
 /// The agent samples every 2 s and summarizes every 20 s (an "hour" of the profile).
 const AGENT_FLAGS: &[&str] = &["--usage-sample-seconds=2", "--usage-interval-seconds=20", "--stop-grace-seconds=3"];
-
-/// The test guest's kernel and initramfs, copied where libvirt's QEMU may read them.
-fn guest_files() -> (String, String) {
-    let dir = std::env::var("COVI_GUEST_DIR")
-        .unwrap_or_else(|_| panic!("COVI_GUEST_DIR is unset: run through hack/test.sh, which builds the guest"));
-    let target = "/var/lib/covi-test/guest";
-    std::fs::create_dir_all(target).expect("guest folder");
-    for f in ["vmlinuz", "initrd.img"] {
-        std::fs::copy(format!("{dir}/{f}"), format!("{target}/{f}")).unwrap_or_else(|e| panic!("copying {f}: {e}"));
-    }
-    (format!("{target}/vmlinuz"), format!("{target}/initrd.img"))
-}
 
 /// The value of the series `name` whose labels include `server="NAME"`-style `labels`.
 fn sample(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {

@@ -182,7 +182,13 @@ impl Fleet {
     }
 
     pub fn start_operator(&mut self) {
-        let args = self.operator_args(&format!("{}-operator", self.id), 5);
+        self.start_operator_with(&[]);
+    }
+
+    /// Starts the operator with `extra` flags after the usual ones.
+    pub fn start_operator_with(&mut self, extra: &[&str]) {
+        let mut args = self.operator_args(&format!("{}-operator", self.id), 5);
+        args.extend(extra.iter().map(|s| s.to_string()));
         self.operator = Some(Process::spawn(&format!("{}-operator", self.id), bin("covi-operator"), args));
     }
 

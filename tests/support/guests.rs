@@ -91,3 +91,16 @@ pub fn testbed_env(var: &str) -> String {
         panic!("{var} is unset: run through hack/test.sh as root, which starts the libvirt peers and the node")
     })
 }
+
+/// The test guest's kernel and initramfs (hack/guest.sh), copied where libvirt's QEMU
+/// may read them.
+pub fn guest_files() -> (String, String) {
+    let dir = std::env::var("COVI_GUEST_DIR")
+        .unwrap_or_else(|_| panic!("COVI_GUEST_DIR is unset: run through hack/test.sh, which builds the guest"));
+    let target = "/var/lib/covi-test/guest";
+    std::fs::create_dir_all(target).expect("guest folder");
+    for f in ["vmlinuz", "initrd.img"] {
+        std::fs::copy(format!("{dir}/{f}"), format!("{target}/{f}")).unwrap_or_else(|e| panic!("copying {f}: {e}"));
+    }
+    (format!("{target}/vmlinuz"), format!("{target}/initrd.img"))
+}

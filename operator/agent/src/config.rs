@@ -47,6 +47,10 @@ pub const USAGE: &str = "usage: covi-agent --node-name NAME [options]
                           N seconds and write it to each server's and the Host's status once
                           per interval (default 3600: one hour; shorter only in test beds,
                           where an hour of the profile is then N seconds)
+  --console-addr ADDR     serve the guests' serial consoles to covi-operator here, mutual TLS with
+                          certificates of covi's console CA (Secret covi-console-agent in
+                          --namespace); reported in the Host's status as host:port, with
+                          --address as the host when ADDR is 0.0.0.0 (default: no console)
   --unsafe-migration      labs only: live-migrate even where libvirt cannot tell that the
                           disks are on shared storage (VIR_MIGRATE_UNSAFE), e.g. two
                           libvirt daemons on one machine sharing a local folder";
@@ -76,6 +80,8 @@ pub struct Config {
     pub usage_sample: Duration,
     /// The interval usage is summarized and written over (an hour).
     pub usage_interval: Duration,
+    /// Where consoles are served, if they are.
+    pub console_addr: Option<SocketAddr>,
 }
 
 /// The live-migration peer URI template that matches a local libvirt URI: the same
@@ -121,6 +127,7 @@ impl Config {
         let mut fleet = None;
         let mut usage_sample = Duration::from_secs(10);
         let mut usage_interval = Duration::from_secs(3600);
+        let mut console_addr = None;
 
         let mut flags = Flags::new(args, USAGE);
         while let Some(flag) = flags.next_flag().map_err(Error::Config)? {
@@ -144,6 +151,7 @@ impl Config {
                 "--domains-endpoint" => domains_endpoint = true,
                 "--usage-sample-seconds" => usage_sample = flags.seconds(&flag).map_err(Error::Config)?,
                 "--usage-interval-seconds" => usage_interval = flags.seconds(&flag).map_err(Error::Config)?,
+                "--console-addr" => console_addr = Some(flags.address(&flag).map_err(Error::Config)?),
                 "--fleet" => fleet = Some(PathBuf::from(flags.value(&flag).map_err(Error::Config)?)),
                 _ => return Err(Error::Config(flags.unknown(&flag))),
             }
@@ -167,6 +175,14 @@ impl Config {
                 usage_sample.as_secs()
             )));
         }
+        if let Some(addr) = console_addr
+            && addr.ip().is_unspecified()
+            && address.is_none()
+        {
+            return Err(Error::Config(format!(
+                "--console-addr {addr} listens on every address: give --address (the one the operator reaches) too"
+            )));
+        }
         Ok(Config {
             node_name,
             libvirt_uri,
@@ -185,6 +201,7 @@ impl Config {
             fleet,
             usage_sample,
             usage_interval,
+            console_addr,
         })
     }
 }

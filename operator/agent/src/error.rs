@@ -15,8 +15,8 @@ pub enum Error {
     #[error("libvirt at {0} is unreachable")]
     Unreachable(String),
 
-    /// The /metrics and /healthz endpoint could not listen.
-    #[error("serving metrics on {addr}: {source}")]
+    /// The /metrics and /healthz endpoint, or the console, could not listen.
+    #[error("listening on {addr}: {source}")]
     Serve { addr: std::net::SocketAddr, source: std::io::Error },
 
     /// A watch failed before its cache was filled.

@@ -29,12 +29,20 @@ pub struct HostReporter {
     pub node: String,
     pub labels: BTreeMap<String, String>,
     pub address: Option<String>,
+    /// Where the operator reaches this agent's console server.
+    pub console: Option<String>,
     conditions: tokio::sync::Mutex<Vec<Condition>>,
 }
 
 impl HostReporter {
-    pub fn new(client: Client, node: String, labels: BTreeMap<String, String>, address: Option<String>) -> Self {
-        HostReporter { client, node, labels, address, conditions: Default::default() }
+    pub fn new(
+        client: Client,
+        node: String,
+        labels: BTreeMap<String, String>,
+        address: Option<String>,
+        console: Option<String>,
+    ) -> Self {
+        HostReporter { client, node, labels, address, console, conditions: Default::default() }
     }
 
     /// Creates or updates the Host; `Ready=True` since the agent reaches both libvirt
@@ -69,6 +77,7 @@ impl HostReporter {
             "hypervisor": {"type": facts.driver, "version": facts.hypervisor_version},
             "libvirtVersion": facts.libvirt_version,
             "address": self.address,
+            "consoleEndpoint": self.console,
             "capacity": {
                 "cpus": facts.cpus,
                 "memory": format!("{}Mi", facts.memory_kib / 1024),

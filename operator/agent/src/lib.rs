@@ -2,6 +2,7 @@
 //! VirtualServers bound to the host.
 
 pub mod config;
+pub mod console;
 pub mod converge;
 pub mod domain_xml;
 pub mod error;

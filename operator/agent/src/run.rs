@@ -80,6 +80,7 @@ pub fn fleet_hosts(config: &Config, dir: &std::path::Path) -> Result<Vec<Config>
                 metrics_addr: std::net::SocketAddr::new(config.metrics_addr.ip(), 0),
                 node_name: node,
                 fleet: None,
+                console_addr: None,
                 ..config.clone()
             }
         })
@@ -142,6 +143,10 @@ async fn serve(
     .await
     .map_err(|source| Error::Serve { addr: config.metrics_addr, source })?;
     tracing::info!(%bound, "metrics endpoint");
+    let console = match config.console_addr {
+        Some(addr) => Some(crate::console::bind(addr, config.address.as_deref()).await?),
+        None => None,
+    };
 
     let client = client(&config).await?;
     let leases: Api<Lease> = Api::namespaced(client.clone(), &config.namespace);
@@ -158,6 +163,7 @@ async fn serve(
         config.node_name.clone(),
         config.labels.clone(),
         config.address.clone(),
+        console.as_ref().map(|(_, endpoint)| endpoint.clone()),
     ));
     // Cut off at start: keep trying (the watchdog fences meanwhile if it must).
     while let Err(e) = reporter.report(&facts, None, None).await {
@@ -230,6 +236,17 @@ async fn serve(
         interval: config.usage_interval,
     };
     tokio::spawn(Arc::new(usage).run());
+    if let Some((listener, endpoint)) = console {
+        let console = crate::console::Console {
+            client: client.clone(),
+            namespace: config.namespace.clone(),
+            node: config.node_name.clone(),
+            libvirt_uri: config.libvirt_uri.clone(),
+            servers: servers.clone(),
+        };
+        tracing::info!(%endpoint, "serving consoles");
+        tokio::spawn(Arc::new(console).run(listener));
+    }
 
     let reporter = Reporter { controller: "covi-agent".into(), instance: Some(config.node_name.clone()) };
     let ctx = Arc::new(Context {

@@ -77,6 +77,10 @@ pub struct HostStatus {
     /// Address at which other hosts reach this one (for migration).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
+    /// Where the operator reaches this host's agent to open a server's serial console
+    /// (`host:port`, mutual TLS); absent when the agent serves no console.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console_endpoint: Option<String>,
     /// Physical capacity as the hypervisor reports it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity: Option<HostCapacity>,

@@ -9,6 +9,7 @@
 #![allow(clippy::duplicated_attributes)]
 
 pub mod condition;
+pub mod console;
 pub mod contract;
 pub mod duration;
 pub mod history;

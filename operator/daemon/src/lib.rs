@@ -3,6 +3,7 @@
 
 pub mod endpoint;
 pub mod flags;
+pub mod tls;
 
 pub use endpoint::{Health, serve};
 pub use prometheus_client;

@@ -5,6 +5,7 @@
 //! `--as` and `--as-group` (which kubectl leaves to plugins), each as `--flag value` or
 //! `--flag=value`; `--help` on every command.
 
+mod console;
 mod inventory;
 mod requests;
 mod table;
@@ -105,6 +106,15 @@ enum Command {
         #[arg(long, value_enum)]
         only: Option<inventory::Only>,
     },
+    /// Attach this terminal to a server's serial console; Ctrl-] ends the session.
+    /// Needs RBAC `get` on `virtualservers/console` in API group subresources.covi.io.
+    Console {
+        /// The server.
+        name: String,
+        /// Take the console over from another session.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 /// Where a listing looks: one namespace (`-n`), or every namespace the user may list,
@@ -197,6 +207,7 @@ async fn run(cli: Cli) -> Result<String, String> {
         Command::Describe { name } => requests::describe(&client, &namespace, &name).await,
         Command::Top { what } => top::top(&client, &scope, what, g.output).await,
         Command::Inventory { history, only } => inventory::inventory(&client, &scope, history, only, g.output).await,
+        Command::Console { name, force } => console::attach(&client, &namespace, &name, force).await,
     }
 }
 

@@ -15,7 +15,11 @@ pub const USAGE: &str = "usage: covi-operator [options]
   --identity ID            this replica's name in the leader Lease (env POD_NAME, else the host name)
   --leader-lease-seconds N a standby takes over this long after the leader stops renewing (default 15)
   --resync-seconds N       full scheduling pass at least this often (default 10)
-  --metrics-addr ADDR      serve /metrics and /healthz here (default 0.0.0.0:9465; port 0 picks one)";
+  --metrics-addr ADDR      serve /metrics and /healthz here (default 0.0.0.0:9465; port 0 picks one)
+  --console-addr ADDR      serve servers' serial consoles here, behind the API server as the aggregated
+                           API subresources.covi.io (default: no console)
+  --console-service NAME   the Service the console's APIService points at, in --namespace
+                           (default covi-console)";
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
@@ -25,6 +29,7 @@ pub struct Config {
     pub leader_lease: Duration,
     pub resync: Duration,
     pub metrics_addr: SocketAddr,
+    pub console: Option<crate::console::ConsoleConfig>,
 }
 
 impl Config {
@@ -35,6 +40,8 @@ impl Config {
         let mut leader_lease = Duration::from_secs(15);
         let mut resync = Duration::from_secs(10);
         let mut metrics_addr: SocketAddr = "0.0.0.0:9465".parse().expect("valid default");
+        let mut console_addr = None;
+        let mut console_service = "covi-console".to_string();
         let mut flags = Flags::new(args, USAGE);
         while let Some(flag) = flags.next_flag().map_err(Error::Config)? {
             match flag.name.as_str() {
@@ -44,10 +51,13 @@ impl Config {
                 "--leader-lease-seconds" => leader_lease = flags.seconds(&flag).map_err(Error::Config)?,
                 "--resync-seconds" => resync = flags.seconds(&flag).map_err(Error::Config)?,
                 "--metrics-addr" => metrics_addr = flags.address(&flag).map_err(Error::Config)?,
+                "--console-addr" => console_addr = Some(flags.address(&flag).map_err(Error::Config)?),
+                "--console-service" => console_service = flags.value(&flag).map_err(Error::Config)?,
                 _ => return Err(Error::Config(flags.unknown(&flag))),
             }
         }
-        Ok(Config { kubeconfig, namespace, identity, leader_lease, resync, metrics_addr })
+        let console = console_addr.map(|addr| crate::console::ConsoleConfig { addr, service: console_service });
+        Ok(Config { kubeconfig, namespace, identity, leader_lease, resync, metrics_addr, console })
     }
 }
 
@@ -61,6 +71,9 @@ mod tests {
         assert_eq!((c.identity.as_str(), c.namespace.as_str()), ("op-0", "covi-system"));
         let c = Config::parse(["--leader-lease-seconds=5".to_string()], |_| None).unwrap();
         assert_eq!(c.leader_lease, Duration::from_secs(5));
+        assert_eq!(c.console, None, "no console unless asked");
+        let c = Config::parse(["--console-addr=0.0.0.0:8443".to_string()], |_| None).unwrap();
+        assert_eq!(c.console.unwrap().service, "covi-console");
         let e = Config::parse(["--resync-seconds".to_string(), "x".to_string()], |_| None).unwrap_err();
         assert!(e.to_string().contains("--resync-seconds \"x\" is not a positive number"));
     }

@@ -9,6 +9,7 @@
 
 pub mod address;
 pub mod config;
+pub mod console;
 pub mod consolidation;
 pub mod desired;
 pub mod error;

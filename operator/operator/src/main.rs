@@ -19,6 +19,12 @@ async fn operate(config: Config) -> covi_operator::error::Result<()> {
         .await
         .map_err(|source| covi_operator::error::Error::Serve { addr: config.metrics_addr, source })?;
     let client = run::client(&config).await?;
+    if let Some(console) = config.console.clone() {
+        // Every replica serves consoles, the standbys too.
+        covi_operator::console::serve(client.clone(), config.namespace.clone(), config.identity.clone(), console)
+            .await
+            .map_err(|e| covi_operator::error::Error::Config(e.to_string()))?;
+    }
     health.set(true);
     let mut leading =
         leader::campaign(client.clone(), &config.namespace, &config.identity, config.leader_lease).await?;

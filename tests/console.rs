@@ -1,0 +1,298 @@
+//! The serial console end to end, on a real QEMU/TCG guest (hack/guest.sh) that echoes
+//! every line its console receives: `kubectl covi console` goes through the real API
+//! server's aggregation layer (authentication, RBAC on `virtualservers/console`),
+//! covi-operator (the front proxy's client certificate, a SubjectAccessReview) and the
+//! host's agent (mutual TLS) to libvirt's console of the guest. A line typed comes back
+//! from the guest; a user without the permission is refused with a clear message.
+
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use covi_api::VirtualServer;
+use covi_tests::fleet::{Fleet, bin};
+use covi_tests::guests::{apply_server, fixtures_in, guest_files, qemu_pool, testbed_env};
+use covi_tests::{FIELD_MANAGER, SERIAL, admin, install_crds, kubectl, kubectl_covi, namespace, wait_until};
+use k8s_openapi::api::core::v1::Event;
+use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
+use kube::core::GroupVersionKind;
+use kube::discovery::ApiResource;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const STORAGE_POOL: &str = "covi-test-console";
+/// Under TCG a Debian kernel takes tens of seconds to reach its init.
+const DEADLINE: Duration = Duration::from_secs(180);
+const API_SERVICE: &str = covi_api::console::API_SERVICE;
+
+/// Removes the APIService when the test ends, however it ends: an APIService whose
+/// server is gone makes every later `kubectl` discovery warn.
+struct Unregister;
+
+impl Drop for Unregister {
+    fn drop(&mut self) {
+        let _ = kubectl(&["delete", "apiservice", API_SERVICE, "--ignore-not-found", "--wait=false"]);
+    }
+}
+
+async fn apply(
+    client: &kube::Client,
+    gvk: (&str, &str, &str),
+    plural: &str,
+    ns: Option<&str>,
+    object: serde_json::Value,
+) {
+    let resource = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(gvk.0, gvk.1, gvk.2), plural);
+    let api: Api<DynamicObject> = match ns {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
+        None => Api::all_with(client.clone(), &resource),
+    };
+    let name = object["metadata"]["name"].as_str().expect("named").to_string();
+    let object: DynamicObject = serde_json::from_value(object).expect("object");
+    api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&object))
+        .await
+        .unwrap_or_else(|e| panic!("applying {plural}/{name}: {e}"));
+}
+
+/// What the chart installs in a cluster, by hand: the console's Service (no selector:
+/// the operator is a test process), its endpoint on the node's address, which the API
+/// server dials directly (--enable-aggregator-routing), and the APIService. The operator
+/// fills in the caBundle.
+async fn register_console_api(client: &kube::Client, ns: &str, address: &str, port: u16) {
+    apply(
+        client,
+        ("", "v1", "Service"),
+        "services",
+        Some(ns),
+        json!({
+            "apiVersion": "v1", "kind": "Service", "metadata": {"name": "covi-console"},
+            "spec": {"ports": [{"name": "https", "port": 443, "protocol": "TCP"}]},
+        }),
+    )
+    .await;
+    apply(
+        client,
+        ("discovery.k8s.io", "v1", "EndpointSlice"),
+        "endpointslices",
+        Some(ns),
+        json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "covi-console-test", "labels": {
+                "kubernetes.io/service-name": "covi-console",
+                "endpointslice.kubernetes.io/managed-by": "covi-tests",
+            }},
+            "addressType": "IPv4",
+            "ports": [{"name": "https", "port": port, "protocol": "TCP"}],
+            "endpoints": [{"addresses": [address], "conditions": {"ready": true}}],
+        }),
+    )
+    .await;
+    apply(
+        client,
+        ("apiregistration.k8s.io", "v1", "APIService"),
+        "apiservices",
+        None,
+        json!({
+            "apiVersion": "apiregistration.k8s.io/v1", "kind": "APIService", "metadata": {"name": API_SERVICE},
+            "spec": {
+                "group": covi_api::console::GROUP, "version": covi_api::console::VERSION,
+                "groupPriorityMinimum": 1000, "versionPriority": 100,
+                "service": {"namespace": ns, "name": "covi-console", "port": 443},
+            },
+        }),
+    )
+    .await;
+}
+
+/// `kubectl covi console` as a child process with its stdout collected.
+struct Session {
+    child: tokio::process::Child,
+    stdin: Arc<tokio::sync::Mutex<tokio::process::ChildStdin>>,
+    output: Arc<Mutex<String>>,
+    readers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Session {
+    fn start(args: &[&str]) -> Session {
+        let dir = bin("kubectl-covi").parent().expect("bin dir").display().to_string();
+        let path = format!("{dir}:{}", std::env::var("PATH").unwrap_or_default());
+        let mut child = tokio::process::Command::new("kubectl")
+            .args(args)
+            .env("PATH", path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("kubectl runs");
+        let output = Arc::new(Mutex::new(String::new()));
+        let mut readers = Vec::new();
+        for mut pipe in [
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+            Box::new(child.stderr.take().expect("stderr")),
+        ] {
+            let output = output.clone();
+            readers.push(tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = pipe.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    output.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            }));
+        }
+        let stdin = Arc::new(tokio::sync::Mutex::new(child.stdin.take().expect("stdin")));
+        Session { child, stdin, output, readers }
+    }
+
+    fn output(&self) -> String {
+        self.output.lock().unwrap().clone()
+    }
+
+    /// Types `tag` and a number every few seconds until the guest echoes such a line;
+    /// returns the echo.
+    async fn echo(&self, tag: &str) -> String {
+        let typed = Mutex::new(Instant::now() - Duration::from_secs(60));
+        let n = std::sync::atomic::AtomicU32::new(0);
+        wait_until(&format!("the guest to echo {tag:?} typed into its console"), DEADLINE, || async {
+            let wanted = format!("guest got: {tag}");
+            if let Some(line) = self.output().lines().find(|l| l.contains(&wanted)) {
+                return Some(line.to_string());
+            }
+            let due = typed.lock().unwrap().elapsed() > Duration::from_secs(3);
+            if due {
+                *typed.lock().unwrap() = Instant::now();
+                let n = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.type_bytes(format!("{tag} {n}\n").as_bytes()).await;
+            }
+            None
+        })
+        .await
+    }
+
+    /// Waits for the command to exit; its status and everything it printed.
+    async fn ended(mut self) -> (std::process::ExitStatus, String) {
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("kubectl covi console did not end:\n{}", self.output()))
+            .expect("exit status");
+        // Its pipes closed with it: the readers finish with its last bytes.
+        for reader in self.readers.drain(..) {
+            let _ = reader.await;
+        }
+        (status, self.output())
+    }
+
+    async fn type_bytes(&self, bytes: &[u8]) {
+        let mut stdin = self.stdin.lock().await;
+        stdin.write_all(bytes).await.expect("typing into kubectl covi console");
+        stdin.flush().await.expect("flush");
+    }
+}
+
+#[tokio::test]
+async fn a_user_types_into_a_guests_console_and_one_without_the_permission_is_refused() {
+    let _turn = SERIAL.lock().await;
+    let uri = std::env::var("COVI_QEMU_URI").expect("COVI_QEMU_URI: run through hack/test.sh");
+    let conn = virt::connect::Connect::open(Some(&uri)).expect("libvirt");
+    fixtures_in(&conn, STORAGE_POOL, "/var/lib/covi-test/console-pool");
+    let (kernel, initrd) = guest_files();
+    let client = admin().await;
+    install_crds(&client).await;
+    let mut fleet = Fleet::new(&client, "console").await;
+
+    // The operator serves the console on the node's address, where the API server
+    // reaches it; the port is one nothing listens on.
+    let address = testbed_env("COVI_NODE_IP");
+    let port = std::net::TcpListener::bind((address.as_str(), 0)).expect("a free port").local_addr().unwrap().port();
+    let _unregister = Unregister;
+    register_console_api(&client, &fleet.lease_namespace, &address, port).await;
+
+    let mut pool_spec = qemu_pool(STORAGE_POOL, false);
+    pool_spec["images"] = json!([
+        {"name": "echo", "volume": "tiny.img", "kernel": kernel, "initrd": initrd, "cmdline": "console=ttyS0 covi.guest=idle"},
+    ]);
+    let pool = fleet.apply_pool(&client, pool_spec).await;
+    fleet.start_agent_uri(1, &uri, &["--console-addr=127.0.0.1:0", "--stop-grace-seconds=3"]);
+    fleet.start_operator_with(&[&format!("--console-addr={address}:{port}"), "--console-service=covi-console"]);
+    fleet.wait_ready_hosts(&client, 1).await;
+    let ns = namespace(&client, "console").await;
+    let api: Api<VirtualServer> = Api::namespaced(client.clone(), &ns);
+    apply_server(&api, "web", &pool, json!({"boot": {"image": "echo"}})).await;
+    fleet.wait_server(&api, "web", "to run", DEADLINE, |s| s.is_ready()).await;
+
+    // The API server takes the console API as available once the operator answers it
+    // over TLS its caBundle vouches for, to the front proxy's client certificate.
+    wait_until("the console's APIService to be Available", DEADLINE, || async {
+        let (ok, out) = kubectl(&[
+            "get",
+            "apiservice",
+            API_SERVICE,
+            "-o",
+            "jsonpath={.status.conditions[?(@.type=='Available')].status}",
+        ]);
+        (ok && out.trim() == "True").then_some(())
+    })
+    .await;
+
+    // carol may open consoles in the namespace; eve may not.
+    apply(&client, ("rbac.authorization.k8s.io", "v1", "Role"), "roles", Some(&ns), json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "console"},
+        "rules": [{"apiGroups": ["subresources.covi.io"], "resources": ["virtualservers/console"], "verbs": ["get"]}],
+    }))
+    .await;
+    apply(
+        &client,
+        ("rbac.authorization.k8s.io", "v1", "RoleBinding"),
+        "rolebindings",
+        Some(&ns),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "console"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "console"},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "carol"}],
+        }),
+    )
+    .await;
+
+    let (ok, out) = kubectl_covi(&["covi", "console", "web", "-n", &ns, "--as=eve"]);
+    assert!(!ok, "eve is refused:\n{out}");
+    assert!(
+        out.contains("you may not open the console of virtualserver")
+            && out.contains("User \"eve\" cannot get resource \"virtualservers/console\""),
+        "the refusal says who may not do what:\n{out}"
+    );
+
+    // carol types a line until the guest (booting meanwhile) echoes one back.
+    let first = Session::start(&["covi", "console", "web", "-n", &ns, "--as=carol"]);
+    let echoed = first.echo("hello from carol").await;
+    println!("the guest answered: {echoed}");
+
+    // One session at a time: a second is refused, and told how to take over.
+    let (ok, out) = kubectl_covi(&["covi", "console", "web", "-n", &ns, "--as=carol"]);
+    assert!(!ok && out.contains("another session holds the console") && out.contains("--force"), "{out}");
+    // --force takes the console over; the first session ends, saying why.
+    let second = Session::start(&["covi", "console", "web", "-n", &ns, "--as=carol", "--force"]);
+    second.echo("taken over").await;
+    let (status, out) = first.ended().await;
+    assert!(!status.success() && out.contains("the console closed on the host"), "{status:?}:\n{out}");
+
+    // Ctrl-] ends the session, and kubectl covi exits cleanly.
+    second.type_bytes(&[0x1d]).await;
+    let (status, out) = second.ended().await;
+    assert!(status.success(), "exit {status:?}:\n{out}");
+
+    let (ok, out) = kubectl_covi(&["covi", "console", "nosuch", "-n", &ns, "--as=carol"]);
+    assert!(!ok && out.contains("virtualservers.covi.io \"nosuch\" not found"), "{out}");
+
+    // Who opened the console is on record on the server.
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns);
+    wait_until("a ConsoleOpened Event naming carol", Duration::from_secs(30), || async {
+        let list = events.list(&ListParams::default()).await.ok()?;
+        list.items.into_iter().find(|e| {
+            e.reason.as_deref() == Some("ConsoleOpened")
+                && e.message.as_deref().is_some_and(|m| m.starts_with("carol opened"))
+        })
+    })
+    .await;
+}
