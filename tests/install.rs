@@ -58,6 +58,7 @@ async fn the_rendered_chart_is_accepted_by_the_api_server() {
 
     let all = helm_template(&ns, &[]);
     let want = [
+        "APIService",
         "ClusterRole",
         "ClusterRoleBinding",
         "ConfigMap",
@@ -108,6 +109,9 @@ async fn the_rendered_chart_is_accepted_by_the_api_server() {
     assert_eq!(host["hostNetwork"], true);
     let args = serde_yaml::to_string(&host["containers"][0]["args"]).expect("args");
     assert!(args.contains("--metrics-addr=$(COVI_HOST_ADDRESS):9464"), "the node's address only: {args}");
+    assert!(args.contains("--console-addr=$(COVI_HOST_ADDRESS):8444"), "consoles on the node's address only: {args}");
+    let args = serde_yaml::to_string(&pod["containers"][0]["args"]).expect("args");
+    assert!(args.contains("--console-addr=$(POD_IP):8444"), "consoles on the pod's address: {args}");
 
     // The README's install line: images from your registry, the pool label on every Host.
     let readme = helm_template(
@@ -134,9 +138,12 @@ async fn the_rendered_chart_is_accepted_by_the_api_server() {
             "operator.podDisruptionBudget.enabled=false",
             "agent.priorityClass.create=false",
             "agent.priorityClass.name=system-node-critical",
+            "console.enabled=false",
         ],
     );
-    for gone in ["ValidatingAdmissionPolicy", "PodDisruptionBudget", "PriorityClass", "Service", "FlowSchema"] {
+    for gone in
+        ["ValidatingAdmissionPolicy", "PodDisruptionBudget", "PriorityClass", "Service", "FlowSchema", "APIService"]
+    {
         assert!(!kinds(&lean).contains(&gone.to_string()), "{gone} is optional");
     }
     dry_run("helm template (lean)", &lean);
