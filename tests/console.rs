@@ -5,12 +5,11 @@
 //! host's agent (mutual TLS) to libvirt's console of the guest. A line typed comes back
 //! from the guest; a user without the permission is refused with a clear message.
 
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use covi_api::VirtualServer;
-use covi_tests::fleet::{Fleet, bin};
+use covi_tests::console::Session;
+use covi_tests::fleet::Fleet;
 use covi_tests::guests::{apply_server, fixtures_in, guest_files, qemu_pool, testbed_env};
 use covi_tests::{FIELD_MANAGER, SERIAL, admin, install_crds, kubectl, kubectl_covi, namespace, wait_until};
 use k8s_openapi::api::core::v1::Event;
@@ -18,7 +17,6 @@ use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
 use kube::core::GroupVersionKind;
 use kube::discovery::ApiResource;
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const STORAGE_POOL: &str = "covi-test-console";
 /// Under TCG a Debian kernel takes tens of seconds to reach its init.
@@ -104,93 +102,6 @@ async fn register_console_api(client: &kube::Client, ns: &str, address: &str, po
     .await;
 }
 
-/// `kubectl covi console` as a child process with its stdout collected.
-struct Session {
-    child: tokio::process::Child,
-    stdin: Arc<tokio::sync::Mutex<tokio::process::ChildStdin>>,
-    output: Arc<Mutex<String>>,
-    readers: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Session {
-    fn start(args: &[&str]) -> Session {
-        let dir = bin("kubectl-covi").parent().expect("bin dir").display().to_string();
-        let path = format!("{dir}:{}", std::env::var("PATH").unwrap_or_default());
-        let mut child = tokio::process::Command::new("kubectl")
-            .args(args)
-            .env("PATH", path)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("kubectl runs");
-        let output = Arc::new(Mutex::new(String::new()));
-        let mut readers = Vec::new();
-        for mut pipe in [
-            Box::new(child.stdout.take().expect("stdout")) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
-            Box::new(child.stderr.take().expect("stderr")),
-        ] {
-            let output = output.clone();
-            readers.push(tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = pipe.read(&mut buf).await {
-                    if n == 0 {
-                        break;
-                    }
-                    output.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-            }));
-        }
-        let stdin = Arc::new(tokio::sync::Mutex::new(child.stdin.take().expect("stdin")));
-        Session { child, stdin, output, readers }
-    }
-
-    fn output(&self) -> String {
-        self.output.lock().unwrap().clone()
-    }
-
-    /// Types `tag` and a number every few seconds until the guest echoes such a line;
-    /// returns the echo.
-    async fn echo(&self, tag: &str) -> String {
-        let typed = Mutex::new(Instant::now() - Duration::from_secs(60));
-        let n = std::sync::atomic::AtomicU32::new(0);
-        wait_until(&format!("the guest to echo {tag:?} typed into its console"), DEADLINE, || async {
-            let wanted = format!("guest got: {tag}");
-            if let Some(line) = self.output().lines().find(|l| l.contains(&wanted)) {
-                return Some(line.to_string());
-            }
-            let due = typed.lock().unwrap().elapsed() > Duration::from_secs(3);
-            if due {
-                *typed.lock().unwrap() = Instant::now();
-                let n = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                self.type_bytes(format!("{tag} {n}\n").as_bytes()).await;
-            }
-            None
-        })
-        .await
-    }
-
-    /// Waits for the command to exit; its status and everything it printed.
-    async fn ended(mut self) -> (std::process::ExitStatus, String) {
-        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
-            .await
-            .unwrap_or_else(|_| panic!("kubectl covi console did not end:\n{}", self.output()))
-            .expect("exit status");
-        // Its pipes closed with it: the readers finish with its last bytes.
-        for reader in self.readers.drain(..) {
-            let _ = reader.await;
-        }
-        (status, self.output())
-    }
-
-    async fn type_bytes(&self, bytes: &[u8]) {
-        let mut stdin = self.stdin.lock().await;
-        stdin.write_all(bytes).await.expect("typing into kubectl covi console");
-        stdin.flush().await.expect("flush");
-    }
-}
-
 #[tokio::test]
 async fn a_user_types_into_a_guests_console_and_one_without_the_permission_is_refused() {
     let _turn = SERIAL.lock().await;
@@ -265,7 +176,7 @@ async fn a_user_types_into_a_guests_console_and_one_without_the_permission_is_re
 
     // carol types a line until the guest (booting meanwhile) echoes one back.
     let first = Session::start(&["covi", "console", "web", "-n", &ns, "--as=carol"]);
-    let echoed = first.echo("hello from carol").await;
+    let echoed = first.echo("hello from carol", DEADLINE).await;
     println!("the guest answered: {echoed}");
 
     // One session at a time: a second is refused, and told how to take over.
@@ -273,12 +184,12 @@ async fn a_user_types_into_a_guests_console_and_one_without_the_permission_is_re
     assert!(!ok && out.contains("another session holds the console") && out.contains("--force"), "{out}");
     // --force takes the console over; the first session ends, saying why.
     let second = Session::start(&["covi", "console", "web", "-n", &ns, "--as=carol", "--force"]);
-    second.echo("taken over").await;
+    second.echo("taken over", DEADLINE).await;
     let (status, out) = first.ended().await;
     assert!(!status.success() && out.contains("the console closed on the host"), "{status:?}:\n{out}");
 
     // Ctrl-] ends the session, and kubectl covi exits cleanly.
-    second.type_bytes(&[0x1d]).await;
+    second.type_bytes(&[covi_tests::console::ESCAPE]).await;
     let (status, out) = second.ended().await;
     assert!(status.success(), "exit {status:?}:\n{out}");
 

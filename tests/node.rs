@@ -9,6 +9,7 @@
 use std::time::{Duration, Instant};
 
 use covi_api::VirtualServer;
+use covi_tests::console::{ESCAPE, Session};
 use covi_tests::fleet::get;
 use covi_tests::guests::{apply_server, fixtures_in, qemu_pool, testbed_env};
 use covi_tests::{admin, poll, run, wait_until};
@@ -225,6 +226,48 @@ async fn helm_installs_covi_on_a_real_node() {
             .filter(|m| m.contains("covi_agent_domains 1"))
     })
     .await;
+
+    // The console through the chart's objects: the API server reaches an operator pod
+    // through the covi-console Service (the operator made the certificates and wrote
+    // the caBundle with the chart's RBAC), the operator reaches the agent's pod with
+    // the certificate it read from its Secret, and the session opens on the node's
+    // libvirtd. (tests/console.rs types into a guest that answers.)
+    wait_until("the console's APIService to be Available", DEADLINE, || async {
+        let (ok, out, _) = run(
+            "kubectl",
+            &[
+                "get",
+                "apiservice",
+                covi_api::console::API_SERVICE,
+                "-o",
+                "jsonpath={.status.conditions[?(@.type=='Available')].status}",
+            ],
+            None,
+        );
+        (ok && out.trim() == "True").then_some(())
+    })
+    .await;
+    let session = Session::start(&["covi", "console", "web", "-n", &namespace]);
+    let opened = poll(DEADLINE, || async {
+        let (ok, reasons, _) = run(
+            "kubectl",
+            &[
+                "get",
+                "events",
+                "-n",
+                &namespace,
+                "--field-selector=involvedObject.name=web",
+                "-o=jsonpath={.items[*].reason}",
+            ],
+            None,
+        );
+        (ok && reasons.contains("ConsoleOpened")).then_some(())
+    })
+    .await;
+    assert!(opened.is_some(), "the console session opened:\n{}\n{}", session.output(), diagnose());
+    session.type_bytes(&[ESCAPE]).await;
+    let (status, out) = session.ended().await;
+    assert!(status.success(), "kubectl covi console ends on Ctrl-]: {status:?}\n{out}");
 
     // Logs and Events are readable with kubectl, through the kubelet.
     let (ok, logs, err) = run("kubectl", &["logs", "-n", SYSTEM, &agent.name_any()], None);

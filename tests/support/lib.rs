@@ -3,6 +3,7 @@
 //!
 //! Tests never skip: without a test bed every helper panics with instructions.
 
+pub mod console;
 pub mod fleet;
 pub mod guests;
 pub mod sampler;
@@ -201,13 +202,18 @@ pub fn kubectl(args: &[&str]) -> (bool, String) {
     (output.status.success(), text)
 }
 
+/// PATH with covi's binaries first, so `kubectl covi` finds the plugin.
+pub fn plugin_path() -> String {
+    let bin = fleet::bin("kubectl-covi");
+    let dir = bin.parent().expect("bin dir").display().to_string();
+    format!("{dir}:{}", std::env::var("PATH").unwrap_or_default())
+}
+
 /// Runs kubectl with covi's binaries first on PATH, so `kubectl covi` finds the plugin;
 /// returns success and stdout followed by stderr.
 pub fn kubectl_covi(args: &[&str]) -> (bool, String) {
-    let bin = fleet::bin("kubectl-covi");
-    let dir = bin.parent().expect("bin dir").display().to_string();
-    let path = format!("{dir}:{}", std::env::var("PATH").unwrap_or_default());
-    let out = std::process::Command::new("kubectl").args(args).env("PATH", path).output().expect("kubectl runs");
+    let out =
+        std::process::Command::new("kubectl").args(args).env("PATH", plugin_path()).output().expect("kubectl runs");
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&out.stderr));
     (out.status.success(), text)
