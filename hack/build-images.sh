@@ -147,10 +147,15 @@ base_files "$stage/operator"
 add_program "$stage/operator" "$bin/covi-operator" /usr/local/bin/covi-operator
 oci_archive covi-operator "$tag" "$stage/operator" 65532:65532 /usr/local/bin/covi-operator
 
-# The agent: the binary, libvirt's client library and xorriso (cloud-init seed ISOs).
+# The agent: the binary, libvirt's client library, xorriso (cloud-init seed ISOs) and
+# the network tools of faults.
 base_files "$stage/agent"
 add_program "$stage/agent" "$bin/covi-agent" /usr/local/bin/covi-agent
 add_program "$stage/agent" "$(command -v xorriso)" /usr/bin/xorriso
+# Faults (Disruptions): ip and tc for links and shaping, nft for partitions.
+add_program "$stage/agent" "$(command -v ip)" /usr/sbin/ip
+add_program "$stage/agent" "$(command -v tc)" /usr/sbin/tc
+add_program "$stage/agent" "$(command -v nft)" /usr/sbin/nft
 oci_archive covi-agent "$tag" "$stage/agent" 0:0 /usr/local/bin/covi-agent
 
 if [ -n "$import" ]; then

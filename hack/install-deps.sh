@@ -22,7 +22,7 @@ for arg in "$@"; do
 done
 
 packages=(pkg-config libvirt-dev
-  openssl curl jq iproute2 iptables xorriso libxml2-utils lua5.4 socat e2fsprogs)
+  openssl curl jq iproute2 iptables nftables xorriso libxml2-utils lua5.4 socat e2fsprogs)
 if [ "$guests" = 1 ]; then
   packages+=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system libvirt-clients
     qemu-system-x86 qemu-utils libvirt-daemon-lock libvirt-daemon-plugin-lockd debootstrap cpio

@@ -35,7 +35,7 @@ if [ "${#custom[@]}" -gt 0 ]; then
     for t in $asked; do
       case "$t" in
         api | argocd_health | consolidation | domain_xml | failover | install | kstatus | migration | requests | servers) ;;
-        qemu | disk_leases | usage | console) needs_libvirtd=1 ;;
+        qemu | disk_leases | usage | console | faults) needs_libvirtd=1 ;;
         node) needs_libvirtd=1 needs_node=1 ;;
         *) needs_libvirtd=1 needs_xen=1 needs_node=1 ;;
       esac

@@ -54,6 +54,19 @@ fn host_pool() -> Value {
     })
 }
 
+fn disruption() -> Value {
+    json!({
+        "apiVersion": "covi.io/v1alpha1",
+        "kind": "Disruption",
+        "metadata": {"name": "split"},
+        "spec": {
+            "selector": {"matchLabels": {"side": "a"}},
+            "fault": {"kind": "Partition", "partition": {"from": {"matchLabels": {"side": "b"}}}},
+            "duration": "60s"
+        }
+    })
+}
+
 fn with(mut base: Value, patch: Value) -> DynamicObject {
     merge(&mut base, &patch);
     serde_json::from_value(base).expect("test object")
@@ -343,6 +356,39 @@ fn invalid_cases() -> Vec<Case> {
             "webhookUrl must be an http:// URL (https is not supported yet)",
         ),
         create(
+            "empty selector",
+            with(disruption(), json!({"spec": {"selector": {"matchLabels": null}}})),
+            "a selector names servers or matches labels; an empty one would select every server",
+        ),
+        create(
+            "duration in days",
+            with(disruption(), json!({"spec": {"duration": "1d"}})),
+            "duration must be a positive duration such as 30s or 5m",
+        ),
+        create(
+            "every shorter than duration",
+            with(disruption(), json!({"spec": {"every": "30s"}})),
+            "every must be longer than duration: a fault ends before it starts again",
+        ),
+        create(
+            "partition without its other side",
+            with(disruption(), json!({"spec": {"fault": {"partition": null}}})),
+            "partition is required for, and only for, kind Partition",
+        ),
+        create(
+            "network fault without a degradation",
+            with(disruption(), json!({"spec": {"fault": {"kind": "Network", "partition": null, "network": {}}}})),
+            "network needs at least one of delay, lossPercent, duplicatePercent, corruptPercent, rateKbit",
+        ),
+        create(
+            "loss above 100%",
+            with(
+                disruption(),
+                json!({"spec": {"fault": {"kind": "Network", "partition": null, "network": {"lossPercent": 101}}}}),
+            ),
+            "should be less than or equal to 100",
+        ),
+        create(
             "expiry warning in days",
             with(host_pool(), json!({"spec": {"approval": {"expiryWarning": "1d"}}})),
             "expiryWarning must be a positive duration such as 24h",
@@ -354,7 +400,10 @@ fn invalid_cases() -> Vec<Case> {
 async fn crds_become_established() {
     let client = admin().await;
     let names = install_crds(&client).await;
-    assert_eq!(names, ["hostpools.covi.io", "hosts.covi.io", "virtualservers.covi.io", "vmrequests.covi.io"]);
+    assert_eq!(
+        names,
+        ["disruptions.covi.io", "hostpools.covi.io", "hosts.covi.io", "virtualservers.covi.io", "vmrequests.covi.io"]
+    );
 }
 
 #[tokio::test]
@@ -380,7 +429,7 @@ async fn examples_are_accepted() {
         applied.push(object.types.expect("typed").kind);
     }
     applied.sort();
-    assert_eq!(applied, ["Host", "HostPool", "VirtualServer", "VmRequest"]);
+    assert_eq!(applied, ["Disruption", "Host", "HostPool", "VirtualServer", "VmRequest"]);
 }
 
 #[tokio::test]
@@ -391,7 +440,7 @@ async fn invalid_objects_are_rejected_with_clear_messages() {
     let dry_run = PostParams { dry_run: true, field_manager: None };
 
     // The bases must be valid, or every case would pass for the wrong reason.
-    for base in [virtual_server(), vm_request(), host_pool()] {
+    for base in [virtual_server(), vm_request(), host_pool(), disruption()] {
         let object: DynamicObject = serde_json::from_value(base).expect("base object");
         api_for(&client, &object, &ns)
             .create(&dry_run, &object)

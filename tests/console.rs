@@ -8,100 +8,17 @@
 use std::time::Duration;
 
 use covi_api::VirtualServer;
-use covi_tests::console::Session;
+use covi_tests::console::{Session, Unregister, apply, register_console_api, wait_available};
 use covi_tests::fleet::Fleet;
 use covi_tests::guests::{apply_server, fixtures_in, guest_files, qemu_pool, testbed_env};
-use covi_tests::{FIELD_MANAGER, SERIAL, admin, install_crds, kubectl, kubectl_covi, namespace, wait_until};
+use covi_tests::{SERIAL, admin, install_crds, kubectl_covi, namespace, wait_until};
 use k8s_openapi::api::core::v1::Event;
-use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
-use kube::core::GroupVersionKind;
-use kube::discovery::ApiResource;
+use kube::api::{Api, ListParams};
 use serde_json::json;
 
 const STORAGE_POOL: &str = "covi-test-console";
 /// Under TCG a Debian kernel takes tens of seconds to reach its init.
 const DEADLINE: Duration = Duration::from_secs(180);
-const API_SERVICE: &str = covi_api::console::API_SERVICE;
-
-/// Removes the APIService when the test ends, however it ends: an APIService whose
-/// server is gone makes every later `kubectl` discovery warn.
-struct Unregister;
-
-impl Drop for Unregister {
-    fn drop(&mut self) {
-        let _ = kubectl(&["delete", "apiservice", API_SERVICE, "--ignore-not-found", "--wait=false"]);
-    }
-}
-
-async fn apply(
-    client: &kube::Client,
-    gvk: (&str, &str, &str),
-    plural: &str,
-    ns: Option<&str>,
-    object: serde_json::Value,
-) {
-    let resource = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(gvk.0, gvk.1, gvk.2), plural);
-    let api: Api<DynamicObject> = match ns {
-        Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
-        None => Api::all_with(client.clone(), &resource),
-    };
-    let name = object["metadata"]["name"].as_str().expect("named").to_string();
-    let object: DynamicObject = serde_json::from_value(object).expect("object");
-    api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&object))
-        .await
-        .unwrap_or_else(|e| panic!("applying {plural}/{name}: {e}"));
-}
-
-/// What the chart installs in a cluster, by hand: the console's Service (no selector:
-/// the operator is a test process), its endpoint on the node's address, which the API
-/// server dials directly (--enable-aggregator-routing), and the APIService. The operator
-/// fills in the caBundle.
-async fn register_console_api(client: &kube::Client, ns: &str, address: &str, port: u16) {
-    apply(
-        client,
-        ("", "v1", "Service"),
-        "services",
-        Some(ns),
-        json!({
-            "apiVersion": "v1", "kind": "Service", "metadata": {"name": "covi-console"},
-            "spec": {"ports": [{"name": "https", "port": 443, "protocol": "TCP"}]},
-        }),
-    )
-    .await;
-    apply(
-        client,
-        ("discovery.k8s.io", "v1", "EndpointSlice"),
-        "endpointslices",
-        Some(ns),
-        json!({
-            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": {"name": "covi-console-test", "labels": {
-                "kubernetes.io/service-name": "covi-console",
-                "endpointslice.kubernetes.io/managed-by": "covi-tests",
-            }},
-            "addressType": "IPv4",
-            "ports": [{"name": "https", "port": port, "protocol": "TCP"}],
-            "endpoints": [{"addresses": [address], "conditions": {"ready": true}}],
-        }),
-    )
-    .await;
-    apply(
-        client,
-        ("apiregistration.k8s.io", "v1", "APIService"),
-        "apiservices",
-        None,
-        json!({
-            "apiVersion": "apiregistration.k8s.io/v1", "kind": "APIService", "metadata": {"name": API_SERVICE},
-            "spec": {
-                "group": covi_api::console::GROUP, "version": covi_api::console::VERSION,
-                "groupPriorityMinimum": 1000, "versionPriority": 100,
-                "service": {"namespace": ns, "name": "covi-console", "port": 443},
-            },
-        }),
-    )
-    .await;
-}
-
 #[tokio::test]
 async fn a_user_types_into_a_guests_console_and_one_without_the_permission_is_refused() {
     let _turn = SERIAL.lock().await;
@@ -135,17 +52,7 @@ async fn a_user_types_into_a_guests_console_and_one_without_the_permission_is_re
 
     // The API server takes the console API as available once the operator answers it
     // over TLS its caBundle vouches for, to the front proxy's client certificate.
-    wait_until("the console's APIService to be Available", DEADLINE, || async {
-        let (ok, out) = kubectl(&[
-            "get",
-            "apiservice",
-            API_SERVICE,
-            "-o",
-            "jsonpath={.status.conditions[?(@.type=='Available')].status}",
-        ]);
-        (ok && out.trim() == "True").then_some(())
-    })
-    .await;
+    wait_available(DEADLINE).await;
 
     // carol may open consoles in the namespace; eve may not.
     apply(&client, ("rbac.authorization.k8s.io", "v1", "Role"), "roles", Some(&ns), json!({

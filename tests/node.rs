@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use covi_api::VirtualServer;
-use covi_tests::console::{ESCAPE, Session};
+use covi_tests::console::{ESCAPE, Session, wait_available};
 use covi_tests::fleet::get;
 use covi_tests::guests::{apply_server, fixtures_in, qemu_pool, testbed_env};
 use covi_tests::{admin, poll, run, wait_until};
@@ -232,21 +232,7 @@ async fn helm_installs_covi_on_a_real_node() {
     // the caBundle with the chart's RBAC), the operator reaches the agent's pod with
     // the certificate it read from its Secret, and the session opens on the node's
     // libvirtd. (tests/console.rs types into a guest that answers.)
-    wait_until("the console's APIService to be Available", DEADLINE, || async {
-        let (ok, out, _) = run(
-            "kubectl",
-            &[
-                "get",
-                "apiservice",
-                covi_api::console::API_SERVICE,
-                "-o",
-                "jsonpath={.status.conditions[?(@.type=='Available')].status}",
-            ],
-            None,
-        );
-        (ok && out.trim() == "True").then_some(())
-    })
-    .await;
+    wait_available(DEADLINE).await;
     let session = Session::start(&["covi", "console", "web", "-n", &namespace]);
     let opened = poll(DEADLINE, || async {
         let (ok, reasons, _) = run(

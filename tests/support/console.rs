@@ -5,7 +5,15 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::core::GroupVersionKind;
+use kube::discovery::ApiResource;
+use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::FIELD_MANAGER;
+
+const API_SERVICE: &str = covi_api::console::API_SERVICE;
 
 use crate::wait_until;
 
@@ -95,4 +103,99 @@ impl Session {
         stdin.write_all(bytes).await.expect("typing into kubectl covi console");
         stdin.flush().await.expect("flush");
     }
+}
+
+/// Removes the APIService when the test ends, however it ends: an APIService whose
+/// server is gone makes every later `kubectl` discovery warn.
+pub struct Unregister;
+
+impl Drop for Unregister {
+    fn drop(&mut self) {
+        let _ = crate::kubectl(&["delete", "apiservice", API_SERVICE, "--ignore-not-found", "--wait=false"]);
+    }
+}
+
+pub async fn apply(
+    client: &kube::Client,
+    gvk: (&str, &str, &str),
+    plural: &str,
+    ns: Option<&str>,
+    object: serde_json::Value,
+) {
+    let resource = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(gvk.0, gvk.1, gvk.2), plural);
+    let api: Api<DynamicObject> = match ns {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
+        None => Api::all_with(client.clone(), &resource),
+    };
+    let name = object["metadata"]["name"].as_str().expect("named").to_string();
+    let object: DynamicObject = serde_json::from_value(object).expect("object");
+    api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&object))
+        .await
+        .unwrap_or_else(|e| panic!("applying {plural}/{name}: {e}"));
+}
+
+/// What the chart installs in a cluster, by hand: the console's Service (no selector:
+/// the operator is a test process), its endpoint on the node's address, which the API
+/// server dials directly (--enable-aggregator-routing), and the APIService. The operator
+/// fills in the caBundle.
+pub async fn register_console_api(client: &kube::Client, ns: &str, address: &str, port: u16) {
+    apply(
+        client,
+        ("", "v1", "Service"),
+        "services",
+        Some(ns),
+        json!({
+            "apiVersion": "v1", "kind": "Service", "metadata": {"name": "covi-console"},
+            "spec": {"ports": [{"name": "https", "port": 443, "protocol": "TCP"}]},
+        }),
+    )
+    .await;
+    apply(
+        client,
+        ("discovery.k8s.io", "v1", "EndpointSlice"),
+        "endpointslices",
+        Some(ns),
+        json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "covi-console-test", "labels": {
+                "kubernetes.io/service-name": "covi-console",
+                "endpointslice.kubernetes.io/managed-by": "covi-tests",
+            }},
+            "addressType": "IPv4",
+            "ports": [{"name": "https", "port": port, "protocol": "TCP"}],
+            "endpoints": [{"addresses": [address], "conditions": {"ready": true}}],
+        }),
+    )
+    .await;
+    apply(
+        client,
+        ("apiregistration.k8s.io", "v1", "APIService"),
+        "apiservices",
+        None,
+        json!({
+            "apiVersion": "apiregistration.k8s.io/v1", "kind": "APIService", "metadata": {"name": API_SERVICE},
+            "spec": {
+                "group": covi_api::console::GROUP, "version": covi_api::console::VERSION,
+                "groupPriorityMinimum": 1000, "versionPriority": 100,
+                "service": {"namespace": ns, "name": "covi-console", "port": 443},
+            },
+        }),
+    )
+    .await;
+}
+
+/// Waits until the API server takes the console API as available: the operator
+/// answers it over TLS the caBundle vouches for, to the front proxy's certificate.
+pub async fn wait_available(deadline: Duration) {
+    wait_until("the console's APIService to be Available", deadline, || async {
+        let (ok, out) = crate::kubectl(&[
+            "get",
+            "apiservice",
+            API_SERVICE,
+            "-o",
+            "jsonpath={.status.conditions[?(@.type=='Available')].status}",
+        ]);
+        (ok && out.trim() == "True").then_some(())
+    })
+    .await;
 }

@@ -6,6 +6,7 @@ pub mod console;
 pub mod converge;
 pub mod domain_xml;
 pub mod error;
+pub mod fault;
 pub mod fence;
 pub mod host;
 pub mod libvirt;

@@ -236,6 +236,14 @@ async fn serve(
         interval: config.usage_interval,
     };
     tokio::spawn(Arc::new(usage).run());
+    let faults = crate::fault::controller::FaultLoop {
+        client: client.clone(),
+        node: config.node_name.clone(),
+        hypervisor: hypervisor.clone(),
+        servers: servers.clone(),
+        every: config.resync,
+    };
+    tokio::spawn(faults.run());
     if let Some((listener, endpoint)) = console {
         let console = crate::console::Console {
             client: client.clone(),

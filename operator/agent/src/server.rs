@@ -112,7 +112,16 @@ pub fn plan(server: &VirtualServer, pool: &HostPool, driver_name: &str) -> Resul
 
     let (boot, guest) = match (image, &spec.boot.iso, driver) {
         (Some(img), _, _) if img.kernel.is_some() => {
-            let cmdline = format!("{} covi.hostname={hostname}", img.cmdline.as_deref().unwrap_or_default());
+            // A kernel-booted guest has no cloud-init seed to read: its name and, when
+            // covi assigned one, its address (and gateway) are on its command line.
+            let mut cmdline = format!("{} covi.hostname={hostname}", img.cmdline.as_deref().unwrap_or_default());
+            if let Some(addr) = &address {
+                let prefix = pool.spec.network.cidr.split_once('/').map(|(_, p)| p).unwrap_or("24");
+                cmdline.push_str(&format!(" covi.address={addr}/{prefix}"));
+                if let Some(gateway) = &pool.spec.network.gateway {
+                    cmdline.push_str(&format!(" covi.gateway={gateway}"));
+                }
+            }
             let boot = Boot::Kernel {
                 kernel: img.kernel.clone().unwrap_or_default(),
                 initrd: img.initrd.clone(),

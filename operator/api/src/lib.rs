@@ -11,6 +11,7 @@
 pub mod condition;
 pub mod console;
 pub mod contract;
+pub mod disruption;
 pub mod duration;
 pub mod history;
 pub mod host;
@@ -21,6 +22,7 @@ pub mod virtual_server;
 pub mod vm_request;
 
 pub use condition::{Condition, ConditionStatus};
+pub use disruption::{Disruption, DisruptionSpec, DisruptionStatus};
 pub use host::{Host, HostSpec, HostStatus};
 pub use host_pool::{HostPool, HostPoolSpec, HostPoolStatus};
 pub use virtual_server::{VirtualServer, VirtualServerSpec, VirtualServerStatus};
@@ -34,9 +36,9 @@ pub const GROUP: &str = "covi.io";
 /// The one served and stored version.
 pub const VERSION: &str = "v1alpha1";
 
-/// The CustomResourceDefinitions of all four kinds, in the order they are installed.
+/// The CustomResourceDefinitions of all five kinds, in the order they are installed.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    [HostPool::crd(), Host::crd(), VirtualServer::crd(), VmRequest::crd()]
+    [HostPool::crd(), Host::crd(), VirtualServer::crd(), VmRequest::crd(), Disruption::crd()]
         .into_iter()
         .map(unwrap_descriptions)
         .collect()

@@ -55,12 +55,15 @@ fn a_class_server_on_the_test_driver() {
 }
 
 #[test]
-fn xen_images_with_a_kernel_boot_pv_directly_with_the_hostname() {
+fn xen_images_with_a_kernel_boot_pv_directly_with_the_hostname_and_address() {
     let p =
         plan(&server(serde_json::json!({"boot": {"image": "tiny"}, "hostname": "pv-1"})), &pool("xen"), "Xen").unwrap();
     assert_eq!(p.domain.guest, Guest::XenPv);
     match &p.domain.boot {
-        Boot::Kernel { cmdline, .. } => assert_eq!(cmdline, "console=hvc0 covi.hostname=pv-1"),
+        // No cloud-init seed reaches a kernel-booted guest: its address is on the command line.
+        Boot::Kernel { cmdline, .. } => {
+            assert_eq!(cmdline, "console=hvc0 covi.hostname=pv-1 covi.address=10.20.0.15/24 covi.gateway=10.20.0.1")
+        }
         other => panic!("expected a kernel boot, got {other:?}"),
     }
 }
