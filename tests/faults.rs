@@ -83,6 +83,28 @@ fn host(program: &str, args: &[&str]) -> (bool, String) {
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
+/// Whether this kernel has netem (a throwaway veth pair is asked for one).
+fn netem() -> bool {
+    let _ = host("ip", &["link", "add", "covi-netem0", "type", "veth", "peer", "name", "covi-netem1"]);
+    let (ok, _) = host("tc", &["qdisc", "add", "dev", "covi-netem0", "root", "netem", "delay", "1ms"]);
+    let _ = host("ip", &["link", "del", "covi-netem0"]);
+    ok
+}
+
+/// The average round trip of 3 pings from the guest behind `session` to `to`, in ms.
+async fn round_trip(session: &Session, to: &str, n: &mut u32) -> f64 {
+    *n += 1;
+    let tag = *n;
+    session.type_bytes(format!("ping -c 3 {to} | tail -n 1 | sed 's/^/RTT-{tag} /'\n").as_bytes()).await;
+    wait_until("round trips", Duration::from_secs(30), || async {
+        // busybox: "round-trip min/avg/max = 200.1/200.4/200.9 ms"
+        let out = session.output();
+        let line = out.lines().find(|l| l.trim_start().starts_with(&format!("RTT-{tag} round-trip")))?.to_string();
+        line.split('=').nth(1)?.trim().split('/').nth(1)?.parse().ok()
+    })
+    .await
+}
+
 fn partition_table() -> bool {
     host("nft", &["list", "table", "bridge", covi_agent::fault::apply::NFT_TABLE]).0
 }
@@ -156,19 +178,45 @@ async fn faults_cut_pause_kill_and_leave_nothing_behind() {
     assert!(matches!(&refused, Err(kube::Error::Api(e)) if e.code == 403), "eve may not disrupt: {refused:?}");
 
     let disruptions: Api<Disruption> = Api::namespaced(client.clone(), &ns);
-    // A partition between the sides: no traffic; deleting the Disruption ends it.
+    // A partition between the sides: no traffic until its window ends.
     let split = json!({
         "selector": {"matchLabels": {"side": "a"}},
         "fault": {"kind": "Partition", "partition": {"from": {"matchLabels": {"side": "b"}}}},
-        "duration": "10m",
+        "duration": "25s",
     });
     disrupt(&disruptions, "split", split.clone()).await;
     target_state(&disruptions, "split", "a", TargetState::Applied).await;
     assert!(partition_table(), "covi's nftables table is in place");
     ping_until(&a, &b_address, false, &mut n, "the partition to cut a from b").await;
-    disruptions.delete("split", &DeleteParams::default()).await.expect("delete");
-    ping_until(&a, &b_address, true, &mut n, "traffic to flow again once the Disruption is gone").await;
+    target_state(&disruptions, "split", "a", TargetState::Removed).await;
+    ping_until(&a, &b_address, true, &mut n, "traffic to flow again once the window ended").await;
     assert!(!partition_table(), "the table is gone with the last partition");
+    disruptions.delete("split", &DeleteParams::default()).await.expect("delete");
+
+    // A link down on b: no traffic; deleting the Disruption ends it at once.
+    disrupt(
+        &disruptions,
+        "unplug",
+        json!({"selector": {"names": ["b"]}, "fault": {"kind": "LinkDown"}, "duration": "10m"}),
+    )
+    .await;
+    target_state(&disruptions, "unplug", "b", TargetState::Applied).await;
+    ping_until(&a, &b_address, false, &mut n, "b's link to go down").await;
+    disruptions.delete("unplug", &DeleteParams::default()).await.expect("delete");
+    ping_until(&a, &b_address, true, &mut n, "b's link to come back once the Disruption is gone").await;
+
+    // A delay on the traffic to b shows in a's round trips; where the kernel has no
+    // netem (this test machine's), the Disruption says so instead.
+    disrupt(&disruptions, "slow", json!({"selector": {"names": ["b"]}, "fault": {"kind": "Network", "network": {"delay": "200ms"}}, "duration": "10m"})).await;
+    if netem() {
+        target_state(&disruptions, "slow", "b", TargetState::Applied).await;
+        let rtt = round_trip(&a, &b_address, &mut n).await;
+        assert!(rtt >= 200.0, "round trips to b take the 200 ms delay: {rtt} ms");
+    } else {
+        let message = target_state(&disruptions, "slow", "b", TargetState::Failed).await;
+        assert!(message.contains("netem") && message.contains("Specified qdisc kind is unknown"), "{message}");
+    }
+    disruptions.delete("slow", &DeleteParams::default()).await.expect("delete");
 
     // A pause stops b until its window ends; then it runs on and answers again.
     disrupt(&disruptions, "nap", json!({"selector": {"names": ["b"]}, "fault": {"kind": "Pause"}, "duration": "20s"}))
@@ -205,6 +253,8 @@ async fn faults_cut_pause_kill_and_leave_nothing_behind() {
 
     // Mid-fault, the agent dies with kill -9 and the Disruptions are deleted meanwhile:
     // the faults outlive the agent, and the next agent finds and removes them.
+    let mut split = split;
+    split["duration"] = json!("10m");
     disrupt(&disruptions, "split", split).await;
     disrupt(&disruptions, "slow", json!({"selector": {"names": ["b"]}, "fault": {"kind": "Network", "network": {"rateKbit": 800}}, "duration": "10m"})).await;
     disrupt(
