@@ -8,9 +8,9 @@
 use std::time::Duration;
 
 use covi_api::VirtualServer;
-use covi_tests::console::{Session, Unregister, apply, register_console_api, wait_available};
+use covi_tests::console::{Session, apply, front_door, wait_available};
 use covi_tests::fleet::Fleet;
-use covi_tests::guests::{apply_server, fixtures_in, guest_files, qemu_pool, testbed_env};
+use covi_tests::guests::{apply_server, fixtures_in, guest_files, qemu_pool};
 use covi_tests::{SERIAL, admin, install_crds, kubectl_covi, namespace, wait_until};
 use k8s_openapi::api::core::v1::Event;
 use kube::api::{Api, ListParams};
@@ -30,12 +30,8 @@ async fn a_user_types_into_a_guests_console_and_one_without_the_permission_is_re
     install_crds(&client).await;
     let mut fleet = Fleet::new(&client, "console").await;
 
-    // The operator serves the console on the node's address, where the API server
-    // reaches it; the port is one nothing listens on.
-    let address = testbed_env("COVI_NODE_IP");
-    let port = std::net::TcpListener::bind((address.as_str(), 0)).expect("a free port").local_addr().unwrap().port();
-    let _unregister = Unregister;
-    register_console_api(&client, &fleet.lease_namespace, &address, port).await;
+    // The operator serves the console behind the API server, on the node's address.
+    let (_unregister, console_flags) = front_door(&client, &fleet).await;
 
     let mut pool_spec = qemu_pool(STORAGE_POOL, false);
     pool_spec["images"] = json!([
@@ -43,7 +39,7 @@ async fn a_user_types_into_a_guests_console_and_one_without_the_permission_is_re
     ]);
     let pool = fleet.apply_pool(&client, pool_spec).await;
     fleet.start_agent_uri(1, &uri, &["--console-addr=127.0.0.1:0", "--stop-grace-seconds=3"]);
-    fleet.start_operator_with(&[&format!("--console-addr={address}:{port}"), "--console-service=covi-console"]);
+    fleet.start_operator_with(&console_flags.iter().map(String::as_str).collect::<Vec<_>>());
     fleet.wait_ready_hosts(&client, 1).await;
     let ns = namespace(&client, "console").await;
     let api: Api<VirtualServer> = Api::namespaced(client.clone(), &ns);

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use covi_api::VirtualServer;
 use covi_api::disruption::{Disruption, TargetState};
-use covi_tests::console::{Session, Unregister, register_console_api, wait_available};
+use covi_tests::console::{Session, front_door, wait_available};
 use covi_tests::fleet::Fleet;
-use covi_tests::guests::{apply_server, fixtures_in, guest_files, qemu_pool, testbed_env};
+use covi_tests::guests::{apply_server, fixtures_in, guest_files, qemu_pool};
 use covi_tests::{FIELD_MANAGER, SERIAL, admin, client_as, install_crds, namespace, poll, wait_until};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
@@ -128,10 +128,8 @@ async fn faults_cut_pause_kill_and_leave_nothing_behind() {
     let client = admin().await;
     install_crds(&client).await;
     let mut fleet = Fleet::new(&client, "faults").await;
-    let address = testbed_env("COVI_NODE_IP");
-    let port = std::net::TcpListener::bind((address.as_str(), 0)).expect("a free port").local_addr().unwrap().port();
-    let _unregister = Unregister;
-    register_console_api(&client, &fleet.lease_namespace, &address, port).await;
+    // The operator serves the console behind the API server, on the node's address.
+    let (_unregister, console_flags) = front_door(&client, &fleet).await;
 
     let mut pool_spec = qemu_pool(STORAGE_POOL, false);
     pool_spec["network"]["cidr"] = json!("10.79.0.0/24");
@@ -141,7 +139,7 @@ async fn faults_cut_pause_kill_and_leave_nothing_behind() {
     ]);
     let pool = fleet.apply_pool(&client, pool_spec).await;
     let agent = fleet.start_agent_uri(1, &uri, &["--console-addr=127.0.0.1:0", "--stop-grace-seconds=3"]);
-    fleet.start_operator_with(&[&format!("--console-addr={address}:{port}"), "--console-service=covi-console"]);
+    fleet.start_operator_with(&console_flags.iter().map(String::as_str).collect::<Vec<_>>());
     fleet.wait_ready_hosts(&client, 1).await;
     let ns = namespace(&client, "faults").await;
     let servers: Api<VirtualServer> = Api::namespaced(client.clone(), &ns);

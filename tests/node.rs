@@ -42,6 +42,12 @@ fn values(tag: &str) -> Vec<String> {
     .collect()
 }
 
+/// `kubectl get events` of one object: the reasons, space-separated.
+fn event_reasons(namespace: &str, name: &str) -> (bool, String, String) {
+    let selector = format!("--field-selector=involvedObject.name={name}");
+    run("kubectl", &["get", "events", "-n", namespace, &selector, "-o=jsonpath={.items[*].reason}"], None)
+}
+
 fn helm(args: &[&str]) -> String {
     let (ok, out, err) = run("helm", args, None);
     assert!(ok, "helm {}:\n{out}\n{err}\n{}", args.join(" "), diagnose());
@@ -235,18 +241,7 @@ async fn helm_installs_covi_on_a_real_node() {
     wait_available(DEADLINE).await;
     let session = Session::start(&["covi", "console", "web", "-n", &namespace]);
     let opened = poll(DEADLINE, || async {
-        let (ok, reasons, _) = run(
-            "kubectl",
-            &[
-                "get",
-                "events",
-                "-n",
-                &namespace,
-                "--field-selector=involvedObject.name=web",
-                "-o=jsonpath={.items[*].reason}",
-            ],
-            None,
-        );
+        let (ok, reasons, _) = event_reasons(&namespace, "web");
         (ok && reasons.contains("ConsoleOpened")).then_some(())
     })
     .await;
@@ -258,18 +253,7 @@ async fn helm_installs_covi_on_a_real_node() {
     // Logs and Events are readable with kubectl, through the kubelet.
     let (ok, logs, err) = run("kubectl", &["logs", "-n", SYSTEM, &agent.name_any()], None);
     assert!(ok && !logs.trim().is_empty(), "kubectl logs of the agent: {err}");
-    let (ok, events, err) = run(
-        "kubectl",
-        &[
-            "get",
-            "events",
-            "-n",
-            &namespace,
-            "--field-selector=involvedObject.name=web",
-            "-o=jsonpath={.items[*].reason}",
-        ],
-        None,
-    );
+    let (ok, events, err) = event_reasons(&namespace, "web");
     assert!(ok && !events.trim().is_empty(), "the server's Events: {events}{err}");
     println!("the server's Events: {events}");
 

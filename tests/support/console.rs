@@ -199,3 +199,14 @@ pub async fn wait_available(deadline: Duration) {
     })
     .await;
 }
+
+/// The console's front door for a test fleet: the Service, endpoint and APIService
+/// pointing at the node's address on a free port. Returns the guard that unregisters it
+/// and the flags that make the fleet's operator serve there.
+pub async fn front_door(client: &kube::Client, fleet: &crate::fleet::Fleet) -> (Unregister, Vec<String>) {
+    let address = crate::guests::testbed_env("COVI_NODE_IP");
+    let port = std::net::TcpListener::bind((address.as_str(), 0)).expect("a free port").local_addr().unwrap().port();
+    let guard = Unregister;
+    register_console_api(client, &fleet.lease_namespace, &address, port).await;
+    (guard, vec![format!("--console-addr={address}:{port}"), "--console-service=covi-console".into()])
+}

@@ -35,6 +35,19 @@ pub fn fixtures_in(conn: &Connect, name: &str, dir: &str) {
             .expect("transient storage pool"),
     };
     pool.refresh(0).expect("refresh pool");
+    // Earlier runs' servers leave their volumes behind (the test bed stops before their
+    // finalizers run): 1 GiB each, they would fill the disk over warm runs. Whatever no
+    // defined domain uses goes.
+    let in_use: String = conn
+        .list_all_domains(0)
+        .map(|domains| domains.iter().filter_map(|d| d.xml_desc(0).ok()).collect::<Vec<_>>().join("\n"))
+        .unwrap_or_default();
+    for volume in pool.list_all_volumes(0).unwrap_or_default() {
+        let (Ok(name), Ok(path)) = (volume.name(), volume.path()) else { continue };
+        if name != "tiny.img" && !in_use.contains(&path) {
+            let _ = volume.delete(0);
+        }
+    }
     if pool.lookup_storage_vol_by_name("tiny.img").is_err() {
         virt::storage_vol::StorageVol::create_xml(
             &pool,
