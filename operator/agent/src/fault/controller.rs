@@ -35,6 +35,14 @@ pub fn manager(node: &str) -> String {
     format!("covi-agent-faults.{node}")
 }
 
+/// Whether `d` is in one of its windows at `now`.
+fn active(d: &Disruption, now: i64) -> bool {
+    let created = d.metadata.creation_timestamp.as_ref().map(|t| t.0.as_second());
+    let length = covi_api::duration::parse(&d.spec.duration);
+    let every = d.spec.every.as_deref().and_then(covi_api::duration::parse);
+    matches!((created, length), (Some(c), Some(l)) if super::window(c, l, every, now).is_some())
+}
+
 fn time(seconds: i64) -> Option<Time> {
     Timestamp::from_second(seconds).ok().map(Time)
 }
@@ -63,8 +71,11 @@ impl FaultLoop {
         // holds and nothing is wanted, the host is not scanned again (a scan reads every
         // guest's interfaces, a cost worth paying only while faults exist).
         let mut clean = false;
+        // Kills done by this agent: the status says the same, but the watch may not
+        // have delivered this agent's own write yet when the next pass starts.
+        let mut killed = BTreeSet::new();
         loop {
-            match self.pass(&store, rules.as_ref(), clean).await {
+            match self.pass(&store, rules.as_ref(), clean, &mut killed).await {
                 Ok(Some((written, now_clean))) => {
                     rules = Some(written);
                     clean = now_clean;
@@ -89,6 +100,7 @@ impl FaultLoop {
         store: &Store<Disruption>,
         rules: Option<&Option<String>>,
         clean: bool,
+        killed_here: &mut BTreeSet<(String, String, i64)>,
     ) -> crate::error::Result<Option<(Option<String>, bool)>> {
         let now = Timestamp::now().as_second();
         let disruptions: Vec<Disruption> = store.state().iter().map(|d| (**d).clone()).collect();
@@ -100,9 +112,10 @@ impl FaultLoop {
             .map(|s| (**s).clone())
             .collect();
         let mut peers: BTreeMap<String, Vec<Peer>> = BTreeMap::new();
+        // Peers are read only for partitions in their window: a list per namespace.
         let partitioned: BTreeSet<String> = disruptions
             .iter()
-            .filter(|d| d.spec.fault.kind == FaultKind::Partition)
+            .filter(|d| d.spec.fault.kind == FaultKind::Partition && active(d, now))
             .filter_map(|d| d.namespace())
             .collect();
         for ns in partitioned {
@@ -125,7 +138,7 @@ impl FaultLoop {
                 .map(|s| s.targets.iter().filter(|t| t.host == self.node).cloned().collect())
                 .unwrap_or_default()
         };
-        let killed: BTreeSet<(String, String, i64)> = disruptions
+        let mut killed: BTreeSet<(String, String, i64)> = disruptions
             .iter()
             .filter(|d| d.spec.fault.kind == FaultKind::Kill)
             .flat_map(|d| {
@@ -136,9 +149,21 @@ impl FaultLoop {
                     .filter_map(move |t| Some((key.clone(), t.server, t.since?.0.as_second())))
             })
             .collect();
+        killed.extend(killed_here.iter().cloned());
         let scan = !(clean && wanted.is_empty() && rules.is_some());
         let (outcomes, written) = if scan {
-            apply::converge(&self.hypervisor, &wanted, &killed, rules).await?
+            let (outcomes, written) = apply::converge(&self.hypervisor, &wanted, &killed, rules).await?;
+            for w in wanted.iter().filter(|w| w.effect == super::Effect::Kill) {
+                let key = (w.disruption.clone(), w.server.clone(), w.since);
+                if outcomes.get(&key).is_some_and(|o| o.is_ok()) {
+                    killed_here.insert(key);
+                }
+            }
+            // Only the windows still open matter.
+            killed_here.retain(|(d, s, since)| {
+                wanted.iter().any(|w| &w.disruption == d && &w.server == s && w.since == *since)
+            });
+            (outcomes, written)
         } else {
             (BTreeMap::new(), rules.cloned().flatten())
         };
