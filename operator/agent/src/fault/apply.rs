@@ -153,7 +153,8 @@ pub async fn converge(
         };
         match &outcome {
             Ok(done) => tracing::debug!(disruption = %w.disruption, server = %w.server, %done, "fault in place"),
-            Err(e) => tracing::warn!(disruption = %w.disruption, server = %w.server, error = %e, "fault not applied"),
+            // Said once, when the status changes (the controller): this repeats every pass.
+            Err(e) => tracing::debug!(disruption = %w.disruption, server = %w.server, error = %e, "fault not applied"),
         }
         outcomes.insert(key(w), outcome);
     }
@@ -245,11 +246,27 @@ async fn write_rules(rules: Option<&str>) -> std::result::Result<(), String> {
         // Declaring it first makes the delete succeed whether or not it existed.
         None => format!("table bridge {NFT_TABLE}\ndelete table bridge {NFT_TABLE}\n"),
     };
-    let file = std::env::temp_dir().join(format!("covi-faults-{}.nft", std::process::id()));
-    tokio::fs::write(&file, script).await.map_err(|e| format!("writing {}: {e}", file.display()))?;
-    let result = run("nft", &["-f".to_string(), file.display().to_string()]).await;
-    let _ = tokio::fs::remove_file(&file).await;
-    result.map(|_| ())
+    // On standard input: the agent's root file system is read-only.
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => "nft is not installed on this host".to_string(),
+            _ => format!("nft: {e}"),
+        })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        use tokio::io::AsyncWriteExt;
+        stdin.write_all(script.as_bytes()).await.map_err(|e| format!("nft: {e}"))?;
+    }
+    let output = child.wait_with_output().await.map_err(|e| format!("nft: {e}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!("nft -f -: {}", String::from_utf8_lossy(&output.stderr).trim()))
+    }
 }
 
 #[cfg(test)]

@@ -218,8 +218,12 @@ impl FaultLoop {
                 targets.insert(old.server.clone(), FaultTarget { state: TargetState::Removed, message, ..old });
             }
             let targets: Vec<FaultTarget> = targets.into_values().collect();
-            if targets == mine(d) || d.metadata.deletion_timestamp.is_some() {
+            let before = mine(d);
+            if targets == before || d.metadata.deletion_timestamp.is_some() {
                 continue;
+            }
+            for t in targets.iter().filter(|t| t.state == TargetState::Failed && !before.contains(t)) {
+                tracing::warn!(disruption = %key, server = %t.server, reason = %t.message, "fault not applied");
             }
             let patch = status_patch::<Disruption>(serde_json::json!({ "targets": targets }));
             let api: Api<Disruption> = Api::namespaced(self.client.clone(), &ns);
