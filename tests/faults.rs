@@ -78,9 +78,10 @@ fn interfaces(conn: &Connect, uid: &str) -> Vec<String> {
     covi_agent::fault::apply::interfaces(&dom.xml_desc(0).expect("XML"))
 }
 
+/// A command on the host: success, and stdout followed by stderr.
 fn host(program: &str, args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(program).args(args).output().expect("runs");
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    let (ok, out, err) = covi_tests::run(program, args, None);
+    (ok, out + &err)
 }
 
 /// Whether this kernel has netem (a throwaway veth pair is asked for one).

@@ -125,25 +125,19 @@ pub async fn converge(
         let guest = by_uuid.get(w.uid.as_str()).copied();
         let outcome: Outcome = match (&w.effect, guest) {
             (Effect::Kill, _) if killed.contains(&key(w)) => Ok("killed at the window's start".into()),
-            (Effect::Kill, Some(_)) => {
-                let uuid = w.uid.clone();
-                hypervisor
-                    .run(move |c| Ok(c.lookup_domain_by_uuid_string(&uuid)?.destroy()?))
-                    .await
-                    .map(|()| "killed (destroyed); it comes back by its run policy".to_string())
-                    .map_err(|e| format!("destroying the guest: {e}"))
-            }
+            (Effect::Kill, Some(_)) => hypervisor
+                .stop(&w.uid, true)
+                .await
+                .map(|()| "killed (destroyed); it comes back by its run policy".to_string())
+                .map_err(|e| format!("destroying the guest: {e}")),
             (Effect::Kill, None) => Ok("not running at the window's start: nothing to kill".into()),
             (_, None) => Err("the guest is not running on this host".into()),
             (Effect::Pause, Some(g)) if g.paused_by_user => Ok("paused".into()),
-            (Effect::Pause, Some(_)) => {
-                let uuid = w.uid.clone();
-                hypervisor
-                    .run(move |c| Ok(c.lookup_domain_by_uuid_string(&uuid)?.suspend()?))
-                    .await
-                    .map(|()| "paused".to_string())
-                    .map_err(|e| format!("suspending the guest: {e}"))
-            }
+            (Effect::Pause, Some(_)) => hypervisor
+                .set_paused(&w.uid, true)
+                .await
+                .map(|()| "paused".to_string())
+                .map_err(|e| format!("suspending the guest: {e}")),
             (Effect::LinkDown, Some(g)) => set_links(&g.interfaces, false).await.map(|()| "link down".into()),
             (Effect::Network(shaping), Some(g)) => shape(&g.interfaces, shaping).await,
             (Effect::Partition { peers, .. }, Some(_)) if peers.is_empty() => {
@@ -162,8 +156,7 @@ pub async fn converge(
     // Everything covi put on a guest that no wanted fault explains goes.
     for g in &guests {
         if g.paused_by_user && !wants(&g.uuid, &|e| matches!(e, Effect::Pause)) {
-            let uuid = g.uuid.clone();
-            match hypervisor.run(move |c| Ok(c.lookup_domain_by_uuid_string(&uuid)?.resume()?)).await {
+            match hypervisor.set_paused(&g.uuid, false).await {
                 Ok(()) => tracing::info!(uuid = %g.uuid, "resumed a guest no pause is wanted for"),
                 Err(e) => tracing::warn!(uuid = %g.uuid, error = %e, "resuming a guest no pause is wanted for"),
             }

@@ -416,6 +416,20 @@ impl Libvirt {
     }
 
     /// Asks the guest to shut down (ACPI), or forces it off when `force`.
+    /// Suspends (`pause`) or resumes the domain; a domain that is gone is left alone.
+    pub async fn set_paused(&self, uuid: &str, pause: bool) -> Result<()> {
+        self.with_domain(uuid, move |d| {
+            if pause {
+                d.suspend()?
+            } else {
+                d.resume()?
+            }
+            Ok(())
+        })
+        .await
+        .map(drop)
+    }
+
     pub async fn stop(&self, uuid: &str, force: bool) -> Result<()> {
         self.with_domain(uuid, move |d| {
             let result = if force { d.destroy() } else { d.shutdown() };
