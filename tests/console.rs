@@ -10,7 +10,7 @@ use std::time::Duration;
 use covi_api::VirtualServer;
 use covi_tests::console::{Session, apply, front_door, wait_available};
 use covi_tests::fleet::Fleet;
-use covi_tests::guests::{apply_server, fixtures_in, guest_files, qemu_pool};
+use covi_tests::guests::{GuestsOf, apply_server, fixtures_in, guest_files, qemu_pool};
 use covi_tests::{SERIAL, admin, install_crds, kubectl_covi, namespace, wait_until};
 use k8s_openapi::api::core::v1::Event;
 use kube::api::{Api, ListParams};
@@ -28,6 +28,8 @@ async fn a_user_types_into_a_guests_console_and_one_without_the_permission_is_re
     let (kernel, initrd) = guest_files();
     let client = admin().await;
     install_crds(&client).await;
+    // Declared before the fleet: its guests go after the agent that would restart them.
+    let _guests;
     let mut fleet = Fleet::new(&client, "console").await;
 
     // The operator serves the console behind the API server, on the node's address.
@@ -42,6 +44,7 @@ async fn a_user_types_into_a_guests_console_and_one_without_the_permission_is_re
     fleet.start_operator_with(&console_flags.iter().map(String::as_str).collect::<Vec<_>>());
     fleet.wait_ready_hosts(&client, 1).await;
     let ns = namespace(&client, "console").await;
+    _guests = GuestsOf::new(&uri, &ns);
     let api: Api<VirtualServer> = Api::namespaced(client.clone(), &ns);
     apply_server(&api, "web", &pool, json!({"boot": {"image": "echo"}})).await;
     fleet.wait_server(&api, "web", "to run", DEADLINE, |s| s.is_ready()).await;

@@ -13,7 +13,7 @@ use covi_api::VirtualServer;
 use covi_api::disruption::{Disruption, TargetState};
 use covi_tests::console::{Session, front_door, wait_available};
 use covi_tests::fleet::Fleet;
-use covi_tests::guests::{apply_server, fixtures_in, guest_files, qemu_pool};
+use covi_tests::guests::{GuestsOf, apply_server, fixtures_in, guest_files, qemu_pool};
 use covi_tests::{FIELD_MANAGER, SERIAL, admin, client_as, install_crds, namespace, poll, wait_until};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
@@ -128,6 +128,8 @@ async fn faults_cut_pause_kill_and_leave_nothing_behind() {
     let (kernel, initrd) = guest_files();
     let client = admin().await;
     install_crds(&client).await;
+    // Declared before the fleet: its guests go after the agent that would restart them.
+    let _guests;
     let mut fleet = Fleet::new(&client, "faults").await;
     // The operator serves the console behind the API server, on the node's address.
     let (_unregister, console_flags) = front_door(&client, &fleet).await;
@@ -143,6 +145,7 @@ async fn faults_cut_pause_kill_and_leave_nothing_behind() {
     fleet.start_operator_with(&console_flags.iter().map(String::as_str).collect::<Vec<_>>());
     fleet.wait_ready_hosts(&client, 1).await;
     let ns = namespace(&client, "faults").await;
+    _guests = GuestsOf::new(&uri, &ns);
     let servers: Api<VirtualServer> = Api::namespaced(client.clone(), &ns);
     for (name, side) in [("a", "a"), ("b", "b")] {
         apply_server(&servers, name, &pool, json!({"boot": {"image": "net"}})).await;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use covi_api::VirtualServer;
 use covi_tests::fleet::{Fleet, scrape};
-use covi_tests::guests::{apply_server, fixtures_in, guest_files, qemu_pool};
+use covi_tests::guests::{GuestsOf, apply_server, fixtures_in, guest_files, qemu_pool};
 use covi_tests::{SERIAL, admin, install_crds, kubectl_covi, namespace, wait_until};
 use kube::api::Api;
 use serde_json::{Value, json};
@@ -35,6 +35,8 @@ async fn a_busy_guest_uses_a_cpu_and_an_idle_one_almost_none() {
     let (kernel, initrd) = guest_files();
     let client = admin().await;
     install_crds(&client).await;
+    // Declared before the fleet: its guests go after the agent that would restart them.
+    let _guests;
     let mut fleet = Fleet::new(&client, "usage").await;
     let mut pool_spec = qemu_pool(STORAGE_POOL, false);
     pool_spec["images"] = json!([
@@ -46,6 +48,7 @@ async fn a_busy_guest_uses_a_cpu_and_an_idle_one_almost_none() {
     fleet.start_operator();
     fleet.wait_ready_hosts(&client, 1).await;
     let ns = namespace(&client, "usage").await;
+    _guests = GuestsOf::new(&uri, &ns);
     let api: Api<VirtualServer> = Api::namespaced(client.clone(), &ns);
     apply_server(&api, "busy", &pool, json!({"boot": {"image": "burn"}})).await;
     apply_server(&api, "quiet", &pool, json!({"boot": {"image": "idle"}})).await;

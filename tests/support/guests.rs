@@ -117,3 +117,31 @@ pub fn guest_files() -> (String, String) {
     }
     (format!("{target}/vmlinuz"), format!("{target}/initrd.img"))
 }
+
+/// Destroys and undefines, when dropped, every covi domain of `namespace` on the
+/// libvirtd at `uri`. The test bed's libvirtd outlives each test and covi's guests
+/// outlive their agents by design, so without this a test's guests would keep running
+/// (a CPU-burning one for the rest of the suite) after the test, passed or failed.
+pub struct GuestsOf {
+    uri: String,
+    namespace: String,
+}
+
+impl GuestsOf {
+    pub fn new(uri: &str, namespace: &str) -> GuestsOf {
+        GuestsOf { uri: uri.to_string(), namespace: namespace.to_string() }
+    }
+}
+
+impl Drop for GuestsOf {
+    fn drop(&mut self) {
+        let Ok(conn) = Connect::open(Some(&self.uri)) else { return };
+        for dom in conn.list_all_domains(0).unwrap_or_default() {
+            let owner = dom.xml_desc(0).ok().and_then(|xml| covi_agent::domain_xml::ownership(&xml));
+            if owner.is_some_and(|o| o.namespace == self.namespace) {
+                let _ = dom.destroy();
+                let _ = dom.undefine();
+            }
+        }
+    }
+}
