@@ -94,20 +94,24 @@ async fn reconcile(request: Arc<VmRequest>, ctx: Arc<Context>) -> Result<Action>
     ctx.servers.wait_until_ready().await.map_err(|_| Error::WatchEnded("VirtualServers"))?;
     ctx.pools.wait_until_ready().await.map_err(|_| Error::WatchEnded("HostPools"))?;
     let ns = request.namespace().unwrap_or_default();
-    let servers = ctx.servers.state();
     let pool = ctx.pools.get(&ObjectRef::new(&request.spec.template.spec.host_pool));
-    let mine = owned(&request, &servers);
     let now = Timestamp::now();
     let size = pool.as_ref().and_then(|p| p.size_of(&request.spec.template.spec).ok());
     let size = size.map(|s| (1, u64::from(s.cpus), s.memory_mib)).unwrap_or((1, 0, 0));
     // Decided and reserved under one lock: two requests of a namespace reconciled
     // at once never both fit the last of a quota.
-    let plan = {
+    let servers;
+    let (mine, plan) = {
         let mut created = ctx.created.lock().expect("created lock");
         created.retain(|key, c| {
             let (ns, name) = key.split_once('/').unwrap_or_default();
             c.at.elapsed() < CREATED_GRACE && ctx.servers.get(&ObjectRef::new(name).within(ns)).is_none()
         });
+        // Read after the in-flight set let go of what the cache shows, so a server
+        // is always in one or the other: a snapshot taken before would miss one that
+        // reached the cache in between, and the request would create it twice.
+        servers = ctx.servers.state();
+        let mine = owned(&request, &servers);
         let prefix = format!("{ns}/");
         let in_flight: BTreeSet<String> =
             created.keys().filter_map(|k| k.strip_prefix(&prefix)).map(str::to_string).collect();
@@ -129,7 +133,7 @@ async fn reconcile(request: Arc<VmRequest>, ctx: Arc<Context>) -> Result<Action>
             let pool = request.spec.template.spec.host_pool.clone();
             created.insert(format!("{ns}/{name}"), Created { at: Instant::now(), pool, size });
         }
-        plan
+        (mine, plan)
     };
     // Many at once: a request of a thousand servers is a thousand POSTs.
     let creates = plan.create.iter().cloned().map(|name| create(ctx.clone(), request.clone(), name));

@@ -415,7 +415,6 @@ impl Libvirt {
         Ok(started.unwrap_or_else(|| Err(StartRefused::Failed("the domain is not defined".to_string()))))
     }
 
-    /// Asks the guest to shut down (ACPI), or forces it off when `force`.
     /// Suspends (`pause`) or resumes the domain; a domain that is gone is left alone.
     pub async fn set_paused(&self, uuid: &str, pause: bool) -> Result<()> {
         self.with_domain(uuid, move |d| {
@@ -430,6 +429,7 @@ impl Libvirt {
         .map(drop)
     }
 
+    /// Asks the guest to shut down (ACPI), or forces it off when `force`.
     pub async fn stop(&self, uuid: &str, force: bool) -> Result<()> {
         self.with_domain(uuid, move |d| {
             let result = if force { d.destroy() } else { d.shutdown() };
