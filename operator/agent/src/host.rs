@@ -170,8 +170,8 @@ impl LeaseRenewer {
     /// host lost, so a restarted agent finds its guests still its own.
     pub async fn run(self, mut stopping: tokio::sync::watch::Receiver<bool>) {
         loop {
-            let failover =
-                pool_of(&self.pools.state(), &self.labels).map(|p| p.spec.failover.clone()).unwrap_or_default();
+            // The pool's timings, stretched when the fleet is too large to renew at them.
+            let failover = covi_api::host_pool::failover_for(&self.pools.state(), &self.labels);
             let renew = Duration::from_secs(failover.renew_seconds.into());
             self.fence.set_fence_after(Duration::from_secs(failover.fence_after_seconds.into()));
             let started = std::time::Instant::now();
@@ -219,13 +219,24 @@ impl LeaseRenewer {
                 );
                 return;
             }
-            let pause = renew.saturating_sub(started.elapsed());
+            // Up to a tenth early, at random: hosts started together (a rack powered
+            // on, an upgraded DaemonSet) drift apart instead of renewing in one spike.
+            let pause = jittered(renew).saturating_sub(started.elapsed());
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
                 _ = stopping.changed(), if !stop => {}
             }
         }
     }
+}
+
+/// `renew` shortened by up to a tenth, at random: never later, so the timings the
+/// Lease records still hold.
+fn jittered(renew: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState's keys are random per process and differ per instance.
+    let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    renew.mul_f64(1.0 - (random % 1000) as f64 / 10_000.0)
 }
 
 /// What one renewal records on the Lease.

@@ -701,6 +701,55 @@ impl Failover {
     }
 }
 
+/// Lease renewals a second the whole fleet may send the API server at its pools'
+/// timings; a larger fleet stretches them (see [`Failover::for_fleet`]). 100 a second
+/// is 200 hosts at the default 2 s, which one small control plane answers in time
+/// while it also takes a burst of a thousand servers.
+pub const HEARTBEATS_PER_SECOND: u32 = 100;
+
+impl Failover {
+    /// How many times the pool's timings are stretched in a fleet of `hosts`: enough
+    /// that renewing every `renewSeconds × factor` keeps the fleet within
+    /// [`HEARTBEATS_PER_SECOND`]; 1 up to that size.
+    pub fn fleet_factor(&self, hosts: u32) -> u32 {
+        hosts.div_ceil(HEARTBEATS_PER_SECOND.saturating_mul(self.renew_seconds.max(1))).max(1)
+    }
+
+    /// The timings in force in a fleet of `hosts` (the sum of every pool's hosts):
+    /// renewal, lease, fenceAfter and grace all multiplied by [`Failover::fleet_factor`],
+    /// so every rule between them still holds and failover slows in proportion.
+    /// Agents renew and fence by these, and record them on their Lease; the operator
+    /// judges by them (and by what a Lease records, whichever is longer).
+    pub fn for_fleet(&self, hosts: u32) -> Failover {
+        let k = self.fleet_factor(hosts);
+        Failover {
+            renew_seconds: self.renew_seconds.saturating_mul(k),
+            lease_duration_seconds: self.lease_duration_seconds.saturating_mul(k),
+            fence_after_seconds: self.fence_after_seconds.saturating_mul(k),
+            grace_seconds: self.grace_seconds.saturating_mul(k),
+            ..self.clone()
+        }
+    }
+}
+
+/// The fleet's size as the pools' statuses count it.
+pub fn fleet_hosts<P>(pools: &[P]) -> u32
+where
+    P: std::ops::Deref<Target = HostPool>,
+{
+    pools.iter().filter_map(|p| p.status.as_ref()).map(|s| s.total_hosts).fold(0, u32::saturating_add)
+}
+
+/// The failover timings in force for a host with `labels`: its pool's (or the
+/// defaults), stretched for the fleet's size.
+pub fn failover_for<P>(pools: &[P], labels: &std::collections::BTreeMap<String, String>) -> Failover
+where
+    P: std::ops::Deref<Target = HostPool>,
+{
+    let failover = pool_for_labels(pools, labels).map(|p| p.spec.failover.clone()).unwrap_or_default();
+    failover.for_fleet(fleet_hosts(pools))
+}
+
 /// The timings an agent recorded on its host's Lease with its last renewal: the
 /// lease duration (`spec.leaseDurationSeconds`) and its fenceAfter (the annotation
 /// [`crate::host::LEASE_FENCE_AFTER`]).
@@ -730,6 +779,32 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timings_stretch_with_the_fleet_and_keep_their_rules() {
+        let pool = Failover::default(); // renew 2, lease 10, fence 6, grace 3
+        assert_eq!(pool.for_fleet(0), pool);
+        assert_eq!(pool.for_fleet(200), pool, "200 hosts at 2 s is the budget itself");
+        let big = pool.for_fleet(2000);
+        assert_eq!(
+            (big.renew_seconds, big.lease_duration_seconds, big.fence_after_seconds, big.grace_seconds),
+            (20, 100, 60, 30)
+        );
+        assert!(2000 / big.renew_seconds <= HEARTBEATS_PER_SECOND);
+        // The CRD's rules between the timings still hold.
+        assert!(big.fence_after_seconds + big.renew_seconds <= big.lease_duration_seconds);
+        assert!(big.fence_after_seconds >= 2 * big.renew_seconds);
+        assert!(big.grace_seconds >= big.renew_seconds);
+        assert_eq!(pool.for_fleet(201).renew_seconds, 4, "one host over the budget doubles");
+        let slow = Failover {
+            renew_seconds: 10,
+            lease_duration_seconds: 40,
+            fence_after_seconds: 25,
+            grace_seconds: 10,
+            ..pool
+        };
+        assert_eq!(slow.for_fleet(1000), slow, "a pool that already renews slowly is left alone");
+    }
 
     fn pool(name: &str, selector: &[(&str, &str)]) -> HostPool {
         let selector: BTreeMap<_, _> = selector.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();

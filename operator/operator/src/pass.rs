@@ -174,9 +174,7 @@ impl Scheduler {
         hosts
             .iter()
             .map(|h| {
-                let failover = covi_api::host_pool::pool_for_labels(pools, h.labels())
-                    .map(|p| p.spec.failover.clone())
-                    .unwrap_or_default();
+                let failover = covi_api::host_pool::failover_for(pools, h.labels());
                 (h.name_any(), self.leases.liveness(&h.name_any(), now, &failover))
             })
             .collect()
@@ -206,9 +204,7 @@ impl Scheduler {
                     let renew = lease.spec.as_ref().and_then(|s| s.renew_time.as_ref()).map(|t| t.0.to_string());
                     let now = Instant::now();
                     self.leases.observe(&name, renew, covi_api::host::lease_timings(&lease), now);
-                    let failover = covi_api::host_pool::pool_for_labels(pools, host.labels())
-                        .map(|p| p.spec.failover.clone())
-                        .unwrap_or_default();
+                    let failover = covi_api::host_pool::failover_for(pools, host.labels());
                     *judged = self.leases.liveness(&name, now, &failover);
                     if *judged != Liveness::Lost {
                         tracing::info!(host = %name, "the Lease renewed after all: the cache lagged; not lost");
