@@ -47,6 +47,9 @@ pub struct Scheduler {
     history: Option<crate::history::History>,
     /// When each pool's consolidation was last planned.
     consolidator: crate::consolidation::Consolidator,
+    /// When this operator last wrote each host's status (counts alone wait, see
+    /// [`desired::host::COALESCE_COUNTS`]).
+    host_written: std::sync::Mutex<HashMap<String, Instant>>,
 }
 
 impl Scheduler {
@@ -73,6 +76,7 @@ impl Scheduler {
             duplicates: BTreeMap::new(),
             history: None,
             consolidator: Default::default(),
+            host_written: Default::default(),
         }
     }
 
@@ -448,6 +452,12 @@ impl Scheduler {
         }
         let now = Timestamp::now();
         let clock = Instant::now();
+        let written = {
+            let mut written = self.host_written.lock().expect("host_written lock");
+            let names: BTreeSet<String> = hosts.iter().map(|h| h.name_any()).collect();
+            written.retain(|name, _| names.contains(name));
+            written.clone()
+        };
         let updates: Vec<_> = hosts
             .iter()
             .filter_map(|host| {
@@ -466,13 +476,17 @@ impl Scheduler {
                     liveness: liveness.get(&name).copied().unwrap_or(Liveness::Unknown),
                     silent_secs: self.leases.silent_for(&name, clock).map(|d| d.as_secs()).unwrap_or(0),
                     unmovable: unmovable.remove(&name).unwrap_or_default(),
+                    since_written: written.get(&name).map(|at| clock.saturating_duration_since(*at)),
                 };
                 Some((host.clone(), desired::host::update(facts, now)?))
             })
             .collect();
         let writes = updates.into_iter().map(|(host, update)| async move {
-            if let Err(e) = self.write_host(&host, update).await {
-                tracing::warn!(host = %host.name_any(), error = %e, "updating host status failed");
+            match self.write_host(&host, update).await {
+                Ok(()) => {
+                    self.host_written.lock().expect("host_written lock").insert(host.name_any(), Instant::now());
+                }
+                Err(e) => tracing::warn!(host = %host.name_any(), error = %e, "updating host status failed"),
             }
         });
         futures::stream::iter(writes).buffer_unordered(16).collect::<Vec<()>>().await;

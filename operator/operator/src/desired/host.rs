@@ -28,7 +28,15 @@ pub struct Facts<'a> {
     pub silent_secs: u64,
     /// Servers that cannot leave it (reported only in maintenance).
     pub unmovable: Vec<UnmovableServer>,
+    /// How long ago this operator last wrote the host's status, if it did.
+    pub since_written: Option<std::time::Duration>,
 }
+
+/// A change of counts alone (servers, allocation) waits this long after the host's
+/// last write: while a burst lands, a host filling up would otherwise be written once
+/// per server. Conditions, pool and evacuation are written at once. The operator's
+/// full pass (at least every resync, 10 s by default) writes what waited.
+pub const COALESCE_COUNTS: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The host's writes, in order, and Events.
 #[derive(Clone, Debug, PartialEq)]
@@ -60,14 +68,11 @@ pub fn update(facts: Facts, now: Timestamp) -> Option<Update> {
         }
     };
     let (cpu, memory) = facts.allocation;
-    if transition.is_none()
-        && !evacuation_changed
-        && status.unmovable == stuck
-        && status.pool == facts.pool
-        && status.servers == facts.servers as u32
-        && status.cpu_allocation == cpu
-        && status.memory_allocation == memory
-    {
+    let settled = transition.is_none() && !evacuation_changed && status.unmovable == stuck && status.pool == facts.pool;
+    let counted =
+        status.servers == facts.servers as u32 && status.cpu_allocation == cpu && status.memory_allocation == memory;
+    let recently = facts.since_written.is_some_and(|d| d < COALESCE_COUNTS);
+    if settled && (counted || recently) {
         return None;
     }
     // Ready is the agent's condition; the operator speaks for a silent agent.

@@ -16,6 +16,7 @@ fn facts(host: &Host, liveness: Liveness) -> Facts<'_> {
         liveness,
         silent_secs: 12,
         unmovable: vec![],
+        since_written: None,
     }
 }
 
@@ -73,4 +74,23 @@ fn an_empty_host_in_maintenance_is_evacuated_once() {
     done.status.as_mut().unwrap().cpu_allocation = Some("0/4".into());
     done.status.as_mut().unwrap().memory_allocation = Some("0/64Gi".into());
     assert_eq!(update(facts(&done, Liveness::Alive), now()), None);
+}
+
+#[test]
+fn counts_alone_wait_for_the_coalescing_window_and_conditions_do_not() {
+    let h = host(
+        "h1",
+        json!({"status": {"pool": "idc-a", "servers": 0, "cpuAllocation": "0/4", "memoryAllocation": "0/64Gi"}}),
+    );
+    let just_written = Some(std::time::Duration::from_secs(2));
+    let busier = Facts { servers: 3, since_written: just_written, ..facts(&h, Liveness::Alive) };
+    assert_eq!(update(busier.clone(), now()), None, "a count written 2 s ago waits");
+    let later = Facts { since_written: Some(COALESCE_COUNTS), ..busier.clone() };
+    assert_eq!(update(later, now()).unwrap().summary.status.servers, 3, "and is written once the window passed");
+    let never = Facts { since_written: None, ..busier.clone() };
+    assert!(update(never, now()).is_some(), "a host this operator never wrote is written at once");
+    let lost = Facts { liveness: Liveness::Lost, ..busier };
+    let write = update(lost, now()).expect("a lost host is written at once, counts and all");
+    assert_eq!(write.summary.status.servers, 3);
+    assert!(write.readiness.is_some());
 }
