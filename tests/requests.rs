@@ -143,6 +143,23 @@ async fn an_approved_request_creates_its_servers_and_is_fulfilled() {
     for reason in ["Approved", "Provisioning", "Fulfilled"] {
         assert!(events.contains(reason), "missing Event {reason}: {events:?}");
     }
+    // A request's servers bound together are one Scheduled Event on the request, naming
+    // each server and its host, not one per server; each server keeps its agent's.
+    let api: Api<Event> = Api::namespaced(s.client.clone(), &s.ns);
+    let notes = wait_until("the request's Scheduled Event", DEADLINE, || async {
+        let fields = ListParams::default().fields("involvedObject.name=web,reason=Scheduled");
+        let notes: Vec<String> = api.list(&fields).await.ok()?.items.into_iter().filter_map(|e| e.message).collect();
+        let all = notes.join("\n");
+        (all.contains("web-0 on ") && all.contains("web-1 on ")).then_some(notes)
+    })
+    .await;
+    assert!(notes.iter().all(|n| n.starts_with("scheduled ")), "{notes:?}");
+    let server_events = wait_until("web-0's Started Event", DEADLINE, || async {
+        let events = s.events("web-0").await;
+        events.contains("Started").then_some(events)
+    })
+    .await;
+    assert!(!server_events.contains("Scheduled"), "no per-server Scheduled Event: {server_events:?}");
 }
 
 #[tokio::test]

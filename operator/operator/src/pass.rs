@@ -12,6 +12,7 @@ use covi_api::contract::FINALIZER;
 use covi_api::{Host, HostPool, VirtualServer};
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::jiff::Timestamp;
 use kube::Api;
 use kube::runtime::reflector::Store;
@@ -336,19 +337,36 @@ impl Scheduler {
 
     /// Writes the scheduler's decisions; bindings written count as this leader's
     /// until the cache shows them.
+    /// A request's servers bound in this pass are announced in one Event on the
+    /// request (see [`desired::server::announced_on_request`]).
     async fn apply(&mut self, decisions: Vec<(Arc<VirtualServer>, Decision)>) {
         let now = Timestamp::now();
         let writes = decisions
             .into_iter()
             .filter_map(|(server, decision)| {
                 let (write, note) = desired::server::decision(&server, &decision, now)?;
+                let note = note.filter(|_| desired::server::announced_on_request(&server, &decision).is_none());
                 Some((decision, server, write, note))
             })
             .collect();
+        let mut batches: BTreeMap<String, (ObjectReference, Vec<String>)> = BTreeMap::new();
         for (decision, server, result) in self.writer.apply_each(writes).await {
             if result.is_ok() {
+                if let (Some(request), Decision::Bind { host, .. }) =
+                    (desired::server::announced_on_request(&server, &decision), &decision)
+                {
+                    let key = format!("{:?}/{:?}", request.namespace, request.name);
+                    batches
+                        .entry(key)
+                        .or_insert_with(|| (request, Vec::new()))
+                        .1
+                        .push(format!("{} on {host}", server.name_any()));
+                }
                 self.assume(&server, &decision);
             }
+        }
+        for (request, placed) in batches.into_values() {
+            self.writer.publish(request, desired::server::scheduled_together(&placed));
         }
     }
 

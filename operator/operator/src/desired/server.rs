@@ -110,6 +110,54 @@ pub fn decision(server: &VirtualServer, decision: &Decision, now: Timestamp) -> 
     Some((write, Some(note)))
 }
 
+/// The request a plain binding of `server` is announced on instead of the server
+/// itself: a burst of a request's servers bound in one pass is one Event on the
+/// request, not one per server. Failovers and hand-overs are always the server's own.
+pub fn announced_on_request(
+    server: &VirtualServer,
+    decision: &Decision,
+) -> Option<k8s_openapi::api::core::v1::ObjectReference> {
+    if !matches!(decision, Decision::Bind { failover_from: None, migrated_from: None, .. }) {
+        return None;
+    }
+    let owner = server.owner_references().iter().find(|o| o.kind == "VmRequest" && o.controller == Some(true))?;
+    Some(k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some(owner.api_version.clone()),
+        kind: Some(owner.kind.clone()),
+        name: Some(owner.name.clone()),
+        namespace: server.namespace(),
+        uid: Some(owner.uid.clone()),
+        ..Default::default()
+    })
+}
+
+/// Servers named in one request's Scheduled Event at most; the rest are counted.
+const NAMED_IN_ONE_EVENT: usize = 8;
+
+/// Bytes of servers' names in one Event at most: an Event's note is limited to 1 kB.
+const NAMES_IN_ONE_EVENT: usize = 900;
+
+/// The Scheduled Event of a request whose servers `placed` ("name on host") were bound
+/// in one pass.
+pub fn scheduled_together(placed: &[String]) -> Note {
+    let mut named: Vec<&str> = Vec::new();
+    let mut bytes = 0;
+    for p in placed.iter().take(NAMED_IN_ONE_EVENT) {
+        if bytes + p.len() + 2 > NAMES_IN_ONE_EVENT {
+            break;
+        }
+        bytes += p.len() + 2;
+        named.push(p);
+    }
+    let more = placed.len() - named.len();
+    let servers = if placed.len() == 1 { "server" } else { "servers" };
+    let mut message = format!("scheduled {} {servers}: {}", placed.len(), named.join(", "));
+    if more > 0 {
+        message.push_str(&format!(" and {more} more"));
+    }
+    Note::normal("Scheduled", message, "Schedule")
+}
+
 /// A server that is not highly available (or whose disk stays behind) stays on its
 /// lost host, Failed: it runs again if the host comes back. Written for the silent
 /// agent, whose next apply takes phase and Ready back.

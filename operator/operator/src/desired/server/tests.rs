@@ -140,3 +140,34 @@ fn expiry_warns_once_before_and_deletes_after() {
     assert_eq!(expiry(&expiring("2026-06-01T12:00:00Z", warned), None, now()), None);
     assert!(matches!(expiry(&expiring("2026-05-31T00:00:00Z", json!([])), None, now()), Some(Expiry::Delete(_))));
 }
+
+#[test]
+fn a_request_announces_its_servers_bound_together_in_one_event() {
+    let placed: Vec<String> = (0..10).map(|i| format!("web-{i} on h{i}")).collect();
+    let note = scheduled_together(&placed);
+    assert_eq!(note.reason, "Scheduled");
+    assert!(note.message.starts_with("scheduled 10 servers: web-0 on h0, web-1 on h1"), "{}", note.message);
+    assert!(note.message.ends_with("web-7 on h7 and 2 more"), "{}", note.message);
+    assert_eq!(scheduled_together(&placed[..1]).message, "scheduled 1 server: web-0 on h0");
+    // Sixty-three-character names stay under an Event note's 1 kB.
+    let long: Vec<String> = (0..100).map(|i| format!("{:a>60}{i:02} on {:b>60}{i:02}", "", "")).collect();
+    assert!(scheduled_together(&long).message.len() < 1024);
+}
+
+#[test]
+fn only_a_request_servers_plain_binding_is_announced_on_the_request() {
+    let owned = server(
+        "web-0",
+        json!({"metadata": {"ownerReferences": [{"apiVersion": "covi.io/v1alpha1", "kind": "VmRequest",
+            "name": "web", "uid": "uid-web", "controller": true}]}}),
+    );
+    let on = announced_on_request(&owned, &bind("h1")).expect("a request's server");
+    assert_eq!(
+        (on.kind.as_deref(), on.name.as_deref(), on.namespace.as_deref()),
+        (Some("VmRequest"), Some("web"), Some("ns"))
+    );
+    assert_eq!(on.uid.as_deref(), Some("uid-web"));
+    assert_eq!(announced_on_request(&owned, &moved("h2", Some("h1"), None)), None, "a failover is the server's own");
+    assert_eq!(announced_on_request(&owned, &moved("h2", None, Some("h1"))), None, "so is a hand-over");
+    assert_eq!(announced_on_request(&server("solo", json!({})), &bind("h1")), None, "a server of no request");
+}
