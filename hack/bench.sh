@@ -5,6 +5,7 @@
 #   hack/bench.sh                                   bursts 100x50 and 1000x200, floor, failover
 #   COVI_BENCH_BURSTS=100x50 hack/bench.sh          one small burst
 #   COVI_BENCH_SCALE=2000x20000 hack/bench.sh       also the scale run (hosts x servers)
+#   COVI_BENCH_REPEAT=5                             repetitions of each burst size (median and spread)
 #   COVI_BENCH_FAILOVER=off                         skip the failover measurement
 #   COVI_BENCH_PPROF=1                              CPU profile of kube-apiserver per burst (.cache/bench/*.pprof)
 #   COVI_BENCH_RENEW_SECONDS=5                      bursts' pool: renew 5 s, fence 15 s, lease 25 s (large fleets)

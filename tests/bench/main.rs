@@ -4,9 +4,10 @@
 //! inventory per host), running exactly the agent's code paths.
 //!
 //! Sizes come from the environment: COVI_BENCH_BURSTS ("100x50,1000x200": servers x
-//! hosts), COVI_BENCH_SCALE ("2000x20000": hosts x servers, or "off"), COVI_BENCH_FAILOVER
-//! ("off" skips it), COVI_BENCH_PPROF (set: a CPU profile of kube-apiserver per burst),
-//! COVI_BENCH_RENEW_SECONDS (R: the bursts' pool renews every R s, fences after 3R).
+//! hosts; each size COVI_BENCH_REPEAT times, default 5), COVI_BENCH_SCALE ("2000x20000":
+//! hosts x servers, or "off"), COVI_BENCH_FAILOVER ("off" skips it), COVI_BENCH_PPROF
+//! (set: a CPU profile of kube-apiserver per burst), COVI_BENCH_RENEW_SECONDS (R: the
+//! bursts' pool renews every R s, fences after 3R).
 
 mod consolidate;
 
@@ -309,8 +310,9 @@ struct Running {
 }
 
 /// A burst: an auto-approved request of `servers` on `hosts` fresh simulated hosts.
-async fn burst(client: &Client, servers: usize, hosts: usize) -> (Value, Running) {
-    let id = format!("burst{servers}");
+async fn burst(client: &Client, servers: usize, hosts: usize, round: usize) -> (Value, Running) {
+    // Each repetition its own pool, hosts and namespace: nothing of the last one is reused.
+    let id = format!("burst{servers}-{round}");
     let mut fleet = Fleet::new(client, &id).await;
     let per_host = servers.div_ceil(hosts) as u32 + 2;
     let dir = testbed_dir().join(format!("fleet-{id}"));
@@ -466,6 +468,7 @@ fn summary(runs: &[Value]) -> Value {
 /// Deletes the burst's servers (the agents remove their domains), then stops its
 /// processes and removes its Hosts, so the next measurement starts clean.
 async fn clean_up(client: &Client, running: Running) {
+    let pool = format!("{}-pool", running.fleet.id);
     let requests: Api<covi_api::VmRequest> = Api::namespaced(client.clone(), &running.ns);
     let _ = requests.delete_collection(&Default::default(), &ListParams::default()).await;
     let api: Api<VirtualServer> = Api::namespaced(client.clone(), &running.ns);
@@ -482,6 +485,10 @@ async fn clean_up(client: &Client, running: Running) {
     for h in running.hosts {
         let _ = hosts.delete(&h, &Default::default()).await;
     }
+    // Its pool goes too: a pool's status still counting hosts would make the next
+    // burst's fleet look larger and stretch its heartbeats.
+    let pools: Api<covi_api::HostPool> = Api::all(client.clone());
+    let _ = pools.delete(&pool, &Default::default()).await;
 }
 
 /// A restarted operator's full resync: from its start until a server created right then
@@ -972,7 +979,7 @@ async fn main() {
         let mut runs = Vec::new();
         for round in 1..=repeat {
             eprintln!("bench: burst of {servers} servers on {hosts} hosts ({round} of {repeat})");
-            let (mut b, running) = burst(&client, servers, hosts).await;
+            let (mut b, running) = burst(&client, servers, hosts, round).await;
             eprintln!("bench: {b}");
             clean_up(&client, running).await;
             eprintln!("bench: floor for {servers} servers");
@@ -1011,7 +1018,7 @@ async fn main() {
     eprintln!("bench: {}", report["usageCollection"]);
     for (hosts, servers) in sizes("COVI_BENCH_SCALE", "off") {
         eprintln!("bench: scale {hosts} hosts, {servers} servers");
-        let (mut b, mut running) = burst(&client, servers, hosts).await;
+        let (mut b, mut running) = burst(&client, servers, hosts, 1).await;
         b["steady"] = steady(&client, &running, Duration::from_secs(30)).await;
         // The timings the fleet's size imposes, the failover they imply, and the
         // renewals the API server actually took at steady state.
