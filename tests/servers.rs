@@ -536,3 +536,55 @@ async fn a_missing_storage_pool_is_defined_at_the_pools_path() {
     let s = fleet.wait_server(&api, "made", "to run from the pool the agent defined", DEADLINE, ready).await;
     assert!(s.status.and_then(|st| st.domain_uuid).is_some());
 }
+
+#[tokio::test]
+async fn an_operator_that_loses_its_lease_stops_scheduling_and_leads_again_later() {
+    let _turn = SERIAL.lock().await;
+    let client = admin().await;
+    install_crds(&client).await;
+    let mut fleet = Fleet::new(&client, "relead").await;
+    let pool = fleet.apply_pool(&client, json!({})).await;
+    fleet.start_agent(1, 16, 32);
+    let mut operator = Process::spawn("relead-operator", bin("covi-operator"), fleet.operator_args("relead-op", 3));
+    fleet.wait_ready_hosts(&client, 1).await;
+    let ns = namespace(&client, "relead").await;
+    let api: Api<VirtualServer> = Api::namespaced(client.clone(), &ns);
+    apply_server(&api, "before", &pool, json!({})).await;
+    fleet.wait_server(&api, "before", "to be Ready", DEADLINE, ready).await;
+    assert!(leads(&operator).await, "the only replica leads");
+
+    // Someone else holds the Lease now (as a replica whose renewals got through while
+    // this one's did not): this replica stops scheduling but keeps running.
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &fleet.lease_namespace);
+    let usurp = || async {
+        let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(k8s_openapi::jiff::Timestamp::now());
+        let patch = json!({"metadata": {"annotations": {"covi.io/leader-instance": "usurper-1"}},
+                           "spec": {"holderIdentity": "usurper", "renewTime": now, "leaseDurationSeconds": 3}});
+        leases.patch("covi-operator", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("usurp");
+    };
+    usurp().await;
+    wait_until("the replica to stop leading", DEADLINE, || async {
+        usurp().await;
+        (!leads(&operator).await).then_some(())
+    })
+    .await;
+    apply_server(&api, "meanwhile", &pool, json!({})).await;
+    for _ in 0..10 {
+        usurp().await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let waiting = api.get("meanwhile").await.expect("server");
+    assert!(waiting.status.as_ref().and_then(|s| s.host.as_ref()).is_none(), "nothing is scheduled without the lease");
+    assert!(!operator.exited(), "the replica stands by instead of exiting");
+
+    // The usurper stops renewing: after the lease's duration the replica leads again
+    // and schedules what waited.
+    fleet.wait_server(&api, "meanwhile", "to be Ready once the replica leads again", DEADLINE, ready).await;
+    assert!(leads(&operator).await);
+}
+
+/// Whether an operator says it leads, on its metrics endpoint.
+async fn leads(operator: &Process) -> bool {
+    let metrics = covi_tests::fleet::scrape(operator, "/metrics").await;
+    metrics.lines().any(|l| l.trim() == "covi_operator_leader 1")
+}

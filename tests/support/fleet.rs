@@ -92,6 +92,11 @@ impl Process {
         self.child.as_ref().map(|c| c.id())
     }
 
+    /// Whether the process has ended (by itself, or never started).
+    pub fn exited(&mut self) -> bool {
+        self.child.as_mut().is_none_or(|c| !matches!(c.try_wait(), Ok(None)))
+    }
+
     /// The last lines of the log, for failure messages.
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();

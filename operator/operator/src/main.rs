@@ -28,19 +28,37 @@ async fn operate(config: Config) -> covi_operator::error::Result<()> {
     health.set(true);
     let mut leading =
         leader::campaign(client.clone(), &config.namespace, &config.identity, config.leader_lease).await?;
-    tracing::info!(identity = %config.identity, "standing by for the leader lease");
-    while !*leading.borrow_and_update() {
-        if leading.changed().await.is_err() {
-            return Err(covi_operator::error::Error::Leadership("leader election stopped"));
+    loop {
+        tracing::info!(identity = %config.identity, "standing by for the leader lease");
+        let stopped = async {
+            while !*leading.borrow_and_update() {
+                if leading.changed().await.is_err() {
+                    return true;
+                }
+            }
+            false
+        };
+        tokio::select! {
+            stopped = stopped => if stopped {
+                return Err(covi_operator::error::Error::Leadership("leader election stopped"));
+            },
+            _ = tokio::signal::ctrl_c() => return Ok(()),
         }
-    }
-    metrics.leader.set(1);
-    tokio::select! {
-        result = run::run_leader(client, &config, metrics.clone()) => result,
-        _ = async { while leading.changed().await.is_ok() && *leading.borrow() {} } => {
-            // Another replica may lead now; stop rather than schedule beside it.
-            Err(covi_operator::error::Error::Leadership("lost the leader lease"))
+        metrics.leader.set(1);
+        let result = tokio::select! {
+            result = run::run_leader(client.clone(), &config, metrics.clone()) => Some(result),
+            // Another replica may lead now: stop at once rather than schedule beside it
+            // (dropping the leader's loop ends its watches and controllers), and stand by
+            // again. Exiting instead would leave a fleet without any operator when every
+            // replica's renewal was late at once, as when thousands of agents reconnect
+            // to a slow API server together.
+            _ = async { while leading.changed().await.is_ok() && *leading.borrow() {} } => None,
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        };
+        metrics.leader.set(0);
+        match result {
+            Some(result) => return result,
+            None => tracing::warn!("lost the leader lease: stopped scheduling"),
         }
-        _ = tokio::signal::ctrl_c() => Ok(()),
     }
 }

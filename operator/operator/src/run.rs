@@ -27,8 +27,9 @@ pub async fn client(config: &Config) -> Result<Client> {
     covi_daemon::kube_client(config.kubeconfig.as_deref()).await.map_err(Error::Client)
 }
 
-/// Watches `api` into a store and pokes `changed` on every event.
-fn watch<K>(api: Api<K>, changed: Arc<Notify>) -> Store<K>
+/// Watches `api` into a store and pokes `changed` on every event, until the returned
+/// guard is dropped (the leader's loop ended).
+fn watch<K>(api: Api<K>, changed: Arc<Notify>) -> (Store<K>, AbortOnDrop)
 where
     K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
 {
@@ -40,17 +41,17 @@ where
         changed.notify_one();
         futures::future::ready(())
     });
-    tokio::spawn(stream);
-    store
+    (store, AbortOnDrop(tokio::spawn(stream)))
 }
 
 pub async fn run_leader(client: Client, config: &Config, metrics: Metrics) -> Result<()> {
     let changed = Arc::new(Notify::new());
-    let pools = watch(Api::<HostPool>::all(client.clone()), changed.clone());
-    let hosts = watch(Api::<Host>::all(client.clone()), changed.clone());
-    let servers = watch(Api::<VirtualServer>::all(client.clone()), changed.clone());
+    let (pools, _pools_watch) = watch(Api::<HostPool>::all(client.clone()), changed.clone());
+    let (hosts, _hosts_watch) = watch(Api::<Host>::all(client.clone()), changed.clone());
+    let (servers, _servers_watch) = watch(Api::<VirtualServer>::all(client.clone()), changed.clone());
     // Renewals are not changes worth a pass; the one-second tick reads them.
-    let host_leases = watch(Api::<Lease>::namespaced(client.clone(), &config.namespace), Arc::new(Notify::new()));
+    let (host_leases, _leases_watch) =
+        watch(Api::<Lease>::namespaced(client.clone(), &config.namespace), Arc::new(Notify::new()));
     let reporter = Reporter { controller: manager::OPERATOR.into(), instance: Some(config.identity.clone()) };
     let writer = Writer::new(client.clone(), reporter);
     wait_synced("HostPools", &pools).await?;
@@ -106,7 +107,8 @@ where
     }
 }
 
-/// Stops the request controller when the leader's loop ends (leadership lost).
+/// Stops a watch or the request controller when the leader's loop ends (leadership
+/// lost): a replica that leads again starts them afresh.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
