@@ -173,7 +173,14 @@ impl LeaseRenewer {
             // The pool's timings, stretched when the fleet is too large to renew at them.
             let failover = covi_api::host_pool::failover_for(&self.pools.state(), &self.labels);
             let renew = Duration::from_secs(failover.renew_seconds.into());
-            self.fence.set_fence_after(Duration::from_secs(failover.fence_after_seconds.into()));
+            // A shorter fenceAfter holds at once. A longer one (the pool was edited, the
+            // fleet grew) only once a renewal has recorded it on the Lease: until then
+            // the operator may still judge the host by the shorter one, and a host cut
+            // off meanwhile must fence by that.
+            let wanted = Duration::from_secs(failover.fence_after_seconds.into());
+            if wanted < self.fence.fence_after() {
+                self.fence.set_fence_after(wanted);
+            }
             let started = std::time::Instant::now();
             // A renewal sent after the fencing deadline may reach the API server after
             // the operator declared the host lost: it never rescues the host. Fence
@@ -186,7 +193,7 @@ impl LeaseRenewer {
             let extra = if stop { self.restart_grace.as_secs() } else { 0 };
             let timings = Recorded {
                 lease_duration_seconds: u64::from(failover.lease_duration_seconds) + extra,
-                fence_after_seconds: self.fence.fence_after().as_secs() + extra,
+                fence_after_seconds: wanted.max(self.fence.fence_after()).as_secs() + extra,
             };
             // A slow answer still counts, from when the renewal was sent (the operator
             // saw it no earlier): an API server answering in 3 s under load must not
@@ -201,6 +208,9 @@ impl LeaseRenewer {
             let label = match &result {
                 Ok(()) => {
                     self.fence.renewed(started);
+                    if wanted > self.fence.fence_after() {
+                        self.fence.set_fence_after(wanted);
+                    }
                     if self.fence.is_fenced() {
                         self.recovered.notify_one();
                     }
