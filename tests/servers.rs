@@ -42,6 +42,25 @@ async fn events_for(client: &Client, ns: &str, name: &str) -> Vec<(String, Strin
         .collect()
 }
 
+/// The Events of `name` once `done` says they are all there, or as they are after the
+/// deadline (for the caller's assertion to show). Events are published after the
+/// status write they describe, in the background: reading them at once races.
+async fn wait_events(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    done: impl Fn(&[(String, String)]) -> bool,
+) -> Vec<(String, String)> {
+    let until = Instant::now() + DEADLINE;
+    loop {
+        let events = events_for(client, ns, name).await;
+        if done(&events) || Instant::now() >= until {
+            return events;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 async fn setup(id: &str, hosts: &[(u32, u64)]) -> (Client, Fleet, String, String, Api<VirtualServer>) {
     let client = admin().await;
     install_crds(&client).await;
@@ -80,7 +99,10 @@ async fn a_server_becomes_running_with_an_address_from_the_pool() {
     assert_eq!(status.observed_generation, s.metadata.generation);
     assert!(s.finalizers().iter().any(|f| f == covi_api::contract::FINALIZER));
 
-    let events = events_for(&client, &ns, "web-1").await;
+    let events = wait_events(&client, &ns, "web-1", |e| {
+        ["Scheduled", "Started"].iter().all(|want| e.iter().any(|(r, _)| r == want))
+    })
+    .await;
     let reasons: BTreeSet<_> = events.iter().map(|(r, _)| r.as_str()).collect();
     for reason in ["Scheduled", "Started"] {
         assert!(reasons.contains(reason), "missing Event {reason}: {reasons:?}");
@@ -141,7 +163,8 @@ async fn run_policy_stops_and_starts_and_delete_releases_the_finalizer() {
         .await;
     let c = condition(&stopped, "Ready").expect("Ready condition");
     assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "Stopped"), "stopped as the spec asks");
-    let reasons: Vec<_> = events_for(&client, &ns, "db-1").await.into_iter().map(|(r, _)| r).collect();
+    let events = wait_events(&client, &ns, "db-1", |e| e.iter().any(|(r, _)| r == "Stopped")).await;
+    let reasons: Vec<_> = events.into_iter().map(|(r, _)| r).collect();
     assert!(reasons.iter().any(|r| r == "Stopped"), "an Event says it stopped: {reasons:?}");
 
     apply_server(&api, "db-1", &pool, json!({"runPolicy": "Running"})).await;
@@ -153,7 +176,8 @@ async fn run_policy_stops_and_starts_and_delete_releases_the_finalizer() {
 
     api.delete("db-1", &DeleteParams::default()).await.expect("delete");
     wait_until("db-1 to be gone", DEADLINE, || async { api.get_opt("db-1").await.ok()?.is_none().then_some(()) }).await;
-    let reasons: Vec<_> = events_for(&client, &ns, "db-1").await.into_iter().map(|(r, _)| r).collect();
+    let events = wait_events(&client, &ns, "db-1", |e| e.iter().any(|(r, _)| r == "Removed")).await;
+    let reasons: Vec<_> = events.into_iter().map(|(r, _)| r).collect();
     assert!(reasons.iter().any(|r| r == "Removed"), "the agent removed domain and disks first: {reasons:?}");
 }
 
@@ -202,8 +226,9 @@ async fn too_large_a_server_waits_with_a_reason_and_binds_when_a_host_joins() {
         "{}",
         c.message
     );
-    let events = events_for(&client, &ns, "big").await;
-    assert!(events.iter().any(|(r, m)| r == "FailedScheduling" && m.contains("8 free CPUs")), "{events:?}");
+    let found = |r: &str, m: &str| r == "FailedScheduling" && m.contains("8 free CPUs");
+    let events = wait_events(&client, &ns, "big", |e| e.iter().any(|(r, m)| found(r, m))).await;
+    assert!(events.iter().any(|(r, m)| found(r, m)), "{events:?}");
 
     fleet.start_agent(2, 16, 32);
     let s = fleet.wait_server(&api, "big", "to run once a large host joins", DEADLINE, ready).await;
@@ -262,7 +287,8 @@ async fn bad_input_gets_a_reason_and_an_event_and_nothing_is_created() {
             status.host.is_none() && status.address.is_none() && status.domain_uuid.is_none(),
             "{name} half-created: {status:?}"
         );
-        let events = events_for(&client, &ns, name).await;
+        let events =
+            wait_events(&client, &ns, name, |e| e.iter().any(|(r, m)| r == reason && m.contains(message))).await;
         assert!(events.iter().any(|(r, m)| r == reason && m.contains(message)), "{name}: {events:?}");
     }
     // Deleting a server that never ran is immediate: no agent has anything to clean.
@@ -358,7 +384,7 @@ async fn an_installer_iso_is_a_volume_of_the_pool_never_a_host_path() {
     let c = condition(&s, "Ready").expect("Ready condition");
     assert_eq!(c.reason, "IsoNotFound");
     assert!(c.message.contains("ISO volume installer.iso is not in storage pool default-pool"), "{}", c.message);
-    let events = events_for(&client, &ns, "missing").await;
+    let events = wait_events(&client, &ns, "missing", |e| e.iter().any(|(r, _)| r == "IsoNotFound")).await;
     assert!(events.iter().any(|(r, _)| r == "IsoNotFound"), "{events:?}");
     // A host path is refused at admission, naming the field.
     let path = json!({"apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer", "metadata": {"name": "shadow"},
@@ -516,12 +542,10 @@ async fn deleting_a_server_on_a_lost_host_does_not_wait_for_the_host() {
         api.get_opt("stranded").await.ok()?.is_none().then_some(())
     })
     .await;
-    let events = events_for(&client, &ns, "stranded").await;
     let host = fleet.host_name(1);
-    assert!(
-        events.iter().any(|(r, m)| r == "Released" && m.contains(&format!("its host {host} is lost"))),
-        "{events:?}"
-    );
+    let released = |r: &str, m: &str| r == "Released" && m.contains(&format!("its host {host} is lost"));
+    let events = wait_events(&client, &ns, "stranded", |e| e.iter().any(|(r, m)| released(r, m))).await;
+    assert!(events.iter().any(|(r, m)| released(r, m)), "{events:?}");
 }
 
 /// `storage.path`: a host without the pool's storage pool defines it there, as a
