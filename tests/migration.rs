@@ -83,10 +83,21 @@ impl Scene {
         self.fleet.wait_server(&self.api, name, what, DEADLINE, check).await
     }
 
-    async fn events(&self, name: &str) -> Vec<String> {
+    /// The reasons of `name`'s Events once all of `wanted` are there, or as they are at
+    /// the deadline: Events are published in the background, after the status they
+    /// follow.
+    async fn events(&self, name: &str, wanted: &[&str]) -> Vec<String> {
         let events: Api<Event> = Api::namespaced(self.client.clone(), &self.ns);
-        let list = events.list(&ListParams::default().fields(&format!("involvedObject.name={name}"))).await.unwrap();
-        list.items.into_iter().filter_map(|e| e.reason).collect()
+        let until = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let list =
+                events.list(&ListParams::default().fields(&format!("involvedObject.name={name}"))).await.unwrap();
+            let reasons: Vec<String> = list.items.into_iter().filter_map(|e| e.reason).collect();
+            if wanted.iter().all(|w| reasons.iter().any(|r| r == w)) || std::time::Instant::now() >= until {
+                return reasons;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 }
 
@@ -124,8 +135,9 @@ async fn changing_the_pinned_host_moves_a_running_server_cold() {
     assert_eq!(uuid(&after), uuid(&before), "the same domain UUID on the new host");
     assert_eq!(after.status.as_ref().unwrap().address, before.status.as_ref().unwrap().address, "same address");
     sampler.assert_never_twice().await;
-    let events = s.events("web").await;
-    for reason in ["MigrationStarted", "HandedOff", "HandedOver", "Migrated"] {
+    let wanted = ["MigrationStarted", "HandedOff", "HandedOver", "Migrated"];
+    let events = s.events("web", &wanted).await;
+    for reason in wanted {
         assert!(events.iter().any(|e| e == reason), "Event {reason}: {events:?}");
     }
 }
@@ -151,7 +163,7 @@ async fn reverting_the_pin_before_the_move_starts_cancels_it() {
     s.pin("web", Some(&h1)).await;
     let cancelled = s.wait("web", "the move to be called off", |v| migration(v).is_none()).await;
     assert!(ready(&cancelled) && host_of(&cancelled) == Some(h1.as_str()));
-    assert!(s.events("web").await.iter().any(|e| e == "MigrationCancelled"));
+    assert!(s.events("web", &["MigrationCancelled"]).await.iter().any(|e| e == "MigrationCancelled"));
 }
 
 #[tokio::test]

@@ -98,6 +98,20 @@ impl Scene {
             api.list(&ListParams::default().fields(&format!("involvedObject.name={name}"))).await.expect("events");
         list.items.into_iter().filter_map(|e| e.reason).collect()
     }
+
+    /// The reasons of `name`'s Events once all of `wanted` are there, or as they are at
+    /// the deadline: Events are published in the background, after the status they
+    /// follow.
+    async fn events_including(&self, name: &str, wanted: &[&str]) -> BTreeSet<String> {
+        let until = std::time::Instant::now() + DEADLINE;
+        loop {
+            let events = self.events(name).await;
+            if wanted.iter().all(|w| events.contains(*w)) || std::time::Instant::now() >= until {
+                return events;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
 }
 
 fn phase(r: &VmRequest) -> Option<VmRequestPhase> {
@@ -139,7 +153,7 @@ async fn an_approved_request_creates_its_servers_and_is_fulfilled() {
     assert_eq!(s.server_names("web").await, ["web-0", "web-1"].map(String::from).into());
     let server = s.servers.get("web-0").await.expect("server");
     assert_eq!(server.metadata.labels.unwrap().get("app").map(String::as_str), Some("web"));
-    let events = s.events("web").await;
+    let events = s.events_including("web", &["Approved", "Provisioning", "Fulfilled"]).await;
     for reason in ["Approved", "Provisioning", "Fulfilled"] {
         assert!(events.contains(reason), "missing Event {reason}: {events:?}");
     }
@@ -480,7 +494,7 @@ async fn growing_or_changing_an_approved_request_waits_for_a_new_approval() {
         "changed since generation 1 was approved: replicas 2 -> 4; an approver must approve generation 2"
     );
     assert_eq!(s.server_names("grow").await.len(), 2, "nothing beyond the approval is created");
-    assert!(s.events("grow").await.contains("ChangedSinceApproval"));
+    assert!(s.events_including("grow", &["ChangedSinceApproval"]).await.contains("ChangedSinceApproval"));
     let (ok, out) = covi(&["pending"]);
     let row = out.lines().find(|l| l.contains("grow")).unwrap_or_else(|| panic!("not listed:\n{out}"));
     let columns: Vec<&str> = row.split_whitespace().collect();
@@ -689,7 +703,7 @@ async fn a_request_over_the_namespace_quota_is_refused_whole() {
     assert!(c.message.contains("may hold 3 servers") && c.message.contains("this would make 4"), "{}", c.message);
     assert_eq!(phase(&r), Some(VmRequestPhase::Pending));
     assert!(s.server_names("second").await.is_empty(), "never half-fulfilled");
-    assert!(s.events("second").await.contains("QuotaExceeded"));
+    assert!(s.events_including("second", &["QuotaExceeded"]).await.contains("QuotaExceeded"));
 }
 
 /// Two requests the operator first sees in one pass: the quota counts the servers the
@@ -810,7 +824,7 @@ async fn a_standalone_server_honours_expires_at() {
         s.servers.get_opt("trial").await.ok()?.is_none().then_some(())
     })
     .await;
-    let events = s.events("trial").await;
+    let events = s.events_including("trial", &["ExpiringSoon", "Expired"]).await;
     assert!(events.contains("ExpiringSoon") && events.contains("Expired"), "{events:?}");
 }
 
