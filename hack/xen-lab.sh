@@ -164,7 +164,14 @@ mkdir -p /var/lib/covi/pool
 truncate -s 64M /var/lib/covi/pool/boot.img
 # The guests boot dom0's own kernel (Debian's kernel runs as a PV guest too).
 cp "$(ls /boot/vmlinuz-* | head -n 1)" /var/lib/covi/guest-vmlinuz
-libvirtd >/var/log/libvirt/libvirtd.log 2>&1 &
+# Restarted when it exits, as Debian's libvirtd.service (Restart=on-failure) would; each
+# exit is reported on the console with the last lines of its log.
+while :; do
+  libvirtd >>/var/log/libvirt/libvirtd.log 2>&1
+  echo "COVI-LAB libvirtd exited with $?; restarting it. Its log ends:"
+  tail -n 15 /var/log/libvirt/libvirtd.log | sed 's|^|COVI-LAB-LIBVIRTD: |'
+  sleep 1
+done &
 up=0
 for i in $(seq 1 60); do
   if timeout 5 virsh -c xen:///system version >/dev/null 2>&1; then up=1; break; fi
@@ -224,13 +231,16 @@ INIT
   echo "xen-lab: booting Xen under QEMU/TCG (serial: $dir/serial.log)"
   # In the foreground: whoever runs `boot` owns QEMU (the tests give it a parent-death
   # signal, so the lab never outlives them).
-  # One CPU: a run is faster (80 s against 122 s with two). Xen and dom0 sometimes stop
-  # for good soon after a guest is created, with two CPUs (three runs seen) and with one
-  # (one run seen): QEMU "running" and near idle, the disk far from full; cause unknown.
+  # One CPU: a run is faster (80 s against 122 s with two). dom0's clock is Xen's from
+  # the start (clocksource=xen): left to choose, Linux took the TSC, its watchdog found
+  # TCG's TSC skewed against Xen's clock about 34 s in and switched to xen, and a few
+  # seconds later (as the guest was created) dom0 stopped for good: QEMU's monitor showed
+  # the CPU looping in one dom0 process, as if no timer preempted it any more. With Xen's
+  # clock from the start, three runs in a row passed (the hang was about one run in three).
   exec qemu-system-x86_64 -accel tcg -machine q35 -m 2048 -smp 1 -cpu max \
     -nographic -no-reboot -serial "file:$dir/serial.log" -monitor "unix:$dir/monitor.sock,server,nowait" \
     -kernel "$dir/xen" -append "dom0_mem=1024M,max:1024M dom0_max_vcpus=1 console=com1 com1=115200,8n1" \
-    -initrd "$kernel root=/dev/vda rw init=/sbin/covi-init console=hvc0 earlyprintk=xen,$initrd" \
+    -initrd "$kernel root=/dev/vda rw init=/sbin/covi-init console=hvc0 clocksource=xen earlyprintk=xen,$initrd" \
     -drive "file=$img,if=virtio,format=raw,cache=unsafe" \
     -netdev user,id=n0 -device virtio-net-pci,netdev=n0 \
     -pidfile "$dir/qemu.pid"

@@ -67,9 +67,23 @@ impl Lab {
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default();
+        // Crashes in dom0 scroll away behind the 5-s pulse: gather them.
+        let crashes: Vec<&str> = lines
+            .iter()
+            .copied()
+            .filter(|l| {
+                l.contains("COVI-LAB libvirtd exited")
+                    || l.contains("COVI-LAB-LIBVIRTD")
+                    || l.contains("segfault at")
+                    || l.contains("general protection")
+                    || l.contains("Out of memory")
+            })
+            .collect();
         format!(
-            "{}\n--- dom0's console silent for {silent}; QEMU says {}; the busiest processes here:\n{top}\n{disk}--- xen-lab.sh:\n{}",
+            "{}\n--- crashes in dom0 ({} lines):\n{}\n--- dom0's console silent for {silent}; QEMU says {}; the busiest processes here:\n{top}\n{disk}--- xen-lab.sh:\n{}",
             lines[lines.len().saturating_sub(60)..].join("\n"),
+            crashes.len(),
+            crashes[crashes.len().saturating_sub(40)..].join("\n"),
             self.monitor("info status").unwrap_or_else(|| "nothing (no monitor)".into()),
             self.qemu.log_tail()
         )
