@@ -169,9 +169,11 @@ impl LeaseRenewer {
     /// more succeeded: the operator then waits that long before it may declare the
     /// host lost, so a restarted agent finds its guests still its own.
     pub async fn run(self, mut stopping: tokio::sync::watch::Receiver<bool>) {
+        let mut pace = covi_api::host_pool::Pace::default();
         loop {
-            // The pool's timings, stretched when the fleet is too large to renew at them.
-            let failover = covi_api::host_pool::failover_for(&self.pools.state(), &self.labels);
+            // The pool's timings, stretched when the fleet is too large to renew at them,
+            // and further while the API server answers renewals slowly.
+            let failover = covi_api::host_pool::failover_for(&self.pools.state(), &self.labels).times(pace.stretch());
             let renew = Duration::from_secs(failover.renew_seconds.into());
             // A shorter fenceAfter holds at once. A longer one (the pool was edited, the
             // fleet grew) only once a renewal has recorded it on the Lease: until then
@@ -205,6 +207,17 @@ impl LeaseRenewer {
                 Ok(result) => result,
                 Err(_) => Err(crate::error::Error::Timeout { what: "renewing the Lease", after: patience }),
             };
+            let before = pace;
+            pace = pace.after(result.is_ok().then(|| started.elapsed()), renew);
+            if pace != before {
+                tracing::info!(
+                    stretch = pace.stretch(),
+                    took = ?started.elapsed(),
+                    ?renew,
+                    "the API server's answers set a new pace for this host's heartbeat"
+                );
+                self.metrics.heartbeat_stretch.set(pace.stretch().into());
+            }
             let label = match &result {
                 Ok(()) => {
                     self.fence.renewed(started);
@@ -231,7 +244,7 @@ impl LeaseRenewer {
             }
             // Up to a tenth early, at random: hosts started together (a rack powered
             // on, an upgraded DaemonSet) drift apart instead of renewing in one spike.
-            let pause = jittered(renew).saturating_sub(started.elapsed());
+            let pause = jittered(renew, 10).saturating_sub(started.elapsed());
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
                 _ = stopping.changed(), if !stop => {}
@@ -240,13 +253,13 @@ impl LeaseRenewer {
     }
 }
 
-/// `renew` shortened by up to a tenth, at random: never later, so the timings the
-/// Lease records still hold.
-fn jittered(renew: Duration) -> Duration {
+/// `pause` shortened by up to one `nth` of it, at random: never longer (a renewal
+/// jittered this way still comes before the timings the Lease records run out).
+pub fn jittered(pause: Duration, nth: u32) -> Duration {
     use std::hash::{BuildHasher, Hasher};
     // RandomState's keys are random per process and differ per instance.
     let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
-    renew.mul_f64(1.0 - (random % 1000) as f64 / 10_000.0)
+    pause.mul_f64(1.0 - (random % 1000) as f64 / (1000.0 * f64::from(nth.max(1))))
 }
 
 /// What one renewal records on the Lease.

@@ -23,6 +23,9 @@ pub struct Metrics {
     pub reconcile_seconds: Histogram,
     pub domains: Gauge,
     pub lease_renewals: Family<ResultLabel, Counter>,
+    /// How many times the pool's heartbeat timings are stretched because the API
+    /// server answered renewals slowly (1: not at all).
+    pub heartbeat_stretch: Gauge,
     /// One bulk collection of every domain's and the host's statistics.
     pub usage_collect_seconds: Histogram,
     /// The last collection, exported at scrape time.
@@ -36,6 +39,7 @@ impl Metrics {
             reconcile_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             domains: Gauge::default(),
             lease_renewals: Family::default(),
+            heartbeat_stretch: Gauge::default(),
             usage_collect_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             usage: Default::default(),
         };
@@ -51,6 +55,12 @@ impl Metrics {
         );
         registry.register("covi_agent_domains", "covi domains on this host", m.domains.clone());
         registry.register("covi_agent_lease_renewals", "Host lease renewals by result", m.lease_renewals.clone());
+        m.heartbeat_stretch.set(1);
+        registry.register(
+            "covi_agent_heartbeat_stretch",
+            "How many times the heartbeat timings are stretched because the API server answers renewals slowly",
+            m.heartbeat_stretch.clone(),
+        );
         registry.register(
             "covi_agent_usage_collect_duration_seconds",
             "Time of one bulk collection of every domain's and the host's statistics",

@@ -165,10 +165,15 @@ async fn serve(
         config.address.clone(),
         console.as_ref().map(|(_, endpoint)| endpoint.clone()),
     ));
-    // Cut off at start: keep trying (the watchdog fences meanwhile if it must).
+    // Cut off at start: keep trying (the watchdog fences meanwhile if it must), less
+    // often each time and at random within that, so a fleet started together does not
+    // retry in step against an API server it already overloads.
+    let mut retry = REGISTER_RETRY;
     while let Err(e) = reporter.report(&facts, None, None).await {
-        tracing::warn!(error = %e, "registering the Host failed; retrying");
-        tokio::time::sleep(REGISTER_RETRY).await;
+        let pause = crate::host::jittered(retry, 2);
+        tracing::warn!(error = %e, ?pause, "registering the Host failed; retrying");
+        tokio::time::sleep(pause).await;
+        retry = (retry * 2).min(REGISTER_RETRY_MAX);
     }
 
     // Pools: every agent needs its pool's images, storage, network and timings.
@@ -305,9 +310,11 @@ async fn serve(
     }
 }
 
-/// The pause between attempts to register the Host at start (a backoff, not a wait
-/// for state: the API server may be unreachable for as long as the host is cut off).
-const REGISTER_RETRY: Duration = Duration::from_secs(2);
+/// The first pause between attempts to register the Host at start (a backoff, not a
+/// wait for state: the API server may be unreachable for as long as the host is cut
+/// off); it doubles up to [`REGISTER_RETRY_MAX`].
+const REGISTER_RETRY: Duration = Duration::from_secs(1);
+const REGISTER_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// `/domains`: the covi domains libvirt has on this host, as JSON. A host that is due
 /// to fence does so before answering, so nobody reads a list it must not have.

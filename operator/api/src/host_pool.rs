@@ -721,13 +721,63 @@ impl Failover {
     /// Agents renew and fence by these, and record them on their Lease; the operator
     /// judges by them (and by what a Lease records, whichever is longer).
     pub fn for_fleet(&self, hosts: u32) -> Failover {
-        let k = self.fleet_factor(hosts);
+        self.times(self.fleet_factor(hosts))
+    }
+
+    /// Renewal, lease, fenceAfter and grace multiplied by `k`: the rules between them
+    /// hold at any `k`, and failover slows in proportion.
+    pub fn times(&self, k: u32) -> Failover {
         Failover {
             renew_seconds: self.renew_seconds.saturating_mul(k),
             lease_duration_seconds: self.lease_duration_seconds.saturating_mul(k),
             fence_after_seconds: self.fence_after_seconds.saturating_mul(k),
             grace_seconds: self.grace_seconds.saturating_mul(k),
             ..self.clone()
+        }
+    }
+}
+
+/// How far an agent stretches its timings because the API server answers its renewals
+/// slowly (a whole fleet starting at once, an overloaded control plane): the stretch
+/// doubles after a renewal that failed or took more than half the renewal interval,
+/// and halves again after [`Pace::QUICK_IN_A_ROW`] renewals in a row answered within a
+/// tenth of it; from 1 to [`Pace::MAX`]. The agent records the stretched timings on its
+/// Lease like any others (a longer fenceAfter holds only once recorded), so the operator
+/// judges it by them: failover slows down with the API server instead of hosts whose
+/// renewals queue up behind each other fencing themselves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pace {
+    stretch: u32,
+    quick: u32,
+}
+
+impl Default for Pace {
+    fn default() -> Pace {
+        Pace { stretch: 1, quick: 0 }
+    }
+}
+
+impl Pace {
+    /// The longest stretch: at the default timings, renewal every 16 s and failover
+    /// after about 100 s.
+    pub const MAX: u32 = 8;
+    pub const QUICK_IN_A_ROW: u32 = 3;
+
+    /// What the timings are multiplied by now.
+    pub fn stretch(&self) -> u32 {
+        self.stretch
+    }
+
+    /// The pace after a renewal sent at interval `renew` (already stretched) that was
+    /// answered after `answered`, or not at all (`None`: it failed or timed out).
+    pub fn after(self, answered: Option<std::time::Duration>, renew: std::time::Duration) -> Pace {
+        match answered {
+            Some(took) if took <= renew / 2 => match took < renew / 10 {
+                true if self.quick + 1 >= Pace::QUICK_IN_A_ROW => Pace { stretch: (self.stretch / 2).max(1), quick: 0 },
+                true => Pace { quick: self.quick + 1, ..self },
+                false => Pace { quick: 0, ..self },
+            },
+            _ => Pace { stretch: (self.stretch * 2).min(Pace::MAX), quick: 0 },
         }
     }
 }
@@ -779,6 +829,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn timings_stretch_with_the_fleet_and_keep_their_rules() {
@@ -804,6 +855,42 @@ mod tests {
             ..pool
         };
         assert_eq!(slow.for_fleet(1000), slow, "a pool that already renews slowly is left alone");
+    }
+
+    #[test]
+    fn a_slow_api_server_stretches_the_pace_and_a_quick_one_brings_it_back() {
+        let renew = |p: Pace| Duration::from_secs(2 * u64::from(p.stretch()));
+        let ms = Duration::from_millis;
+        let mut pace = Pace::default();
+        // Answers within half the interval keep the pace.
+        pace = pace.after(Some(ms(900)), renew(pace));
+        assert_eq!(pace.stretch(), 1);
+        // A slow answer, then a failed renewal: 2, then 4.
+        pace = pace.after(Some(ms(1500)), renew(pace));
+        assert_eq!(pace.stretch(), 2);
+        pace = pace.after(None, renew(pace));
+        assert_eq!(pace.stretch(), 4);
+        for _ in 0..10 {
+            pace = pace.after(None, renew(pace));
+        }
+        assert_eq!(pace.stretch(), Pace::MAX, "never beyond the cap");
+        // Quick answers halve it, three in a row each time; a middling one resets the count.
+        pace = pace.after(Some(ms(100)), renew(pace));
+        pace = pace.after(Some(ms(100)), renew(pace));
+        pace = pace.after(Some(ms(5000)), renew(pace));
+        assert_eq!(pace.stretch(), Pace::MAX);
+        for _ in 0..3 {
+            pace = pace.after(Some(ms(100)), renew(pace));
+        }
+        assert_eq!(pace.stretch(), Pace::MAX / 2);
+        for _ in 0..30 {
+            pace = pace.after(Some(ms(10)), renew(pace));
+        }
+        assert_eq!(pace.stretch(), 1, "back to the pool's own timings");
+        // Stretched timings keep the CRD's rules.
+        let t = Failover::default().times(Pace::MAX);
+        assert!(t.fence_after_seconds + t.renew_seconds <= t.lease_duration_seconds);
+        assert!(t.fence_after_seconds >= 2 * t.renew_seconds && t.grace_seconds >= t.renew_seconds);
     }
 
     fn pool(name: &str, selector: &[(&str, &str)]) -> HostPool {
