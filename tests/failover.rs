@@ -514,3 +514,148 @@ async fn a_lease_cache_that_lags_never_fails_over_a_host_that_renews() {
     assert!(lag > 13.0, "the cache lagged {lag:.1} s, not past leaseDuration + grace");
     scene.fleet.wait_server(&scene.api, "ha-1", "to run on host 1", DEADLINE, ready).await;
 }
+
+/// A TCP proxy to the API server that delivers what the client sends `delay` late
+/// (a delay line: bytes keep their order and their spacing, nothing queues behind a
+/// sleep). Changing the delay takes effect for bytes read from then on.
+struct SlowLine {
+    delay_ms: Arc<std::sync::atomic::AtomicU64>,
+    kubeconfig: std::path::PathBuf,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SlowLine {
+    async fn start(name: &str) -> SlowLine {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let api = std::env::var("COVI_APISERVER").expect("COVI_APISERVER is set by hack/test.sh");
+        let upstream = api.trim_start_matches("https://").to_string();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the proxy");
+        let port = listener.local_addr().expect("addr").port();
+        let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let delay = delay_ms.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = tokio::net::TcpStream::connect(&upstream).await else { continue };
+                let (mut from_client, mut to_client) = inbound.into_split();
+                let (mut from_server, mut to_server) = outbound.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut from_server, &mut to_client).await;
+                });
+                let (line, mut due) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+                tokio::spawn(async move {
+                    while let Some((at, bytes)) = due.recv().await {
+                        tokio::time::sleep_until(at).await;
+                        if to_server.write_all(&bytes).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                let delay = delay.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n) = from_client.read(&mut buf).await {
+                        let at = tokio::time::Instant::now() + Duration::from_millis(delay.load(Ordering::SeqCst));
+                        if n == 0 || line.send((at, buf[..n].to_vec())).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let admin =
+            std::fs::read_to_string(covi_tests::testbed_dir().join("admin.kubeconfig")).expect("admin kubeconfig");
+        let kubeconfig = covi_tests::testbed_dir().join(format!("{name}.kubeconfig"));
+        std::fs::write(&kubeconfig, admin.replace(&api, &format!("https://127.0.0.1:{port}"))).expect("kubeconfig");
+        SlowLine { delay_ms, kubeconfig, task }
+    }
+
+    fn set_delay(&self, delay: Duration) {
+        self.delay_ms.store(delay.as_millis() as u64, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for SlowLine {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// An API server that answers late makes an agent renew less often, recorded on its
+/// Lease, instead of fencing; once it answers quickly again the pool's own timings
+/// return. (Before agents paced themselves, a whole fleet starting at once kept the
+/// API server late and every host fenced.)
+#[tokio::test]
+async fn an_agent_paces_its_heartbeat_to_a_slow_api_server_and_never_fences() {
+    let _turn = SERIAL.lock().await;
+    let client = admin().await;
+    install_crds(&client).await;
+    let mut fleet = Fleet::new(&client, "pace").await;
+    // The default timings: renew 2 s, fenceAfter 6 s, lease 10 s.
+    let pool = fleet.apply_pool(&client, json!({})).await;
+    let line = SlowLine::start("pace-agent").await;
+    let node = fleet.host_name(1);
+    let uri = format!("test://{}", covi_tests::fleet::node_xml(&node, 8, 16).display());
+    let kubeconfig = line.kubeconfig.display().to_string();
+    fleet.start_agent_uri(1, &uri, &["--kubeconfig", &kubeconfig]);
+    fleet.start_operator();
+    fleet.wait_ready_hosts(&client, 1).await;
+    fleet.wait_pool_ready(&client, &pool, 1).await;
+    let ns = namespace(&client, "pace").await;
+    let servers: Api<VirtualServer> = Api::namespaced(client.clone(), &ns);
+    apply_server(&servers, "steady", &pool, json!({"highAvailability": true})).await;
+    fleet.wait_server(&servers, "steady", "to run", DEADLINE, ready).await;
+
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), &fleet.lease_namespace);
+    let lease_seconds = || async {
+        let lease = leases.get(&node).await.expect("the host's Lease");
+        lease.spec.and_then(|s| s.lease_duration_seconds).expect("leaseDurationSeconds")
+    };
+    assert_eq!(lease_seconds().await, 10, "the pool's own timings while the API server is quick");
+    let hosts: Api<Host> = Api::all(client.clone());
+    let healthy = || async {
+        let host = hosts.get(&node).await.expect("host");
+        let fenced = condition(&host, "Fenced").is_some_and(|c| c.status == "True");
+        let lost = condition(&host, "Lost").is_some_and(|c| c.status == "True");
+        let server = servers.get("steady").await.expect("steady");
+        assert!(!fenced && !lost, "the host fenced or was lost: {:?}", host.status);
+        assert!(
+            ready(&server) && host_of(&server).as_deref() == Some(node.as_str()),
+            "steady moved: {:?}",
+            server.status
+        );
+    };
+
+    // Every byte the agent sends now arrives 1.2 s late: a renewal takes longer than
+    // half of its 2-s interval, though well within fenceAfter.
+    line.set_delay(Duration::from_millis(1200));
+    let stretched = covi_tests::poll(DEADLINE, || async {
+        healthy().await;
+        let seconds = lease_seconds().await;
+        (seconds >= 20).then_some(seconds)
+    })
+    .await;
+    let log = || fleet.agents[0].log_tail();
+    let stretched = stretched.unwrap_or_else(|| panic!("the Lease never recorded longer timings:\n{}", log()));
+    assert!(log().contains("set a new pace"), "the agent says why:\n{}", log());
+    // Held there for a while: no fencing, no failover, the server stays.
+    let held = Instant::now();
+    while held.elapsed() < Duration::from_secs(20) {
+        healthy().await;
+        assert!(lease_seconds().await >= 20, "the stretch holds while the API server stays slow");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Quick again: the pool's own timings come back.
+    line.set_delay(Duration::ZERO);
+    let back = covi_tests::poll(Duration::from_secs(120), || async {
+        healthy().await;
+        (lease_seconds().await == 10).then_some(())
+    })
+    .await;
+    assert!(
+        back.is_some(),
+        "the Lease kept stretched timings ({stretched} s) after the API server was quick again:\n{}",
+        log()
+    );
+}

@@ -32,7 +32,17 @@ pub struct HostReporter {
     /// Where the operator reaches this agent's console server.
     pub console: Option<String>,
     conditions: tokio::sync::Mutex<Vec<Condition>>,
+    /// The status this agent last found on (or wrote to) its Host, and when: the same
+    /// report again within [`VERIFY_EVERY`] is neither read nor written.
+    verified: std::sync::Mutex<Option<(serde_json::Value, std::time::Instant)>>,
+    /// The pool's free storage last reported: a reading that fails keeps it.
+    storage: std::sync::Mutex<Option<u64>>,
 }
+
+/// How long an unchanged report is taken as still on the Host without reading it: the
+/// operator may have overwritten Ready (it judged the host lost) and is put right within
+/// this. Reading every resync cost 2,000 hosts 200 GETs a second.
+pub const VERIFY_EVERY: Duration = Duration::from_secs(60);
 
 impl HostReporter {
     pub fn new(
@@ -42,7 +52,16 @@ impl HostReporter {
         address: Option<String>,
         console: Option<String>,
     ) -> Self {
-        HostReporter { client, node, labels, address, console, conditions: Default::default() }
+        HostReporter {
+            client,
+            node,
+            labels,
+            address,
+            console,
+            conditions: Default::default(),
+            verified: Default::default(),
+            storage: Default::default(),
+        }
     }
 
     /// Creates or updates the Host; `Ready=True` since the agent reaches both libvirt
@@ -51,6 +70,11 @@ impl HostReporter {
         let api: Api<Host> = Api::all(self.client.clone());
         let node = self.node.as_str();
         let params = PatchParams::apply(manager::AGENT).force();
+        let storage = {
+            let mut known = self.storage.lock().expect("storage lock");
+            *known = storage.or(*known);
+            *known
+        };
         let mut conditions = self.conditions.lock().await;
         let now = Timestamp::now();
         let message = format!(
@@ -86,9 +110,16 @@ impl HostReporter {
             "conditions": *conditions,
         }));
         // Every host reports every resync: most reports change nothing, and at a few
-        // hundred hosts the writes alone would load the API server. The Host is read
-        // from the API server's cache and written only when it differs, so a Ready
-        // the operator overwrote (host lost) is still put right.
+        // hundred hosts the writes alone would load the API server. A report like the
+        // last one verified is skipped for a while; otherwise the Host is read from the
+        // API server's cache and written only when it differs, so a Ready the operator
+        // overwrote (host lost) is still put right.
+        let fresh = |v: &Option<(serde_json::Value, std::time::Instant)>| {
+            v.as_ref().is_some_and(|(said, at)| *said == status["status"] && at.elapsed() < VERIFY_EVERY)
+        };
+        if fresh(&self.verified.lock().expect("verified lock")) {
+            return Ok(());
+        }
         let current = api.get_with(node, &GetParams::any()).await.ok();
         let labelled = current.as_ref().is_some_and(|c| self.labels.iter().all(|(k, v)| c.labels().get(k) == Some(v)));
         if !labelled {
@@ -99,11 +130,13 @@ impl HostReporter {
             });
             api.patch(node, &params, &Patch::Apply(&host)).await?;
         }
-        let reported = current
-            .is_some_and(|c| status_matches(&status["status"], &serde_json::to_value(&c.status).unwrap_or_default()));
+        let have = current.as_ref().map(|c| serde_json::to_value(&c.status).unwrap_or_default());
+        let reported = have.as_ref().is_some_and(|have| status_matches(&status["status"], have));
         if !reported {
+            tracing::debug!(want = %status["status"], ?have, "the Host's status differs from the agent's: writing it");
             api.patch_status(node, &params, &Patch::Apply(&status)).await?;
         }
+        *self.verified.lock().expect("verified lock") = Some((status["status"].clone(), std::time::Instant::now()));
         Ok(())
     }
 }
@@ -207,9 +240,9 @@ impl LeaseRenewer {
                 Ok(result) => result,
                 Err(_) => Err(crate::error::Error::Timeout { what: "renewing the Lease", after: patience }),
             };
-            let before = pace;
+            let before = pace.stretch();
             pace = pace.after(result.is_ok().then(|| started.elapsed()), renew);
-            if pace != before {
+            if pace.stretch() != before {
                 tracing::info!(
                     stretch = pace.stretch(),
                     took = ?started.elapsed(),

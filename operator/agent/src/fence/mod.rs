@@ -100,6 +100,11 @@ impl Fence {
         overdue(self.since_renewal(), self.fence_after())
     }
 
+    /// Whether any renewal succeeded since this process started.
+    pub fn renewed_once(&self) -> bool {
+        self.renewed_once.load(Ordering::SeqCst)
+    }
+
     pub fn is_fenced(&self) -> bool {
         self.fenced.load(Ordering::SeqCst)
     }

@@ -53,6 +53,12 @@ pub fn fence_if_due(link: &Mutex<FencingLink>, fence: &Fence) {
     let first = !fence.is_fenced();
     let since = fence.since_renewal();
     match link.lock().unwrap_or_else(|p| p.into_inner()).fence(FENCE_DEADLINE) {
+        // Overdue before this process ever renewed, and no covi domain here: nothing to
+        // fence, and nothing starts before a renewal anyway (a fleet starting against
+        // a busy API server would otherwise report thousands of empty fencings). A
+        // domain that appears meanwhile (an incoming migration) is fenced on the next
+        // tick, still overdue.
+        Ok(0) if !fence.renewed_once() => {}
         Ok(n) => {
             fence.set_fenced(true);
             if first || n > 0 {
