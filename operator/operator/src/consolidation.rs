@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use covi_api::host_pool::{ConsolidationMode, ConsolidationStatus, PlannedMove};
-use covi_api::virtual_server::VirtualServerPhase;
+use covi_api::virtual_server::{MigrationPhase, VirtualServerPhase};
 use covi_api::{Host, HostPool, VirtualServer};
 use covi_placement::consolidate::{HOURS, Input, Server, Use, plan};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -132,8 +132,9 @@ pub fn recommend(
 }
 
 /// Automatic mode: each host of the pool whose Freed mark must change — freed when the
-/// pool's plan empties it and no server is bound to it any more, no longer when a
-/// server is bound to it again — with its new Freed condition and the Event to publish.
+/// pool's plan empties it, no server is bound to it any more and no move off it is
+/// unfinished, no longer when a server is bound to it again — with its new Freed
+/// condition and the Event to publish.
 pub fn freed_marks(
     pool: &HostPool,
     members: &[Arc<Host>],
@@ -150,8 +151,21 @@ pub fn freed_marks(
         .and_then(|s| s.consolidation.as_ref())
         .map(|c| c.emptied_hosts.iter().map(String::as_str).collect())
         .unwrap_or_default();
-    let busy: BTreeSet<&str> =
-        servers.iter().filter(|s| s.spec.host_pool == pool.name_any()).filter_map(|s| bound_host(s, assumed)).collect();
+    // A host is busy while a server is bound to it, and while a move off it is not
+    // finished: until the migration record says Succeeded, the move may still fail back
+    // to it, so it is not yet free to power off.
+    let busy: BTreeSet<&str> = servers
+        .iter()
+        .filter(|s| s.spec.host_pool == pool.name_any())
+        .flat_map(|s| {
+            let moving_off = s
+                .status
+                .as_ref()
+                .and_then(|st| st.migration.as_ref())
+                .filter(|m| matches!(m.phase, MigrationPhase::Pending | MigrationPhase::Running));
+            bound_host(s, assumed).into_iter().chain(moving_off.map(|m| m.source.as_str()))
+        })
+        .collect();
     let mut out = Vec::new();
     for host in members {
         let name = host.name_any();
@@ -177,4 +191,39 @@ pub fn freed_marks(
         out.push((host.clone(), freed, condition, note));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::{host, pool, server};
+    use serde_json::json;
+
+    fn automatic_pool_emptying(host: &str) -> HostPool {
+        pool(json!({"spec": {"consolidation": {"mode": "Automatic"}},
+                    "status": {"consolidation": {"emptiedHosts": [host], "hostsUsed": 2, "plannedHosts": 1,
+                                                "plannedAt": "2026-01-01T00:00:00Z"}}}))
+    }
+
+    fn moved(phase: &str) -> Arc<VirtualServer> {
+        server(
+            "office",
+            json!({"status": {"phase": "Running", "host": "h2",
+                   "migration": {"source": "h1", "target": "h2", "phase": phase, "mode": "Cold"}}}),
+        )
+    }
+
+    #[test]
+    fn a_host_is_freed_only_once_the_move_off_it_has_succeeded() {
+        let pool = automatic_pool_emptying("h1");
+        let members = [host("h1", json!({})), host("h2", json!({}))];
+        let now = Timestamp::now();
+        // Bound to the target already, but the move is still under way: the source is
+        // not yet free to power off.
+        let marks = freed_marks(&pool, &members, &[moved("Running")], &HashMap::new(), now);
+        assert!(marks.is_empty(), "{marks:?}");
+        let marks = freed_marks(&pool, &members, &[moved("Succeeded")], &HashMap::new(), now);
+        let freed: Vec<_> = marks.iter().map(|(h, f, c, _)| (h.name_any(), *f, c.reason.clone())).collect();
+        assert_eq!(freed, [("h1".to_string(), true, "Consolidated".to_string())]);
+    }
 }
