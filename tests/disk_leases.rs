@@ -19,7 +19,6 @@ use covi_tests::guests::{apply_server, fixtures_in, peer_sockets, peer_uri, qemu
 use covi_tests::sampler::Sampler;
 use covi_tests::{admin, install_crds, namespace, poll, wait_until};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Event;
 use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
@@ -123,9 +122,7 @@ fn active(conn: &Connect, uid: &str) -> Option<bool> {
 
 /// The reasons of the Events about server `name`.
 async fn event_reasons(client: &Client, ns: &str, name: &str) -> Vec<String> {
-    let events: Api<Event> = Api::namespaced(client.clone(), ns);
-    let params = ListParams::default().fields(&format!("involvedObject.name={name}"));
-    events.list(&params).await.expect("list events").items.into_iter().filter_map(|e| e.reason).collect()
+    covi_tests::events::of(client, ns, name).await.into_iter().map(|(reason, _)| reason).collect()
 }
 
 #[tokio::test]

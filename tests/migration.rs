@@ -84,20 +84,9 @@ impl Scene {
     }
 
     /// The reasons of `name`'s Events once all of `wanted` are there, or as they are at
-    /// the deadline: Events are published in the background, after the status they
-    /// follow.
+    /// the deadline.
     async fn events(&self, name: &str, wanted: &[&str]) -> Vec<String> {
-        let events: Api<Event> = Api::namespaced(self.client.clone(), &self.ns);
-        let until = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let list =
-                events.list(&ListParams::default().fields(&format!("involvedObject.name={name}"))).await.unwrap();
-            let reasons: Vec<String> = list.items.into_iter().filter_map(|e| e.reason).collect();
-            if wanted.iter().all(|w| reasons.iter().any(|r| r == w)) || std::time::Instant::now() >= until {
-                return reasons;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        covi_tests::events::reasons_including(&self.client, &self.ns, name, Duration::from_secs(30), wanted).await
     }
 }
 

@@ -93,24 +93,16 @@ impl Scene {
     }
 
     async fn events(&self, name: &str) -> BTreeSet<String> {
-        let api: Api<Event> = Api::namespaced(self.client.clone(), &self.ns);
-        let list =
-            api.list(&ListParams::default().fields(&format!("involvedObject.name={name}"))).await.expect("events");
-        list.items.into_iter().filter_map(|e| e.reason).collect()
+        covi_tests::events::of(&self.client, &self.ns, name).await.into_iter().map(|(reason, _)| reason).collect()
     }
 
     /// The reasons of `name`'s Events once all of `wanted` are there, or as they are at
-    /// the deadline: Events are published in the background, after the status they
-    /// follow.
+    /// the deadline.
     async fn events_including(&self, name: &str, wanted: &[&str]) -> BTreeSet<String> {
-        let until = std::time::Instant::now() + DEADLINE;
-        loop {
-            let events = self.events(name).await;
-            if wanted.iter().all(|w| events.contains(*w)) || std::time::Instant::now() >= until {
-                return events;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        covi_tests::events::reasons_including(&self.client, &self.ns, name, DEADLINE, wanted)
+            .await
+            .into_iter()
+            .collect()
     }
 }
 

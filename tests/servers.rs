@@ -32,35 +32,6 @@ fn condition<'a>(s: &'a VirtualServer, type_: &str) -> Option<&'a covi_api::Cond
     s.status.as_ref().and_then(|st| find_condition(&st.conditions, type_))
 }
 
-async fn events_for(client: &Client, ns: &str, name: &str) -> Vec<(String, String)> {
-    let api: Api<Event> = Api::namespaced(client.clone(), ns);
-    let list = api.list(&ListParams::default()).await.expect("list events");
-    list.items
-        .into_iter()
-        .filter(|e| e.involved_object.name.as_deref() == Some(name))
-        .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
-        .collect()
-}
-
-/// The Events of `name` once `done` says they are all there, or as they are after the
-/// deadline (for the caller's assertion to show). Events are published after the
-/// status write they describe, in the background: reading them at once races.
-async fn wait_events(
-    client: &Client,
-    ns: &str,
-    name: &str,
-    done: impl Fn(&[(String, String)]) -> bool,
-) -> Vec<(String, String)> {
-    let until = Instant::now() + DEADLINE;
-    loop {
-        let events = events_for(client, ns, name).await;
-        if done(&events) || Instant::now() >= until {
-            return events;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 async fn setup(id: &str, hosts: &[(u32, u64)]) -> (Client, Fleet, String, String, Api<VirtualServer>) {
     let client = admin().await;
     install_crds(&client).await;
@@ -99,7 +70,7 @@ async fn a_server_becomes_running_with_an_address_from_the_pool() {
     assert_eq!(status.observed_generation, s.metadata.generation);
     assert!(s.finalizers().iter().any(|f| f == covi_api::contract::FINALIZER));
 
-    let events = wait_events(&client, &ns, "web-1", |e| {
+    let events = covi_tests::events::wait(&client, &ns, "web-1", DEADLINE, |e| {
         ["Scheduled", "Started"].iter().all(|want| e.iter().any(|(r, _)| r == want))
     })
     .await;
@@ -163,7 +134,8 @@ async fn run_policy_stops_and_starts_and_delete_releases_the_finalizer() {
         .await;
     let c = condition(&stopped, "Ready").expect("Ready condition");
     assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "Stopped"), "stopped as the spec asks");
-    let events = wait_events(&client, &ns, "db-1", |e| e.iter().any(|(r, _)| r == "Stopped")).await;
+    let events =
+        covi_tests::events::wait(&client, &ns, "db-1", DEADLINE, |e| e.iter().any(|(r, _)| r == "Stopped")).await;
     let reasons: Vec<_> = events.into_iter().map(|(r, _)| r).collect();
     assert!(reasons.iter().any(|r| r == "Stopped"), "an Event says it stopped: {reasons:?}");
 
@@ -176,7 +148,8 @@ async fn run_policy_stops_and_starts_and_delete_releases_the_finalizer() {
 
     api.delete("db-1", &DeleteParams::default()).await.expect("delete");
     wait_until("db-1 to be gone", DEADLINE, || async { api.get_opt("db-1").await.ok()?.is_none().then_some(()) }).await;
-    let events = wait_events(&client, &ns, "db-1", |e| e.iter().any(|(r, _)| r == "Removed")).await;
+    let events =
+        covi_tests::events::wait(&client, &ns, "db-1", DEADLINE, |e| e.iter().any(|(r, _)| r == "Removed")).await;
     let reasons: Vec<_> = events.into_iter().map(|(r, _)| r).collect();
     assert!(reasons.iter().any(|r| r == "Removed"), "the agent removed domain and disks first: {reasons:?}");
 }
@@ -227,7 +200,7 @@ async fn too_large_a_server_waits_with_a_reason_and_binds_when_a_host_joins() {
         c.message
     );
     let found = |r: &str, m: &str| r == "FailedScheduling" && m.contains("8 free CPUs");
-    let events = wait_events(&client, &ns, "big", |e| e.iter().any(|(r, m)| found(r, m))).await;
+    let events = covi_tests::events::wait(&client, &ns, "big", DEADLINE, |e| e.iter().any(|(r, m)| found(r, m))).await;
     assert!(events.iter().any(|(r, m)| found(r, m)), "{events:?}");
 
     fleet.start_agent(2, 16, 32);
@@ -287,8 +260,10 @@ async fn bad_input_gets_a_reason_and_an_event_and_nothing_is_created() {
             status.host.is_none() && status.address.is_none() && status.domain_uuid.is_none(),
             "{name} half-created: {status:?}"
         );
-        let events =
-            wait_events(&client, &ns, name, |e| e.iter().any(|(r, m)| r == reason && m.contains(message))).await;
+        let events = covi_tests::events::wait(&client, &ns, name, DEADLINE, |e| {
+            e.iter().any(|(r, m)| r == reason && m.contains(message))
+        })
+        .await;
         assert!(events.iter().any(|(r, m)| r == reason && m.contains(message)), "{name}: {events:?}");
     }
     // Deleting a server that never ran is immediate: no agent has anything to clean.
@@ -384,7 +359,9 @@ async fn an_installer_iso_is_a_volume_of_the_pool_never_a_host_path() {
     let c = condition(&s, "Ready").expect("Ready condition");
     assert_eq!(c.reason, "IsoNotFound");
     assert!(c.message.contains("ISO volume installer.iso is not in storage pool default-pool"), "{}", c.message);
-    let events = wait_events(&client, &ns, "missing", |e| e.iter().any(|(r, _)| r == "IsoNotFound")).await;
+    let events =
+        covi_tests::events::wait(&client, &ns, "missing", DEADLINE, |e| e.iter().any(|(r, _)| r == "IsoNotFound"))
+            .await;
     assert!(events.iter().any(|(r, _)| r == "IsoNotFound"), "{events:?}");
     // A host path is refused at admission, naming the field.
     let path = json!({"apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer", "metadata": {"name": "shadow"},
@@ -544,7 +521,8 @@ async fn deleting_a_server_on_a_lost_host_does_not_wait_for_the_host() {
     .await;
     let host = fleet.host_name(1);
     let released = |r: &str, m: &str| r == "Released" && m.contains(&format!("its host {host} is lost"));
-    let events = wait_events(&client, &ns, "stranded", |e| e.iter().any(|(r, m)| released(r, m))).await;
+    let events =
+        covi_tests::events::wait(&client, &ns, "stranded", DEADLINE, |e| e.iter().any(|(r, m)| released(r, m))).await;
     assert!(events.iter().any(|(r, m)| released(r, m)), "{events:?}");
 }
 

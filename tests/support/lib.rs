@@ -4,6 +4,7 @@
 //! Tests never skip: without a test bed every helper panics with instructions.
 
 pub mod console;
+pub mod events;
 pub mod fleet;
 pub mod guests;
 pub mod sampler;
