@@ -76,6 +76,13 @@ async fn api_requests(client: &Client) -> (HashMap<String, f64>, f64, HashMap<St
         line.split_once(&key).and_then(|(_, r)| r.split_once('"')).map(|(v, _)| v.to_string()).unwrap_or_default()
     };
     let (mut writes, mut all, mut every) = (HashMap::new(), 0.0, HashMap::new());
+    // Watchers the API server closed because they did not keep up (it fans every event
+    // out to each watcher and filters per watcher): each one starts a new WATCH.
+    for line in text.lines().filter(|l| l.starts_with("apiserver_terminated_watchers_total{")) {
+        let value: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+        let kind = format!("{TERMINATED}{}/{}", label(line, "group"), label(line, "resource"));
+        *every.entry(kind).or_insert(0.0) += value;
+    }
     for line in text.lines().filter(|l| l.starts_with("apiserver_request_total{")) {
         let value: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
         all += value;
@@ -101,10 +108,30 @@ async fn api_requests(client: &Client) -> (HashMap<String, f64>, f64, HashMap<St
     (writes, all, every)
 }
 
+/// The key prefix of terminated watchers among [`api_requests`]' counts.
+const TERMINATED: &str = "terminated watchers ";
+
+/// Watches between two readings of [`api_requests`]: WATCH requests started and
+/// watchers the API server terminated, by resource, with the rate of each.
+fn watch_churn(before: &HashMap<String, f64>, after: &HashMap<String, f64>, seconds: f64) -> Value {
+    let mut out = serde_json::Map::new();
+    let mut keys: Vec<&String> =
+        after.keys().filter(|k| k.starts_with("WATCH ") || k.starts_with(TERMINATED)).collect();
+    keys.sort();
+    for k in keys {
+        let n = after[k] - before.get(k).copied().unwrap_or(0.0);
+        if n > 0.0 {
+            out.insert(k.clone(), json!({"count": n, "perSecond": n / seconds}));
+        }
+    }
+    Value::Object(out)
+}
+
 /// The most frequent requests between two readings of [`api_requests`], per second.
 fn busiest(before: &HashMap<String, f64>, after: &HashMap<String, f64>, seconds: f64, top: usize) -> Value {
     let mut rates: Vec<(String, f64)> = after
         .iter()
+        .filter(|(k, _)| !k.starts_with(TERMINATED))
         .map(|(k, v)| (k.clone(), (v - before.get(k).copied().unwrap_or(0.0)) / seconds))
         .filter(|(_, r)| *r > 0.0)
         .collect();
@@ -361,6 +388,7 @@ async fn burst(client: &Client, servers: usize, hosts: usize, round: usize) -> (
     let cpu = cpu.stop();
     let (writes_after, _, requests_after) = api_requests(client).await;
     let busy = busiest(&requests_before, &requests_after, started.elapsed().as_secs_f64(), 12);
+    let watches = watch_churn(&requests_before, &requests_after, started.elapsed().as_secs_f64());
     // Events are writes too, counted apart from the covi objects'.
     let events: f64 = requests_after
         .iter()
@@ -415,6 +443,7 @@ async fn burst(client: &Client, servers: usize, hosts: usize, round: usize) -> (
             "boundToReadySeconds": distribution(&stage(bound, ready_at)),
             "cpuSecondsDuringBurst": cpu,
             "busiestRequestsPerSecond": busy,
+            "watches": watches,
             "versionsSeen": sequences,
         },
         "regressedFromRunning": regressed,
@@ -732,6 +761,7 @@ async fn steady(client: &Client, running: &Running, window: Duration) -> Value {
            "agentRssMiB": agent.map(rss_mib),
            "apiRequestsPerSecond": (req1 - req0) / window.as_secs_f64(),
            "busiestRequestsPerSecond": busiest(&every0, &every1, window.as_secs_f64(), 6),
+           "watches": watch_churn(&every0, &every1, window.as_secs_f64()),
            "operatorRssMiB": pid.map(rss_mib)})
 }
 
