@@ -50,6 +50,8 @@ pub struct Context {
     pub reported: Arc<Reported>,
     pub metrics: crate::metrics::Metrics,
     pub fence: Arc<crate::fence::Fence>,
+    /// The host's standing when the cache of its servers was last listed.
+    pub listing: Arc<crate::fence::Listing>,
 }
 
 /// What the agent last wrote to each server's status (by UID), and the version of the
@@ -190,8 +192,10 @@ async fn apply(
                     continue;
                 }
                 // The watch may lag behind a failover that moved the server while this
-                // agent was away: start only what the API server says is bound here now.
-                if !bound_here_now(server, ctx).await? {
+                // agent was away: unless the cache was listed since the host's last gap
+                // in renewals (no failover of its servers could follow), start only what
+                // the API server says is bound here now.
+                if !ctx.fence.cache_suffices(ctx.listing.listed()) && !bound_here_now(server, ctx).await? {
                     requeue = Duration::from_secs(1);
                     continue;
                 }

@@ -205,8 +205,24 @@ async fn serve(
 
     let servers_api: Api<VirtualServer> = Api::all(client.clone());
     let selector = format!("status.host={}", config.node_name);
-    let controller = Controller::new(servers_api, watcher::Config::default().fields(&selector));
-    let servers = controller.store();
+    // The servers are listed once this process has renewed (it starts nothing before
+    // anyway). The watch's Init (before each list) and InitDone (the list in the cache)
+    // record the host's standing for the list: a cache listed since the host's last
+    // gap in renewals suffices to start a server without reading it again.
+    let listing = Arc::new(crate::fence::Listing::default());
+    let (servers, writer) = reflector::store();
+    let watch = {
+        let (listing, fence, first) = (listing.clone(), fence.clone(), fence.clone());
+        let config = watcher::Config::default().fields(&selector);
+        futures::stream::once(async move { first.first_renewal().await })
+            .flat_map(move |_| watcher(servers_api.clone(), config.clone()))
+            .inspect(move |event| match event {
+                Ok(watcher::Event::Init) => listing.init(&fence),
+                Ok(watcher::Event::InitDone) => listing.init_done(),
+                _ => {}
+            })
+    };
+    let controller = Controller::for_stream(reflector(writer, watch).applied_objects(), servers.clone());
 
     // A lifecycle event names a domain by UUID, which is the server's UID.
     let store = servers.clone();
@@ -278,6 +294,7 @@ async fn serve(
         reported,
         metrics,
         fence: fence.clone(),
+        listing,
     });
     serving.store(true, Ordering::SeqCst);
     controller

@@ -65,6 +65,10 @@ pub struct Races {
     /// An agent starts what its watch cache says is bound here, without the fresh
     /// read before the start.
     pub no_pre_start_read: bool,
+    /// An agent keeps trusting its cache to start across a gap in its renewals (it
+    /// fenced or was overdue, so it may have been judged lost and its server restarted
+    /// elsewhere meanwhile).
+    pub cache_kept_after_gap: bool,
     /// The operator acts on a host's loss as its cache of Leases shows it, without a
     /// fresh read (found by this model: a cache that lags declares a live host lost).
     pub lease_cache_trusted: bool,
@@ -83,6 +87,7 @@ impl Races {
             restart_forgets_deadline: self.restart_forgets_deadline || other.restart_forgets_deadline,
             start_check_not_held: self.start_check_not_held || other.start_check_not_held,
             no_pre_start_read: self.no_pre_start_read || other.no_pre_start_read,
+            cache_kept_after_gap: self.cache_kept_after_gap || other.cache_kept_after_gap,
             lease_cache_trusted: self.lease_cache_trusted || other.lease_cache_trusted,
             fence_once: self.fence_once || other.fence_once,
             live_sent_back: self.live_sent_back || other.live_sent_back,
@@ -96,6 +101,7 @@ impl Races {
             ("restart_forgets_deadline", Races { restart_forgets_deadline: true, ..none }),
             ("start_check_not_held", Races { start_check_not_held: true, ..none }),
             ("no_pre_start_read", Races { no_pre_start_read: true, ..none }),
+            ("cache_kept_after_gap", Races { cache_kept_after_gap: true, ..none }),
             ("lease_cache_trusted", Races { lease_cache_trusted: true, ..none }),
         ]
     }
@@ -309,6 +315,10 @@ pub struct Host {
     /// The agent's watch cache of the server (None: not synced since start; Some(None):
     /// the server is gone).
     pub sees: Option<Option<Server>>,
+    /// The agent's cache was brought up to date after a renewal of this process, and it
+    /// has not been overdue or fenced since: its cache then suffices to start (the
+    /// agent's `Fence::cache_suffices`); otherwise it reads the server fresh first.
+    pub clean: bool,
     pub renewed_once: bool,
     pub fenced: bool,
     /// The agent's clock: seconds since its last renewal.
@@ -655,7 +665,7 @@ impl Protocol {
             return false;
         }
         let fresh = state.server.is_some_and(|s| s.bound == Some(i as u8) && !s.deleting);
-        if !self.races.no_pre_start_read && (h.cut_off || !fresh) {
+        if !self.races.no_pre_start_read && !h.clean && (h.cut_off || !fresh) {
             return false;
         }
         self.disk_free(state, i)
@@ -829,6 +839,7 @@ impl Model for Protocol {
             hung: false,
             maintenance: false,
             sees: Some(Some(Server::at(Some(0)))),
+            clean: true,
             renewed_once: true,
             fenced: false,
             since_renewal: 0,
@@ -893,7 +904,12 @@ impl Model for Protocol {
                 }
             }
             Action::Renew(i) => {
+                let fence_after = self.fence_after();
                 let h = &mut s.hosts[i as usize];
+                // A renewal after the host was overdue closes a gap in which it may
+                // have been judged lost: its cache no longer suffices.
+                let gap = covi_agent::fence::overdue(Duration::from_secs(h.since_renewal.into()), fence_after);
+                h.clean &= !gap || self.races.cache_kept_after_gap;
                 h.since_renewal = 0;
                 h.renewed_once = true;
                 h.fenced = false;
@@ -966,7 +982,14 @@ impl Model for Protocol {
                     s.operator_sees = s.server;
                 }
             }
-            Action::AgentSyncs(i) => s.hosts[i as usize].sees = Some(s.server),
+            Action::AgentSyncs(i) => {
+                // Modelled as a relist each time (a watch's catch-up is no fresher), so
+                // the model allows a start from the cache at least as often as the
+                // agent does.
+                let h = &mut s.hosts[i as usize];
+                h.sees = Some(s.server);
+                h.clean = h.renewed_once && !h.fenced;
+            }
             Action::AgentConverges(i) => match self.converge(&s, i as usize) {
                 Converge::Nothing => return None,
                 Converge::Remove { .. } | Converge::CleanUp(_) if s.hosts[i as usize].hung => return None,
@@ -1043,12 +1066,14 @@ impl Model for Protocol {
                 let h = &mut s.hosts[i as usize];
                 h.running = false;
                 h.fenced = true;
+                h.clean &= self.races.cache_kept_after_gap;
             }
             Action::AgentCrash(i) => {
                 s.faults += 1;
                 let h = &mut s.hosts[i as usize];
                 h.agent = false;
                 h.sees = None;
+                h.clean = false;
                 h.starting = false;
             }
             Action::AgentRestart(i) => {
@@ -1071,6 +1096,7 @@ impl Model for Protocol {
                 h.running = false;
                 h.hung = false;
                 h.sees = None;
+                h.clean = false;
                 h.starting = false;
             }
             Action::PowerOn(i) => {

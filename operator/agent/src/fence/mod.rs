@@ -27,6 +27,42 @@ pub fn may_start(renewed_once: bool, fenced: bool, since: Duration, fence_after:
     renewed_once && !fenced && !overdue(since, fence_after)
 }
 
+/// Whether a cache listed at standing `listed` ([`Fence::standing`]) still suffices
+/// when `gaps` gaps have been counted: it was listed in good standing and none came
+/// since.
+pub fn cache_suffices(listed: Option<u64>, gaps: u64) -> bool {
+    listed == Some(gaps)
+}
+
+/// When the agent's cache of its servers was last listed, by the host's standing then:
+/// the watch's Init (sent before its list) records the standing, its InitDone (the list
+/// in the cache) makes it the cache's. Until then, and during a relist, nothing is
+/// vouched for.
+#[derive(Default)]
+pub struct Listing {
+    pending: Mutex<Option<u64>>,
+    current: Mutex<Option<u64>>,
+}
+
+impl Listing {
+    /// A list is about to be sent.
+    pub fn init(&self, fence: &Fence) {
+        *self.current.lock().expect("listing lock") = None;
+        *self.pending.lock().expect("listing lock") = fence.standing();
+    }
+
+    /// The list is in the cache.
+    pub fn init_done(&self) {
+        let pending = self.pending.lock().expect("listing lock").take();
+        *self.current.lock().expect("listing lock") = pending;
+    }
+
+    /// The standing the cache was listed at, if it vouches for anything.
+    pub fn listed(&self) -> Option<u64> {
+        *self.current.lock().expect("listing lock")
+    }
+}
+
 /// The fencing state shared by the lease loop, the watchdog and every reconcile.
 pub struct Fence {
     last_renewal: Mutex<Instant>,
@@ -40,6 +76,11 @@ pub struct Fence {
     /// may have been declared lost (and its servers restarted elsewhere) while no agent
     /// ran here, so it starts nothing.
     renewed_once: AtomicBool,
+    /// Turns true with the first renewal of this process.
+    first_renewal: tokio::sync::watch::Sender<bool>,
+    /// Gaps in the renewals so far: fencings, and renewals that came after the host was
+    /// overdue. The host may have been judged lost in any of them.
+    gaps: AtomicU64,
     /// Held while fencing, and across a start's last check and the start itself: a
     /// start never slips in between the deadline and the destroy.
     acting: Mutex<()>,
@@ -55,6 +96,8 @@ impl Fence {
             carried_ms: AtomicU64::new(0),
             fenced: AtomicBool::new(false),
             renewed_once: AtomicBool::new(false),
+            first_renewal: tokio::sync::watch::Sender::new(false),
+            gaps: AtomicU64::new(0),
             acting: Mutex::new(()),
         }
     }
@@ -73,9 +116,16 @@ impl Fence {
 
     /// Records a successful renewal whose request started at `started`.
     pub fn renewed(&self, started: Instant) {
-        self.renewed_once.store(true, Ordering::SeqCst);
-        self.carried_ms.store(0, Ordering::SeqCst);
         let mut last = self.last_renewal.lock().expect("fence lock");
+        // Overdue at some point before this answer came (by the deadline in force until
+        // now): a gap, even if the watchdog did not get to fence in it.
+        if overdue(last.elapsed(), self.fence_after()) {
+            self.gaps.fetch_add(1, Ordering::SeqCst);
+        }
+        if !self.renewed_once.swap(true, Ordering::SeqCst) {
+            self.first_renewal.send_replace(true);
+        }
+        self.carried_ms.store(0, Ordering::SeqCst);
         if started > *last {
             *last = started;
         }
@@ -105,12 +155,40 @@ impl Fence {
         self.renewed_once.load(Ordering::SeqCst)
     }
 
+    /// Returns once a renewal of this process has succeeded.
+    pub async fn first_renewal(&self) {
+        let mut renewed = self.first_renewal.subscribe();
+        let _ = renewed.wait_for(|r| *r).await;
+    }
+
     pub fn is_fenced(&self) -> bool {
         self.fenced.load(Ordering::SeqCst)
     }
 
     pub fn set_fenced(&self, fenced: bool) {
+        if fenced {
+            self.gaps.fetch_add(1, Ordering::SeqCst);
+        }
         self.fenced.store(fenced, Ordering::SeqCst);
+    }
+
+    /// Where the host stands now, for a list of its servers about to be sent: the
+    /// count of gaps so far if it renewed in this process and is neither fenced nor
+    /// overdue, None otherwise.
+    pub fn standing(&self) -> Option<u64> {
+        let gaps = self.gaps.load(Ordering::SeqCst);
+        (self.renewed_once() && !self.is_fenced() && !self.due()).then_some(gaps)
+    }
+
+    /// Whether a cache filled by a consistent list sent when the host stood at `listed`
+    /// ([`Fence::standing`]), and kept up by its watch, suffices to start a server it
+    /// shows bound here, without reading the server fresh: the host has had no gap in
+    /// its renewals since. The operator restarts a server elsewhere only after judging
+    /// its host lost, which needs such a gap (the host fences first), and a list sent
+    /// after the host's first renewal shows every restart judged before it. Moves are
+    /// no exception: the watch shows them in order, and the source acts on each step.
+    pub fn cache_suffices(&self, listed: Option<u64>) -> bool {
+        cache_suffices(listed, self.gaps.load(Ordering::SeqCst))
     }
 
     /// Whether the agent may start domains: renewed in this process, not fenced, not
@@ -151,6 +229,45 @@ mod tests {
         assert!(fence.due() && !fence.may_start());
         fence.renewed(Instant::now());
         assert!(!fence.due() && fence.may_start());
+    }
+
+    #[test]
+    fn a_cache_listed_in_good_standing_suffices_until_a_gap() {
+        let fence = Fence::new(Duration::from_secs(6));
+        let listing = Listing::default();
+        let relist = |fence: &Fence| {
+            listing.init(fence);
+            listing.init_done();
+        };
+        // Listed before this process renewed: the host may have been judged lost
+        // while no agent ran, so the list vouches for nothing.
+        relist(&fence);
+        fence.renewed(Instant::now());
+        assert!(!fence.cache_suffices(listing.listed()));
+        // Listed after: it suffices; a relist vouches for nothing until its list is in.
+        relist(&fence);
+        assert!(fence.cache_suffices(listing.listed()));
+        listing.init(&fence);
+        assert!(!fence.cache_suffices(listing.listed()), "a relist under way");
+        listing.init_done();
+        assert!(fence.cache_suffices(listing.listed()));
+        // A renewal answered after the host was overdue (its last one 7 s ago, with
+        // fenceAfter 6 s) closes a gap, fenced or not.
+        fence.carry_over(Duration::from_secs(7), Duration::from_secs(6));
+        fence.renewed(Instant::now());
+        assert!(fence.may_start() && !fence.cache_suffices(listing.listed()));
+        // A fencing is a gap, though the next renewal comes in time.
+        relist(&fence);
+        assert!(fence.cache_suffices(listing.listed()));
+        fence.set_fenced(true);
+        fence.renewed(Instant::now());
+        fence.set_fenced(false);
+        assert!(fence.may_start() && !fence.cache_suffices(listing.listed()));
+        // A list sent while fenced vouches for nothing, even once the fencing is over.
+        fence.set_fenced(true);
+        relist(&fence);
+        fence.set_fenced(false);
+        assert!(fence.may_start() && !fence.cache_suffices(listing.listed()));
     }
 
     #[test]
