@@ -30,8 +30,8 @@ use crate::writer::Writer;
 /// reserves what it creates before it creates it.
 const CONCURRENCY: u16 = 8;
 
-/// How long a created server may take to show up in the cache before it counts as
-/// missing again (say, deleted before the watch saw it).
+/// How long a created server may take to show up in the cache, from the answer to its
+/// POST, before it counts as missing again (say, deleted before the watch saw it).
 const CREATED_GRACE: Duration = Duration::from_secs(30);
 
 /// Looked at again at least this often, whatever the watches say.
@@ -51,7 +51,10 @@ pub struct Context {
 
 /// A server created (or about to be) that the cache may not show yet.
 struct Created {
-    at: Instant,
+    /// When its POST was answered; None while it is queued or in flight. Counting from
+    /// the reservation instead let a burst's later POSTs, queued behind the earlier
+    /// ones on an overloaded API server, count as missing and be sent twice.
+    at: Option<Instant>,
     pool: String,
     /// Servers, CPUs and MiB it adds to its namespace's quota.
     size: (u32, u64, u64),
@@ -105,7 +108,7 @@ async fn reconcile(request: Arc<VmRequest>, ctx: Arc<Context>) -> Result<Action>
         let mut created = ctx.created.lock().expect("created lock");
         created.retain(|key, c| {
             let (ns, name) = key.split_once('/').unwrap_or_default();
-            c.at.elapsed() < CREATED_GRACE && ctx.servers.get(&ObjectRef::new(name).within(ns)).is_none()
+            !expired(c.at, CREATED_GRACE) && ctx.servers.get(&ObjectRef::new(name).within(ns)).is_none()
         });
         // Read after the in-flight set let go of what the cache shows, so a server
         // is always in one or the other: a snapshot taken before would miss one that
@@ -131,7 +134,7 @@ async fn reconcile(request: Arc<VmRequest>, ctx: Arc<Context>) -> Result<Action>
         let plan = desired::request::plan(facts, now);
         for name in &plan.create {
             let pool = request.spec.template.spec.host_pool.clone();
-            created.insert(format!("{ns}/{name}"), Created { at: Instant::now(), pool, size });
+            created.insert(format!("{ns}/{name}"), Created { at: None, pool, size });
         }
         (mine, plan)
     };
@@ -175,11 +178,25 @@ async fn create(ctx: Arc<Context>, request: Arc<VmRequest>, name: String) -> Res
         Some(server) => ctx.writer.create(&server).await,
         None => Err(Error::Template { request: request.name_any(), message: "the request has no UID yet".into() }),
     };
-    if result.is_err() {
-        let key = format!("{}/{name}", request.namespace().unwrap_or_default());
-        ctx.created.lock().expect("created lock").remove(&key);
+    let key = format!("{}/{name}", request.namespace().unwrap_or_default());
+    let mut created = ctx.created.lock().expect("created lock");
+    match result {
+        Ok(()) => {
+            if let Some(c) = created.get_mut(&key) {
+                c.at = Some(Instant::now());
+            }
+        }
+        Err(_) => {
+            created.remove(&key);
+        }
     }
     result
+}
+
+/// Whether a reservation answered `at` (None: its POST not answered yet) has waited
+/// longer than `grace` for the cache.
+fn expired(at: Option<Instant>, grace: Duration) -> bool {
+    at.is_some_and(|at| at.elapsed() >= grace)
 }
 
 /// What the servers of namespace `ns` hold in `pool` by the cache: (servers, CPUs, MiB).
@@ -194,4 +211,20 @@ fn namespace_usage(pool: &HostPool, ns: &str, servers: &[Arc<VirtualServer>]) ->
         }
     }
     held
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reservation_waits_for_its_post_before_its_grace_counts() {
+        let grace = Duration::from_secs(30);
+        // Queued or in flight, however long: never missing, never sent twice.
+        assert!(!expired(None, grace));
+        let answered = Instant::now();
+        assert!(!expired(Some(answered), grace));
+        let long_ago = Instant::now().checked_sub(Duration::from_secs(31)).expect("a machine up for 31 s");
+        assert!(expired(Some(long_ago), grace), "answered and still not in the cache after the grace");
+    }
 }
