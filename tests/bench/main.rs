@@ -112,7 +112,8 @@ async fn api_requests(client: &Client) -> (HashMap<String, f64>, f64, HashMap<St
 const TERMINATED: &str = "terminated watchers ";
 
 /// Watches between two readings of [`api_requests`]: WATCH requests started and
-/// watchers the API server terminated, by resource, with the rate of each.
+/// watchers the API server terminated, by resource, with the rate of each; kinds
+/// below one in ten seconds (the control plane's own watches) are left out.
 fn watch_churn(before: &HashMap<String, f64>, after: &HashMap<String, f64>, seconds: f64) -> Value {
     let mut out = serde_json::Map::new();
     let mut keys: Vec<&String> =
@@ -120,7 +121,7 @@ fn watch_churn(before: &HashMap<String, f64>, after: &HashMap<String, f64>, seco
     keys.sort();
     for k in keys {
         let n = after[k] - before.get(k).copied().unwrap_or(0.0);
-        if n > 0.0 {
+        if n > 0.0 && n / seconds >= 0.1 {
             out.insert(k.clone(), json!({"count": n, "perSecond": n / seconds}));
         }
     }
