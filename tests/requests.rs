@@ -400,6 +400,17 @@ async fn only_an_approver_who_is_not_the_requester_can_approve() {
         .patch("db", &PatchParams::apply("alice"), &Patch::Apply(&body("alice")))
         .await
         .expect("alice requests for herself");
+    // The approval policy loads on its own, after the requester policy or not: it is in
+    // force once alice's self-approval is refused, tried as a dry run so that an early
+    // one changes nothing.
+    let dry_run = PatchParams::apply("alice").force().dry_run();
+    wait_until("the approval policy to refuse a self-approval", DEADLINE, || async {
+        match alice.patch_status("db", &dry_run, &Patch::Apply(&approval("Approved", "Mine"))).await {
+            Err(kube::Error::Api(status)) if status.code == 403 || status.code == 422 => Some(()),
+            _ => None,
+        }
+    })
+    .await;
 
     let refused = |r: Result<VmRequest, kube::Error>| match r {
         Err(kube::Error::Api(status)) => status.message,
