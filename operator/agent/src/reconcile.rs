@@ -195,7 +195,9 @@ async fn apply(
                 // agent was away: unless the cache was listed since the host's last gap
                 // in renewals (no failover of its servers could follow), start only what
                 // the API server says is bound here now.
-                if !ctx.fence.cache_suffices(ctx.listing.listed()) && !bound_here_now(server, ctx).await? {
+                let on_cache = ctx.fence.cache_suffices(ctx.listing.listed());
+                tracing::debug!(server = %server.name_any(), on_cache, "starting: on the watch cache, or after reading the server");
+                if !on_cache && !bound_here_now(server, ctx).await? {
                     requeue = Duration::from_secs(1);
                     continue;
                 }

@@ -27,13 +27,6 @@ pub fn may_start(renewed_once: bool, fenced: bool, since: Duration, fence_after:
     renewed_once && !fenced && !overdue(since, fence_after)
 }
 
-/// Whether a cache listed at standing `listed` ([`Fence::standing`]) still suffices
-/// when `gaps` gaps have been counted: it was listed in good standing and none came
-/// since.
-pub fn cache_suffices(listed: Option<u64>, gaps: u64) -> bool {
-    listed == Some(gaps)
-}
-
 /// When the agent's cache of its servers was last listed, by the host's standing then:
 /// the watch's Init (sent before its list) records the standing, its InitDone (the list
 /// in the cache) makes it the cache's. Until then, and during a relist, nothing is
@@ -188,7 +181,7 @@ impl Fence {
     /// after the host's first renewal shows every restart judged before it. Moves are
     /// no exception: the watch shows them in order, and the source acts on each step.
     pub fn cache_suffices(&self, listed: Option<u64>) -> bool {
-        cache_suffices(listed, self.gaps.load(Ordering::SeqCst))
+        listed == Some(self.gaps.load(Ordering::SeqCst))
     }
 
     /// Whether the agent may start domains: renewed in this process, not fenced, not
