@@ -69,6 +69,9 @@ async fn a_server_becomes_running_with_an_address_from_the_pool() {
     assert_eq!(status.domain_uuid, s.uid(), "the domain's UUID is the server's UID");
     assert_eq!(status.observed_generation, s.metadata.generation);
     assert!(s.finalizers().iter().any(|f| f == covi_api::contract::FINALIZER));
+    // The host's Assignment, which its agent watches, lists the server.
+    let (ok, listed) = kubectl(&["get", "assignment", &host, "-o", "jsonpath={.spec.servers[*].name}"]);
+    assert!(ok && listed.split_whitespace().any(|n| n == "web-1"), "Assignment {host} lists: {listed}");
 
     let events = covi_tests::events::wait(&client, &ns, "web-1", DEADLINE, |e| {
         ["Scheduled", "Started"].iter().all(|want| e.iter().any(|(r, _)| r == want))
@@ -146,8 +149,16 @@ async fn run_policy_stops_and_starts_and_delete_releases_the_finalizer() {
         })
         .await;
 
+    let host = api.get("db-1").await.expect("db-1").status.and_then(|s| s.host).expect("bound");
     api.delete("db-1", &DeleteParams::default()).await.expect("delete");
     wait_until("db-1 to be gone", DEADLINE, || async { api.get_opt("db-1").await.ok()?.is_none().then_some(()) }).await;
+    // Nothing stays assigned to the host.
+    let assignments: Api<covi_api::Assignment> = Api::all(client.clone());
+    wait_until("the host's Assignment to be empty", DEADLINE, || async {
+        let a = assignments.get(&host).await.ok()?;
+        (a.spec.count == 0 && a.spec.servers.is_empty()).then_some(())
+    })
+    .await;
     let events =
         covi_tests::events::wait(&client, &ns, "db-1", DEADLINE, |e| e.iter().any(|(r, _)| r == "Removed")).await;
     let reasons: Vec<_> = events.into_iter().map(|(r, _)| r).collect();

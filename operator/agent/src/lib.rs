@@ -1,6 +1,7 @@
 //! covi-agent: runs on every hypervisor host and converges its libvirt domains to the
 //! VirtualServers bound to the host.
 
+pub mod assigned;
 pub mod config;
 pub mod console;
 pub mod converge;

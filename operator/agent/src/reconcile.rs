@@ -52,6 +52,8 @@ pub struct Context {
     pub fence: Arc<crate::fence::Fence>,
     /// The host's standing when the cache of its servers was last listed.
     pub listing: Arc<crate::fence::Listing>,
+    /// Where the answers to the agent's status writes go into that cache.
+    pub seen: crate::assigned::Seen,
 }
 
 /// What the agent last wrote to each server's status (by UID), and the version of the
@@ -115,8 +117,8 @@ pub async fn reconcile(server: Arc<VirtualServer>, ctx: Arc<Context>) -> Result<
 }
 
 async fn reconcile_inner(server: &VirtualServer, ctx: &Context) -> Result<Action> {
-    // The field selector already limits the watch to this host; a server that moved
-    // between the watch event and now is the new host's business.
+    // The cache holds the servers bound to this host; one that moved between the
+    // event and now is the new host's business.
     if server.status.as_ref().and_then(|s| s.host.as_deref()) != Some(ctx.node.as_str()) {
         return Ok(Action::await_change());
     }
@@ -571,8 +573,11 @@ async fn report(server: &VirtualServer, ctx: &Context, outcome: Outcome) -> Resu
         patch["status"]["domainUuid"] = json!(uuid);
     }
     let api: Api<VirtualServer> = Api::namespaced(ctx.client.clone(), &server.namespace().unwrap_or_default());
-    api.patch_status(&server.name_any(), &PatchParams::apply(manager::AGENT).force(), &Patch::Apply(&patch)).await?;
+    let written = api
+        .patch_status(&server.name_any(), &PatchParams::apply(manager::AGENT).force(), &Patch::Apply(&patch))
+        .await?;
     ctx.reported.record(&uid, &based_on, &key);
+    let _ = ctx.seen.send(written);
     Ok(())
 }
 

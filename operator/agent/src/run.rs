@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use covi_api::host_pool::Failover;
 
-use covi_api::{HostPool, VirtualServer};
+use covi_api::HostPool;
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::Api;
@@ -203,25 +203,19 @@ async fn serve(
     let (stopping, stop_rx) = tokio::sync::watch::channel(false);
     let mut renewing = tokio::spawn(renewer.run(stop_rx));
 
-    let servers_api: Api<VirtualServer> = Api::all(client.clone());
-    let selector = format!("status.host={}", config.node_name);
-    // The servers are listed once this process has renewed (it starts nothing before
-    // anyway). The watch's Init (before each list) and InitDone (the list in the cache)
-    // record the host's standing for the list: a cache listed since the host's last
-    // gap in renewals suffices to start a server without reading it again.
+    // The servers bound here, from the host's Assignment (read once this process has
+    // renewed: it starts nothing before anyway). Each list of it records the host's
+    // standing: a cache listed since the host's last gap in renewals suffices to start
+    // a server without reading it again.
     let listing = Arc::new(crate::fence::Listing::default());
     let (servers, writer) = reflector::store();
-    let watch = {
-        let (listing, fence, first) = (listing.clone(), fence.clone(), fence.clone());
-        let config = watcher::Config::default().fields(&selector);
-        futures::stream::once(async move { first.first_renewal().await })
-            .flat_map(move |_| watcher(servers_api.clone(), config.clone()))
-            .inspect(move |event| match event {
-                Ok(watcher::Event::Init) => listing.init(&fence),
-                Ok(watcher::Event::InitDone) => listing.init_done(),
-                _ => {}
-            })
-    };
+    let (watch, seen) = crate::assigned::servers(
+        client.clone(),
+        config.node_name.clone(),
+        fence.clone(),
+        listing.clone(),
+        servers.clone(),
+    );
     let controller = Controller::for_stream(reflector(writer, watch).applied_objects(), servers.clone());
 
     // A lifecycle event names a domain by UUID, which is the server's UID.
@@ -252,6 +246,7 @@ async fn serve(
         servers: servers.clone(),
         host_cpus: facts.cpus,
         metrics: metrics.usage.clone(),
+        seen: seen.clone(),
         collect_seconds: metrics.usage_collect_seconds.clone(),
         sample_every: config.usage_sample,
         interval: config.usage_interval,
@@ -295,6 +290,7 @@ async fn serve(
         metrics,
         fence: fence.clone(),
         listing,
+        seen,
     });
     serving.store(true, Ordering::SeqCst);
     controller
@@ -366,7 +362,7 @@ struct HostLoop {
     client: Client,
     node: String,
     hypervisor: Libvirt,
-    servers: kube::runtime::reflector::Store<VirtualServer>,
+    servers: kube::runtime::reflector::Store<covi_api::VirtualServer>,
     pools: kube::runtime::reflector::Store<HostPool>,
     reporter: Arc<HostReporter>,
     fence: Arc<Fence>,

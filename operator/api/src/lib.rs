@@ -8,6 +8,7 @@
 // duplicated attributes.
 #![allow(clippy::duplicated_attributes)]
 
+pub mod assignment;
 pub mod condition;
 pub mod console;
 pub mod contract;
@@ -21,6 +22,7 @@ pub mod usage;
 pub mod virtual_server;
 pub mod vm_request;
 
+pub use assignment::{Assignment, AssignmentSpec};
 pub use condition::{Condition, ConditionStatus};
 pub use disruption::{Disruption, DisruptionSpec, DisruptionStatus};
 pub use host::{Host, HostSpec, HostStatus};
@@ -36,9 +38,9 @@ pub const GROUP: &str = "covi.io";
 /// The one served and stored version.
 pub const VERSION: &str = "v1alpha1";
 
-/// The CustomResourceDefinitions of all five kinds, in the order they are installed.
+/// The CustomResourceDefinitions of all six kinds, in the order they are installed.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    [HostPool::crd(), Host::crd(), VirtualServer::crd(), VmRequest::crd(), Disruption::crd()]
+    [HostPool::crd(), Host::crd(), VirtualServer::crd(), VmRequest::crd(), Disruption::crd(), Assignment::crd()]
         .into_iter()
         .map(unwrap_descriptions)
         .collect()

@@ -1,13 +1,14 @@
 //! The leader's watches and loop: whenever a pool, host or server changes (or at
 //! every resync, or when a host's liveness changes) it runs one
 //! [`Scheduler::pass`]; beside it, VmRequests run in their own controller
-//! ([`crate::request_controller`]). Only the leader runs this.
+//! ([`crate::request_controller`]) and each host's Assignment is kept in step with the
+//! servers bound to it ([`publish_assignments`]). Only the leader runs this.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use covi_api::contract::manager;
-use covi_api::{Host, HostPool, VirtualServer};
+use covi_api::{Assignment, Host, HostPool, VirtualServer};
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::runtime::events::Reporter;
@@ -27,9 +28,9 @@ pub async fn client(config: &Config) -> Result<Client> {
     covi_daemon::kube_client(config.kubeconfig.as_deref()).await.map_err(Error::Client)
 }
 
-/// Watches `api` into a store and pokes `changed` on every event, until the returned
-/// guard is dropped (the leader's loop ended).
-fn watch<K>(api: Api<K>, changed: Arc<Notify>) -> (Store<K>, AbortOnDrop)
+/// Watches `api` into a store and pokes each of `changed` on every event, until the
+/// returned guard is dropped (the leader's loop ended).
+fn watch<K>(api: Api<K>, changed: Vec<Arc<Notify>>) -> (Store<K>, AbortOnDrop)
 where
     K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
 {
@@ -38,7 +39,7 @@ where
     // without them the cache of 20,000 servers is a fraction of the size.
     let events = watcher(api, watcher::Config::default()).modify(|o| o.managed_fields_mut().clear());
     let stream = reflector(writer, events).default_backoff().touched_objects().for_each(move |_| {
-        changed.notify_one();
+        changed.iter().for_each(|c| c.notify_one());
         futures::future::ready(())
     });
     (store, AbortOnDrop(tokio::spawn(stream)))
@@ -46,18 +47,23 @@ where
 
 pub async fn run_leader(client: Client, config: &Config, metrics: Metrics) -> Result<()> {
     let changed = Arc::new(Notify::new());
-    let (pools, _pools_watch) = watch(Api::<HostPool>::all(client.clone()), changed.clone());
-    let (hosts, _hosts_watch) = watch(Api::<Host>::all(client.clone()), changed.clone());
-    let (servers, _servers_watch) = watch(Api::<VirtualServer>::all(client.clone()), changed.clone());
+    let servers_changed = Arc::new(Notify::new());
+    let (pools, _pools_watch) = watch(Api::<HostPool>::all(client.clone()), vec![changed.clone()]);
+    let (hosts, _hosts_watch) = watch(Api::<Host>::all(client.clone()), vec![changed.clone()]);
+    let (servers, _servers_watch) =
+        watch(Api::<VirtualServer>::all(client.clone()), vec![changed.clone(), servers_changed.clone()]);
     // Renewals are not changes worth a pass; the one-second tick reads them.
-    let (host_leases, _leases_watch) =
-        watch(Api::<Lease>::namespaced(client.clone(), &config.namespace), Arc::new(Notify::new()));
+    let (host_leases, _leases_watch) = watch(Api::<Lease>::namespaced(client.clone(), &config.namespace), vec![]);
+    let (assignments, _assignments_watch) = watch(Api::<Assignment>::all(client.clone()), vec![]);
     let reporter = Reporter { controller: manager::OPERATOR.into(), instance: Some(config.identity.clone()) };
     let writer = Writer::new(client.clone(), reporter);
     wait_synced("HostPools", &pools).await?;
     wait_synced("Hosts", &hosts).await?;
     wait_synced("VirtualServers", &servers).await?;
     wait_synced("Leases", &host_leases).await?;
+    wait_synced("Assignments", &assignments).await?;
+    let _stop_assignments =
+        AbortOnDrop(tokio::spawn(publish_assignments(writer.clone(), servers.clone(), assignments, servers_changed)));
     // VmRequests have their own controller, with its own watches.
     let ctx = Arc::new(Context::new(writer.clone(), pools.clone(), servers.clone()));
     let _stop_controller = AbortOnDrop(tokio::spawn(request_controller::run(client.clone(), ctx)));
@@ -90,6 +96,59 @@ pub async fn run_leader(client: Client, config: &Config, metrics: Metrics) -> Re
         }
         // Let a burst of watch events land, so 100 new servers bind in one pass.
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// How long after a server changes its host's Assignment is written: the changes of
+/// one scheduling pass (a burst bound at once) go out as one write per host.
+const ASSIGNMENT_COALESCE: Duration = Duration::from_millis(50);
+
+/// How often Assignments are compared when no server changes: a failed write is
+/// tried again.
+const ASSIGNMENT_RETRY: Duration = Duration::from_secs(2);
+
+/// Keeps each host's Assignment listing the servers bound to it, for its agent.
+async fn publish_assignments(
+    writer: Writer,
+    servers: Store<VirtualServer>,
+    assignments: Store<Assignment>,
+    changed: Arc<Notify>,
+) {
+    use crate::desired::assignment::{Digests, changes, desired};
+    let mut digests = Digests::default();
+    // What this leader wrote last, by host: the cache may not show it yet.
+    let mut written = std::collections::HashMap::new();
+    loop {
+        let _ = tokio::time::timeout(ASSIGNMENT_RETRY, changed.notified()).await;
+        tokio::time::sleep(ASSIGNMENT_COALESCE).await;
+        let wanted = desired(&servers.state(), &mut digests);
+        let writes = changes(&wanted, &assignments.state(), &written);
+        let results: Vec<_> = futures::stream::iter(writes.into_iter().map(|(host, spec)| {
+            let writer = writer.clone();
+            async move {
+                let result = writer.assign(&host, &spec).await;
+                (host, spec, result)
+            }
+        }))
+        .buffer_unordered(crate::writer::WRITES_AT_ONCE)
+        .collect()
+        .await;
+        // Once the cache shows a write, the cache speaks for it again (an Assignment
+        // someone deleted is then written anew).
+        let cached: std::collections::HashMap<String, Arc<Assignment>> =
+            assignments.state().into_iter().map(|a| (a.name_any(), a)).collect();
+        written.retain(|host, spec| cached.get(host).is_none_or(|a| a.spec != *spec));
+        for (host, spec, result) in results {
+            match result {
+                Ok(()) => {
+                    written.insert(host, spec);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "publishing an Assignment failed; trying again");
+                    written.remove(&host);
+                }
+            }
+        }
     }
 }
 

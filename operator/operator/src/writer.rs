@@ -7,7 +7,7 @@ use std::fmt::Debug;
 use std::sync::Arc;
 
 use covi_api::contract::status_patch;
-use covi_api::{Host, HostPool, VirtualServer, VmRequest};
+use covi_api::{Assignment, AssignmentSpec, Host, HostPool, VirtualServer, VmRequest};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -58,6 +58,12 @@ impl Located for Host {
     }
 }
 
+impl Located for Assignment {
+    fn api(&self, client: Client) -> Api<Self> {
+        Api::all(client)
+    }
+}
+
 impl Located for HostPool {
     fn api(&self, client: Client) -> Api<Self> {
         Api::all(client)
@@ -94,6 +100,16 @@ impl Writer {
         match object.api(self.client.clone()).patch_status(&object.name_any(), &params, &Patch::Apply(&patch)).await {
             Ok(_) => Ok(()),
             Err(source) => Err(Error::Write { what: format!("status of {}", object.describe()), source }),
+        }
+    }
+
+    /// Publishes host `host`'s Assignment (server-side apply: created if missing).
+    pub async fn assign(&self, host: &str, spec: &AssignmentSpec) -> Result<()> {
+        let object = Assignment::new(host, spec.clone());
+        let params = PatchParams::apply(covi_api::contract::manager::OPERATOR).force();
+        match object.api(self.client.clone()).patch(host, &params, &Patch::Apply(&object)).await {
+            Ok(_) => Ok(()),
+            Err(source) => Err(Error::Write { what: object.describe(), source }),
         }
     }
 

@@ -31,6 +31,8 @@ pub struct UsageLoop {
     pub collect_seconds: Histogram,
     pub sample_every: Duration,
     pub interval: Duration,
+    /// Where the servers the usage writes return go into the cache.
+    pub seen: crate::assigned::Seen,
 }
 
 impl UsageLoop {
@@ -110,7 +112,10 @@ impl UsageLoop {
             let usage = self.next(previous, done, (*cpu, *memory, *samples), &sampled_at);
             let api: Api<VirtualServer> = Api::namespaced(self.client.clone(), &server.namespace().unwrap_or_default());
             match apply_usage::<VirtualServer>(&api, &server.name_any(), usage).await {
-                Ok(()) => written += 1,
+                Ok(server) => {
+                    written += 1;
+                    let _ = self.seen.send(server);
+                }
                 Err(e) => tracing::warn!(server = %server.name_any(), error = %e, "writing usage failed"),
             }
         }
@@ -118,7 +123,7 @@ impl UsageLoop {
             let api: Api<Host> = Api::all(self.client.clone());
             let previous = api.get_opt(&self.node).await.ok().flatten().and_then(|h| h.status.and_then(|s| s.usage));
             let usage = self.next(previous, done, summary, &sampled_at);
-            if let Err(e) = apply_usage::<Host>(&api, &self.node, usage).await {
+            if let Err(e) = apply_usage::<Host>(&api, &self.node, usage).await.map(drop) {
                 tracing::warn!(error = %e, "writing the Host's usage failed");
             }
         }
@@ -150,7 +155,7 @@ impl UsageLoop {
     }
 }
 
-async fn apply_usage<K>(api: &Api<K>, name: &str, usage: Usage) -> kube::Result<()>
+async fn apply_usage<K>(api: &Api<K>, name: &str, usage: Usage) -> kube::Result<K>
 where
     K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
@@ -158,6 +163,5 @@ where
         "apiVersion": K::api_version(&()), "kind": K::kind(&()),
         "status": {"usage": usage},
     });
-    api.patch_status(name, &PatchParams::apply(manager::AGENT_USAGE).force(), &Patch::Apply(&patch)).await?;
-    Ok(())
+    api.patch_status(name, &PatchParams::apply(manager::AGENT_USAGE).force(), &Patch::Apply(&patch)).await
 }

@@ -4,6 +4,7 @@
 //! [`crate::writer`] applies them; the field manager of each write is part of the
 //! decision (see [`covi_api::contract::manager`]).
 
+pub mod assignment;
 pub mod host;
 pub mod pool;
 pub mod request;
