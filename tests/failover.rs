@@ -266,7 +266,7 @@ async fn a_frozen_host_is_replaced_and_fences_itself_when_it_thaws() {
 async fn a_partitioned_host_fences_itself_before_its_servers_restart_elsewhere() {
     let _turn = SERIAL.lock().await;
     let netns = NetnsHost::create("part").await;
-    let scene = Scene::with_host_1("part", &["ha-1", "ha-2"], &[], Some(&netns)).await;
+    let scene = Scene::with_host_1("part", &["ha-1", "ha-2"], &["plain-1"], Some(&netns)).await;
     let sampler = Sampler::start(scene.hosts.clone());
     let addr = endpoint_of(&scene.fleet.agents[0]).expect("agent 1 endpoint");
 
@@ -292,11 +292,23 @@ async fn a_partitioned_host_fences_itself_before_its_servers_restart_elsewhere()
         assert_eq!(s.status.as_ref().unwrap().failovers.len(), 1);
     }
 
+    // The server that is not highly available stays bound to host 1, said to be down.
+    scene
+        .fleet
+        .wait_server(&scene.api, "plain-1", "to fail with HostLost", DEADLINE, |s| {
+            s.status.as_ref().is_some_and(|st| {
+                st.phase == Some(VirtualServerPhase::Failed)
+                    && find_condition(&st.conditions, "Ready").is_some_and(|c| c.reason == "HostLost")
+            })
+        })
+        .await;
+
     netns.heal();
     wait_until("host 1 to recover and remove its stale domains", DEADLINE, || async {
         let body = get(&addr, "/domains", Duration::from_secs(1)).await?;
         let v: Value = serde_json::from_str(&body).ok()?;
-        (v["fenced"] == json!(false) && v["domains"].as_array()?.is_empty()).then_some(())
+        let stale = v["domains"].as_array()?.iter().any(|d| !d["server"].as_str().unwrap_or("").ends_with("/plain-1"));
+        (v["fenced"] == json!(false) && !stale).then_some(())
     })
     .await;
     let h = wait_until("host 1 to be Ready again with the fencing on record", DEADLINE, || async {
@@ -307,6 +319,15 @@ async fn a_partitioned_host_fences_itself_before_its_servers_restart_elsewhere()
     })
     .await;
     assert_eq!(condition(&h, "Lost").map(|c| c.status), Some("False".into()));
+    // The same agent process, back in touch, runs plain-1 again and says so: it learnt
+    // of the operator's HostLost while it was cut off.
+    let plain = scene
+        .fleet
+        .wait_server(&scene.api, "plain-1", "to run again on host 1", DEADLINE, |s| {
+            ready(s) && s.status.as_ref().is_some_and(|st| st.phase == Some(VirtualServerPhase::Running))
+        })
+        .await;
+    assert_eq!(host_of(&plain), Some(scene.fleet.host_name(1)));
     let (samples, doubles) = sampler.finish().await;
     assert!(samples > 50, "the sampler ran ({samples} samples)");
     assert!(doubles.is_empty(), "servers ran twice: {doubles:?}");

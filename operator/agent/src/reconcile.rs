@@ -120,6 +120,7 @@ async fn reconcile_inner(server: &VirtualServer, ctx: &Context) -> Result<Action
     // The cache holds the servers bound to this host; one that moved between the
     // event and now is the new host's business.
     if server.status.as_ref().and_then(|s| s.host.as_deref()) != Some(ctx.node.as_str()) {
+        tracing::debug!(server = %server.name_any(), version = ?server.resource_version(), "bound elsewhere now");
         return Ok(Action::await_change());
     }
     if server.meta().deletion_timestamp.is_some() {
@@ -203,7 +204,9 @@ async fn apply(
                     requeue = Duration::from_secs(1);
                     continue;
                 }
-                match hv.start(&uid, ctx.fence.clone()).await? {
+                let started = hv.start(&uid, ctx.fence.clone()).await?;
+                tracing::debug!(server = %server.name_any(), ?started, "start");
+                match started {
                     Ok(()) => {}
                     Err(StartRefused::Fenced) => {
                         requeue = Duration::from_secs(1);
@@ -572,13 +575,28 @@ async fn report(server: &VirtualServer, ctx: &Context, outcome: Outcome) -> Resu
     if let Some(uuid) = outcome.domain_uuid {
         patch["status"]["domainUuid"] = json!(uuid);
     }
+    // Only on top of the version this was decided on: an agent that fell behind (a
+    // frozen process, a partition) must not overwrite what the server's new host
+    // reported, which that host would not hear of (its Assignment leaves the agent's
+    // own fields out). A conflict reads the server again instead.
+    patch["metadata"] = json!({"resourceVersion": based_on});
     let api: Api<VirtualServer> = Api::namespaced(ctx.client.clone(), &server.namespace().unwrap_or_default());
-    let written = api
-        .patch_status(&server.name_any(), &PatchParams::apply(manager::AGENT).force(), &Patch::Apply(&patch))
-        .await?;
-    ctx.reported.record(&uid, &based_on, &key);
-    let _ = ctx.seen.send(written);
-    Ok(())
+    let params = PatchParams::apply(manager::AGENT).force();
+    match api.patch_status(&server.name_any(), &params, &Patch::Apply(&patch)).await {
+        Ok(written) => {
+            ctx.reported.record(&uid, &based_on, &key);
+            let _ = ctx.seen.send(written);
+            Ok(())
+        }
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            tracing::debug!(server = %server.name_any(), %based_on, "the server changed since; reading it again");
+            if let Some(fresh) = api.get_opt(&server.name_any()).await? {
+                let _ = ctx.seen.send(fresh);
+            }
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 async fn publish(ctx: &Context, server: &VirtualServer, type_: EventType, reason: &str, note: String) {

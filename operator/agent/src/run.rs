@@ -209,13 +209,8 @@ async fn serve(
     // a server without reading it again.
     let listing = Arc::new(crate::fence::Listing::default());
     let (servers, writer) = reflector::store();
-    let (watch, seen) = crate::assigned::servers(
-        client.clone(),
-        config.node_name.clone(),
-        fence.clone(),
-        listing.clone(),
-        servers.clone(),
-    );
+    let (watch, seen) =
+        crate::assigned::servers(client.clone(), config.node_name.clone(), fence.clone(), listing.clone());
     let controller = Controller::for_stream(reflector(writer, watch).applied_objects(), servers.clone());
 
     // A lifecycle event names a domain by UUID, which is the server's UID.

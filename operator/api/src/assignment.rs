@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::VirtualServer;
 use crate::contract::condition_type;
+use crate::virtual_server::READY_HOST_LOST;
 
 /// The servers bound to a host, written by covi-operator only.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
@@ -70,8 +71,10 @@ impl Assigned {
 /// binding, a migration step, an address) changes it.
 ///
 /// The operator writes phase and Ready of a bound server itself only when it binds it
-/// (the binding changes the digest) or declares its host lost (the host then had a gap
-/// in its renewals, after which its agent reads every server again anyway).
+/// (the binding changes the digest) or says for the silent agent of a lost host that
+/// the server is down (Ready reason [`READY_HOST_LOST`]): that Ready condition is in the
+/// digest, so the agent learns of it and takes phase and Ready back once it runs the
+/// server again (which in turn changes the digest once).
 ///
 /// FNV-1a over the JSON with sorted keys: the same on every build.
 pub fn digest(server: &VirtualServer) -> String {
@@ -86,7 +89,10 @@ pub fn digest(server: &VirtualServer) -> String {
             status.remove(field);
         }
         if let Some(conditions) = status.get_mut("conditions").and_then(|c| c.as_array_mut()) {
-            conditions.retain(|c| c.get("type").and_then(|t| t.as_str()) != Some(condition_type::READY));
+            conditions.retain(|c| {
+                c.get("type").and_then(|t| t.as_str()) != Some(condition_type::READY)
+                    || c.get("reason").and_then(|r| r.as_str()) == Some(READY_HOST_LOST)
+            });
         }
     }
     let text = serde_json::to_string(&sorted(value)).unwrap_or_default();
@@ -174,6 +180,17 @@ mod tests {
         for change in changes {
             assert_ne!(digest(&server(change.clone())), before, "{change} left the digest unchanged");
         }
+    }
+
+    #[test]
+    fn what_the_operator_says_for_a_silent_agent_changes_the_digest() {
+        let before = digest(&server(json!({})));
+        let lost = server(json!({"status": {"phase": "Failed", "conditions": [
+            {"type": "Scheduled", "status": "True", "reason": "Bound", "message": "bound to host h1",
+             "lastTransitionTime": "2026-01-01T00:00:00Z"},
+            {"type": "Ready", "status": "False", "reason": "HostLost", "message": "host h1 was lost",
+             "lastTransitionTime": "2026-01-01T00:03:00Z"}]}}));
+        assert_ne!(digest(&lost), before, "the agent must see the operator's HostLost to take it back");
     }
 
     #[test]

@@ -329,6 +329,10 @@ pub const READY_MIGRATION_FAILED: &str = "MigrationFailed";
 /// Ready reason of a server whose start the lock manager refused: another copy still
 /// runs somewhere and holds its disk lease. The agent retries until that copy stops.
 pub const READY_DISK_LEASE_HELD: &str = "DiskLeaseHeld";
+/// Ready reason the operator writes for the silent agent of a lost host (with phase
+/// Failed) when the server is not restarted elsewhere; the agent takes both back once
+/// it runs the server again.
+pub const READY_HOST_LOST: &str = "HostLost";
 
 /// A migration of a server between hosts.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]

@@ -176,7 +176,7 @@ fn host_lost(server: &VirtualServer, host: &str, now: Timestamp) -> Update<Virtu
         &mut conditions,
         condition_type::READY,
         ConditionStatus::False,
-        "HostLost",
+        covi_api::virtual_server::READY_HOST_LOST,
         &message,
         generation,
         now,
