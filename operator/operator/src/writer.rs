@@ -103,11 +103,19 @@ impl Writer {
         }
     }
 
-    /// Publishes host `host`'s Assignment (server-side apply: created if missing).
+    /// Publishes host `host`'s Assignment: a merge patch of its spec (the list is
+    /// replaced whole), or a create the first time. Not a server-side apply: only the
+    /// operator writes Assignments, and an apply costs the API server several times a
+    /// merge patch (one is written per binding in a burst).
     pub async fn assign(&self, host: &str, spec: &AssignmentSpec) -> Result<()> {
         let object = Assignment::new(host, spec.clone());
-        let params = PatchParams::apply(covi_api::contract::manager::OPERATOR).force();
-        match object.api(self.client.clone()).patch(host, &params, &Patch::Apply(&object)).await {
+        let api = object.api(self.client.clone());
+        let patch = serde_json::json!({"spec": spec});
+        let result = match api.patch(host, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            Err(kube::Error::Api(s)) if s.code == 404 => api.create(&PostParams::default(), &object).await,
+            other => other,
+        };
+        match result {
             Ok(_) => Ok(()),
             Err(source) => Err(Error::Write { what: object.describe(), source }),
         }
