@@ -402,7 +402,14 @@ async fn crds_become_established() {
     let names = install_crds(&client).await;
     assert_eq!(
         names,
-        ["disruptions.covi.io", "hostpools.covi.io", "hosts.covi.io", "virtualservers.covi.io", "vmrequests.covi.io"]
+        [
+            "assignments.covi.io",
+            "disruptions.covi.io",
+            "hostpools.covi.io",
+            "hosts.covi.io",
+            "virtualservers.covi.io",
+            "vmrequests.covi.io"
+        ]
     );
 }
 

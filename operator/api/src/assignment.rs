@@ -17,13 +17,14 @@ use crate::VirtualServer;
 use crate::contract::condition_type;
 use crate::virtual_server::READY_HOST_LOST;
 
-/// The servers bound to a host, written by covi-operator only.
+/// The servers bound to a host, written by covi-operator only. Not in the `covi`
+/// category: it names servers of every namespace, which a namespace's viewers must
+/// not list (covi-admin reads it).
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[kube(
     group = "covi.io",
     version = "v1alpha1",
     kind = "Assignment",
-    category = "covi",
     doc = "The VirtualServers bound to one Host (of the same name), published by covi-operator for that host's agent. Read-only for everyone else: the truth stays each server's status.host.",
     printcolumn(name = "Servers", type_ = "integer", json_path = ".spec.count"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),

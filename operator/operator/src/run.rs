@@ -122,11 +122,15 @@ async fn publish_assignments(
         let _ = tokio::time::timeout(ASSIGNMENT_RETRY, changed.notified()).await;
         tokio::time::sleep(ASSIGNMENT_COALESCE).await;
         let wanted = desired(&servers.state(), &mut digests);
-        let writes = changes(&wanted, &assignments.state(), &written);
+        let cached = assignments.state();
+        let writes = changes(&wanted, &cached, &written);
+        let known: std::collections::HashSet<String> =
+            cached.iter().map(|a| a.name_any()).chain(written.keys().cloned()).collect();
         let results: Vec<_> = futures::stream::iter(writes.into_iter().map(|(host, spec)| {
             let writer = writer.clone();
+            let exists = known.contains(&host);
             async move {
-                let result = writer.assign(&host, &spec).await;
+                let result = writer.assign(&host, &spec, exists).await;
                 (host, spec, result)
             }
         }))

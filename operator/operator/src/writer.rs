@@ -104,16 +104,25 @@ impl Writer {
     }
 
     /// Publishes host `host`'s Assignment: a merge patch of its spec (the list is
-    /// replaced whole), or a create the first time. Not a server-side apply: only the
-    /// operator writes Assignments, and an apply costs the API server several times a
-    /// merge patch (one is written per binding in a burst).
-    pub async fn assign(&self, host: &str, spec: &AssignmentSpec) -> Result<()> {
+    /// replaced whole) if it `exists` as far as the caller knows, a create otherwise
+    /// (each falls back to the other). Not a server-side apply: only the operator
+    /// writes Assignments, and an apply costs the API server more than a merge patch
+    /// (one is written per binding in a burst).
+    pub async fn assign(&self, host: &str, spec: &AssignmentSpec, exists: bool) -> Result<()> {
         let object = Assignment::new(host, spec.clone());
         let api = object.api(self.client.clone());
-        let patch = serde_json::json!({"spec": spec});
-        let result = match api.patch(host, &PatchParams::default(), &Patch::Merge(&patch)).await {
-            Err(kube::Error::Api(s)) if s.code == 404 => api.create(&PostParams::default(), &object).await,
-            other => other,
+        let (patch, params) = (Patch::Merge(serde_json::json!({"spec": spec})), PatchParams::default());
+        let merge = || api.patch(host, &params, &patch);
+        let result = if exists {
+            match merge().await {
+                Err(kube::Error::Api(s)) if s.code == 404 => api.create(&PostParams::default(), &object).await,
+                other => other,
+            }
+        } else {
+            match api.create(&PostParams::default(), &object).await {
+                Err(kube::Error::Api(s)) if s.code == 409 => merge().await,
+                other => other,
+            }
         };
         match result {
             Ok(_) => Ok(()),
