@@ -130,6 +130,14 @@ impl Scene {
     }
 }
 
+/// Failed, with Ready saying its host was lost: a server that is not highly available.
+fn failed_with_host_lost(s: &VirtualServer) -> bool {
+    s.status.as_ref().is_some_and(|st| {
+        st.phase == Some(VirtualServerPhase::Failed)
+            && find_condition(&st.conditions, "Ready").is_some_and(|c| c.reason == "HostLost")
+    })
+}
+
 fn condition(host: &Host, type_: &str) -> Option<covi_api::Condition> {
     host.status.as_ref().and_then(|s| find_condition(&s.conditions, type_).cloned())
 }
@@ -158,15 +166,8 @@ async fn power_loss_restarts_ha_servers_elsewhere_and_fails_the_rest() {
         );
         assert_eq!(Some(record[0].to.clone()), host_of(s));
     }
-    let plain = scene
-        .fleet
-        .wait_server(&scene.api, "plain-1", "to fail with HostLost", DEADLINE, |s| {
-            s.status.as_ref().is_some_and(|st| {
-                st.phase == Some(VirtualServerPhase::Failed)
-                    && find_condition(&st.conditions, "Ready").is_some_and(|c| c.reason == "HostLost")
-            })
-        })
-        .await;
+    let plain =
+        scene.fleet.wait_server(&scene.api, "plain-1", "to fail with HostLost", DEADLINE, failed_with_host_lost).await;
     assert_eq!(host_of(&plain), Some(scene.fleet.host_name(1)), "a server that is not HA stays bound to its host");
     let host = wait_until("host 1 to be marked Lost", DEADLINE, || async {
         let h = scene.host(1).await;
@@ -293,15 +294,7 @@ async fn a_partitioned_host_fences_itself_before_its_servers_restart_elsewhere()
     }
 
     // The server that is not highly available stays bound to host 1, said to be down.
-    scene
-        .fleet
-        .wait_server(&scene.api, "plain-1", "to fail with HostLost", DEADLINE, |s| {
-            s.status.as_ref().is_some_and(|st| {
-                st.phase == Some(VirtualServerPhase::Failed)
-                    && find_condition(&st.conditions, "Ready").is_some_and(|c| c.reason == "HostLost")
-            })
-        })
-        .await;
+    scene.fleet.wait_server(&scene.api, "plain-1", "to fail with HostLost", DEADLINE, failed_with_host_lost).await;
 
     netns.heal();
     wait_until("host 1 to recover and remove its stale domains", DEADLINE, || async {
