@@ -165,7 +165,7 @@ impl Book {
     }
 
     fn bound_here(&self, server: &VirtualServer) -> bool {
-        server.status.as_ref().and_then(|s| s.host.as_deref()) == Some(self.node.as_str())
+        server.bound_to(&self.node)
     }
 
     /// Keeps the version at which a server was seen gone or bound elsewhere.
@@ -289,8 +289,7 @@ async fn read(client: Client, node: String, entry: Assigned) -> Read {
     loop {
         match api.get_opt(&entry.name).await {
             Ok(Some(s)) if s.uid().as_deref() == Some(entry.uid.as_str()) => {
-                let here = s.status.as_ref().and_then(|st| st.host.as_deref()) == Some(node.as_str());
-                return if here { Read::Here(s) } else { Read::Elsewhere(s) };
+                return if s.bound_to(&node) { Read::Here(s) } else { Read::Elsewhere(s) };
             }
             Ok(_) => return Read::Gone(entry.uid),
             Err(e) => {

@@ -174,7 +174,7 @@ impl Console {
         let bound = self.servers.state().into_iter().find(|s| {
             s.namespace().as_deref() == Some(request.namespace.as_str())
                 && s.name_any() == request.name
-                && s.status.as_ref().and_then(|st| st.host.as_deref()) == Some(self.node.as_str())
+                && s.bound_to(&self.node)
         });
         let Some(uid) = bound.and_then(|s| s.uid()) else {
             return Err(refused(404, "NotFound", format!("{server} is not on host {}", self.node)));

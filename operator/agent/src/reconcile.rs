@@ -119,7 +119,7 @@ pub async fn reconcile(server: Arc<VirtualServer>, ctx: Arc<Context>) -> Result<
 async fn reconcile_inner(server: &VirtualServer, ctx: &Context) -> Result<Action> {
     // The cache holds the servers bound to this host; one that moved between the
     // event and now is the new host's business.
-    if server.status.as_ref().and_then(|s| s.host.as_deref()) != Some(ctx.node.as_str()) {
+    if !server.bound_to(&ctx.node) {
         tracing::debug!(server = %server.name_any(), version = ?server.resource_version(), "bound elsewhere now");
         return Ok(Action::await_change());
     }
@@ -345,9 +345,7 @@ async fn disk_lease_held(server: &VirtualServer, ctx: &Context, libvirt: &str) -
 async fn bound_here_now(server: &VirtualServer, ctx: &Context) -> Result<bool> {
     let api: Api<VirtualServer> = Api::namespaced(ctx.client.clone(), &server.namespace().unwrap_or_default());
     let fresh = api.get_opt(&server.name_any()).await?;
-    Ok(fresh.is_some_and(|s| {
-        s.uid() == server.uid() && s.status.and_then(|st| st.host).as_deref() == Some(ctx.node.as_str())
-    }))
+    Ok(fresh.is_some_and(|s| s.uid() == server.uid() && s.bound_to(&ctx.node)))
 }
 
 /// The running migration taking this server away from `node`, if any.

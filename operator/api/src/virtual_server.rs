@@ -283,6 +283,11 @@ pub struct VirtualServerStatus {
 }
 
 impl VirtualServer {
+    /// Whether the server is bound to `host` (its `status.host`): that host's agent runs it.
+    pub fn bound_to(&self, host: &str) -> bool {
+        self.status.as_ref().and_then(|s| s.host.as_deref()) == Some(host)
+    }
+
     /// Whether the server's Ready condition is True: it runs as its spec asks.
     pub fn is_ready(&self) -> bool {
         self.status

@@ -104,13 +104,8 @@ impl FaultLoop {
     ) -> crate::error::Result<Option<(Option<String>, bool)>> {
         let now = Timestamp::now().as_second();
         let disruptions: Vec<Disruption> = store.state().iter().map(|d| (**d).clone()).collect();
-        let here: Vec<VirtualServer> = self
-            .servers
-            .state()
-            .iter()
-            .filter(|s| s.status.as_ref().and_then(|st| st.host.as_deref()) == Some(self.node.as_str()))
-            .map(|s| (**s).clone())
-            .collect();
+        let here: Vec<VirtualServer> =
+            self.servers.state().iter().filter(|s| s.bound_to(&self.node)).map(|s| (**s).clone()).collect();
         let mut peers: BTreeMap<String, Vec<Peer>> = BTreeMap::new();
         // Peers are read only for partitions in their window: a list per namespace.
         let partitioned: BTreeSet<String> = disruptions

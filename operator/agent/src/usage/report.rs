@@ -105,7 +105,7 @@ impl UsageLoop {
         for (uuid, (cpu, memory, samples)) in &done.domains {
             // Gone or moved away since: its new host reports it (one write per interval).
             let Some(server) = now.get(uuid) else { continue };
-            if server.status.as_ref().and_then(|s| s.host.as_deref()) != Some(self.node.as_str()) {
+            if !server.bound_to(&self.node) {
                 continue;
             }
             let previous = server.status.as_ref().and_then(|s| s.usage.clone());

@@ -5,28 +5,27 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use covi_api::assignment::{Assigned, digest};
+use covi_api::assignment::Assigned;
 use covi_api::{Assignment, AssignmentSpec, VirtualServer};
 use kube::ResourceExt;
 
-/// Digests by server UID, with the version each was taken of: a server is serialised
-/// and hashed again only when it changed.
+/// Each server's entry by UID, with the version it was taken of: a server is
+/// serialised and hashed again only when it changed.
 #[derive(Default)]
-pub struct Digests(HashMap<String, (String, String)>);
+pub struct Digests(HashMap<String, (String, Assigned)>);
 
 impl Digests {
     fn of(&mut self, server: &VirtualServer) -> Assigned {
         let uid = server.uid().unwrap_or_default();
         let version = server.resource_version().unwrap_or_default();
-        let digest = match self.0.get(&uid) {
-            Some((v, d)) if *v == version => d.clone(),
+        match self.0.get(&uid) {
+            Some((v, entry)) if *v == version => entry.clone(),
             _ => {
-                let d = digest(server);
-                self.0.insert(uid.clone(), (version, d.clone()));
-                d
+                let entry = Assigned::of(server);
+                self.0.insert(uid, (version, entry.clone()));
+                entry
             }
-        };
-        Assigned { namespace: server.namespace().unwrap_or_default(), name: server.name_any(), uid, digest }
+        }
     }
 
     /// Forgets the servers not in `keep`.
