@@ -219,6 +219,57 @@ async fn a_short_agent_restart_causes_no_failover() {
     }
 }
 
+/// The chaos test found this double run: the leader reads a host's Lease, finds it
+/// lost, and writes the failover of its HA server a moment later; in that moment the
+/// host's restarted agent renews, reads the server (still bound to it) and starts it.
+/// The late failover then lands beside a running copy. The test plays that leader
+/// (the operator is stopped): it reads ha-1 while host 1 is lost, lets host 1 come
+/// back and start ha-1, then sends the failover decided on what it read. The API
+/// server must refuse it: every start of an HA server is written to the server first,
+/// on the version it was decided on.
+#[tokio::test]
+async fn a_failover_decided_before_a_host_came_back_cannot_land_beside_its_start() {
+    let _turn = SERIAL.lock().await;
+    let mut scene = Scene::new("latejudge", &["ha-1"], &[]).await;
+    scene.fleet.operator.as_mut().unwrap().kill();
+    let home = scene.fleet.host_name(1);
+    scene.agent(1).kill();
+    // Past leaseDuration + grace (10 + 3 s): any leader would judge host 1 lost now.
+    tokio::time::sleep(Duration::from_secs(14)).await;
+    let decided_on = scene.api.get("ha-1").await.expect("ha-1");
+    let version = decided_on.metadata.resource_version.clone().expect("resourceVersion");
+
+    scene.agent(1).start();
+    let log = scene.fleet.agents[0].log.clone();
+    wait_until("ha-1 to run on host 1 again", DEADLINE, || async {
+        let body = get(&covi_tests::fleet::endpoint_in_log(&log)?, "/domains", Duration::from_secs(2)).await?;
+        let v: Value = serde_json::from_str(&body).ok()?;
+        let runs =
+            |d: &Value| d["server"].as_str().is_some_and(|s| s.ends_with("/ha-1")) && d["running"] == json!(true);
+        v["domains"].as_array()?.iter().any(runs).then_some(())
+    })
+    .await;
+
+    // The failover the leader decided while host 1 was lost, arriving now.
+    let late = json!({
+        "apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer",
+        "metadata": {"name": "ha-1", "resourceVersion": version},
+        "status": {"host": scene.fleet.host_name(2),
+                   "failovers": [{"from": home, "to": scene.fleet.host_name(2), "at": "2026-01-01T00:00:00Z", "reason": "HostLost"}]},
+    });
+    let params = kube::api::PatchParams::apply(covi_api::contract::manager::OPERATOR).force();
+    let answer = scene.api.patch_status("ha-1", &params, &kube::api::Patch::Apply(&late)).await;
+    match answer {
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        other => panic!(
+            "a failover decided on version {version} (host 1 lost) was accepted after host 1 started ha-1 again: {:?}",
+            other.map(|s| s.status)
+        ),
+    }
+    let now = scene.api.get("ha-1").await.expect("ha-1");
+    assert_eq!(host_of(&now), Some(home), "ha-1 stays where it runs");
+}
+
 #[tokio::test]
 async fn a_frozen_host_is_replaced_and_fences_itself_when_it_thaws() {
     let _turn = SERIAL.lock().await;

@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 use covi_api::condition::{ConditionStatus, set_condition};
 use covi_api::contract::{condition_type, manager, status_patch};
 use covi_api::virtual_server::{
-    MigrationPhase, MigrationStatus, READY_DISK_LEASE_HELD, READY_HANDED_OFF, READY_MIGRATION_FAILED,
+    MigrationPhase, MigrationStatus, READY_DISK_LEASE_HELD, READY_HANDED_OFF, READY_MIGRATION_FAILED, StartRecord,
     VirtualServerPhase,
 };
 use covi_api::{Host, HostPool, VirtualServer};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -135,10 +136,13 @@ async fn reconcile_inner(server: &VirtualServer, ctx: &Context) -> Result<Action
         Some(pool) => plan(server, pool, &ctx.driver),
     };
     // apply
-    let (outcome, requeue) = match (planned, migrating_away(server, &ctx.node)) {
+    let (outcome, requeue, announced) = match (planned, migrating_away(server, &ctx.node)) {
         // Leaving this host: hand the server off, whatever the plan says.
-        (_, Some(m)) => hand_off(server, m, ctx).await?,
-        (Err(failure), None) => (Outcome::failed(failure), ctx.resync),
+        (_, Some(m)) => {
+            let (outcome, requeue) = hand_off(server, m, ctx).await?;
+            (outcome, requeue, None)
+        }
+        (Err(failure), None) => (Outcome::failed(failure), ctx.resync, None),
         (Ok(plan), None) => {
             // Arriving by migration on real shared storage: the disk must be there
             // already; a fresh clone would silently replace the server's data.
@@ -147,8 +151,8 @@ async fn reconcile_inner(server: &VirtualServer, ctx: &Context) -> Result<Action
             apply(server, plan, ctx, adopting).await?
         }
     };
-    // report
-    report(server, ctx, outcome).await?;
+    // report, on top of the start's announcement if there was one
+    report(announced.as_ref().unwrap_or(server), ctx, outcome).await?;
     Ok(Action::requeue(requeue))
 }
 
@@ -157,8 +161,10 @@ async fn apply(
     mut plan: ServerPlan,
     ctx: &Context,
     disk_must_exist: bool,
-) -> Result<(Outcome, Duration)> {
+) -> Result<(Outcome, Duration, Option<VirtualServer>)> {
     let hv = &ctx.hypervisor;
+    // The server as written by this start's announcement, if one was made.
+    let mut announced: Option<VirtualServer> = None;
     let uid = plan.domain.uuid.clone();
     let observed = hv.observe().await?;
     let stop_waited = ctx.stops.lock().expect("stops lock").get(&uid).map(|t| t.elapsed());
@@ -176,13 +182,13 @@ async fn apply(
                         "disk {} is not in storage pool {} on {}: is the pool's storage shared between its hosts?",
                         plan.disk.volume, plan.disk.storage_pool, ctx.node
                     );
-                    return Ok((Outcome::failed(Failure::new("DiskNotFound", message)), ctx.resync));
+                    return Ok((Outcome::failed(Failure::new("DiskNotFound", message)), ctx.resync, announced));
                 }
                 if let Err(failure) = prepare_volumes(&mut plan, ctx).await? {
-                    return Ok((Outcome::failed(failure), ctx.resync));
+                    return Ok((Outcome::failed(failure), ctx.resync, announced));
                 }
                 if let Err(message) = hv.define(render(&plan.domain)).await? {
-                    return Ok((Outcome::failed(Failure::new("DefineFailed", message)), ctx.resync));
+                    return Ok((Outcome::failed(Failure::new("DefineFailed", message)), ctx.resync, announced));
                 }
                 // Said with the start when both happen now: an Event is an API write.
                 defined = Some(format!("domain {} defined on {}", plan.domain.name, ctx.node));
@@ -194,17 +200,32 @@ async fn apply(
                     requeue = Duration::from_secs(1);
                     continue;
                 }
-                // The watch may lag behind a failover that moved the server while this
-                // agent was away: unless the cache was listed since the host's last gap
-                // in renewals (no failover of its servers could follow), start only what
-                // the API server says is bound here now.
-                let on_cache = ctx.fence.cache_suffices(ctx.listing.listed());
-                tracing::debug!(server = %server.name_any(), on_cache, "starting: on the watch cache, or after reading the server");
-                if !on_cache && !bound_here_now(server, ctx).await? {
-                    requeue = Duration::from_secs(1);
-                    continue;
-                }
-                let started = hv.start(&uid, ctx.fence.clone()).await?;
+                // A server the operator fails over is announced first, on the version
+                // this start was decided on (see `announce_start`). Any other is moved
+                // only with this host's part in it; but the cache may lag behind what
+                // happened while this agent was away: unless it was listed since the
+                // host's last gap in renewals, start only what the API server says is
+                // bound here now.
+                let gaps = if server.spec.high_availability {
+                    let gaps = ctx.fence.gaps();
+                    match announce_start(server, ctx).await? {
+                        Some(written) => announced = Some(written),
+                        None => {
+                            requeue = Duration::from_secs(1);
+                            continue;
+                        }
+                    }
+                    Some(gaps)
+                } else {
+                    let on_cache = ctx.fence.cache_suffices(ctx.listing.listed());
+                    tracing::debug!(server = %server.name_any(), on_cache, "starting: on the watch cache, or after reading the server");
+                    if !on_cache && !bound_here_now(server, ctx).await? {
+                        requeue = Duration::from_secs(1);
+                        continue;
+                    }
+                    None
+                };
+                let started = hv.start(&uid, ctx.fence.clone(), gaps).await?;
                 tracing::debug!(server = %server.name_any(), ?started, "start");
                 match started {
                     Ok(()) => {}
@@ -216,12 +237,13 @@ async fn apply(
                     // disk: not a failure of this host. Try again until it is gone.
                     Err(StartRefused::DiskLeaseHeld(message)) => {
                         announce_defined(ctx, server, defined.take()).await;
-                        return Ok((disk_lease_held(server, ctx, &message).await, DISK_LEASE_RETRY));
+                        let current = announced.as_ref().unwrap_or(server);
+                        return Ok((disk_lease_held(current, ctx, &message).await, DISK_LEASE_RETRY, announced));
                     }
                     Err(StartRefused::Failed(message)) => {
                         announce_defined(ctx, server, defined.take()).await;
                         publish(ctx, server, EventType::Warning, "StartFailed", message.clone()).await;
-                        return Ok((Outcome::failed(Failure::new("StartFailed", message)), ctx.resync));
+                        return Ok((Outcome::failed(Failure::new("StartFailed", message)), ctx.resync, announced));
                     }
                 }
                 ctx.stops.lock().expect("stops lock").remove(&uid);
@@ -294,7 +316,7 @@ async fn apply(
             domain_uuid: None,
         },
     };
-    Ok((outcome, requeue))
+    Ok((outcome, requeue, announced))
 }
 
 /// Publishes the Defined Event of a domain that was defined but not started.
@@ -338,6 +360,37 @@ async fn disk_lease_held(server: &VirtualServer, ctx: &Context, libvirt: &str) -
         reason: READY_DISK_LEASE_HELD,
         message,
         domain_uuid: None,
+    }
+}
+
+/// Announces a start of highly-available `server` on this host in its status
+/// (`lastStart`), conditional on the version the start was decided on; returns the
+/// server as written, or `None` when it changed since (read again into the cache: it
+/// may have been failed over). The operator's failovers are conditional too, so of a
+/// failover decided before this host came back and this start, the later write is
+/// refused: a failover decided on an older version than the announcement cannot land
+/// beside the running copy, and one decided after it read the host's Lease after it
+/// (the start goes ahead only if the host had no gap in its renewals since).
+async fn announce_start(server: &VirtualServer, ctx: &Context) -> Result<Option<VirtualServer>> {
+    let count = server.status.as_ref().and_then(|s| s.last_start.as_ref()).map_or(0, |l| l.count) + 1;
+    let record = StartRecord { host: ctx.node.clone(), at: Time(Timestamp::now()), count };
+    let mut patch = status_patch::<VirtualServer>(json!({"lastStart": record}));
+    patch["metadata"] = json!({"resourceVersion": server.resource_version()});
+    let api: Api<VirtualServer> = Api::namespaced(ctx.client.clone(), &server.namespace().unwrap_or_default());
+    let params = PatchParams::apply(manager::AGENT_START).force();
+    match api.patch_status(&server.name_any(), &params, &Patch::Apply(&patch)).await {
+        Ok(written) => {
+            let _ = ctx.seen.send(written.clone());
+            Ok(Some(written))
+        }
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            tracing::debug!(server = %server.name_any(), "the server changed before its start; reading it again");
+            if let Some(fresh) = api.get_opt(&server.name_any()).await? {
+                let _ = ctx.seen.send(fresh);
+            }
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
     }
 }
 

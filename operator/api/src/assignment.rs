@@ -65,7 +65,7 @@ impl Assigned {
 }
 
 /// A digest of a server without what its agent reports itself (phase, domain UUID,
-/// observed generation, the Ready condition, usage) and without bookkeeping that
+/// observed generation, the Ready condition, usage, its last start) and without bookkeeping that
 /// changes with every write (resourceVersion, managedFields). The agent's own status
 /// writes therefore leave it unchanged, and the operator has nothing to publish for
 /// them; everything written by anyone else (spec, labels, deletion, finalizers, the
@@ -86,7 +86,7 @@ pub fn digest(server: &VirtualServer) -> String {
         }
     }
     if let Some(status) = value.get_mut("status").and_then(|s| s.as_object_mut()) {
-        for field in ["phase", "domainUuid", "observedGeneration", "usage"] {
+        for field in ["phase", "domainUuid", "observedGeneration", "usage", "lastStart"] {
             status.remove(field);
         }
         if let Some(conditions) = status.get_mut("conditions").and_then(|c| c.as_array_mut()) {
@@ -157,6 +157,7 @@ mod tests {
             "metadata": {"resourceVersion": "11", "managedFields": [{"manager": "covi-agent"}]},
             "status": {"phase": "Running", "domainUuid": "u1", "observedGeneration": 1,
                        "usage": {"intervalSeconds": 3600, "samples": 12},
+                       "lastStart": {"host": "h1", "at": "2026-01-01T00:00:30Z", "count": 2},
                        "conditions": [
                            {"type": "Scheduled", "status": "True", "reason": "Bound", "message": "bound to host h1",
                             "lastTransitionTime": "2026-01-01T00:00:00Z"},

@@ -30,6 +30,8 @@ pub mod manager {
     /// Everything an agent writes: its Host, its Lease, its servers' phase, Ready and
     /// domain UUID.
     pub const AGENT: &str = "covi-agent";
+    /// A highly-available server's `status.lastStart`, written just before each start.
+    pub const AGENT_START: &str = "covi-agent-start";
     /// A server's and a Host's `status.usage`, written once per interval by the agent
     /// that measured it.
     pub const AGENT_USAGE: &str = "covi-agent-usage";

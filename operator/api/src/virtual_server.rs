@@ -280,6 +280,13 @@ pub struct VirtualServerStatus {
     /// and the daily profile. Written once an hour.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<crate::usage::Usage>,
+
+    /// The last start of a highly-available server's domain, written by the agent of
+    /// `host` just before it starts it, on the version of the server the start was
+    /// decided on: a failover the operator decided on an older version is then refused
+    /// by the API server instead of landing beside the running copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_start: Option<StartRecord>,
 }
 
 impl VirtualServer {
@@ -370,6 +377,19 @@ pub enum MigrationPhase {
     Running,
     Succeeded,
     Failed,
+}
+
+/// A start of a server's domain, announced before it happens.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StartRecord {
+    /// The host that started it.
+    pub host: String,
+    /// When the start was announced.
+    pub at: Time,
+    /// Starts announced so far, counting this one: every announcement changes the
+    /// server, even two in the same second.
+    pub count: u64,
 }
 
 /// One restart of a server on another host after its host was lost.

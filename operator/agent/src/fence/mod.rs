@@ -27,6 +27,17 @@ pub fn may_start(renewed_once: bool, fenced: bool, since: Duration, fence_after:
     renewed_once && !fenced && !overdue(since, fence_after)
 }
 
+/// Whether a start announced on its server (`status.lastStart`) when the host had had
+/// `announced` gaps in its renewals may go ahead now that it has had `gaps`: only if
+/// none came between. The announcement is a write on the server's version the start
+/// was decided on, so a failover decided on an older version is refused; one decided
+/// on a newer version read the host's Lease after the announcement, and can judge the
+/// host lost only after a gap that followed it. `None`: nothing was announced (a server
+/// the operator never fails over).
+pub fn announcement_holds(announced: Option<u64>, gaps: u64) -> bool {
+    announced.is_none_or(|a| a == gaps)
+}
+
 /// When the agent's cache of its servers was last listed, by the host's standing then:
 /// the watch's Init (sent before its list) records the standing, its InitDone (the list
 /// in the cache) makes it the cache's. Until then, and during a relist, nothing is
@@ -190,11 +201,17 @@ impl Fence {
         may_start(self.renewed_once.load(Ordering::SeqCst), self.is_fenced(), self.since_renewal(), self.fence_after())
     }
 
-    /// Runs `start` only if the agent may start, holding the fencing lock across the
-    /// check and the start; `None` when it may not.
-    pub fn start_if_allowed<T>(&self, start: impl FnOnce() -> T) -> Option<T> {
+    /// Gaps in the renewals so far (fencings, renewals that came overdue).
+    pub fn gaps(&self) -> u64 {
+        self.gaps.load(Ordering::SeqCst)
+    }
+
+    /// Runs `start` only if the agent may start and a start announced when the host
+    /// had had `announced` gaps still holds ([`announcement_holds`]), holding the
+    /// fencing lock across the checks and the start; `None` when it may not.
+    pub fn start_if_allowed<T>(&self, announced: Option<u64>, start: impl FnOnce() -> T) -> Option<T> {
         let _held = self.hold();
-        self.may_start().then(start)
+        (self.may_start() && announcement_holds(announced, self.gaps())).then(start)
     }
 
     /// The fencing lock: the watchdog holds it while it destroys.
@@ -269,10 +286,26 @@ mod tests {
         fence.set_fenced(true);
         fence.renewed(Instant::now());
         assert!(!fence.may_start() && !fence.due());
-        assert_eq!(fence.start_if_allowed(|| "started"), None);
+        assert_eq!(fence.start_if_allowed(None, || "started"), None);
         fence.set_fenced(false);
         assert!(fence.may_start());
-        assert_eq!(fence.start_if_allowed(|| "started"), Some("started"));
+        assert_eq!(fence.start_if_allowed(None, || "started"), Some("started"));
+    }
+
+    #[test]
+    fn an_announced_start_goes_ahead_only_without_a_gap_since() {
+        let fence = Fence::new(Duration::from_millis(20));
+        fence.renewed(Instant::now());
+        let announced = Some(fence.gaps());
+        assert_eq!(fence.start_if_allowed(announced, || "started"), Some("started"));
+        // Overdue after the announcement, then renewed: a failover may have been
+        // judged in between, on the version the announcement wrote.
+        std::thread::sleep(Duration::from_millis(30));
+        fence.renewed(Instant::now());
+        assert!(fence.may_start());
+        assert_eq!(fence.start_if_allowed(announced, || "started"), None);
+        assert_eq!(fence.start_if_allowed(Some(fence.gaps()), || "started"), Some("started"));
+        assert_eq!(fence.start_if_allowed(None, || "started"), Some("started"), "nothing announced: not checked");
     }
 
     #[test]
@@ -294,7 +327,7 @@ mod tests {
         let held = fence.hold();
         let starter = {
             let fence = fence.clone();
-            std::thread::spawn(move || fence.start_if_allowed(|| "started"))
+            std::thread::spawn(move || fence.start_if_allowed(None, || "started"))
         };
         // The deadline passes while the watchdog holds the lock: the waiting start,
         // checked after the lock is released, is refused.

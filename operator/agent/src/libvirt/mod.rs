@@ -399,10 +399,11 @@ impl Libvirt {
         &self,
         uuid: &str,
         fence: Arc<crate::fence::Fence>,
+        announced: Option<u64>,
     ) -> Result<std::result::Result<(), StartRefused>> {
         let started = self
             .with_domain(uuid, move |d| {
-                Ok(match fence.start_if_allowed(|| d.create()) {
+                Ok(match fence.start_if_allowed(announced, || d.create()) {
                     None => Err(StartRefused::Fenced),
                     Some(Ok(_)) => Ok(()),
                     Some(Err(e)) if is(&e, ErrorNumber::ResourceBusy) => {
