@@ -321,6 +321,7 @@ impl Model for Election {
                     holder: seen.map(|h| self.identity(h).to_string()),
                     instance: instance(seen),
                     renew_time: renew(false),
+                    duration: None,
                     changed_at: self.ago(r.silent),
                 });
                 let sighting = Sighting::update(
@@ -328,6 +329,7 @@ impl Model for Election {
                     holder.map(|h| self.identity(h).to_string()),
                     instance(holder),
                     renew(r.lease_changed),
+                    None,
                     self.now(),
                 );
                 let mine = match self.races.holder_by_identity {

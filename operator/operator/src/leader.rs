@@ -8,14 +8,24 @@
 //! renewals fail stops before any standby may start. Every write of the Lease is
 //! conditional on the version read, and carries this process's instance, so two
 //! processes under one identity (a forged or copied Lease) cannot both lead.
+//!
+//! An API server that answers slowly (thousands of hosts renewing, a burst of
+//! servers) must not cost the fleet its scheduler: the leader paces its Lease as the
+//! agents pace theirs. A renewal answered late or not at all doubles the duration (up
+//! to 8×), three answered quickly in a row halve it again; each renewal records the
+//! duration it was sent with in the Lease's `leaseDurationSeconds`, the leader acts by
+//! the duration of its last successful renewal, and a standby waits the longer of its
+//! own and the one recorded in the renewal it last saw. The campaign runs on a thread
+//! and a connection of its own, so the leader's busiest moments (listing 20,000
+//! servers) cannot hold up its renewals either.
 
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
 use kube::api::{Api, PostParams};
-use kube::{Client, ResourceExt};
 use serde_json::json;
 use tokio::sync::watch::{Receiver, Sender};
 
@@ -33,6 +43,8 @@ pub struct Sighting {
     pub holder: Option<String>,
     pub instance: Option<String>,
     pub renew_time: Option<String>,
+    /// The duration the holder recorded with this renewal (`leaseDurationSeconds`).
+    pub duration: Option<Duration>,
     pub changed_at: Instant,
 }
 
@@ -43,19 +55,65 @@ impl Sighting {
         holder: Option<String>,
         instance: Option<String>,
         renew_time: Option<String>,
+        duration: Option<Duration>,
         now: Instant,
     ) -> Sighting {
         match previous {
-            Some(p) if p.holder == holder && p.instance == instance && p.renew_time == renew_time => p.clone(),
-            _ => Sighting { holder, instance, renew_time, changed_at: now },
+            Some(p)
+                if p.holder == holder
+                    && p.instance == instance
+                    && p.renew_time == renew_time
+                    && p.duration == duration =>
+            {
+                p.clone()
+            }
+            _ => Sighting { holder, instance, renew_time, duration, changed_at: now },
         }
     }
 }
 
 /// Whether a standby may take the Lease: nobody holds it, or this replica has seen
-/// it unchanged for the whole duration.
+/// it unchanged for the whole duration (its own, or the longer one the holder
+/// recorded with that renewal).
 pub fn may_acquire(seen: &Sighting, now: Instant, duration: Duration) -> bool {
+    let duration = seen.duration.map_or(duration, |recorded| recorded.max(duration));
     seen.holder.as_deref().is_none_or(str::is_empty) || now.saturating_duration_since(seen.changed_at) >= duration
+}
+
+/// The leader's pace: its duration is the configured one times `factor`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Pace {
+    pub factor: u32,
+    quick: u32,
+}
+
+/// The longest stretch of the leader's duration.
+pub const MAX_STRETCH: u32 = 8;
+
+impl Default for Pace {
+    fn default() -> Pace {
+        Pace { factor: 1, quick: 0 }
+    }
+}
+
+impl Pace {
+    /// After a round of `duration` (the stretched one) that was answered after
+    /// `took`, or not at all (`None`): late (more than a tenth of the duration) or
+    /// unanswered doubles the stretch; three rounds in a row within a fiftieth halve it.
+    pub fn after(self, took: Option<Duration>, duration: Duration) -> Pace {
+        match took {
+            Some(t) if t <= duration / 50 => {
+                let quick = self.quick + 1;
+                if quick >= 3 && self.factor > 1 {
+                    Pace { factor: self.factor / 2, quick: 0 }
+                } else {
+                    Pace { factor: self.factor, quick }
+                }
+            }
+            Some(t) if t <= duration / 10 => Pace { quick: 0, ..self },
+            _ => Pace { factor: (self.factor * 2).min(MAX_STRETCH), quick: 0 },
+        }
+    }
 }
 
 /// Whether the leader may act: its last successful renewal was sent less than two
@@ -65,17 +123,49 @@ pub fn may_act(last_renewal_sent: Option<Instant>, now: Instant, duration: Durat
     last_renewal_sent.is_some_and(|sent| now.saturating_duration_since(sent) < duration * 2 / 3)
 }
 
-/// Starts campaigning; the receiver is true while this replica may act as leader.
-pub async fn campaign(client: Client, namespace: &str, identity: &str, duration: Duration) -> Result<Receiver<bool>> {
-    let duration = duration.max(Duration::from_secs(3));
+/// Starts campaigning on a thread of its own, with its own connection to the API
+/// server (`kubeconfig` as the operator's); the receiver is true while this replica may
+/// act as leader.
+pub async fn campaign(
+    kubeconfig: Option<std::path::PathBuf>,
+    namespace: &str,
+    identity: &str,
+    duration: Duration,
+) -> Result<Receiver<bool>> {
+    let base = duration.max(Duration::from_secs(3));
     let (leading, rx) = tokio::sync::watch::channel(false);
-    let candidate = Candidate {
-        api: Api::namespaced(client, namespace),
-        identity: identity.to_string(),
-        instance: format!("{identity}-{:x}", rand_u64()),
-        duration,
-    };
-    tokio::spawn(candidate.run(leading));
+    let (ready, connected) = tokio::sync::oneshot::channel();
+    let (namespace, identity) = (namespace.to_string(), identity.to_string());
+    std::thread::Builder::new()
+        .name("leader-election".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = ready.send(Err(crate::error::Error::Config(format!("leader election runtime: {e}"))));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let client = match covi_daemon::kube_client(kubeconfig.as_deref()).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = ready.send(Err(crate::error::Error::Client(e)));
+                        return;
+                    }
+                };
+                let _ = ready.send(Ok(()));
+                let candidate = Candidate {
+                    api: Api::namespaced(client, &namespace),
+                    instance: format!("{identity}-{:x}", rand_u64()),
+                    identity,
+                    base,
+                };
+                candidate.run(leading).await
+            })
+        })
+        .map_err(|e| crate::error::Error::Config(format!("leader election thread: {e}")))?;
+    connected.await.map_err(|_| crate::error::Error::Leadership("leader election stopped"))??;
     Ok(rx)
 }
 
@@ -83,28 +173,35 @@ struct Candidate {
     api: Api<Lease>,
     identity: String,
     instance: String,
-    duration: Duration,
+    /// The configured duration; the pace stretches it.
+    base: Duration,
 }
 
 impl Candidate {
     async fn run(self, leading: Sender<bool>) {
         let mut seen: Option<Sighting> = None;
-        let mut last_ok: Option<Instant> = None;
+        // When the last successful renewal was sent, and the duration it recorded.
+        let mut last_ok: Option<(Instant, Duration)> = None;
+        let mut pace = Pace::default();
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         let mut next_try = Instant::now();
+        let acting_now = |last_ok: Option<(Instant, Duration)>| {
+            last_ok.is_some_and(|(sent, recorded)| may_act(Some(sent), Instant::now(), recorded))
+        };
         loop {
             tick.tick().await;
             let now = Instant::now();
             // Checked every tick, not only after a renewal: a renewal that hangs must
             // not keep this replica acting.
-            let acting = may_act(last_ok, now, self.duration);
+            let acting = acting_now(last_ok);
             leading.send_if_modified(|l| std::mem::replace(l, acting) != acting);
             if now < next_try {
                 continue;
             }
-            next_try = now + self.duration / 5;
+            let duration = self.base * pace.factor;
+            next_try = now + duration / 5;
             let sent = Instant::now();
-            let attempt = tokio::time::timeout(self.duration / 3, self.step(&mut seen, last_ok.is_some()));
+            let attempt = tokio::time::timeout(duration / 3, self.step(&mut seen, last_ok.is_some(), duration));
             tokio::pin!(attempt);
             // The check goes on while the step waits for the API server: a leader whose
             // renewal hangs past its deadline stops then, not when the step gives up
@@ -114,13 +211,24 @@ impl Candidate {
                 tokio::select! {
                     result = &mut attempt => break result,
                     _ = tick.tick() => {
-                        let acting = may_act(last_ok, Instant::now(), self.duration);
+                        let acting = acting_now(last_ok);
                         leading.send_if_modified(|l| std::mem::replace(l, acting) != acting);
                     }
                 }
             };
+            let was = pace;
+            // A failed round counts as late: the API server may be refusing under load.
+            pace = pace.after(matches!(result, Ok(Ok(_))).then(|| sent.elapsed()), duration);
+            if pace != was && pace.factor != was.factor {
+                tracing::warn!(
+                    seconds = (self.base * pace.factor).as_secs(),
+                    took_ms = sent.elapsed().as_millis() as u64,
+                    "the API server answers the leader lease slowly: its duration is now {}x",
+                    pace.factor
+                );
+            }
             match result {
-                Ok(Ok(true)) => last_ok = Some(sent),
+                Ok(Ok(true)) => last_ok = Some((sent, duration)),
                 Ok(Ok(false)) => {
                     if last_ok.take().is_some() {
                         tracing::warn!(identity = %self.identity, "another replica holds the leader lease now");
@@ -134,15 +242,17 @@ impl Candidate {
 
     /// One round: renew if this process holds the Lease, take it if it may. Returns
     /// whether this process holds it after the round.
-    async fn step(&self, seen: &mut Option<Sighting>, held: bool) -> Result<bool> {
+    async fn step(&self, seen: &mut Option<Sighting>, held: bool, duration: Duration) -> Result<bool> {
         let Some(lease) = self.api.get_opt(LEASE).await? else {
-            return self.create().await;
+            return self.create(duration).await;
         };
         let spec = lease.spec.clone().unwrap_or_default();
         let instance = lease.annotations().get(INSTANCE).cloned();
         let renew_time = spec.renew_time.as_ref().map(|t| t.0.to_string());
         let now = Instant::now();
-        let sighting = Sighting::update(seen.as_ref(), spec.holder_identity.clone(), instance.clone(), renew_time, now);
+        let recorded = spec.lease_duration_seconds.map(|s| Duration::from_secs(s.max(0) as u64));
+        let sighting =
+            Sighting::update(seen.as_ref(), spec.holder_identity.clone(), instance.clone(), renew_time, recorded, now);
         *seen = Some(sighting.clone());
         let mine = instance.as_deref() == Some(self.instance.as_str());
         if spec.holder_identity.as_deref() == Some(self.identity.as_str()) && !mine && held {
@@ -150,12 +260,12 @@ impl Candidate {
             tracing::error!(identity = %self.identity, other = ?instance, "another process leads under this identity; standing down");
             return Ok(false);
         }
-        if !mine && !may_acquire(&sighting, now, self.duration) {
+        if !mine && !may_acquire(&sighting, now, self.base) {
             return Ok(false);
         }
         let transitions = spec.lease_transitions.unwrap_or(0) + i32::from(!mine);
         let acquired = if mine { spec.acquire_time.clone() } else { Some(MicroTime(Timestamp::now())) };
-        let held = self.lease(lease.resource_version(), acquired, transitions);
+        let held = self.lease(lease.resource_version(), acquired, transitions, duration);
         let written = written(self.api.replace(LEASE, &PostParams::default(), &held).await)?;
         if written && !mine {
             tracing::info!(identity = %self.identity, "took the leader lease");
@@ -163,19 +273,25 @@ impl Candidate {
         Ok(written)
     }
 
-    async fn create(&self) -> Result<bool> {
-        let lease = self.lease(None, Some(MicroTime(Timestamp::now())), 0);
+    async fn create(&self, duration: Duration) -> Result<bool> {
+        let lease = self.lease(None, Some(MicroTime(Timestamp::now())), 0, duration);
         written(self.api.create(&PostParams::default(), &lease).await)
     }
 
     /// The Lease held by this process, renewed now; conditional on `resource_version`
     /// when given.
-    fn lease(&self, resource_version: Option<String>, acquired: Option<MicroTime>, transitions: i32) -> Lease {
+    fn lease(
+        &self,
+        resource_version: Option<String>,
+        acquired: Option<MicroTime>,
+        transitions: i32,
+        duration: Duration,
+    ) -> Lease {
         serde_json::from_value(json!({
             "metadata": {"name": LEASE, "resourceVersion": resource_version, "annotations": {INSTANCE: self.instance}},
             "spec": {
                 "holderIdentity": self.identity,
-                "leaseDurationSeconds": self.duration.as_secs(),
+                "leaseDurationSeconds": duration.as_secs(),
                 "acquireTime": acquired,
                 "renewTime": MicroTime(Timestamp::now()),
                 "leaseTransitions": transitions,
@@ -213,7 +329,7 @@ mod tests {
     #[test]
     fn a_standby_waits_a_whole_duration_from_the_last_change_it_saw() {
         let t0 = Instant::now();
-        let seen = Sighting::update(None, Some("a".into()), Some("a-1".into()), Some("r1".into()), t0);
+        let seen = Sighting::update(None, Some("a".into()), Some("a-1".into()), Some("r1".into()), None, t0);
         assert!(!may_acquire(&seen, t0 + Duration::from_secs(14), D));
         // The same reading again does not restart the clock...
         let again = Sighting::update(
@@ -221,6 +337,7 @@ mod tests {
             Some("a".into()),
             Some("a-1".into()),
             Some("r1".into()),
+            None,
             t0 + Duration::from_secs(10),
         );
         assert!(may_acquire(&again, t0 + D, D));
@@ -230,11 +347,56 @@ mod tests {
             Some("a".into()),
             Some("a-1".into()),
             Some("1999-01-01".into()),
+            None,
             t0 + Duration::from_secs(12),
         );
         assert!(!may_acquire(&renewed, t0 + D, D));
-        let free = Sighting::update(None, None, None, None, t0);
+        let free = Sighting::update(None, None, None, None, None, t0);
         assert!(may_acquire(&free, t0, D), "nobody holds it");
+    }
+
+    #[test]
+    fn a_standby_waits_the_longer_duration_the_leader_recorded() {
+        let t0 = Instant::now();
+        let stretched = Some(Duration::from_secs(60));
+        let seen = Sighting::update(None, Some("a".into()), Some("a-1".into()), Some("r1".into()), stretched, t0);
+        assert!(!may_acquire(&seen, t0 + D, D), "15 s is not enough when 60 s were recorded");
+        assert!(may_acquire(&seen, t0 + Duration::from_secs(60), D));
+        // A shorter recorded duration never shortens the standby's own.
+        let short = Sighting::update(
+            None,
+            Some("a".into()),
+            Some("a-1".into()),
+            Some("r1".into()),
+            Some(Duration::from_secs(5)),
+            t0,
+        );
+        assert!(!may_acquire(&short, t0 + Duration::from_secs(14), D));
+        // A new recorded duration is a change: the clock restarts.
+        let again =
+            Sighting::update(Some(&seen), Some("a".into()), Some("a-1".into()), Some("r1".into()), Some(D), t0 + D);
+        assert_eq!(again.changed_at, t0 + D);
+    }
+
+    #[test]
+    fn the_leader_stretches_its_duration_when_answers_come_late_and_shrinks_it_when_quick() {
+        let late = Some(Duration::from_secs(2));
+        let quick = Some(Duration::from_millis(100));
+        let mut pace = Pace::default();
+        pace = pace.after(late, D);
+        assert_eq!(pace.factor, 2, "more than a tenth of 15 s");
+        pace = pace.after(None, D * 2);
+        assert_eq!(pace.factor, 4, "no answer in time");
+        for _ in 0..5 {
+            pace = pace.after(None, D * pace.factor);
+        }
+        assert_eq!(pace.factor, MAX_STRETCH);
+        pace = pace.after(quick, D * 8).after(quick, D * 8);
+        assert_eq!(pace.factor, 8, "two quick answers are not yet three");
+        pace = pace.after(quick, D * 8);
+        assert_eq!(pace.factor, 4);
+        pace = pace.after(quick, D * 4).after(Some(Duration::from_secs(3)), D * 4).after(quick, D * 4);
+        assert_eq!(pace.factor, 4, "an answer in between that is not quick starts the count again");
     }
 
     #[test]

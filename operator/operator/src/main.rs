@@ -27,7 +27,7 @@ async fn operate(config: Config) -> covi_operator::error::Result<()> {
     }
     health.set(true);
     let mut leading =
-        leader::campaign(client.clone(), &config.namespace, &config.identity, config.leader_lease).await?;
+        leader::campaign(config.kubeconfig.clone(), &config.namespace, &config.identity, config.leader_lease).await?;
     loop {
         tracing::info!(identity = %config.identity, "standing by for the leader lease");
         let stopped = async {

@@ -109,10 +109,18 @@ impl Scheduler {
             let members: Vec<_> = servers.iter().filter(|s| s.spec.host_pool == pool.name_any()).cloned().collect();
             let failover = pool.spec.failover.enabled && !failover_paused(&pools, pool, &hosts, &lost);
             let hosts_here: Vec<_> = hosts.iter().filter(|h| in_pool(&pools, pool, h)).cloned().collect();
-            let decisions = crate::scheduler::pass(
+            let mut decisions = crate::scheduler::pass(
                 &self.view(pool, hosts_here.clone(), members.clone(), &unready, &lost),
                 failover,
             );
+            // A leader that has not yet seen every host of the pool renew (it has just
+            // taken over) does not know what fits: a server it cannot place now may fit
+            // on a host it has not confirmed. It says nothing of it until it knows, at
+            // most a lease duration later, rather than writing Pending on every server
+            // waiting in a burst.
+            if hosts_here.iter().any(|h| liveness.get(&h.name_any()) == Some(&Liveness::Unconfirmed)) {
+                decisions.retain(|(_, d)| !matches!(d, Decision::Pending { .. }));
+            }
             // Servers rebound in this pass (failover) wait for the next one: their
             // migration, if any, is judged on the status that records the failover.
             let rebound: BTreeSet<String> = decisions
