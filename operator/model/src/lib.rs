@@ -62,12 +62,15 @@ pub struct Races {
     /// The start's last check is not held across the start: the watchdog may fence in
     /// between, and the start follows anyway.
     pub start_check_not_held: bool,
-    /// An agent starts what its watch cache says is bound here, without the fresh
-    /// read before the start.
+    /// An agent starts the HA server without announcing the start on the server
+    /// first: on its cache while listed since the host's last gap, after a fresh read
+    /// otherwise (covi before the chaos test found the failover that lands late).
+    pub no_start_announcement: bool,
+    /// As `no_start_announcement`, and without the fresh read before the start.
     pub no_pre_start_read: bool,
-    /// An agent keeps trusting its cache to start across a gap in its renewals (it
-    /// fenced or was overdue, so it may have been judged lost and its server restarted
-    /// elsewhere meanwhile).
+    /// As `no_start_announcement`, and the agent keeps trusting its cache to start
+    /// across a gap in its renewals (it fenced or was overdue, so it may have been
+    /// judged lost and its server restarted elsewhere meanwhile).
     pub cache_kept_after_gap: bool,
     /// The operator acts on a host's loss as its cache of Leases shows it, without a
     /// fresh read (found by this model: a cache that lags declares a live host lost).
@@ -86,6 +89,7 @@ impl Races {
         Races {
             restart_forgets_deadline: self.restart_forgets_deadline || other.restart_forgets_deadline,
             start_check_not_held: self.start_check_not_held || other.start_check_not_held,
+            no_start_announcement: self.no_start_announcement || other.no_start_announcement,
             no_pre_start_read: self.no_pre_start_read || other.no_pre_start_read,
             cache_kept_after_gap: self.cache_kept_after_gap || other.cache_kept_after_gap,
             lease_cache_trusted: self.lease_cache_trusted || other.lease_cache_trusted,
@@ -100,8 +104,9 @@ impl Races {
         vec![
             ("restart_forgets_deadline", Races { restart_forgets_deadline: true, ..none }),
             ("start_check_not_held", Races { start_check_not_held: true, ..none }),
-            ("no_pre_start_read", Races { no_pre_start_read: true, ..none }),
-            ("cache_kept_after_gap", Races { cache_kept_after_gap: true, ..none }),
+            ("no_start_announcement", Races { no_start_announcement: true, ..none }),
+            ("no_pre_start_read", Races { no_start_announcement: true, no_pre_start_read: true, ..none }),
+            ("cache_kept_after_gap", Races { no_start_announcement: true, cache_kept_after_gap: true, ..none }),
             ("lease_cache_trusted", Races { lease_cache_trusted: true, ..none }),
         ]
     }
@@ -383,6 +388,11 @@ pub struct State {
     pub server: Option<Server>,
     /// The operator's cache of it.
     pub operator_sees: Option<Server>,
+    /// The failover the operator's last pass decided (the host it binds the server
+    /// to), in flight to the API server while nobody wrote the server since: any other
+    /// write (an announced start included) makes the API server refuse it, and it is
+    /// dropped then.
+    pub in_flight: Option<u8>,
     /// Its disk on the pool's shared storage exists.
     pub volume: bool,
     pub faults: u8,
@@ -406,6 +416,7 @@ pub enum Action {
     OperatorReadsLeases,
     OperatorSyncs,
     OperatorPass,
+    OperatorWrites,
     AgentSyncs(u8),
     AgentConverges(u8),
     AgentStartsNow(u8),
@@ -630,7 +641,7 @@ impl Protocol {
                 steps(&plan, &observed, None, Duration::from_secs(30)).contains(&Step::Start)
             });
             if start {
-                return Converge::Start;
+                return if self.races.no_start_announcement { Converge::Start } else { Converge::Announce(seen) };
             }
             // Running here as it should: the agent says so.
             if h.running && seen.report != Report::Running && !h.cut_off {
@@ -656,13 +667,16 @@ impl Protocol {
         Converge::Nothing
     }
 
-    /// Whether the agent on `i` may start now: covi's fencing rule, the fresh read
-    /// before the start, and the disk lease.
+    /// Whether the agent on `i` may start now: covi's fencing rule, the start's
+    /// announcement (or, in the races before it, the fresh read), and the disk lease.
     fn may_start(&self, state: &State, i: usize) -> bool {
         let h = &state.hosts[i];
         let since = Duration::from_secs(h.since_renewal.into());
         if !covi_agent::fence::may_start(h.renewed_once, h.fenced, since, self.fence_after()) {
             return false;
+        }
+        if !self.races.no_start_announcement {
+            return self.disk_free(state, i);
         }
         let fresh = state.server.is_some_and(|s| s.bound == Some(i as u8) && !s.deleting);
         if !self.races.no_pre_start_read && !h.clean && (h.cut_off || !fresh) {
@@ -706,6 +720,9 @@ impl Protocol {
         actions.push(Action::OperatorReadsLeases);
         actions.push(Action::OperatorSyncs);
         actions.push(Action::OperatorPass);
+        if state.in_flight.is_some() {
+            actions.push(Action::OperatorWrites);
+        }
         for (i, h) in state.hosts.iter().enumerate() {
             let i = i as u8;
             if h.agent && h.power {
@@ -765,7 +782,7 @@ impl Protocol {
             .server
             .and_then(|s| s.moving)
             .is_some_and(|m| matches!(m.phase, MigrationPhase::Pending | MigrationPhase::Running));
-        placed && !moving && state.hosts.iter().all(|h| !h.fenced && !h.starting)
+        placed && !moving && state.in_flight.is_none() && state.hosts.iter().all(|h| !h.fenced && !h.starting)
     }
 
     /// Liveness, checked from one state: faults stop and what they broke is mended, then
@@ -809,6 +826,8 @@ impl Protocol {
 
 enum Converge {
     Nothing,
+    /// Announce a start on the server as the cache shows it (a conditional write).
+    Announce(Server),
     Start,
     /// Remove the domain, and the volume with it when the server is gone.
     Remove {
@@ -820,6 +839,16 @@ enum Converge {
     HandOff(Move),
     /// Report the server Running.
     Report,
+}
+
+/// The agent on `h` starts the server's domain; a libvirt that hangs (or, with the
+/// race, a start whose check is not held) takes it and answers later.
+fn start(h: &mut Host, check_not_held: bool) {
+    if check_not_held || h.hung {
+        h.starting = true;
+    } else {
+        h.running = true;
+    }
 }
 
 pub fn host_name(i: usize) -> String {
@@ -853,6 +882,7 @@ impl Model for Protocol {
             hosts: (0..self.hosts).map(host).collect(),
             server,
             operator_sees: server,
+            in_flight: None,
             volume: true,
             faults: 0,
         }]
@@ -938,6 +968,10 @@ impl Model for Protocol {
                         }
                     }
                 }
+                // Passes are sequential: the next waits for this one's writes.
+                if s.in_flight.is_some() {
+                    return None;
+                }
                 // Writes are conditional on the version decided on: a stale cache conflicts.
                 let current = s.operator_sees == s.server;
                 if self.operator_releases(&s) {
@@ -951,13 +985,12 @@ impl Model for Protocol {
                     let server = s.server.as_mut()?;
                     match step {
                         OperatorStep::Nothing => {}
-                        OperatorStep::Bind { to, failover } => {
-                            let from_source = server
-                                .moving
-                                .is_some_and(|m| m.phase == MigrationPhase::Running && Some(m.source) == server.bound);
-                            server.failed_over |= failover && from_source;
-                            server.bound = Some(to);
-                        }
+                        // A failover is decided now and taken by the API server later, if
+                        // nobody wrote the server in between. (Other writes of the pass
+                        // take effect at once here: the model's server is bound from the
+                        // start, and its moves wait for the source's part.)
+                        OperatorStep::Bind { to, failover: true } => s.in_flight = Some(to),
+                        OperatorStep::Bind { to, failover: false } => server.bound = Some(to),
                         OperatorStep::Record(m) => {
                             if m.phase == MigrationPhase::Running {
                                 server.failed_over = false;
@@ -981,6 +1014,15 @@ impl Model for Protocol {
                     }
                     s.operator_sees = s.server;
                 }
+            }
+            Action::OperatorWrites => {
+                let to = s.in_flight.take()?;
+                let server = s.server.as_mut()?;
+                let from_source =
+                    server.moving.is_some_and(|m| m.phase == MigrationPhase::Running && Some(m.source) == server.bound);
+                server.failed_over |= from_source;
+                server.bound = Some(to);
+                s.operator_sees = s.server;
             }
             Action::AgentSyncs(i) => {
                 // Modelled as a relist each time (a watch's catch-up is no fresher), so
@@ -1041,16 +1083,27 @@ impl Model for Protocol {
                         }
                     }
                 }
+                Converge::Announce(seen) => {
+                    if s.hosts[i as usize].cut_off || !self.may_start(&s, i as usize) {
+                        return None;
+                    }
+                    // Conditional on the version the agent decided on; refused, it reads
+                    // the server again and starts nothing.
+                    s.hosts[i as usize].sees = Some(s.server);
+                    if s.server != Some(seen) {
+                        return Some(s);
+                    }
+                    // A new version: a failover decided on the one before is refused.
+                    s.in_flight = None;
+                    // The start follows the announcement's answer in the same reconcile
+                    // (one step here; the gap check between the two is unit-tested).
+                    start(&mut s.hosts[i as usize], self.races.start_check_not_held);
+                }
                 Converge::Start => {
                     if !self.may_start(&s, i as usize) {
                         return None;
                     }
-                    // A libvirt that hangs takes the start and answers later.
-                    if self.races.start_check_not_held || s.hosts[i as usize].hung {
-                        s.hosts[i as usize].starting = true;
-                    } else {
-                        s.hosts[i as usize].running = true;
-                    }
+                    start(&mut s.hosts[i as usize], self.races.start_check_not_held);
                 }
             },
             Action::AgentStartsNow(i) => {
@@ -1135,6 +1188,10 @@ impl Model for Protocol {
         }
         if s.faults > self.max_faults {
             s.faults = self.max_faults;
+        }
+        // Any other write of the server makes the API server refuse a failover in flight.
+        if action != Action::OperatorWrites && s.server != last.server {
+            s.in_flight = None;
         }
         (s != *last).then_some(s)
     }
@@ -1254,6 +1311,9 @@ pub fn trace(path: &[(State, Option<Action>)]) -> String {
         if !state.volume {
             let _ = write!(out, "; disk deleted");
         }
+        if let Some(to) = state.in_flight {
+            let _ = write!(out, "; the operator's failover to {} in flight", host_name(to.into()));
+        }
         let _ = writeln!(out);
         if let Some(action) = action {
             let _ = writeln!(out, "     then: {}", describe(*action));
@@ -1271,6 +1331,7 @@ pub fn describe(action: Action) -> String {
         Action::OperatorReadsLeases => "the operator reads the Leases".into(),
         Action::OperatorSyncs => "the operator's watch catches up with the server".into(),
         Action::OperatorPass => "the operator runs a scheduling pass".into(),
+        Action::OperatorWrites => "the operator's failover reaches the API server".into(),
         Action::AgentSyncs(i) => format!("the agent on {}'s watch catches up with the server", h(i)),
         Action::AgentConverges(i) => format!("the agent on {} converges the server", h(i)),
         Action::AgentStartsNow(i) => format!("the agent on {} carries out the start it checked", h(i)),
