@@ -64,27 +64,50 @@ pub struct Context {
 /// version, another write per server). Until the cache holds a newer version, the
 /// same outcome is not written twice; a newer version (the operator's, anyone's) is
 /// compared as usual.
+///
+/// It also remembers, per highly-available server, the host's count of gaps in its
+/// renewals when the agent last announced a start of it ([`announce_start`]): an
+/// announcement holds until the next gap, so a start tried again (a disk lease still
+/// held, a libvirt error) is not announced again, and the announcement's own answer,
+/// which wakes the server's reconcile, does not turn into a loop of writes.
 #[derive(Default)]
-pub struct Reported(Mutex<HashMap<String, (String, String)>>);
+pub struct Reported {
+    outcomes: Mutex<HashMap<String, (String, String)>>,
+    announced: Mutex<HashMap<String, u64>>,
+}
 
 impl Reported {
     /// Whether `outcome` was already written on top of version `based_on`.
     pub fn written(&self, uid: &str, based_on: &str, outcome: &str) -> bool {
-        let map = self.0.lock().expect("reported lock");
+        let map = self.outcomes.lock().expect("reported lock");
         map.get(uid).is_some_and(|(rv, o)| rv == based_on && o == outcome)
     }
 
     pub fn record(&self, uid: &str, based_on: &str, outcome: &str) {
-        self.0.lock().expect("reported lock").insert(uid.to_string(), (based_on.to_string(), outcome.to_string()));
+        self.outcomes
+            .lock()
+            .expect("reported lock")
+            .insert(uid.to_string(), (based_on.to_string(), outcome.to_string()));
+    }
+
+    /// Whether a start of `uid` was announced when the host had had `gaps` gaps.
+    pub fn announced_at(&self, uid: &str, gaps: u64) -> bool {
+        self.announced.lock().expect("reported lock").get(uid) == Some(&gaps)
+    }
+
+    pub fn record_announcement(&self, uid: &str, gaps: u64) {
+        self.announced.lock().expect("reported lock").insert(uid.to_string(), gaps);
     }
 
     pub fn forget(&self, uid: &str) {
-        self.0.lock().expect("reported lock").remove(uid);
+        self.outcomes.lock().expect("reported lock").remove(uid);
+        self.announced.lock().expect("reported lock").remove(uid);
     }
 
     /// Keeps only the servers `keep` says are still this host's.
     pub fn retain(&self, keep: impl Fn(&str) -> bool) {
-        self.0.lock().expect("reported lock").retain(|uid, _| keep(uid));
+        self.outcomes.lock().expect("reported lock").retain(|uid, _| keep(uid));
+        self.announced.lock().expect("reported lock").retain(|uid, _| keep(uid));
     }
 }
 
@@ -208,11 +231,16 @@ async fn apply(
                 // bound here now.
                 let gaps = if server.spec.high_availability {
                     let gaps = ctx.fence.gaps();
-                    match announce_start(server, ctx).await? {
-                        Some(written) => announced = Some(written),
-                        None => {
-                            requeue = Duration::from_secs(1);
-                            continue;
+                    if !ctx.reported.announced_at(&uid, gaps) {
+                        match announce_start(server, ctx).await? {
+                            Some(written) => {
+                                ctx.reported.record_announcement(&uid, gaps);
+                                announced = Some(written);
+                            }
+                            None => {
+                                requeue = Duration::from_secs(1);
+                                continue;
+                            }
                         }
                     }
                     Some(gaps)
@@ -369,8 +397,10 @@ async fn disk_lease_held(server: &VirtualServer, ctx: &Context, libvirt: &str) -
 /// may have been failed over). The operator's failovers are conditional too, so of a
 /// failover decided before this host came back and this start, the later write is
 /// refused: a failover decided on an older version than the announcement cannot land
-/// beside the running copy, and one decided after it read the host's Lease after it
-/// (the start goes ahead only if the host had no gap in its renewals since).
+/// beside the running copy, and one decided on it or later read the host's Lease after
+/// it, so it can judge the host lost only after a gap in its renewals. A start goes
+/// ahead only if no gap came since the announcement, which therefore holds for every
+/// start until the next gap, whatever the cache shows meanwhile.
 async fn announce_start(server: &VirtualServer, ctx: &Context) -> Result<Option<VirtualServer>> {
     let count = server.status.as_ref().and_then(|s| s.last_start.as_ref()).map_or(0, |l| l.count) + 1;
     let record = StartRecord { host: ctx.node.clone(), at: Time(Timestamp::now()), count };
@@ -685,5 +715,16 @@ mod tests {
         reported.retain(|uid| uid == "v");
         assert!(!reported.written("u", "10", "Running"), "a server that left is forgotten");
         assert!(reported.written("v", "3", "Running"));
+    }
+
+    #[test]
+    fn an_announcement_holds_until_the_next_gap_and_leaves_with_its_server() {
+        let reported = Reported::default();
+        assert!(!reported.announced_at("u", 0));
+        reported.record_announcement("u", 0);
+        assert!(reported.announced_at("u", 0));
+        assert!(!reported.announced_at("u", 1), "a gap since: announce again");
+        reported.retain(|uid| uid != "u");
+        assert!(!reported.announced_at("u", 0), "a server that left is forgotten");
     }
 }

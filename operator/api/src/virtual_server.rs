@@ -281,10 +281,12 @@ pub struct VirtualServerStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<crate::usage::Usage>,
 
-    /// The last start of a highly-available server's domain, written by the agent of
-    /// `host` just before it starts it, on the version of the server the start was
-    /// decided on: a failover the operator decided on an older version is then refused
-    /// by the API server instead of landing beside the running copy.
+    /// The agent's announcement that it starts a highly-available server's domain,
+    /// written by the agent of `host` before the start, on the version of the server
+    /// the start was decided on: a failover the operator decided on an older version is
+    /// then refused by the API server instead of landing beside the running copy. One
+    /// announcement covers the host's starts of the server until its next gap in lease
+    /// renewals.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_start: Option<StartRecord>,
 }
@@ -387,7 +389,7 @@ pub struct StartRecord {
     pub host: String,
     /// When the start was announced.
     pub at: Time,
-    /// Starts announced so far, counting this one: every announcement changes the
+    /// Announcements so far, counting this one: every announcement changes the
     /// server, even two in the same second.
     pub count: u64,
 }
