@@ -234,8 +234,16 @@ async fn a_failover_decided_before_a_host_came_back_cannot_land_beside_its_start
     scene.fleet.operator.as_mut().unwrap().kill();
     let home = scene.fleet.host_name(1);
     scene.agent(1).kill();
-    // Past leaseDuration + grace (10 + 3 s): any leader would judge host 1 lost now.
-    tokio::time::sleep(Duration::from_secs(14)).await;
+    // Until host 1's last renewal is older than leaseDuration + grace (10 + 3 s): any
+    // leader would judge it lost then.
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(scene.client.clone(), &scene.fleet.lease_namespace);
+    wait_until("host 1's Lease to be older than lease + grace", DEADLINE, || async {
+        let renewed = leases.get(&home).await.ok()?.spec?.renew_time?.0;
+        let age = k8s_openapi::jiff::Timestamp::now().duration_since(renewed);
+        (age.as_secs_f64() > 13.5).then_some(())
+    })
+    .await;
     let decided_on = scene.api.get("ha-1").await.expect("ha-1");
     let version = decided_on.metadata.resource_version.clone().expect("resourceVersion");
 
