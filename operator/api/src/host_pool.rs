@@ -744,7 +744,8 @@ impl Failover {
 /// tenth of it; from 1 to [`Pace::MAX`]. The agent records the stretched timings on its
 /// Lease like any others (a longer fenceAfter holds only once recorded), so the operator
 /// judges it by them: failover slows down with the API server instead of hosts whose
-/// renewals queue up behind each other fencing themselves.
+/// renewals queue up behind each other fencing themselves. The operator's leader paces
+/// its own Lease by the same rule (`covi_operator::leader`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Pace {
     stretch: u32,

@@ -21,6 +21,7 @@
 
 use std::time::{Duration, Instant};
 
+use covi_api::host_pool::Pace;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
@@ -80,40 +81,12 @@ pub fn may_acquire(seen: &Sighting, now: Instant, duration: Duration) -> bool {
     seen.holder.as_deref().is_none_or(str::is_empty) || now.saturating_duration_since(seen.changed_at) >= duration
 }
 
-/// The leader's pace: its duration is the configured one times `factor`.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Pace {
-    pub factor: u32,
-    quick: u32,
-}
-
-/// The longest stretch of the leader's duration.
-pub const MAX_STRETCH: u32 = 8;
-
-impl Default for Pace {
-    fn default() -> Pace {
-        Pace { factor: 1, quick: 0 }
-    }
-}
-
-impl Pace {
-    /// After a round of `duration` (the stretched one) that was answered after
-    /// `took`, or not at all (`None`): late (more than a tenth of the duration) or
-    /// unanswered doubles the stretch; three rounds in a row within a fiftieth halve it.
-    pub fn after(self, took: Option<Duration>, duration: Duration) -> Pace {
-        match took {
-            Some(t) if t <= duration / 50 => {
-                let quick = self.quick + 1;
-                if quick >= 3 && self.factor > 1 {
-                    Pace { factor: self.factor / 2, quick: 0 }
-                } else {
-                    Pace { factor: self.factor, quick }
-                }
-            }
-            Some(t) if t <= duration / 10 => Pace { quick: 0, ..self },
-            _ => Pace { factor: (self.factor * 2).min(MAX_STRETCH), quick: 0 },
-        }
-    }
+/// How often the leader renews: a fifth of its (stretched) duration. Its pace follows
+/// the agents' rule ([`Pace`]) on this interval: a round answered after more than a
+/// tenth of the duration, or not at all, doubles the stretch; three within a fiftieth
+/// in a row halve it.
+pub fn renew_interval(duration: Duration) -> Duration {
+    duration / 5
 }
 
 /// Whether the leader may act: its last successful renewal was sent less than two
@@ -198,8 +171,8 @@ impl Candidate {
             if now < next_try {
                 continue;
             }
-            let duration = self.base * pace.factor;
-            next_try = now + duration / 5;
+            let duration = self.base * pace.stretch();
+            next_try = now + renew_interval(duration);
             let sent = Instant::now();
             let attempt = tokio::time::timeout(duration / 3, self.step(&mut seen, last_ok.is_some(), duration));
             tokio::pin!(attempt);
@@ -218,13 +191,13 @@ impl Candidate {
             };
             let was = pace;
             // A failed round counts as late: the API server may be refusing under load.
-            pace = pace.after(matches!(result, Ok(Ok(_))).then(|| sent.elapsed()), duration);
-            if pace != was && pace.factor != was.factor {
+            pace = pace.after(matches!(result, Ok(Ok(_))).then(|| sent.elapsed()), renew_interval(duration));
+            if pace.stretch() != was.stretch() {
                 tracing::warn!(
-                    seconds = (self.base * pace.factor).as_secs(),
+                    seconds = (self.base * pace.stretch()).as_secs(),
                     took_ms = sent.elapsed().as_millis() as u64,
                     "the API server answers the leader lease slowly: its duration is now {}x",
-                    pace.factor
+                    pace.stretch()
                 );
             }
             match result {
@@ -383,20 +356,23 @@ mod tests {
         let late = Some(Duration::from_secs(2));
         let quick = Some(Duration::from_millis(100));
         let mut pace = Pace::default();
-        pace = pace.after(late, D);
-        assert_eq!(pace.factor, 2, "more than a tenth of 15 s");
-        pace = pace.after(None, D * 2);
-        assert_eq!(pace.factor, 4, "no answer in time");
+        pace = pace.after(late, renew_interval(D));
+        assert_eq!(pace.stretch(), 2, "more than a tenth of 15 s");
+        pace = pace.after(None, renew_interval(D * 2));
+        assert_eq!(pace.stretch(), 4, "no answer in time");
         for _ in 0..5 {
-            pace = pace.after(None, D * pace.factor);
+            pace = pace.after(None, renew_interval(D * pace.stretch()));
         }
-        assert_eq!(pace.factor, MAX_STRETCH);
-        pace = pace.after(quick, D * 8).after(quick, D * 8);
-        assert_eq!(pace.factor, 8, "two quick answers are not yet three");
-        pace = pace.after(quick, D * 8);
-        assert_eq!(pace.factor, 4);
-        pace = pace.after(quick, D * 4).after(Some(Duration::from_secs(3)), D * 4).after(quick, D * 4);
-        assert_eq!(pace.factor, 4, "an answer in between that is not quick starts the count again");
+        assert_eq!(pace.stretch(), Pace::MAX);
+        pace = pace.after(quick, renew_interval(D * 8)).after(quick, renew_interval(D * 8));
+        assert_eq!(pace.stretch(), 8, "two quick answers are not yet three");
+        pace = pace.after(quick, renew_interval(D * 8));
+        assert_eq!(pace.stretch(), 4);
+        pace = pace
+            .after(quick, renew_interval(D * 4))
+            .after(Some(Duration::from_secs(3)), renew_interval(D * 4))
+            .after(quick, renew_interval(D * 4));
+        assert_eq!(pace.stretch(), 4, "an answer in between that is not quick starts the count again");
     }
 
     #[test]
