@@ -18,6 +18,11 @@ if [ "$have_all" = 1 ]; then
 fi
 
 export GOFLAGS="-buildvcs=false -mod=mod"
+# Go's build cache is worth nothing once the binaries are cached (keyed by version):
+# it lives in .cache for this build only and goes with it, gigabytes a fresh machine
+# (and CI, whose disk may be nearly full) does not keep.
+export GOCACHE="$COVI_CACHE/go-build-$$"
+trap 'rm -rf "$GOCACHE"' EXIT
 export CGO_ENABLED=0
 work="$COVI_CACHE/control-plane/src"
 mkdir -p "$work/kubernetes" "$work/etcd" "$CONTROL_PLANE_BIN"

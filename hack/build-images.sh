@@ -89,6 +89,7 @@ oci_archive() {
   shift 4
   local ref="$REGISTRY/$name:$tag" archive="$out/$name-$tag.oci.tar" work entry
   if [ -s "$archive" ]; then
+    touch "$archive" # in use: the newest, so the pruning below keeps it
     echo "$archive $ref"
     return
   fi
@@ -157,6 +158,12 @@ add_program "$stage/agent" "$(command -v ip)" /usr/sbin/ip
 add_program "$stage/agent" "$(command -v tc)" /usr/sbin/tc
 add_program "$stage/agent" "$(command -v nft)" /usr/sbin/nft
 oci_archive covi-agent "$tag" "$stage/agent" 0:0 /usr/local/bin/covi-agent
+
+# Archives of older builds: the newest four of each image stay (a branch switched back
+# and forth), the rest go (37 MB each, two per build).
+for name in covi-operator covi-agent; do
+  { ls -t "$out/$name"-dev-*.oci.tar 2>/dev/null || true; } | tail -n +9 | xargs -r rm -f
+done
 
 if [ -n "$import" ]; then
   for archive in "$out/pause-$pause_tag.oci.tar" "$out/covi-operator-$tag.oci.tar" "$out/covi-agent-$tag.oci.tar"; do

@@ -9,6 +9,11 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
 export GOFLAGS="-buildvcs=false"
+# Go's build cache is worth nothing once the binaries are cached (keyed by version):
+# it lives in .cache for this build only and goes with it, gigabytes a fresh machine
+# (and CI, whose disk may be nearly full) does not keep.
+export GOCACHE="$COVI_CACHE/go-build-$$"
+trap 'rm -rf "$GOCACHE"' EXIT
 export CGO_ENABLED=0
 mkdir -p "$TOOLS_BIN"
 

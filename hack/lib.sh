@@ -14,7 +14,9 @@ phase() {
   local now
   now=$(date +%s.%N)
   if [ -n "$_phase_name" ]; then
-    printf '[time] %-28s %6.1fs\n' "$_phase_name" "$(awk -v a="$_phase_start" -v b="$now" 'BEGIN{print b-a}')" >&2
+    # With the disk space left: a build that fails to link on a nearly full disk says so.
+    printf '[time] %-28s %6.1fs  (%s free)\n' "$_phase_name" "$(awk -v a="$_phase_start" -v b="$now" 'BEGIN{print b-a}')" \
+      "$(df -h --output=avail "$COVI_ROOT" 2>/dev/null | tail -n 1 | tr -d ' ')" >&2
   fi
   _phase_name="${1:-}"
   _phase_start=$now
