@@ -100,6 +100,11 @@ impl Scheduler {
         let lost: BTreeSet<String> =
             liveness.iter().filter(|(_, l)| **l == Liveness::Lost).map(|(h, _)| h.clone()).collect();
 
+        // The pools' status first: agents stretch their heartbeats by the fleet's size
+        // it counts, and a fleet registering at once must see itself counted before
+        // this pass writes a status for each new host (seconds to minutes of writes
+        // on a loaded API server).
+        self.update_pools(&pools, &hosts, &servers, &unready, &lost).await;
         self.add_finalizers(&servers).await?;
         self.release_deleted(&servers, &hosts, &lost).await?;
         self.record_deleted(&servers).await;
@@ -152,7 +157,6 @@ impl Scheduler {
         self.writer.apply_each(stalled.collect()).await;
         self.expire_servers(&pools, &servers).await;
         self.update_hosts(&pools, &hosts, &servers, &liveness, unmovable).await;
-        self.update_pools(&pools, &hosts, &servers, &unready, &lost).await;
         self.consolidate(&pools, &hosts, &servers, &unready).await;
         self.metrics.count_phases(&servers, &hosts);
         Ok(())
@@ -196,8 +200,11 @@ impl Scheduler {
     /// A host judged Lost that still has servers is confirmed by a fresh read of its
     /// Lease before anything acts on it: the cache of Leases may lag, and a renewal it
     /// does not show yet means the host is alive and will not fence itself (the
-    /// protocol's model found the double run a lagging cache allows). Unconfirmed (the
-    /// read failed), it counts as HeartbeatMissed for this pass.
+    /// protocol's model found the double run a lagging cache allows). The read is one
+    /// consistent LIST of the namespace's Leases, however many hosts are lost: a host
+    /// whose servers wait for it stays Lost pass after pass, and a read per lost host
+    /// made every pass as long as hundreds of slow GETs when many hosts fenced at once.
+    /// Unconfirmed (the read failed), a lost host counts as HeartbeatMissed this pass.
     async fn confirm_losses(
         &mut self,
         pools: &[Arc<HostPool>],
@@ -206,30 +213,40 @@ impl Scheduler {
         liveness: &mut HashMap<String, Liveness>,
     ) {
         let occupied: BTreeSet<&str> = servers.iter().filter_map(|s| bound_host(s, &self.assumed)).collect();
-        for host in hosts {
+        let lost: Vec<&Arc<Host>> = hosts
+            .iter()
+            .filter(|h| {
+                liveness.get(&h.name_any()) == Some(&Liveness::Lost) && occupied.contains(h.name_any().as_str())
+            })
+            .collect();
+        if lost.is_empty() {
+            return;
+        }
+        // No resourceVersion: a consistent read, as fresh as etcd.
+        let fresh = match self.lease_api.list(&kube::api::ListParams::default()).await {
+            Ok(list) => list.items,
+            Err(e) => {
+                tracing::warn!(hosts = lost.len(), error = %e, "confirming lost hosts failed; not acting on them yet");
+                for host in lost {
+                    liveness.insert(host.name_any(), Liveness::HeartbeatMissed);
+                }
+                return;
+            }
+        };
+        let fresh: HashMap<String, Lease> = fresh.into_iter().map(|l| (l.name_any(), l)).collect();
+        let now = Instant::now();
+        for host in lost {
             let name = host.name_any();
-            let Some(judged) = liveness.get_mut(&name) else { continue };
-            if *judged != Liveness::Lost || !occupied.contains(name.as_str()) {
-                continue;
+            // No Lease at all: nothing renews it.
+            let Some(lease) = fresh.get(&name) else { continue };
+            let renew = lease.spec.as_ref().and_then(|s| s.renew_time.as_ref()).map(|t| t.0.to_string());
+            self.leases.observe(&name, renew, covi_api::host::lease_timings(lease), now);
+            let failover = covi_api::host_pool::failover_for(pools, host.labels());
+            let judged = self.leases.liveness(&name, now, &failover);
+            if judged != Liveness::Lost {
+                tracing::info!(host = %name, "the Lease renewed after all: the cache lagged; not lost");
             }
-            match self.lease_api.get_opt(&name).await {
-                Ok(Some(lease)) => {
-                    let renew = lease.spec.as_ref().and_then(|s| s.renew_time.as_ref()).map(|t| t.0.to_string());
-                    let now = Instant::now();
-                    self.leases.observe(&name, renew, covi_api::host::lease_timings(&lease), now);
-                    let failover = covi_api::host_pool::failover_for(pools, host.labels());
-                    *judged = self.leases.liveness(&name, now, &failover);
-                    if *judged != Liveness::Lost {
-                        tracing::info!(host = %name, "the Lease renewed after all: the cache lagged; not lost");
-                    }
-                }
-                // No Lease at all: nothing renews it.
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!(host = %name, error = %e, "confirming a lost host failed; not acting on it yet");
-                    *judged = Liveness::HeartbeatMissed;
-                }
-            }
+            liveness.insert(name, judged);
         }
     }
 

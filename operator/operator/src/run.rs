@@ -38,8 +38,14 @@ where
     // Managed fields are most of a stored object and the operator never reads them:
     // without them the cache of 20,000 servers is a fraction of the size.
     let events = watcher(api, watcher::Config::default()).modify(|o| o.managed_fields_mut().clear());
-    let stream = reflector(writer, events).default_backoff().touched_objects().for_each(move |_| {
-        changed.iter().for_each(|c| c.notify_one());
+    let kind = K::kind(&());
+    let stream = reflector(writer, events).default_backoff().touched_objects().for_each(move |event| {
+        match event {
+            // The watcher lists or watches again after a backoff; until then the cache
+            // is as old as its last event, which a stuck pass would otherwise hide.
+            Err(e) => tracing::warn!(cache = %kind, error = %e, "a watch failed; trying again"),
+            Ok(_) => changed.iter().for_each(|c| c.notify_one()),
+        }
         futures::future::ready(())
     });
     (store, AbortOnDrop(tokio::spawn(stream)))
@@ -74,7 +80,12 @@ pub async fn run_leader(client: Client, config: &Config, metrics: Metrics) -> Re
     loop {
         let started = Instant::now();
         let result = scheduler.pass().await;
-        scheduler.metrics.observe_pass(started.elapsed(), result.as_ref().err());
+        let took = started.elapsed();
+        scheduler.metrics.observe_pass(took, result.as_ref().err());
+        // Nothing is bound or failed over while a pass runs: a long one is worth a line.
+        if took > SLOW_PASS {
+            tracing::warn!(seconds = took.as_secs(), "a scheduling pass took long");
+        }
         if let Err(e) = result {
             tracing::warn!(error = %e, "scheduling pass failed; retrying");
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -98,6 +109,9 @@ pub async fn run_leader(client: Client, config: &Config, metrics: Metrics) -> Re
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A pass longer than this is logged.
+const SLOW_PASS: Duration = Duration::from_secs(10);
 
 /// How long after a server changes its host's Assignment is written: the changes of
 /// one scheduling pass (a burst bound at once) go out as one write per host.
