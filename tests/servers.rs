@@ -357,6 +357,38 @@ async fn the_standby_operator_takes_over_when_the_leader_dies() {
 }
 
 #[tokio::test]
+async fn a_stopped_leader_hands_its_lease_over_at_once() {
+    let _turn = SERIAL.lock().await;
+    let client = admin().await;
+    install_crds(&client).await;
+    let mut fleet = Fleet::new(&client, "handover").await;
+    let pool = fleet.apply_pool(&client, json!({})).await;
+    fleet.start_agent(1, 8, 16);
+    // A lease of a minute, twice the deadline below: a next replica that had to wait
+    // it out (as after a crash) could not schedule within it.
+    let mut a = Process::spawn("handover-operator-a", bin("covi-operator"), fleet.operator_args("operator-a", 60));
+    fleet.wait_ready_hosts(&client, 1).await;
+    let ns = namespace(&client, "handover").await;
+    let api: Api<VirtualServer> = Api::namespaced(client.clone(), &ns);
+    apply_server(&api, "before", &pool, json!({})).await;
+    fleet.wait_server(&api, "before", "to be Ready under the first leader", DEADLINE, ready).await;
+
+    // SIGTERM, as a rolling update of the Deployment sends.
+    assert!(a.terminate(Duration::from_secs(10)), "the leader exits within 10 s of SIGTERM");
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &fleet.lease_namespace);
+    let spec = leases.get("covi-operator").await.expect("leader lease").spec.unwrap_or_default();
+    assert_eq!(spec.holder_identity, None, "the stopped leader gave its Lease up: {spec:?}");
+
+    let stopped_at = Instant::now();
+    let _b = Process::spawn("handover-operator-b", bin("covi-operator"), fleet.operator_args("operator-b", 60));
+    apply_server(&api, "after", &pool, json!({})).await;
+    fleet.wait_server(&api, "after", "to be Ready under the next replica", DEADLINE, ready).await;
+    let holder = leases.get("covi-operator").await.expect("lease").spec.and_then(|s| s.holder_identity);
+    assert_eq!(holder.as_deref(), Some("operator-b"), "the next replica leads");
+    println!("the next replica bound a new server {:?} after the leader stopped", stopped_at.elapsed());
+}
+
+#[tokio::test]
 async fn an_installer_iso_is_a_volume_of_the_pool_never_a_host_path() {
     let _turn = SERIAL.lock().await;
     let (client, fleet, pool, ns, api) = setup("iso", &[(8, 16)]).await;

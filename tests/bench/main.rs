@@ -525,9 +525,12 @@ async fn clean_up(client: &Client, running: Running) {
 }
 
 /// A restarted operator's full resync: from its start until a server created right then
-/// is bound (the operator must have listed and placed everything first).
+/// is bound (the operator must have listed and placed everything first). The old one is
+/// stopped as a rolling update stops it (SIGTERM), so it hands its Lease over.
 async fn resync_after_restart(client: &Client, running: &mut Running) -> Option<f64> {
-    running.fleet.operator = None;
+    if let Some(mut old) = running.fleet.operator.take() {
+        old.terminate(Duration::from_secs(30));
+    }
     let started = Instant::now();
     start_operator(&mut running.fleet);
     let api: Api<VirtualServer> = Api::namespaced(client.clone(), &running.ns);

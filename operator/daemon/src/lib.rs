@@ -39,6 +39,27 @@ pub async fn kube_client(kubeconfig: Option<&Path>) -> Result<Client, String> {
     Client::try_from(config).map_err(|e| format!("Kubernetes client: {e}"))
 }
 
+/// Resolves when the process is asked to stop: SIGTERM (a pod deleted, a rolling
+/// update) or SIGINT (Ctrl-C). The SIGTERM handler is installed by this call, not at
+/// the first poll, so a signal that arrives before the future is awaited still counts.
+pub fn stop_requested() -> impl std::future::Future<Output = ()> + Send + 'static {
+    let terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+    async move {
+        match terminate {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = terminate.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot catch SIGTERM; only Ctrl-C stops gracefully");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+}
+
 /// The body of a covi daemon's `main`: logging, then `run` with the parsed
 /// configuration. A configuration error prints its message (often the usage) and
 /// exits 2; a run that ends in an error logs it and exits 1.

@@ -13,7 +13,8 @@ pub const USAGE: &str = "usage: covi-operator [options]
   --kubeconfig PATH        kubeconfig to use; default: KUBECONFIG, then in-cluster
   --namespace NS           namespace of the leader Lease (env COVI_NAMESPACE, default covi-system)
   --identity ID            this replica's name in the leader Lease (env POD_NAME, else the host name)
-  --leader-lease-seconds N a standby takes over this long after the leader stops renewing (default 15)
+  --leader-lease-seconds N a standby takes over this long after the leader stops renewing (default 15);
+                           a leader stopped by SIGTERM gives the Lease up, and the next takes it at once
   --resync-seconds N       full scheduling pass at least this often (default 10)
   --metrics-addr ADDR      serve /metrics and /healthz here (default 0.0.0.0:9465; port 0 picks one)
   --console-addr ADDR      serve servers' serial consoles here, behind the API server as the aggregated

@@ -26,8 +26,12 @@ async fn operate(config: Config) -> covi_operator::error::Result<()> {
             .map_err(|e| covi_operator::error::Error::Config(e.to_string()))?;
     }
     health.set(true);
-    let mut leading =
+    let election =
         leader::campaign(config.kubeconfig.clone(), &config.namespace, &config.identity, config.leader_lease).await?;
+    // SIGTERM or Ctrl-C: stop scheduling, then hand the Lease over.
+    let stop = covi_daemon::stop_requested();
+    tokio::pin!(stop);
+    let mut leading = election.leading.clone();
     loop {
         tracing::info!(identity = %config.identity, "standing by for the leader lease");
         let stopped = async {
@@ -42,23 +46,49 @@ async fn operate(config: Config) -> covi_operator::error::Result<()> {
             stopped = stopped => if stopped {
                 return Err(covi_operator::error::Error::Leadership("leader election stopped"));
             },
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = &mut stop => {
+                election.release(RELEASE_WITHIN).await;
+                return Ok(());
+            }
         }
         metrics.leader.set(1);
-        let result = tokio::select! {
-            result = run::run_leader(client.clone(), &config, metrics.clone()) => Some(result),
+        let ended = tokio::select! {
+            result = run::run_leader(client.clone(), &config, metrics.clone()) => Ended::Failed(result),
             // Another replica may lead now: stop at once rather than schedule beside it
             // (dropping the leader's loop ends its watches and controllers), and stand by
             // again. Exiting instead would leave a fleet without any operator when every
             // replica's renewal was late at once, as when thousands of agents reconnect
             // to a slow API server together.
-            _ = async { while leading.changed().await.is_ok() && *leading.borrow() {} } => None,
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = async { while leading.changed().await.is_ok() && *leading.borrow() {} } => Ended::Lost,
+            _ = &mut stop => Ended::Stopping,
         };
         metrics.leader.set(0);
-        match result {
-            Some(result) => return result,
-            None => tracing::warn!("lost the leader lease: stopped scheduling"),
+        // The leader's loop is dropped by now (its watches, writers and controllers
+        // stopped), so the Lease may say nobody leads.
+        match ended {
+            Ended::Lost => tracing::warn!("lost the leader lease: stopped scheduling"),
+            Ended::Stopping => {
+                tracing::info!("stopping: scheduling stopped; handing the leader lease over");
+                election.release(RELEASE_WITHIN).await;
+                return Ok(());
+            }
+            Ended::Failed(result) => {
+                election.release(RELEASE_WITHIN).await;
+                return result;
+            }
         }
     }
 }
+
+/// Why a term as leader ended.
+enum Ended {
+    /// Another replica may lead: this one stands by again.
+    Lost,
+    /// SIGTERM or Ctrl-C.
+    Stopping,
+    /// The leader's loop returned (it runs until an error).
+    Failed(covi_operator::error::Result<()>),
+}
+
+/// How long a stopping operator waits for the API server to take its Lease back.
+const RELEASE_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
