@@ -6,7 +6,8 @@
 //! while it leads, its watch cache of the servers), the API server (the Lease and each
 //! server's address), the user (who creates each of two servers at any point), and faults
 //! up to a bound: a replica crashes (its Deployment starts it again, as a standby with
-//! nothing remembered) or is cut off from the API server, and heals.
+//! nothing remembered), is stopped (SIGTERM: it stops acting, then gives the Lease up,
+//! and starts again), or is cut off from the API server, and heals.
 //!
 //! The decisions are covi's: when a standby may take the Lease
 //! ([`covi_operator::leader::may_acquire`] on a [`covi_operator::leader::Sighting`]),
@@ -117,6 +118,9 @@ pub enum Action {
     /// The leader's scheduling pass, writing every binding it decides.
     Pass(u8),
     UserCreates(u8),
+    /// The replica is asked to stop (SIGTERM): it stops acting, gives the Lease up if it
+    /// holds it and can reach the API server, and exits.
+    Stop(u8),
     Crash(u8),
     Restart(u8),
     Cut(u8),
@@ -294,6 +298,7 @@ impl Model for Election {
                 actions.push(Action::Pass(r));
             }
             if faults_left {
+                actions.push(Action::Stop(r));
                 actions.push(Action::Crash(r));
                 actions.push(if replica.cut_off { Action::Heal(r) } else { Action::Cut(r) });
             }
@@ -388,6 +393,19 @@ impl Model for Election {
                 s.replicas[i as usize].cache = Some(cache);
             }
             Action::UserCreates(k) => s.servers[k as usize] = Some(None),
+            Action::Stop(i) => {
+                s.faults += 1;
+                let r = &mut s.replicas[i as usize];
+                // covi-operator's main: the leader's loop is dropped first, then the
+                // Lease is written with no holder (conditional on the version read).
+                r.leading = false;
+                let reaches = !r.cut_off;
+                r.alive = false;
+                if reaches && s.holder == Some(i) {
+                    s.holder = None;
+                    s.replicas[1 - i as usize].lease_changed = true;
+                }
+            }
             Action::Crash(i) => {
                 s.faults += 1;
                 s.replicas[i as usize].alive = false;
@@ -469,6 +487,7 @@ pub fn describe(action: Action) -> String {
         Action::Sync(i) => format!("{}'s watch of the servers catches up", r(i)),
         Action::Pass(i) => format!("{} runs a scheduling pass and writes its bindings", r(i)),
         Action::UserCreates(k) => format!("the user creates server s{k}"),
+        Action::Stop(i) => format!("{} is stopped (SIGTERM) and gives the Lease up", r(i)),
         Action::Crash(i) => format!("{} crashes", r(i)),
         Action::Restart(i) => format!("{} starts (again), standing by", r(i)),
         Action::Cut(i) => format!("{} is cut off from the API server", r(i)),

@@ -18,6 +18,10 @@
 //! own and the one recorded in the renewal it last saw. The campaign runs on a thread
 //! and a connection of its own, so the leader's busiest moments (listing 20,000
 //! servers) cannot hold up its renewals either.
+//!
+//! A leader asked to stop (SIGTERM: a rolling update) stops acting, then gives the
+//! Lease up; a standby takes a given-up Lease a third of the duration after it saw it
+//! given up, the margin it leaves a leader that just stopped renewing.
 
 use std::time::{Duration, Instant};
 
@@ -73,12 +77,19 @@ impl Sighting {
     }
 }
 
-/// Whether a standby may take the Lease: nobody holds it, or this replica has seen
-/// it unchanged for the whole duration (its own, or the longer one the holder
-/// recorded with that renewal).
+/// Whether a standby may take the Lease: this replica has seen it unchanged for the
+/// whole duration (its own, or the longer one the holder recorded with that renewal),
+/// or, given up by a leader that stopped ([`Election::release`]), for a third of it.
+/// A leader stops acting two thirds into its duration, so a standby that waits it out
+/// leaves a third between the two for the old leader's last writes to land; a leader
+/// gives the Lease up only after it stopped acting, and the same third is left.
 pub fn may_acquire(seen: &Sighting, now: Instant, duration: Duration) -> bool {
     let duration = seen.duration.map_or(duration, |recorded| recorded.max(duration));
-    seen.holder.as_deref().is_none_or(str::is_empty) || now.saturating_duration_since(seen.changed_at) >= duration
+    let silent = now.saturating_duration_since(seen.changed_at);
+    match seen.holder.as_deref() {
+        None | Some("") => silent >= duration / 3,
+        Some(_) => silent >= duration,
+    }
 }
 
 /// How often the leader renews: a fifth of its (stretched) duration. Its pace follows
@@ -106,13 +117,16 @@ pub struct Election {
 impl Election {
     /// Ends the campaign. A replica that holds the Lease gives it up (no holder, as
     /// client-go's ReleaseOnCancel does), so a standby or the next replica of a rolling
-    /// update takes over at its next look instead of waiting out a whole duration,
-    /// up to 8× stretched. Call it only once this replica has stopped acting: the
-    /// Lease says nobody leads from then on. Waits at most `within` for the write.
+    /// update takes over a third of the duration later (see [`may_acquire`]) instead
+    /// of a whole one, up to 8× stretched. Call it only once this replica has stopped
+    /// acting. Waits at most `within` for the write.
     pub async fn release(self, within: Duration) {
         let (done, released) = tokio::sync::oneshot::channel();
-        if self.stop.send(done).is_ok() {
-            let _ = tokio::time::timeout(within, released).await;
+        if self.stop.send(done).is_ok() && tokio::time::timeout(within, released).await.is_err() {
+            tracing::warn!(
+                ?within,
+                "the API server did not take the leader lease back in time; a standby waits it out"
+            );
         }
     }
 }
@@ -283,8 +297,9 @@ impl Candidate {
         Ok(written)
     }
 
-    /// Gives the Lease up if this process still holds it: no holder, renewed now,
-    /// conditional on the version read (a standby that took it meanwhile keeps it).
+    /// Gives the Lease up if this process still holds it: no holder, renewed now with
+    /// the duration it holds it by, conditional on the version read (a standby that
+    /// took it meanwhile keeps it).
     async fn release(&self) {
         let result = async {
             let Some(lease) = self.api.get_opt(LEASE).await? else { return Ok(false) };
@@ -295,7 +310,7 @@ impl Candidate {
             let released: Lease = serde_json::from_value(json!({
                 "metadata": {"name": LEASE, "resourceVersion": lease.resource_version()},
                 "spec": {
-                    "leaseDurationSeconds": 1,
+                    "leaseDurationSeconds": spec.lease_duration_seconds,
                     "renewTime": MicroTime(Timestamp::now()),
                     "leaseTransitions": spec.lease_transitions,
                 }
@@ -392,8 +407,21 @@ mod tests {
             t0 + Duration::from_secs(12),
         );
         assert!(!may_acquire(&renewed, t0 + D, D));
-        let free = Sighting::update(None, None, None, None, None, t0);
-        assert!(may_acquire(&free, t0, D), "nobody holds it");
+    }
+
+    #[test]
+    fn a_lease_given_up_is_taken_a_third_of_the_duration_after_it_was_seen() {
+        let t0 = Instant::now();
+        let held = Sighting::update(None, Some("a".into()), Some("a-1".into()), Some("r1".into()), None, t0);
+        // The leader stops and gives it up (no holder) four seconds later.
+        let released = Sighting::update(Some(&held), None, None, Some("r2".into()), None, t0 + Duration::from_secs(4));
+        assert!(!may_acquire(&released, t0 + Duration::from_secs(8), D), "a write of the old leader may be under way");
+        assert!(may_acquire(&released, t0 + Duration::from_secs(9), D), "a third of 15 s after it was seen");
+        // Given up with a stretched duration recorded: a third of that.
+        let stretched = Some(Duration::from_secs(120));
+        let late = Sighting::update(Some(&held), None, None, Some("r2".into()), stretched, t0);
+        assert!(!may_acquire(&late, t0 + Duration::from_secs(39), D));
+        assert!(may_acquire(&late, t0 + Duration::from_secs(40), D));
     }
 
     #[test]

@@ -90,5 +90,6 @@ enum Ended {
     Failed(covi_operator::error::Result<()>),
 }
 
-/// How long a stopping operator waits for the API server to take its Lease back.
-const RELEASE_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a stopping operator waits for the API server to take its Lease back: well
+/// within a pod's default 30 s grace, and long enough for a loaded API server.
+const RELEASE_WITHIN: std::time::Duration = std::time::Duration::from_secs(15);
