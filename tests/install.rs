@@ -207,7 +207,12 @@ async fn the_gitops_example_folders_are_accepted_by_the_api_server() {
 /// The FlowSchema and priority level (their UIDs) API Priority and Fairness put a
 /// Lease read in `ns` by `client` under, from the response's headers.
 async fn classified(client: &kube::Client, ns: &str) -> (String, String) {
-    let uri = format!("/apis/coordination.k8s.io/v1/namespaces/{ns}/leases/some-host");
+    classified_at(client, &format!("/apis/coordination.k8s.io/v1/namespaces/{ns}/leases/some-host")).await
+}
+
+/// The same for a GET of `uri`.
+async fn classified_at(client: &kube::Client, uri: &str) -> (String, String) {
+    let uri = uri.to_string();
     let req = http::Request::get(uri).body(kube::client::Body::empty()).expect("request");
     let res = client.send(req).await.expect("the API server answers");
     let header = |h: &str| res.headers().get(h).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
@@ -222,7 +227,7 @@ async fn agents_heartbeats_get_the_node_lease_priority_level() {
     // Only the FlowSchemas are applied for real (they name this test's namespace).
     let rendered = helm_template(&ns, &[]);
     let schemas: Vec<&str> = rendered.split("\n---").filter(|d| d.contains("\nkind: FlowSchema")).collect();
-    assert_eq!(schemas.len(), 2, "the agents' and the operator's FlowSchemas");
+    assert_eq!(schemas.len(), 3, "the agents', the operator's and its leader Lease's FlowSchemas");
     let args = ["apply", "--server-side", "--force-conflicts", "--field-manager=covi-install-test", "-f", "-"];
     let (ok, out, err) = run("kubectl", &args, Some(&schemas.join("\n---\n")));
     assert!(ok, "applying the FlowSchemas: {err}{out}");
@@ -235,6 +240,8 @@ async fn agents_heartbeats_get_the_node_lease_priority_level() {
     }
     let heartbeat = schemas.get("covi-agent-heartbeat").await.expect("FlowSchema");
     let operator = schemas.get("covi-operator").await.expect("FlowSchema");
+    let leader = schemas.get("covi-operator-leader-election").await.expect("FlowSchema");
+    let leader_election = levels.get("leader-election").await.expect("the cluster's leader-election priority level");
     let node_high = levels.get("node-high").await.expect("the cluster's node-high priority level");
     let workload_high = levels.get("workload-high").await.expect("the cluster's workload-high priority level");
     let deadline = std::time::Duration::from_secs(30);
@@ -256,15 +263,25 @@ async fn agents_heartbeats_get_the_node_lease_priority_level() {
     assert_ne!(classified(&agent, &other).await.0, uid(&heartbeat), "only Leases in covi's namespace");
 
     let operator_client = client_as(&sa("covi-operator"), &groups).await;
+    let servers = format!("/apis/covi.io/v1alpha1/namespaces/{ns}/virtualservers");
     wait_until("the operator's requests to be classified at workload-high", deadline, || async {
-        let (schema, level) = classified(&operator_client, &ns).await;
+        let (schema, level) = classified_at(&operator_client, &servers).await;
         (schema == uid(&operator) && level == uid(&workload_high)).then_some(())
     })
     .await;
+    wait_until("the operator's leader Lease to be classified at leader-election", deadline, || async {
+        let (schema, level) = classified(&operator_client, &ns).await;
+        (schema == uid(&leader) && level == uid(&leader_election)).then_some(())
+    })
+    .await;
+    // Its list of the hosts' Leases (liveness) is not leader election.
+    let leases = format!("/apis/coordination.k8s.io/v1/namespaces/{ns}/leases");
+    assert_eq!(classified_at(&operator_client, &leases).await, (uid(&operator), uid(&workload_high)), "a LIST");
     // Anyone else's service account keeps the cluster's default rules.
     let stranger = client_as(&sa("someone"), &groups).await;
     let (schema, _) = classified(&stranger, &ns).await;
     assert!(!schema.is_empty() && schema != uid(&heartbeat) && schema != uid(&operator), "{schema}");
     let _ = schemas.delete("covi-agent-heartbeat", &Default::default()).await;
     let _ = schemas.delete("covi-operator", &Default::default()).await;
+    let _ = schemas.delete("covi-operator-leader-election", &Default::default()).await;
 }
