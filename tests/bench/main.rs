@@ -239,8 +239,44 @@ fn inventories(
         .collect()
 }
 
-fn fleet_agent(fleet: &Fleet, dir: &Path, name: &str) -> Process {
-    let args = [
+/// Kubeconfigs acting as covi's two service accounts in the fleet's namespace, as the
+/// chart runs them, and the chart's FlowSchemas applied for that namespace: the
+/// agents' Lease renewals on the level of kubelets' node leases, the operator on the
+/// controllers' level, the agents' other requests with every other service account's
+/// ("service-accounts", workload-low). As the test bed's admin (system:masters) they
+/// would be exempt from API Priority and Fairness, which no cluster grants them. Their
+/// rights are cluster-admin's here: least privilege is tests/servers.rs's subject.
+fn as_service_accounts(fleet: &Fleet) -> (std::path::PathBuf, std::path::PathBuf) {
+    let ns = &fleet.lease_namespace;
+    let kube_version = std::env::var("KUBERNETES_VERSION").expect("hack/lib.sh exports KUBERNETES_VERSION");
+    let args = ["template", "covi", "charts/covi", "--namespace", ns, "--kube-version", &kube_version];
+    let (ok, schemas, err) =
+        covi_tests::run("helm", &[&args[..], &["--show-only", "templates/priority.yaml"]].concat(), None);
+    assert!(ok, "helm template: {err}");
+    let binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+        "metadata": {"name": format!("covi-bench-{}", fleet.id)},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+        "subjects": [{"kind": "ServiceAccount", "name": "covi-agent", "namespace": ns},
+                     {"kind": "ServiceAccount", "name": "covi-operator", "namespace": ns}]});
+    let manifests = format!("{schemas}\n---\n{binding}");
+    let apply = ["apply", "--server-side", "--force-conflicts", "--field-manager=covi-bench", "-f", "-"];
+    let (ok, out, err) = covi_tests::run("kubectl", &apply, Some(&manifests));
+    assert!(ok, "applying the FlowSchemas and the binding: {err}{out}");
+    let groups =
+        ["system:serviceaccounts".to_string(), format!("system:serviceaccounts:{ns}"), "system:authenticated".into()];
+    let groups: Vec<&str> = groups.iter().map(String::as_str).collect();
+    let kubeconfig = |sa: &str| {
+        covi_tests::fleet::kubeconfig_as(
+            &format!("{}-{sa}", fleet.id),
+            &format!("system:serviceaccount:{ns}:{sa}"),
+            &groups,
+        )
+    };
+    (kubeconfig("covi-agent"), kubeconfig("covi-operator"))
+}
+
+fn fleet_agent(fleet: &Fleet, dir: &Path, name: &str, kubeconfig: Option<&Path>) -> Process {
+    let mut args = [
         "--fleet",
         &dir.display().to_string(),
         "--label",
@@ -254,6 +290,7 @@ fn fleet_agent(fleet: &Fleet, dir: &Path, name: &str) -> Process {
     ]
     .map(String::from)
     .to_vec();
+    args.extend(kubeconfig.map(|k| format!("--kubeconfig={}", k.display())));
     Process::spawn(name, bin("covi-agent"), args)
 }
 
@@ -261,11 +298,12 @@ fn fleet_agent(fleet: &Fleet, dir: &Path, name: &str) -> Process {
 /// The operator with its defaults: leader lease 15 s and resync 10 s. (A 5-s lease lost
 /// leadership when 200 agents starting at once kept the API server from answering
 /// within its 3.3 s, and the operator stopped, as it must, mid-burst.)
-fn start_operator(fleet: &mut Fleet) {
+fn start_operator(fleet: &mut Fleet, kubeconfig: Option<&Path>) {
     let mut args = fleet.operator_args(&format!("{}-operator", fleet.id), 15);
     if let Some(i) = args.iter().position(|a| a == "--resync-seconds") {
         args.drain(i..=i + 1);
     }
+    args.extend(kubeconfig.map(|k| format!("--kubeconfig={}", k.display())));
     fleet.operator = Some(Process::spawn(&format!("{}-operator", fleet.id), bin("covi-operator"), args));
 }
 
@@ -335,6 +373,8 @@ fn watch_servers(client: &Client, ns: &str) -> Seen {
 /// What a burst leaves running, for more measurements and then the clean-up.
 struct Running {
     fleet: Fleet,
+    /// The operator's identity (see [`as_service_accounts`]).
+    operator_kubeconfig: std::path::PathBuf,
     agent: Process,
     ns: String,
     hosts: Vec<String>,
@@ -357,8 +397,9 @@ async fn burst(client: &Client, servers: usize, hosts: usize, round: usize) -> (
     }
     let timings = spec.get("failover").cloned();
     let pool = fleet.apply_pool(client, spec).await;
-    let agent = fleet_agent(&fleet, &dir, &format!("agent-{id}"));
-    start_operator(&mut fleet);
+    let (agent_kubeconfig, operator_kubeconfig) = as_service_accounts(&fleet);
+    let agent = fleet_agent(&fleet, &dir, &format!("agent-{id}"), Some(&agent_kubeconfig));
+    start_operator(&mut fleet, Some(&operator_kubeconfig));
     let hosts_up = wait_hosts(client, &pool, hosts, Duration::from_secs(300)).await;
     let ns = namespace(client, &id).await;
     let seen = watch_servers(client, &ns);
@@ -454,7 +495,7 @@ async fn burst(client: &Client, servers: usize, hosts: usize, round: usize) -> (
         "eventWritesPerServer": events / servers as f64,
         "agentRssMiB": agent_rss, "agentRssMiBPerHost": agent_rss / hosts as f64, "operatorRssMiB": operator_rss,
     });
-    (value, Running { fleet, agent, ns, hosts: host_names })
+    (value, Running { fleet, operator_kubeconfig, agent, ns, hosts: host_names })
 }
 
 /// How many of `hosts` carry a Fenced condition (True, or False after recovering):
@@ -532,7 +573,7 @@ async fn resync_after_restart(client: &Client, running: &mut Running) -> Option<
         old.terminate(Duration::from_secs(30));
     }
     let started = Instant::now();
-    start_operator(&mut running.fleet);
+    start_operator(&mut running.fleet, Some(&running.operator_kubeconfig));
     let api: Api<VirtualServer> = Api::namespaced(client.clone(), &running.ns);
     let probe = json!({"apiVersion": "covi.io/v1alpha1", "kind": "VirtualServer", "metadata": {"name": "probe"},
         "spec": {"hostPool": format!("{}-pool", running.fleet.id), "class": "small", "boot": {"image": "debian-12"},
@@ -602,7 +643,7 @@ async fn failover(client: &Client, servers: usize) -> Value {
     let mut fleet = Fleet::new(client, "bfail").await;
     let pool = fleet.apply_pool(client, json!({"network": {"cidr": "10.81.0.0/22", "gateway": "10.81.0.1"}})).await;
     fleet.start_agent(1, servers as u32 + 2, 64);
-    start_operator(&mut fleet);
+    start_operator(&mut fleet, None);
     wait_hosts(client, &pool, 1, Duration::from_secs(60)).await.expect("host 1");
     let ns = namespace(client, "bfail").await;
     let api: Api<VirtualServer> = Api::namespaced(client.clone(), &ns);
@@ -630,7 +671,7 @@ async fn failover(client: &Client, servers: usize) -> Value {
     poll(Duration::from_secs(120), all_on(host1.clone())).await.expect("servers on host 1");
     let dir = testbed_dir().join("fleet-bfail");
     inventories(&fleet, &dir, 2..=3, servers as u32 + 2, 64);
-    let _others = fleet_agent(&fleet, &dir, "agent-bfail-others");
+    let _others = fleet_agent(&fleet, &dir, "agent-bfail-others", None);
     wait_hosts(client, &pool, 3, Duration::from_secs(60)).await.expect("hosts 2 and 3");
     // One agent process for one host, as on a real hypervisor, holding 20 servers.
     let agent_pid = fleet.agents[0].pid();
@@ -679,7 +720,7 @@ async fn leased_failover(client: &Client) -> Value {
     let mut fleet = Fleet::new(client, "blease").await;
     let pool = fleet.apply_pool(client, qemu_pool("covi-split", true)).await;
     fleet.start_agent_uri(1, &uris[0], &[]);
-    start_operator(&mut fleet);
+    start_operator(&mut fleet, None);
     wait_hosts(client, &pool, 1, Duration::from_secs(60)).await.expect("host 1");
     let ns = namespace(client, "blease").await;
     let api: Api<VirtualServer> = Api::namespaced(client.clone(), &ns);
