@@ -14,5 +14,9 @@ fn main() -> ExitCode {
         runtime.worker_threads(2).max_blocking_threads(16);
     }
     let runtime = runtime.enable_all().build().expect("the async runtime starts");
-    runtime.block_on(covi_daemon::run_main("covi-agent", config, covi_agent::run::main))
+    let code = runtime.block_on(covi_daemon::run_main("covi-agent", config, covi_agent::run::main));
+    // A libvirt call still under way on a blocking thread (a reconcile abandoned at
+    // stop, libvirtd hung) must not keep the process from exiting.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
 }

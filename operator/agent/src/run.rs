@@ -288,18 +288,30 @@ async fn serve(
         seen,
     });
     serving.store(true, Ordering::SeqCst);
-    controller
+    let stop = futures::FutureExt::shared(covi_daemon::stop_requested());
+    let controller = controller
         .reconcile_on(lifecycle)
         .reconcile_all_on(ticks)
-        .shutdown_on_signal()
+        .graceful_shutdown_on(stop.clone())
         .run(reconcile, error_policy, ctx)
         .for_each(|result| {
             if let Err(e) = result {
                 tracing::debug!(error = %e, "controller event");
             }
             futures::future::ready(())
-        })
-        .await;
+        });
+    // On a stop the controller takes no new work and waits for the reconciles under
+    // way, but a reconcile stuck on a slow or hung libvirtd must not hold the host's
+    // last renewal, nor the pod past its grace period: after SHUTDOWN_DRAIN it is
+    // abandoned, as a killed agent's would be (the next agent finds what it left).
+    let drained = async {
+        stop.await;
+        tokio::time::sleep(SHUTDOWN_DRAIN).await;
+    };
+    tokio::select! {
+        _ = controller => {}
+        _ = drained => tracing::warn!(after = ?SHUTDOWN_DRAIN, "stopping: a reconcile still under way is abandoned"),
+    }
     // SIGTERM or Ctrl-C: the guests stay. One last renewal asks the operator to wait
     // --restart-grace-seconds for the next agent; until it succeeds the watchdog keeps
     // its deadline, and if that passes the host is fenced before this process exits.
@@ -317,6 +329,9 @@ async fn serve(
         }
     }
 }
+
+/// How long a stopping agent waits for the reconciles under way.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(3);
 
 /// The first pause between attempts to register the Host at start (a backoff, not a
 /// wait for state: the API server may be unreachable for as long as the host is cut

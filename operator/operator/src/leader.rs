@@ -320,7 +320,7 @@ impl Candidate {
         };
         match result.await {
             Ok(true) => {
-                tracing::info!(identity = %self.identity, "gave up the leader lease: another replica may lead at once")
+                tracing::info!(identity = %self.identity, "gave up the leader lease: another replica may lead a third of its duration from now")
             }
             Ok(false) => {}
             Err(e) => {
