@@ -324,29 +324,43 @@ async fn thirty_servers_bind_in_a_burst_without_overcommitting_a_host() {
     }
 }
 
-#[tokio::test]
-async fn the_standby_operator_takes_over_when_the_leader_dies() {
-    let _turn = SERIAL.lock().await;
+/// The leader election tests' start: one host and its pool, `operators` (identity and
+/// lease seconds) started, and a server `before` Ready under the first leader.
+async fn under_a_first_leader(
+    id: &str,
+    operators: &[(&str, u32)],
+) -> (Client, Fleet, String, Api<VirtualServer>, Vec<Process>) {
     let client = admin().await;
     install_crds(&client).await;
-    let mut fleet = Fleet::new(&client, "leader").await;
+    let mut fleet = Fleet::new(&client, id).await;
     let pool = fleet.apply_pool(&client, json!({})).await;
     fleet.start_agent(1, 8, 16);
-    let mut a = Process::spawn("leader-operator-a", bin("covi-operator"), fleet.operator_args("operator-a", 3));
-    let mut b = Process::spawn("leader-operator-b", bin("covi-operator"), fleet.operator_args("operator-b", 3));
+    let processes = operators
+        .iter()
+        .map(|(identity, lease)| {
+            Process::spawn(&format!("{id}-{identity}"), bin("covi-operator"), fleet.operator_args(identity, *lease))
+        })
+        .collect();
     fleet.wait_ready_hosts(&client, 1).await;
-    let ns = namespace(&client, "leader").await;
+    let ns = namespace(&client, id).await;
     let api: Api<VirtualServer> = Api::namespaced(client.clone(), &ns);
     apply_server(&api, "before", &pool, json!({})).await;
     fleet.wait_server(&api, "before", "to be Ready under the first leader", DEADLINE, ready).await;
+    (client, fleet, pool, api, processes)
+}
 
+#[tokio::test]
+async fn the_standby_operator_takes_over_when_the_leader_dies() {
+    let _turn = SERIAL.lock().await;
+    let (client, fleet, pool, api, mut operators) =
+        under_a_first_leader("leader", &[("operator-a", 3), ("operator-b", 3)]).await;
     let leases: Api<Lease> = Api::namespaced(client.clone(), &fleet.lease_namespace);
     let holder =
         leases.get("covi-operator").await.expect("leader lease").spec.and_then(|s| s.holder_identity).expect("holder");
     let killed_at = Instant::now();
     match holder.as_str() {
-        "operator-a" => a.kill(),
-        "operator-b" => b.kill(),
+        "operator-a" => operators[0].kill(),
+        "operator-b" => operators[1].kill(),
         other => panic!("unexpected leader {other}"),
     }
     apply_server(&api, "after", &pool, json!({})).await;
@@ -359,23 +373,13 @@ async fn the_standby_operator_takes_over_when_the_leader_dies() {
 #[tokio::test]
 async fn a_stopped_leader_hands_its_lease_over_at_once() {
     let _turn = SERIAL.lock().await;
-    let client = admin().await;
-    install_crds(&client).await;
-    let mut fleet = Fleet::new(&client, "handover").await;
-    let pool = fleet.apply_pool(&client, json!({})).await;
-    fleet.start_agent(1, 8, 16);
     // A lease of a minute: a next replica that had to wait it out (as after a crash)
     // could not schedule within the deadline below; one that takes the given-up Lease
     // a third of it later (20 s, and up to 12 s until it looks again) can.
-    let mut a = Process::spawn("handover-operator-a", bin("covi-operator"), fleet.operator_args("operator-a", 60));
-    fleet.wait_ready_hosts(&client, 1).await;
-    let ns = namespace(&client, "handover").await;
-    let api: Api<VirtualServer> = Api::namespaced(client.clone(), &ns);
-    apply_server(&api, "before", &pool, json!({})).await;
-    fleet.wait_server(&api, "before", "to be Ready under the first leader", DEADLINE, ready).await;
+    let (client, fleet, pool, api, mut operators) = under_a_first_leader("handover", &[("operator-a", 60)]).await;
 
     // SIGTERM, as a rolling update of the Deployment sends.
-    assert!(a.terminate(Duration::from_secs(10)), "the leader exits within 10 s of SIGTERM");
+    assert!(operators[0].terminate(Duration::from_secs(10)), "the leader exits within 10 s of SIGTERM");
     let leases: Api<Lease> = Api::namespaced(client.clone(), &fleet.lease_namespace);
     let spec = leases.get("covi-operator").await.expect("leader lease").spec.unwrap_or_default();
     assert_eq!(spec.holder_identity, None, "the stopped leader gave its Lease up: {spec:?}");
