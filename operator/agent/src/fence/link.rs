@@ -1,7 +1,7 @@
 //! The fencing watchdog's own libvirt connection. It shares nothing with the agent's
 //! work: a fence never queues behind a clone or a migration on the same connection
 //! (libvirtd limits requests per client), and a libvirtd restart is noticed and the
-//! connection reopened within one watchdog tick.
+//! connection reopened within a second.
 
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};

@@ -12,7 +12,7 @@ pub mod link;
 pub mod watchdog;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// Whether a host that last renewed `since` ago must fence itself.
@@ -70,6 +70,9 @@ impl Listing {
 /// The fencing state shared by the lease loop, the watchdog and every reconcile.
 pub struct Fence {
     last_renewal: Mutex<Instant>,
+    /// Wakes a watchdog waiting for the deadline ([`Fence::wait_for_deadline`]) when it
+    /// may have come nearer: a shorter fenceAfter, an older renewal carried over.
+    deadline_moved: Condvar,
     fence_after_ms: AtomicU64,
     /// The fenceAfter a previous agent process recorded on the Lease: it holds until
     /// this process renews, so a restart inside a graceful stop's window is not overdue
@@ -96,6 +99,7 @@ impl Fence {
     pub fn new(fence_after: Duration) -> Fence {
         Fence {
             last_renewal: Mutex::new(Instant::now()),
+            deadline_moved: Condvar::new(),
             fence_after_ms: AtomicU64::new(fence_after.as_millis() as u64),
             carried_ms: AtomicU64::new(0),
             fenced: AtomicBool::new(false),
@@ -116,6 +120,7 @@ impl Fence {
             *self.last_renewal.lock().expect("fence lock") = then;
         }
         self.carried_ms.store(fence_after.as_millis() as u64, Ordering::SeqCst);
+        self.deadline_may_be_nearer();
     }
 
     /// Records a successful renewal whose request started at `started`.
@@ -129,19 +134,47 @@ impl Fence {
         if !self.renewed_once.swap(true, Ordering::SeqCst) {
             self.first_renewal.send_replace(true);
         }
-        self.carried_ms.store(0, Ordering::SeqCst);
+        // Ending a predecessor's longer window may bring the deadline nearer.
+        let carried = self.carried_ms.swap(0, Ordering::SeqCst);
         if started > *last {
             *last = started;
+        }
+        drop(last);
+        if carried != 0 {
+            self.deadline_may_be_nearer();
         }
     }
 
     pub fn set_fence_after(&self, d: Duration) {
-        self.fence_after_ms.store(d.as_millis() as u64, Ordering::Relaxed);
+        let before = self.fence_after_ms.swap(d.as_millis() as u64, Ordering::SeqCst);
+        if d.as_millis() as u64 != before {
+            self.deadline_may_be_nearer();
+        }
+    }
+
+    /// Wakes a watchdog waiting for the old deadline, to wait for the new one.
+    fn deadline_may_be_nearer(&self) {
+        // Taking the lock orders this after the waiter's look at the deadline: it is
+        // either waiting (and woken) or has not looked yet (and sees the change).
+        drop(self.last_renewal.lock().expect("fence lock"));
+        self.deadline_moved.notify_all();
+    }
+
+    /// Waits until the host is due to fence, or `at_most`, whichever comes first; at
+    /// once when it is due already. A change of the deadline wakes it early (the caller
+    /// looks again), so it never sleeps past a deadline that came nearer.
+    pub fn wait_for_deadline(&self, at_most: Duration) {
+        let last = self.last_renewal.lock().expect("fence lock");
+        let left = self.fence_after().saturating_sub(last.elapsed());
+        if left.is_zero() {
+            return;
+        }
+        let _ = self.deadline_moved.wait_timeout(last, left.min(at_most)).expect("fence lock");
     }
 
     /// The pool's fenceAfter, or a previous process's longer one until this one renews.
     pub fn fence_after(&self) -> Duration {
-        let own = self.fence_after_ms.load(Ordering::Relaxed);
+        let own = self.fence_after_ms.load(Ordering::SeqCst);
         Duration::from_millis(own.max(self.carried_ms.load(Ordering::SeqCst)))
     }
 
@@ -239,6 +272,43 @@ mod tests {
         assert!(fence.due() && !fence.may_start());
         fence.renewed(Instant::now());
         assert!(!fence.due() && fence.may_start());
+    }
+
+    /// The watchdog waits for the deadline (up to its health tick, 30 s here): it must
+    /// wake by then, also when the deadline came nearer while it waited.
+    #[test]
+    fn a_watchdog_waiting_for_the_deadline_wakes_by_it() {
+        let waiter = |fence: &std::sync::Arc<Fence>| {
+            let fence = fence.clone();
+            std::thread::spawn(move || {
+                let waiting = Instant::now();
+                while !fence.due() {
+                    fence.wait_for_deadline(Duration::from_secs(30));
+                }
+                waiting.elapsed()
+            })
+        };
+        let fence = std::sync::Arc::new(Fence::new(Duration::from_millis(200)));
+        fence.renewed(Instant::now());
+        let waited = waiter(&fence).join().unwrap();
+        assert!(fence.due() && waited < Duration::from_secs(10), "woke after {waited:?}");
+
+        // A shorter fenceAfter from the pool.
+        let fence = std::sync::Arc::new(Fence::new(Duration::from_secs(60)));
+        fence.renewed(Instant::now());
+        let waiting = waiter(&fence);
+        std::thread::sleep(Duration::from_millis(100));
+        fence.set_fence_after(Duration::from_millis(200));
+        let waited = waiting.join().unwrap();
+        assert!(waited < Duration::from_secs(10), "woke after {waited:?}, not at the nearer deadline");
+
+        // A predecessor's last renewal, older than this process's start.
+        let fence = std::sync::Arc::new(Fence::new(Duration::from_secs(20)));
+        let waiting = waiter(&fence);
+        std::thread::sleep(Duration::from_millis(100));
+        fence.carry_over(Duration::from_secs(30), Duration::from_secs(6));
+        let waited = waiting.join().unwrap();
+        assert!(waited < Duration::from_secs(10), "woke after {waited:?}, not at the carried deadline");
     }
 
     #[test]

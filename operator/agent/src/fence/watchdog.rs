@@ -1,5 +1,6 @@
-//! The fencing watchdog: a plain thread, its own libvirt connection, a tick every
-//! 100 ms. It fences when the host is overdue, and keeps `/healthz` honest.
+//! The fencing watchdog: a plain thread, its own libvirt connection. It wakes at the
+//! fencing deadline to fence, every 100 ms while the host stays overdue, and once a
+//! second to keep `/healthz` honest.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,7 +23,6 @@ pub fn watchdog(
         .spawn(move || {
             let mut was_reachable = true;
             loop {
-                std::thread::sleep(Duration::from_millis(100));
                 let reachable = link.lock().unwrap_or_else(|p| p.into_inner()).reachable();
                 if reachable != was_reachable {
                     match reachable {
@@ -33,10 +33,23 @@ pub fn watchdog(
                 }
                 health.set(reachable && serving.load(Ordering::SeqCst));
                 fence_if_due(&link, &fence);
+                // Overdue: fence again soon (a domain may become active meanwhile).
+                // Otherwise sleep until the deadline, or the next look at libvirt.
+                match fence.due() {
+                    true => std::thread::sleep(OVERDUE_TICK),
+                    false => fence.wait_for_deadline(HEALTH_TICK),
+                }
             }
         })
         .expect("spawning the fencing watchdog");
 }
+
+/// How often an overdue host fences again, for domains that became active since.
+const OVERDUE_TICK: Duration = Duration::from_millis(100);
+
+/// How often the watchdog checks that libvirt answers (and reconnects) when no
+/// deadline wakes it: a fleet of simulated hosts runs one watchdog each.
+const HEALTH_TICK: Duration = Duration::from_secs(1);
 
 /// How long one fencing may take before it counts as failed and is tried again: the
 /// pool's margin between fenceAfter and the lease is a few seconds.
