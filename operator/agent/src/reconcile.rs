@@ -189,11 +189,13 @@ async fn apply(
     // The server as written by this start's announcement, if one was made.
     let mut announced: Option<VirtualServer> = None;
     let uid = plan.domain.uuid.clone();
-    let observed = hv.observe().await?;
+    let observed = hv.observe_server(&plan.domain.name, &uid).await?;
     let stop_waited = ctx.stops.lock().expect("stops lock").get(&uid).map(|t| t.elapsed());
     let mut requeue = ctx.resync;
     let mut defined = None;
-    for step in steps(&plan, &observed, stop_waited, ctx.stop_grace) {
+    let steps = steps(&plan, &observed, stop_waited, ctx.stop_grace);
+    let acts = !steps.is_empty();
+    for step in steps {
         match step {
             Step::RemoveStale { uuid } => {
                 tracing::info!(%uuid, name = %plan.domain.name, "removing a leftover domain with this server's name");
@@ -301,7 +303,11 @@ async fn apply(
     if let Some(note) = defined {
         publish(ctx, server, EventType::Normal, "Defined", note).await;
     }
-    let now = hv.domain(&uid).await?;
+    // Nothing done: the domain is as just observed (most reconciles, at every resync).
+    let now = match acts {
+        true => hv.domain(&uid).await?,
+        false => observed.into_iter().find(|o| o.uuid == uid),
+    };
     let outcome = match (now, plan.run) {
         (Some(d), true) if d.active => Outcome {
             phase: VirtualServerPhase::Running,

@@ -395,16 +395,17 @@ impl HostLoop {
             // No need to wait for the server cache: a domain it does not know is
             // judged by reading its server from the API.
             match crate::sweep::sweep(&self.client, &self.node, &self.hypervisor, &self.servers, &self.pools).await {
-                Ok(n) if n > 0 => tracing::info!(removed = n, "swept domains no server claims"),
-                Ok(_) => {}
+                Ok(swept) => {
+                    if swept.removed > 0 {
+                        tracing::info!(removed = swept.removed, "swept domains no server claims");
+                    }
+                    self.metrics.domains.set((swept.domains - swept.removed) as i64);
+                }
                 Err(e) => tracing::warn!(error = %e, "sweeping orphaned domains failed"),
             }
             // Servers that left this host (moved, deleted elsewhere) leave the cache.
             let here: std::collections::HashSet<String> = self.servers.state().iter().filter_map(|s| s.uid()).collect();
             self.reported.retain(|uid| here.contains(uid));
-            if let Ok(domains) = self.hypervisor.observe().await {
-                self.metrics.domains.set(domains.len() as i64);
-            }
             if let Ok(facts) = self.hypervisor.facts().await
                 && let Err(e) = self.reporter.report(&facts, self.storage().await, None).await
             {

@@ -41,13 +41,21 @@ pub fn judge(domain: &ObservedDomain, server: Option<&VirtualServer>, node: &str
     }
 }
 
+/// What a sweep found and did.
+pub struct Swept {
+    /// Covi domains on the host when the sweep looked.
+    pub domains: usize,
+    /// Those it removed.
+    pub removed: usize,
+}
+
 pub async fn sweep(
     client: &Client,
     node: &str,
     hv: &Libvirt,
     servers: &Store<VirtualServer>,
     pools: &Store<HostPool>,
-) -> Result<usize> {
+) -> Result<Swept> {
     let known: std::collections::HashSet<String> = servers.state().iter().filter_map(|s| s.uid()).collect();
     let domains = hv.observe().await?;
     tracing::debug!(domains = domains.len(), known = known.len(), "sweeping");
@@ -69,7 +77,7 @@ pub async fn sweep(
         }
         removed += 1;
     }
-    Ok(removed)
+    Ok(Swept { domains: domains.len(), removed })
 }
 
 #[cfg(test)]

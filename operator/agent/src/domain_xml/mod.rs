@@ -394,4 +394,4 @@ pub fn mac_address(guest: Guest, address: Option<std::net::Ipv4Addr>, uid: &str)
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -154,6 +154,27 @@ impl Libvirt {
         .await
     }
 
+    /// The covi domains that matter to one server: the one with its UUID and one with
+    /// its name but another UUID (a leftover), read without reading every other domain
+    /// on the host (a host's servers reconcile one by one at every resync).
+    pub async fn observe_server(&self, name: &str, uuid: &str) -> Result<Vec<ObservedDomain>> {
+        let (name, uuid) = (name.to_string(), uuid.to_string());
+        self.run(move |c| {
+            let mut found: Vec<ObservedDomain> = Vec::new();
+            for dom in [c.lookup_domain_by_uuid_string(&uuid), c.lookup_domain_by_name(&name)] {
+                match dom.map_err(Error::from).and_then(|d| describe(&d)) {
+                    Ok(Some(d)) if !found.iter().any(|f| f.uuid == d.uuid) => found.push(d),
+                    Ok(_) => {}
+                    // Not there, or undefined while we looked.
+                    Err(Error::Libvirt(e)) if is(&e, ErrorNumber::NoDomain) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(found)
+        })
+        .await
+    }
+
     /// The covi domain with this UUID, if it exists.
     pub async fn domain(&self, uuid: &str) -> Result<Option<ObservedDomain>> {
         let uuid = uuid.to_string();
@@ -552,6 +573,36 @@ mod tests {
     fn versions_read_like_people_write_them() {
         assert_eq!(version_string(4_017_005), "4.17.5");
         assert_eq!(version_string(11_003_000), "11.3.0");
+    }
+
+    /// On libvirt's test driver: a server's observation holds its own domain and a
+    /// leftover under its name, and nothing else on the host.
+    #[tokio::test]
+    async fn a_server_observes_its_domain_and_a_leftover_of_its_name_only() {
+        use crate::domain_xml::{Driver, Guest, render};
+        let (events, _) = tokio::sync::mpsc::unbounded_channel();
+        let hv = Libvirt::open("test:///default", events).await.expect("test driver");
+        let domain = |name: &str, uuid: &str| {
+            let mut d = crate::domain_xml::tests::spec(Driver::Test, Guest::Hvm);
+            (d.name, d.uuid, d.owner.uid) = (name.into(), uuid.into(), uuid.into());
+            render(&d)
+        };
+        let (old, new, other) = (
+            "0b3f2c52-1111-4e38-9a3b-3d1f7c6f9a01",
+            "0b3f2c52-2222-4e38-9a3b-3d1f7c6f9a01",
+            "0b3f2c52-3333-4e38-9a3b-3d1f7c6f9a01",
+        );
+        for (name, uuid) in [("shop.web-1", old), ("shop.web-2", other)] {
+            hv.define(domain(name, uuid)).await.unwrap().expect("defined");
+        }
+        let uuids = |found: Vec<ObservedDomain>| found.into_iter().map(|d| d.uuid).collect::<Vec<_>>();
+        // web-1 deleted and created again (a new UID) before the leftover was swept.
+        assert_eq!(uuids(hv.observe_server("shop.web-1", new).await.unwrap()), [old]);
+        hv.define(domain("shop.web-3", new)).await.unwrap().expect("defined");
+        assert_eq!(uuids(hv.observe_server("shop.web-3", new).await.unwrap()), [new]);
+        assert_eq!(uuids(hv.observe_server("shop.web-1", new).await.unwrap()), [new, old]);
+        assert!(hv.observe_server("shop.web-4", "0b3f2c52-4444-4e38-9a3b-3d1f7c6f9a01").await.unwrap().is_empty());
+        assert_eq!(hv.observe().await.unwrap().len(), 3, "the whole host, for comparison");
     }
 
     #[test]
