@@ -36,6 +36,11 @@ impl FencingLink {
         }
     }
 
+    /// Whether the link opens its own connection, or has been given the agent's.
+    pub fn connected_or_own(&self) -> bool {
+        self.own || self.conn.is_some()
+    }
+
     /// Whether libvirt answers, reopening the connection when it was closed.
     pub fn reachable(&mut self) -> bool {
         if self.conn.as_ref().is_some_and(|c| c.is_alive().unwrap_or(false)) {

@@ -23,8 +23,19 @@ pub fn watchdog(
         .spawn(move || {
             let mut was_reachable = true;
             loop {
-                let reachable = link.lock().unwrap_or_else(|p| p.into_inner()).reachable();
-                if reachable != was_reachable {
+                // Overdue: fence again soon (a domain may become active meanwhile).
+                // Otherwise sleep until the deadline, or the next look at libvirt.
+                match fence.due() {
+                    true => std::thread::sleep(OVERDUE_TICK),
+                    false => fence.wait_for_deadline(HEALTH_TICK),
+                }
+                let (reachable, shared_yet) = {
+                    let mut link = link.lock().unwrap_or_else(|p| p.into_inner());
+                    (link.reachable(), link.connected_or_own())
+                };
+                // A link waiting for the agent's connection (libvirt's test driver,
+                // a fleet starting) is not yet a libvirt that went away.
+                if reachable != was_reachable && shared_yet {
                     match reachable {
                         true => tracing::info!("libvirt answers again"),
                         false => tracing::error!("libvirt is unreachable; /healthz fails until it answers"),
@@ -33,12 +44,6 @@ pub fn watchdog(
                 }
                 health.set(reachable && serving.load(Ordering::SeqCst));
                 fence_if_due(&link, &fence);
-                // Overdue: fence again soon (a domain may become active meanwhile).
-                // Otherwise sleep until the deadline, or the next look at libvirt.
-                match fence.due() {
-                    true => std::thread::sleep(OVERDUE_TICK),
-                    false => fence.wait_for_deadline(HEALTH_TICK),
-                }
             }
         })
         .expect("spawning the fencing watchdog");
