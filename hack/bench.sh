@@ -9,6 +9,8 @@
 #   COVI_BENCH_FAILOVER=off                         skip the failover measurement
 #   COVI_BENCH_PPROF=1                              CPU profile of kube-apiserver per burst (.cache/bench/*.pprof)
 #   COVI_BENCH_RENEW_SECONDS=5                      bursts' pool: renew 5 s, fence 15 s, lease 25 s (large fleets)
+#   COVI_APISERVER_ARGS="--max-requests-inflight=100 --max-mutating-requests-inflight=50"
+#                                                   more kube-apiserver flags (hack/testbed.sh)
 # Targets (reported against, never asserted): see docs/benchmark.md.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"

@@ -10,6 +10,8 @@
 #   KUBECONFIG            admin kubeconfig (client certificate in group system:masters)
 #   COVI_TESTBED_DIR      state folder: certs, logs, kubeconfigs
 #   COVI_APISERVER        https://127.0.0.1:PORT
+# COVI_APISERVER_ARGS, if set, adds flags to kube-apiserver (the bench sizes its
+# concurrency limits with it: --max-requests-inflight=N ...).
 # Every process is started with a parent-death signal, so not even `kill -9` of the
 # script leaves one behind.
 
@@ -151,6 +153,8 @@ testbed_start() {
     --initial-advertise-peer-urls "http://127.0.0.1:$etcd_peer" \
     --initial-cluster "default=http://127.0.0.1:$etcd_peer"
 
+  local extra_args=()
+  read -ra extra_args <<<"${COVI_APISERVER_ARGS:-}"
   _testbed_spawn kube-apiserver "$bin/kube-apiserver" \
     --etcd-servers "http://127.0.0.1:$etcd_port" \
     --bind-address "$bind" --advertise-address "$advertise" --secure-port "$api_port" \
@@ -173,7 +177,8 @@ testbed_start() {
     --proxy-client-cert-file "$d/certs/front-proxy-client.crt" \
     --proxy-client-key-file "$d/certs/front-proxy-client.key" \
     --enable-aggregator-routing=true \
-    --enable-admission-plugins NodeRestriction
+    --enable-admission-plugins NodeRestriction \
+    "${extra_args[@]}"
 
   testbed_kubeconfig admin
   testbed_kubeconfig controller-manager
