@@ -10,7 +10,8 @@
 #   COVI_BENCH_PPROF=1                              CPU profile of kube-apiserver per burst (.cache/bench/*.pprof)
 #   COVI_BENCH_RENEW_SECONDS=5                      bursts' pool: renew 5 s, fence 15 s, lease 25 s (large fleets)
 #   COVI_APISERVER_ARGS="--max-requests-inflight=100 --max-mutating-requests-inflight=50"
-#                                                   more kube-apiserver flags (hack/testbed.sh)
+#                                                   more kube-apiserver flags (hack/testbed.sh; this one
+#                                                   fenced more hosts, docs/benchmark.md)
 # Targets (reported against, never asserted): see docs/benchmark.md.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
