@@ -10,8 +10,8 @@
 #   KUBECONFIG            admin kubeconfig (client certificate in group system:masters)
 #   COVI_TESTBED_DIR      state folder: certs, logs, kubeconfigs
 #   COVI_APISERVER        https://127.0.0.1:PORT
-# COVI_APISERVER_ARGS, if set, adds flags to kube-apiserver (the bench sizes its
-# concurrency limits with it: --max-requests-inflight=N ...).
+# COVI_APISERVER_ARGS, if set, adds flags to kube-apiserver (for the bench's
+# experiments, e.g. --max-requests-inflight=N).
 # Every process is started with a parent-death signal, so not even `kill -9` of the
 # script leaves one behind.
 
