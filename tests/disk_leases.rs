@@ -9,12 +9,12 @@
 //! refuses a second start is the lock manager (see `testbed_libvirt_peers`).
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use covi_api::VirtualServer;
 use covi_api::condition::find_condition;
 use covi_api::virtual_server::{READY_DISK_LEASE_HELD, VirtualServerPhase};
-use covi_tests::fleet::Fleet;
+use covi_tests::fleet::{Fleet, NETNS_HOST_ADDR, NetnsHost};
 use covi_tests::guests::{apply_server, fixtures_in, peer_sockets, peer_uri, qemu_pool, ready, testbed_env};
 use covi_tests::sampler::Sampler;
 use covi_tests::{admin, install_crds, namespace, poll, wait_until};
@@ -43,12 +43,28 @@ struct Bed {
 impl Bed {
     /// Host 1 on peer a with its agent and the operator; host 2 is started by the test.
     async fn new(id: &str) -> Bed {
+        Bed::with_host_1_in(id, None).await
+    }
+
+    /// As `new`, with host 1's agent inside `netns` when given (it reaches peer a's
+    /// socket from there, and the API server only through the namespace's link).
+    async fn with_host_1_in(id: &str, netns: Option<&NetnsHost>) -> Bed {
         let uris = split_pool_on_both_peers();
         let client = admin().await;
         install_crds(&client).await;
         let mut fleet = Fleet::new(&client, id).await;
         let pool = fleet.apply_pool(&client, qemu_pool(POOL, true)).await;
-        fleet.start_agent_uri(1, &uris[0], &["--stop-grace-seconds", "3"]);
+        match netns {
+            None => {
+                fleet.start_agent_uri(1, &uris[0], &["--stop-grace-seconds", "3"]);
+            }
+            Some(ns) => {
+                let kubeconfig = ns.kubeconfig.display().to_string();
+                let listen = format!("{NETNS_HOST_ADDR}:9464");
+                let extra = ["--stop-grace-seconds", "3", "--kubeconfig", &kubeconfig, "--metrics-addr", &listen];
+                fleet.start_agent_wrapped(1, &uris[0], &extra, &ns.wrapper());
+            }
+        }
         fleet.start_operator();
         fleet.wait_pool_ready(&client, &pool, 1).await;
         let ns = namespace(&client, id).await;
@@ -323,6 +339,44 @@ fn stand_in_files(b: &Connect, xml: &str) -> Vec<virt::storage_vol::StorageVol> 
         }
     }
     created
+}
+
+/// An agent alive but cut off from the API server: its watchdog destroys the real QEMU
+/// guest at fenceAfter, while the server is still bound to the host (before the
+/// operator may judge it lost), and the failover copy starts on the other daemon.
+#[tokio::test]
+async fn a_cut_off_hosts_watchdog_destroys_its_guest_before_the_failover() {
+    let _turn = SERIAL.lock().await;
+    let netns = NetnsHost::create("lcut").await;
+    let mut bed = Bed::with_host_1_in("lease-cut", Some(&netns)).await;
+    let uid = bed.server_on_host_1("db").await.uid().expect("uid");
+    bed.add_host_2().await;
+    let sampler = bed.sampler();
+    let peer_a = connect(&bed.uris[0]);
+
+    netns.cut();
+    let cut = Instant::now();
+    let (destroyed, bound_then) = wait_until("host 1's watchdog to destroy the guest", DEADLINE, || async {
+        if active(&peer_a, &uid) == Some(true) {
+            return None;
+        }
+        let server = bed.api.get("db").await.ok()?;
+        Some((cut.elapsed(), host_of(&server).map(String::from)))
+    })
+    .await;
+    assert_eq!(bound_then.as_deref(), Some(bed.hosts[0].as_str()), "the guest was destroyed before the failover");
+    let on_2 = |s: &VirtualServer| ready(s) && host_of(s) == Some(bed.hosts[1].as_str());
+    bed.fleet.wait_server(&bed.api, "db", "to run on host 2", DEADLINE, on_2).await;
+    println!(
+        "cut off: guest destroyed after {:.1}s, Ready on host 2 after {:.1}s",
+        destroyed.as_secs_f64(),
+        cut.elapsed().as_secs_f64()
+    );
+    let (samples, doubles) = sampler.finish().await;
+    assert!(samples > 0 && doubles.is_empty(), "servers ran twice: {doubles:?}");
+
+    netns.heal();
+    bed.delete("db").await;
 }
 
 /// The chaos test on real daemons: guests outlive killed, frozen and stopped agents,

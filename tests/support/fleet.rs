@@ -437,9 +437,17 @@ fn ip(args: &[&str]) {
 impl NetnsHost {
     pub async fn create(name: &str) -> NetnsHost {
         let netns = format!("covi-{name}");
-        let _ = Command::new("ip").args(["netns", "del", &netns]).output();
-        ip(&["netns", "add", &netns]);
         let (root, peer) = (format!("vr-{name}"), format!("vn-{name}"));
+        // A namespace left by an earlier run (a failed test does not clean up): deleting
+        // it removes its veth pair, but the kernel does so later, so wait for the root
+        // side to go before adding it again.
+        let _ = Command::new("ip").args(["netns", "del", &netns]).output();
+        let gone = || !Command::new("ip").args(["link", "show", &root]).output().is_ok_and(|o| o.status.success());
+        let since = std::time::Instant::now();
+        while !gone() && since.elapsed() < Duration::from_secs(30) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        ip(&["netns", "add", &netns]);
         ip(&["link", "add", &root, "type", "veth", "peer", "name", &peer]);
         ip(&["link", "set", &peer, "netns", &netns]);
         ip(&["addr", "add", &format!("{NETNS_ROOT_ADDR}/30"), "dev", &root]);
