@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use covi_api::VirtualServer;
 use covi_api::condition::find_condition;
 use covi_api::virtual_server::{READY_DISK_LEASE_HELD, VirtualServerPhase};
-use covi_tests::fleet::{Fleet, NETNS_HOST_ADDR, NetnsHost};
+use covi_tests::fleet::{Fleet, NetnsHost};
 use covi_tests::guests::{apply_server, fixtures_in, peer_sockets, peer_uri, qemu_pool, ready, testbed_env};
 use covi_tests::sampler::Sampler;
 use covi_tests::{admin, install_crds, namespace, poll, wait_until};
@@ -59,10 +59,7 @@ impl Bed {
                 fleet.start_agent_uri(1, &uris[0], &["--stop-grace-seconds", "3"]);
             }
             Some(ns) => {
-                let kubeconfig = ns.kubeconfig.display().to_string();
-                let listen = format!("{NETNS_HOST_ADDR}:9464");
-                let extra = ["--stop-grace-seconds", "3", "--kubeconfig", &kubeconfig, "--metrics-addr", &listen];
-                fleet.start_agent_wrapped(1, &uris[0], &extra, &ns.wrapper());
+                fleet.start_agent_in(1, &uris[0], &["--stop-grace-seconds", "3"], ns);
             }
         }
         fleet.start_operator();

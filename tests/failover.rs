@@ -59,10 +59,7 @@ impl Scene {
             Some(ns) => {
                 let node = fleet.host_name(1);
                 let uri = format!("test://{}", covi_tests::fleet::node_xml(&node, 8, 16).display());
-                let kubeconfig = ns.kubeconfig.display().to_string();
-                let listen = format!("{}:9464", covi_tests::fleet::NETNS_HOST_ADDR);
-                let extra = ["--kubeconfig", kubeconfig.as_str(), "--metrics-addr", listen.as_str()];
-                fleet.start_agent_wrapped(1, &uri, &extra, &ns.wrapper());
+                fleet.start_agent_in(1, &uri, &[], ns);
             }
         }
         fleet.start_operator();
@@ -405,9 +402,7 @@ async fn chaos_of_kills_freezes_and_partitions_never_runs_a_server_twice() {
     }
     let node = fleet.host_name(4);
     let uri = format!("test://{}", covi_tests::fleet::node_xml(&node, 8, 16).display());
-    let kubeconfig = netns.kubeconfig.display().to_string();
-    let listen = format!("{}:9464", covi_tests::fleet::NETNS_HOST_ADDR);
-    fleet.start_agent_wrapped(4, &uri, &["--kubeconfig", &kubeconfig, "--metrics-addr", &listen], &netns.wrapper());
+    fleet.start_agent_in(4, &uri, &[], &netns);
     fleet.start_operator();
     fleet.wait_ready_hosts(&client, 4).await;
     fleet.wait_pool_ready(&client, &pool, 4).await;

@@ -208,6 +208,16 @@ impl Fleet {
         self.start_agent_wrapped(n, uri, extra, &[])
     }
 
+    /// Starts agent `n` on `uri` inside `netns`: it reaches the API server only through
+    /// the namespace's link and serves its endpoint on the namespace's address.
+    pub fn start_agent_in(&mut self, n: usize, uri: &str, extra: &[&str], netns: &NetnsHost) -> usize {
+        let kubeconfig = netns.kubeconfig.display().to_string();
+        let listen = format!("{NETNS_HOST_ADDR}:9464");
+        let mut args = vec!["--kubeconfig", kubeconfig.as_str(), "--metrics-addr", listen.as_str()];
+        args.extend_from_slice(extra);
+        self.start_agent_wrapped(n, uri, &args, &netns.wrapper())
+    }
+
     /// Starts an agent through `wrapper` (e.g. `ip netns exec NS`); later flags in
     /// `extra` override the defaults.
     pub fn start_agent_wrapped(&mut self, n: usize, uri: &str, extra: &[&str], wrapper: &[&str]) -> usize {
