@@ -33,7 +33,8 @@ pub struct HostReporter {
     pub console: Option<String>,
     conditions: tokio::sync::Mutex<Vec<Condition>>,
     /// The status this agent last found on (or wrote to) its Host, and when: the same
-    /// report again within [`VERIFY_EVERY`] is neither read nor written.
+    /// report again within [`VERIFY_EVERY`] (free storage aside) is neither read nor
+    /// written.
     verified: std::sync::Mutex<Option<(serde_json::Value, std::time::Instant)>>,
     /// The pool's free storage last reported: a reading that fails keeps it.
     storage: std::sync::Mutex<Option<u64>>,
@@ -114,10 +115,10 @@ impl HostReporter {
         // last one verified is skipped for a while; otherwise the Host is read from the
         // API server's cache and written only when it differs, so a Ready the operator
         // overwrote (host lost) is still put right.
-        let fresh = |v: &Option<(serde_json::Value, std::time::Instant)>| {
-            v.as_ref().is_some_and(|(said, at)| *said == status["status"] && at.elapsed() < VERIFY_EVERY)
-        };
-        if fresh(&self.verified.lock().expect("verified lock")) {
+        if let Some((said, at)) = &*self.verified.lock().expect("verified lock")
+            && at.elapsed() < VERIFY_EVERY
+            && same_but_storage(said, &status["status"])
+        {
             return Ok(());
         }
         let current = api.get_with(node, &GetParams::any()).await.ok();
@@ -171,6 +172,27 @@ pub fn status_matches(desired: &serde_json::Value, current: &serde_json::Value) 
             .iter()
             .all(|w| have.iter().any(|h| ["type", "status", "reason", "message"].iter().all(|f| h.get(f) == w.get(f))))
     })
+}
+
+/// Whether two reports of a Host's status differ in nothing but the amount of free
+/// storage. It changes with every volume created or removed and nothing is scheduled
+/// by it, so a report that differs from the last one verified in that alone waits for
+/// the next verification ([`VERIFY_EVERY`]): in a burst of new servers every host would
+/// otherwise write its Host at every resync. Storage becoming known (or unknown) is
+/// reported at once.
+pub fn same_but_storage(said: &serde_json::Value, now: &serde_json::Value) -> bool {
+    let storage = |v: &serde_json::Value| v.pointer("/capacity/storage").filter(|s| !s.is_null()).cloned();
+    if storage(said).is_some() != storage(now).is_some() {
+        return false;
+    }
+    let without = |v: &serde_json::Value| {
+        let mut v = v.clone();
+        if let Some(capacity) = v.get_mut("capacity").and_then(|c| c.as_object_mut()) {
+            capacity.remove("storage");
+        }
+        v
+    };
+    without(said) == without(now)
 }
 
 /// The pool this host belongs to (see `covi_api::host_pool::pool_for_labels`).
@@ -389,6 +411,26 @@ mod tests {
         grown["capacity"]["cpus"] = json!(8);
         assert!(!status_matches(&desired, &grown));
         assert!(!status_matches(&desired, &json!({})), "a Host without status is written");
+    }
+
+    #[test]
+    fn a_change_of_free_storage_alone_waits_for_the_next_verification() {
+        let report = |storage: &str, ready: &str| {
+            json!({
+                "capacity": {"cpus": 8, "memory": "16384Mi", "storage": storage},
+                "conditions": [{"type": "Ready", "status": ready, "reason": "AgentReady", "message": "m"}],
+            })
+        };
+        assert!(same_but_storage(&report("100Gi", "True"), &report("100Gi", "True")));
+        assert!(same_but_storage(&report("100Gi", "True"), &report("92Gi", "True")), "storage alone");
+        assert!(!same_but_storage(&report("100Gi", "True"), &report("100Gi", "False")), "Ready changed");
+        assert!(!same_but_storage(&report("100Gi", "True"), &report("92Gi", "False")), "Ready and storage");
+        let mut unknown = report("100Gi", "True");
+        unknown["capacity"]["storage"] = json!(null);
+        assert!(!same_but_storage(&unknown, &report("100Gi", "True")), "storage becoming known");
+        let mut more_memory = report("100Gi", "True");
+        more_memory["capacity"]["memory"] = json!("32768Mi");
+        assert!(!same_but_storage(&report("100Gi", "True"), &more_memory), "memory is scheduled by");
     }
 
     #[test]

@@ -139,7 +139,8 @@ pub struct HostCapacity {
     pub cpus: u32,
     /// Physical memory as a quantity.
     pub memory: String,
-    /// Free space of the pool's storage as a quantity, when known.
+    /// Free space of the pool's storage as a quantity, when known. Refreshed at least
+    /// once a minute, not with every volume: nothing is scheduled by it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage: Option<String>,
 }
