@@ -68,6 +68,7 @@ async fn the_rendered_chart_is_accepted_by_the_api_server() {
         "FlowSchema",
         "PodDisruptionBudget",
         "PriorityClass",
+        "PriorityLevelConfiguration",
         "Role",
         "RoleBinding",
         "Service",
@@ -220,17 +221,21 @@ async fn classified_at(client: &kube::Client, uri: &str) -> (String, String) {
 }
 
 #[tokio::test]
-async fn agents_heartbeats_get_the_node_lease_priority_level() {
+async fn agents_heartbeats_get_a_priority_level_of_their_own() {
     let _turn = SERIAL.lock().await;
     let client = admin().await;
     let ns = namespace(&client, "apf").await;
-    // Only the FlowSchemas are applied for real (they name this test's namespace).
+    // Only the priority levels and FlowSchemas are applied for real (the schemas name
+    // this test's namespace).
     let rendered = helm_template(&ns, &[]);
-    let schemas: Vec<&str> = rendered.split("\n---").filter(|d| d.contains("\nkind: FlowSchema")).collect();
-    assert_eq!(schemas.len(), 3, "the agents', the operator's and its leader Lease's FlowSchemas");
+    let documents: Vec<&str> = rendered
+        .split("\n---")
+        .filter(|d| d.contains("\nkind: FlowSchema") || d.contains("\nkind: PriorityLevelConfiguration"))
+        .collect();
+    assert_eq!(documents.len(), 6, "two levels; the agents' two, the operator's and its leader Lease's FlowSchemas");
     let args = ["apply", "--server-side", "--force-conflicts", "--field-manager=covi-install-test", "-f", "-"];
-    let (ok, out, err) = run("kubectl", &args, Some(&schemas.join("\n---\n")));
-    assert!(ok, "applying the FlowSchemas: {err}{out}");
+    let (ok, out, err) = run("kubectl", &args, Some(&documents.join("\n---\n")));
+    assert!(ok, "applying the priority levels and FlowSchemas: {err}{out}");
 
     use k8s_openapi::api::flowcontrol::v1::{FlowSchema, PriorityLevelConfiguration};
     let schemas: kube::Api<FlowSchema> = kube::Api::all(client.clone());
@@ -239,12 +244,33 @@ async fn agents_heartbeats_get_the_node_lease_priority_level() {
         o.meta().uid.clone().unwrap_or_default()
     }
     let heartbeat = schemas.get("covi-agent-heartbeat").await.expect("FlowSchema");
+    let agent_rest = schemas.get("covi-agent").await.expect("FlowSchema");
     let operator = schemas.get("covi-operator").await.expect("FlowSchema");
     let leader = schemas.get("covi-operator-leader-election").await.expect("FlowSchema");
+    let heartbeats = levels.get("covi-heartbeats").await.expect("covi's heartbeat priority level");
+    let agents = levels.get("covi-agents").await.expect("covi's priority level of agents' other requests");
     let leader_election = levels.get("leader-election").await.expect("the cluster's leader-election priority level");
-    let node_high = levels.get("node-high").await.expect("the cluster's node-high priority level");
     let workload_high = levels.get("workload-high").await.expect("the cluster's workload-high priority level");
     let deadline = std::time::Duration::from_secs(30);
+
+    // The API server gives each level seats, and the agents' other requests no more
+    // than their own (they never borrow): its metrics say so.
+    let seats = wait_until("the API server to give covi's levels their seats", deadline, || async {
+        let metrics = client.request_text(http::Request::get("/metrics").body(Vec::new()).ok()?).await.ok()?;
+        let value = |metric: &str, level: &str| -> Option<f64> {
+            let prefix = format!("apiserver_flowcontrol_{metric}{{priority_level=\"{level}\"}} ");
+            metrics.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok())
+        };
+        let agents = (value("nominal_limit_seats", "covi-agents")?, value("upper_limit_seats", "covi-agents")?);
+        Some((value("nominal_limit_seats", "covi-heartbeats")?, agents))
+    })
+    .await;
+    let (heartbeat_seats, (agent_seats, agent_upper)) = seats;
+    assert!(
+        heartbeat_seats > agent_seats && agent_seats >= 1.0,
+        "seats: heartbeats {heartbeat_seats}, agents {agent_seats}"
+    );
+    assert_eq!(agent_upper, agent_seats, "the agents' other requests borrow no seats");
 
     let sa = |name: &str| format!("system:serviceaccount:{ns}:{name}");
     let sa_groups = ["system:serviceaccounts".to_string(), format!("system:serviceaccounts:{ns}")];
@@ -252,18 +278,25 @@ async fn agents_heartbeats_get_the_node_lease_priority_level() {
     let agent = client_as(&sa("covi-agent"), &groups).await;
     wait_until("the agent's Lease request to be classified as its heartbeat", deadline, || async {
         let (schema, level) = classified(&agent, &ns).await;
-        (schema == uid(&heartbeat) && level == uid(&node_high)).then_some(())
+        (schema == uid(&heartbeat) && level == uid(&heartbeats)).then_some(())
+    })
+    .await;
+    // Its other requests wait on their own level, not beside the heartbeats.
+    let servers = format!("/apis/covi.io/v1alpha1/namespaces/{ns}/virtualservers");
+    wait_until("the agent's other requests to be classified at covi-agents", deadline, || async {
+        let (schema, level) = classified_at(&agent, &servers).await;
+        (schema == uid(&agent_rest) && level == uid(&agents)).then_some(())
     })
     .await;
     // An agent outside the cluster, by its group.
     let outside = client_as("host-7", &["covi:agents", "system:authenticated"]).await;
-    assert_eq!(classified(&outside, &ns).await, (uid(&heartbeat), uid(&node_high)), "covi:agents' renewals");
+    assert_eq!(classified(&outside, &ns).await, (uid(&heartbeat), uid(&heartbeats)), "covi:agents' renewals");
+    assert_eq!(classified_at(&outside, "/apis/covi.io/v1alpha1/hosts").await, (uid(&agent_rest), uid(&agents)));
     // Another namespace's Leases are not covi's heartbeats.
     let other = namespace(&client, "apf-other").await;
-    assert_ne!(classified(&agent, &other).await.0, uid(&heartbeat), "only Leases in covi's namespace");
+    assert_eq!(classified(&agent, &other).await, (uid(&agent_rest), uid(&agents)), "only Leases in covi's namespace");
 
     let operator_client = client_as(&sa("covi-operator"), &groups).await;
-    let servers = format!("/apis/covi.io/v1alpha1/namespaces/{ns}/virtualservers");
     wait_until("the operator's requests to be classified at workload-high", deadline, || async {
         let (schema, level) = classified_at(&operator_client, &servers).await;
         (schema == uid(&operator) && level == uid(&workload_high)).then_some(())
@@ -279,9 +312,13 @@ async fn agents_heartbeats_get_the_node_lease_priority_level() {
     assert_eq!(classified_at(&operator_client, &leases).await, (uid(&operator), uid(&workload_high)), "a LIST");
     // Anyone else's service account keeps the cluster's default rules.
     let stranger = client_as(&sa("someone"), &groups).await;
-    let (schema, _) = classified(&stranger, &ns).await;
-    assert!(!schema.is_empty() && schema != uid(&heartbeat) && schema != uid(&operator), "{schema}");
-    let _ = schemas.delete("covi-agent-heartbeat", &Default::default()).await;
-    let _ = schemas.delete("covi-operator", &Default::default()).await;
-    let _ = schemas.delete("covi-operator-leader-election", &Default::default()).await;
+    let (schema, level) = classified(&stranger, &ns).await;
+    assert!(!schema.is_empty() && ![uid(&heartbeat), uid(&agent_rest), uid(&operator)].contains(&schema), "{schema}");
+    assert!(![uid(&heartbeats), uid(&agents)].contains(&level), "{level}");
+    for name in ["covi-agent-heartbeat", "covi-agent", "covi-operator", "covi-operator-leader-election"] {
+        let _ = schemas.delete(name, &Default::default()).await;
+    }
+    for name in ["covi-heartbeats", "covi-agents"] {
+        let _ = levels.delete(name, &Default::default()).await;
+    }
 }

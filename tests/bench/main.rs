@@ -240,12 +240,12 @@ fn inventories(
 }
 
 /// Kubeconfigs acting as covi's two service accounts in the fleet's namespace, as the
-/// chart runs them, and the chart's FlowSchemas applied for that namespace: the
-/// agents' Lease renewals on the level of kubelets' node leases, the operator on the
-/// controllers' level, the agents' other requests with every other service account's
-/// ("service-accounts", workload-low). As the test bed's admin (system:masters) they
-/// would be exempt from API Priority and Fairness, which no cluster grants them. Their
-/// rights are cluster-admin's here: least privilege is tests/servers.rs's subject.
+/// chart runs them, and the chart's priority levels and FlowSchemas applied for that
+/// namespace: the agents' Lease renewals on covi's heartbeat level, their other
+/// requests on covi's agent level, the operator on the controllers' level. As the test
+/// bed's admin (system:masters) they would be exempt from API Priority and Fairness,
+/// which no cluster grants them. Their rights are cluster-admin's here: least
+/// privilege is tests/servers.rs's subject.
 fn as_service_accounts(fleet: &Fleet) -> (std::path::PathBuf, std::path::PathBuf) {
     let ns = &fleet.lease_namespace;
     let kube_version = std::env::var("KUBERNETES_VERSION").expect("hack/lib.sh exports KUBERNETES_VERSION");
