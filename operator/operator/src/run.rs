@@ -117,8 +117,9 @@ const SLOW_PASS: Duration = Duration::from_secs(10);
 /// one scheduling pass (a burst bound at once) go out as one write per host.
 const ASSIGNMENT_COALESCE: Duration = Duration::from_millis(50);
 
-/// How often Assignments are compared when no server changes: a failed write is
-/// tried again.
+/// How often every Assignment is compared, not only those of hosts whose servers
+/// changed: one someone else changed or deleted is put right, a failed write tried
+/// again.
 const ASSIGNMENT_RETRY: Duration = Duration::from_secs(2);
 
 /// Keeps each host's Assignment listing the servers bound to it, for its agent.
@@ -128,21 +129,32 @@ async fn publish_assignments(
     assignments: Store<Assignment>,
     changed: Arc<Notify>,
 ) {
-    use crate::desired::assignment::{Digests, changes, desired};
-    let mut digests = Digests::default();
+    use crate::desired::assignment::{Board, changes};
+    use std::collections::{BTreeSet, HashMap};
+    let mut board = Board::default();
     // What this leader wrote last, by host: the cache may not show it yet.
-    let mut written = std::collections::HashMap::new();
+    let mut written: HashMap<String, covi_api::AssignmentSpec> = HashMap::new();
+    let mut last_full: Option<Instant> = None;
     loop {
         let _ = tokio::time::timeout(ASSIGNMENT_RETRY, changed.notified()).await;
         tokio::time::sleep(ASSIGNMENT_COALESCE).await;
-        let wanted = desired(&servers.state(), &mut digests);
-        let cached = assignments.state();
-        let writes = changes(&wanted, &cached, &written);
-        let known: std::collections::HashSet<String> =
-            cached.iter().map(|a| a.name_any()).chain(written.keys().cloned()).collect();
-        let results: Vec<_> = futures::stream::iter(writes.into_iter().map(|(host, spec)| {
+        let mut look_at = board.update(&servers.state());
+        let cached: HashMap<String, Arc<Assignment>> =
+            assignments.state().into_iter().map(|a| (a.name_any(), a)).collect();
+        // Once the cache shows a write, the cache speaks for it again (an Assignment
+        // someone deleted is then written anew).
+        written.retain(|host, spec| cached.get(host).is_none_or(|a| a.spec != *spec));
+        if last_full.is_none_or(|at| at.elapsed() >= ASSIGNMENT_RETRY) {
+            look_at.extend(board.hosts().cloned());
+            look_at.extend(cached.keys().cloned());
+            look_at.extend(written.keys().cloned());
+            last_full = Some(Instant::now());
+        }
+        let writes = changes(&board, &look_at, &cached, &written);
+        let known: BTreeSet<&String> = cached.keys().chain(written.keys()).collect();
+        let writes: Vec<_> = writes.into_iter().map(|(host, spec)| (known.contains(&host), host, spec)).collect();
+        let results: Vec<_> = futures::stream::iter(writes.into_iter().map(|(exists, host, spec)| {
             let writer = writer.clone();
-            let exists = known.contains(&host);
             async move {
                 let result = writer.assign(&host, &spec, exists).await;
                 (host, spec, result)
@@ -151,11 +163,6 @@ async fn publish_assignments(
         .buffer_unordered(crate::writer::WRITES_AT_ONCE)
         .collect()
         .await;
-        // Once the cache shows a write, the cache speaks for it again (an Assignment
-        // someone deleted is then written anew).
-        let cached: std::collections::HashMap<String, Arc<Assignment>> =
-            assignments.state().into_iter().map(|a| (a.name_any(), a)).collect();
-        written.retain(|host, spec| cached.get(host).is_none_or(|a| a.spec != *spec));
         for (host, spec, result) in results {
             match result {
                 Ok(()) => {
@@ -164,6 +171,8 @@ async fn publish_assignments(
                 Err(e) => {
                     tracing::warn!(error = %e, "publishing an Assignment failed; trying again");
                     written.remove(&host);
+                    // Compared again at the next look, not only at the next full one.
+                    last_full = None;
                 }
             }
         }

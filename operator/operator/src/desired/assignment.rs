@@ -1,82 +1,129 @@
 //! What each host's Assignment should list: the servers whose `status.host` names it,
 //! with their digests ([`covi_api::assignment::digest`]), and which Assignments must
 //! be written for that.
+//!
+//! Kept up to date from the servers' versions rather than rebuilt: the operator looks
+//! after every change of any server, and at twenty thousand servers rebuilding every
+//! list (cloned, sorted and compared) on each look took a core through a burst.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use covi_api::assignment::Assigned;
 use covi_api::{Assignment, AssignmentSpec, VirtualServer};
 use kube::ResourceExt;
 
-/// Each server's entry by UID, with the version it was taken of: a server is
-/// serialised and hashed again only when it changed.
+/// Every host's list of servers, as the servers say it should be.
 #[derive(Default)]
-pub struct Digests(HashMap<String, (String, Assigned)>);
+pub struct Board {
+    /// Each server by UID: the version last looked at, its host and its entry.
+    servers: HashMap<String, Placed>,
+    /// Each host's entries, ordered by namespace and name (a host without servers is
+    /// absent).
+    hosts: HashMap<String, BTreeSet<Assigned>>,
+    /// Which look this is: a server not seen in the latest is gone.
+    round: u64,
+}
 
-impl Digests {
-    fn of(&mut self, server: &VirtualServer) -> Assigned {
-        let uid = server.uid().unwrap_or_default();
-        let version = server.resource_version().unwrap_or_default();
-        match self.0.get(&uid) {
-            Some((v, entry)) if *v == version => entry.clone(),
-            _ => {
-                let entry = Assigned::of(server);
-                self.0.insert(uid, (version, entry.clone()));
-                entry
+struct Placed {
+    version: String,
+    host: Option<String>,
+    entry: Assigned,
+    round: u64,
+}
+
+impl Board {
+    /// Takes in the servers as they are now and returns the hosts whose list changed.
+    /// A server is serialised and hashed again only when its version changed.
+    pub fn update(&mut self, servers: &[Arc<VirtualServer>]) -> BTreeSet<String> {
+        self.round += 1;
+        let round = self.round;
+        let mut changed = BTreeSet::new();
+        for server in servers {
+            let (uid, version) = (server.uid().unwrap_or_default(), server.resource_version().unwrap_or_default());
+            if let Some(placed) = self.servers.get_mut(&uid)
+                && placed.version == version
+            {
+                placed.round = round;
+                continue;
+            }
+            let host = server.status.as_ref().and_then(|s| s.host.clone());
+            let entry = Assigned::of(server);
+            let placed = Placed { version, host: host.clone(), entry: entry.clone(), round };
+            if let Some(old) = self.servers.insert(uid, placed) {
+                if old.host == host && old.entry == entry {
+                    continue;
+                }
+                self.remove(old, &mut changed);
+            }
+            if let Some(host) = host {
+                self.hosts.entry(host.clone()).or_default().insert(entry);
+                changed.insert(host);
+            }
+        }
+        let gone: Vec<String> = self.servers.iter().filter(|(_, p)| p.round != round).map(|(u, _)| u.clone()).collect();
+        for uid in gone {
+            if let Some(old) = self.servers.remove(&uid) {
+                self.remove(old, &mut changed);
+            }
+        }
+        changed
+    }
+
+    fn remove(&mut self, old: Placed, changed: &mut BTreeSet<String>) {
+        let Some(host) = old.host else { return };
+        if let Some(entries) = self.hosts.get_mut(&host) {
+            entries.remove(&old.entry);
+            if entries.is_empty() {
+                self.hosts.remove(&host);
+            }
+        }
+        changed.insert(host);
+    }
+
+    /// Host `host`'s Assignment as it should be (empty for a host without servers).
+    pub fn spec(&self, host: &str) -> AssignmentSpec {
+        let servers: Vec<Assigned> = self.hosts.get(host).map(|e| e.iter().cloned().collect()).unwrap_or_default();
+        AssignmentSpec { count: servers.len() as u32, servers }
+    }
+
+    /// Whether `current` (None: no Assignment) says what host `host`'s should.
+    fn says(&self, host: &str, current: Option<&AssignmentSpec>) -> bool {
+        let entries = self.hosts.get(host);
+        match current {
+            None => entries.is_none(),
+            Some(spec) => {
+                let want = entries.map_or(0, BTreeSet::len);
+                spec.count as usize == want
+                    && spec.servers.len() == want
+                    && entries.is_none_or(|e| e.iter().eq(spec.servers.iter()))
             }
         }
     }
 
-    /// Forgets the servers not in `keep`.
-    fn retain(&mut self, keep: &HashSet<String>) {
-        self.0.retain(|uid, _| keep.contains(uid));
+    /// Every host with servers.
+    pub fn hosts(&self) -> impl Iterator<Item = &String> {
+        self.hosts.keys()
     }
 }
 
-/// Every host's Assignment as the servers say it should be, ordered by namespace and
-/// name (a host without servers is absent).
-pub fn desired(servers: &[Arc<VirtualServer>], digests: &mut Digests) -> BTreeMap<String, AssignmentSpec> {
-    let mut hosts: BTreeMap<String, AssignmentSpec> = BTreeMap::new();
-    for server in servers {
-        let Some(host) = server.status.as_ref().and_then(|s| s.host.clone()) else { continue };
-        hosts.entry(host).or_default().servers.push(digests.of(server));
-    }
-    for spec in hosts.values_mut() {
-        spec.servers.sort();
-        spec.count = spec.servers.len() as u32;
-    }
-    digests.retain(&servers.iter().filter_map(|s| s.uid()).collect());
-    hosts
-}
-
-/// The Assignments to write, by host: those that differ from what this leader last
-/// wrote (or, for hosts it has not written, from the cache), and those of hosts left
-/// without servers, emptied. An Assignment is never deleted here: its agent watches
-/// it, and an empty list says the same as none.
+/// The Assignments to write among `hosts`, by host: those that differ from what this
+/// leader last wrote (or, for hosts it has not written, from the cache), including
+/// those of hosts left without servers, emptied. An Assignment is never deleted here:
+/// its agent watches it, and an empty list says the same as none.
 pub fn changes(
-    desired: &BTreeMap<String, AssignmentSpec>,
-    cached: &[Arc<Assignment>],
+    board: &Board,
+    hosts: &BTreeSet<String>,
+    cached: &HashMap<String, Arc<Assignment>>,
     written: &HashMap<String, AssignmentSpec>,
 ) -> Vec<(String, AssignmentSpec)> {
-    let current: HashMap<String, &AssignmentSpec> = cached
+    hosts
         .iter()
-        .map(|a| (a.name_any(), &a.spec))
-        .chain(written.iter().map(|(host, spec)| (host.clone(), spec)))
-        .collect();
-    let empty = AssignmentSpec::default();
-    let mut out: Vec<(String, AssignmentSpec)> = desired
-        .iter()
-        .filter(|(host, spec)| current.get(*host) != Some(spec))
-        .map(|(host, spec)| (host.clone(), spec.clone()))
-        .collect();
-    for (host, spec) in &current {
-        if !desired.contains_key(host) && **spec != empty {
-            out.push((host.clone(), empty.clone()));
-        }
-    }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
+        .filter_map(|host| {
+            let current = written.get(host).or_else(|| cached.get(host).map(|a| &a.spec));
+            (!board.says(host, current)).then(|| (host.clone(), board.spec(host)))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -85,8 +132,12 @@ mod tests {
     use crate::fixtures::server;
     use serde_json::json;
 
-    fn assignment(host: &str, spec: &AssignmentSpec) -> Arc<Assignment> {
-        Arc::new(Assignment::new(host, spec.clone()))
+    fn cache(assignments: &[(&str, &AssignmentSpec)]) -> HashMap<String, Arc<Assignment>> {
+        assignments.iter().map(|(h, s)| (h.to_string(), Arc::new(Assignment::new(h, (*s).clone())))).collect()
+    }
+
+    fn all(board: &Board, cached: &HashMap<String, Arc<Assignment>>) -> BTreeSet<String> {
+        board.hosts().cloned().chain(cached.keys().cloned()).collect()
     }
 
     #[test]
@@ -97,57 +148,91 @@ mod tests {
             server("c", json!({"status": {"host": "h2"}})),
             server("pending", json!({"status": {"phase": "Pending"}})),
         ];
-        let hosts = desired(&servers, &mut Digests::default());
-        let names = |h: &str| hosts[h].servers.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
-        assert_eq!(hosts.keys().collect::<Vec<_>>(), ["h1", "h2"]);
+        let mut board = Board::default();
+        assert_eq!(board.update(&servers), ["h1".to_string(), "h2".to_string()].into());
+        let names = |h: &str| board.spec(h).servers.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
         assert_eq!(names("h1"), ["a", "b"]);
-        assert_eq!(hosts["h1"].count, 2);
+        assert_eq!(board.spec("h1").count, 2);
         assert_eq!(names("h2"), ["c"]);
-        assert_eq!(hosts["h2"].servers[0].uid, "uid-c");
+        assert_eq!(board.spec("h2").servers[0].uid, "uid-c");
+        assert_eq!(board.spec("h3"), AssignmentSpec::default(), "a host without servers");
+    }
+
+    #[test]
+    fn only_hosts_whose_servers_changed_are_looked_at_again() {
+        let mut board = Board::default();
+        let a = server("a", json!({"status": {"host": "h1"}}));
+        let b = server("b", json!({"status": {"host": "h2"}}));
+        board.update(&[a.clone(), b.clone()]);
+        assert!(board.update(&[a.clone(), b.clone()]).is_empty(), "nothing changed");
+
+        // The agent reports Running: a new version, the same entry.
+        let running = server(
+            "a",
+            json!({"metadata": {"resourceVersion": "8"}, "status": {"host": "h1", "phase": "Running", "domainUuid": "d"}}),
+        );
+        assert!(board.update(&[running.clone(), b.clone()]).is_empty(), "the agent's own report");
+
+        // Its spec changes: only its host.
+        let resized = server(
+            "a",
+            json!({"metadata": {"resourceVersion": "9"}, "spec": {"class": "large"}, "status": {"host": "h1"}}),
+        );
+        assert_eq!(board.update(&[resized.clone(), b.clone()]), ["h1".to_string()].into());
+
+        // It moves to h2: both hosts; then it is deleted: h2.
+        let moved = server("a", json!({"metadata": {"resourceVersion": "10"}, "status": {"host": "h2"}}));
+        assert_eq!(board.update(&[moved, b.clone()]), ["h1".to_string(), "h2".to_string()].into());
+        assert_eq!(board.spec("h2").count, 2);
+        assert_eq!(board.update(std::slice::from_ref(&b)), ["h2".to_string()].into());
+        assert_eq!((board.spec("h1").count, board.spec("h2").count), (0, 1));
+        assert_eq!(board.servers.len(), 1, "deleted servers are forgotten");
+        assert_eq!(board.hosts().collect::<Vec<_>>(), ["h2"], "a host left without servers is dropped");
     }
 
     #[test]
     fn only_what_changed_is_written_and_a_host_left_empty_is_emptied() {
-        let mut digests = Digests::default();
-        let before = desired(&[server("a", json!({"status": {"host": "h1"}}))], &mut digests);
-        let cached = vec![assignment("h1", &before["h1"])];
-        assert!(changes(&before, &cached, &HashMap::new()).is_empty(), "nothing changed");
-
-        // The agent reports Running: nothing for the operator to publish.
-        let running = server(
-            "a",
-            json!({"metadata": {"resourceVersion": "8"}, "status": {"host": "h1", "phase": "Running", "domainUuid": "uid-a"}}),
-        );
-        assert!(changes(&desired(&[running], &mut digests), &cached, &HashMap::new()).is_empty());
+        let mut board = Board::default();
+        board.update(&[server("a", json!({"status": {"host": "h1"}}))]);
+        let cached = cache(&[("h1", &board.spec("h1"))]);
+        assert!(changes(&board, &all(&board, &cached), &cached, &HashMap::new()).is_empty(), "nothing changed");
 
         // The server moves to h2: h2 gets it, h1 is emptied.
-        let moved = desired(
-            &[server("a", json!({"metadata": {"resourceVersion": "9"}, "status": {"host": "h2"}}))],
-            &mut digests,
-        );
-        let writes = changes(&moved, &cached, &HashMap::new());
+        let touched =
+            board.update(&[server("a", json!({"metadata": {"resourceVersion": "9"}, "status": {"host": "h2"}}))]);
+        let writes = changes(&board, &touched, &cached, &HashMap::new());
         assert_eq!(writes.iter().map(|(h, s)| (h.as_str(), s.count)).collect::<Vec<_>>(), [("h1", 0), ("h2", 1)]);
 
         // What this leader wrote counts even before the cache shows it.
         let written: HashMap<_, _> = writes.into_iter().collect();
-        assert!(changes(&moved, &cached, &written).is_empty());
+        assert!(changes(&board, &all(&board, &cached), &cached, &written).is_empty());
+
+        // An Assignment someone else changed is put right when looked at.
+        let mut edited = board.spec("h2");
+        edited.servers[0].digest = "0".into();
+        let cached = cache(&[("h1", &AssignmentSpec::default()), ("h2", &edited)]);
+        let writes = changes(&board, &all(&board, &cached), &cached, &HashMap::new());
+        assert_eq!(writes, [("h2".to_string(), board.spec("h2"))]);
+        // A host without servers and without an Assignment needs none.
+        assert!(changes(&board, &["h9".to_string()].into(), &cached, &HashMap::new()).is_empty());
     }
 
     #[test]
     fn a_digest_is_taken_again_only_of_a_new_version() {
-        let mut digests = Digests::default();
+        let mut board = Board::default();
         let a = server("a", json!({"status": {"host": "h1"}}));
-        let first = desired(std::slice::from_ref(&a), &mut digests)["h1"].servers[0].digest.clone();
-        // Same version, different content: the cached digest stands (a version names
-        // one content on the API server).
+        board.update(std::slice::from_ref(&a));
+        let first = board.spec("h1").servers[0].digest.clone();
+        // Same version, different content: the digest stands (a version names one
+        // content on the API server).
         let same_version = server("a", json!({"spec": {"class": "large"}, "status": {"host": "h1"}}));
-        assert_eq!(desired(&[same_version], &mut digests)["h1"].servers[0].digest, first);
+        board.update(&[same_version]);
+        assert_eq!(board.spec("h1").servers[0].digest, first);
         let new_version = server(
             "a",
             json!({"metadata": {"resourceVersion": "8"}, "spec": {"class": "large"}, "status": {"host": "h1"}}),
         );
-        assert_ne!(desired(&[new_version], &mut digests)["h1"].servers[0].digest, first);
-        desired(&[], &mut digests);
-        assert!(digests.0.is_empty(), "deleted servers are forgotten");
+        board.update(&[new_version]);
+        assert_ne!(board.spec("h1").servers[0].digest, first);
     }
 }
