@@ -110,9 +110,14 @@ pub fn plan_moves(view: &PoolView, skip: &BTreeSet<String>, now: Timestamp) -> P
     let mut ordered: Vec<&Arc<VirtualServer>> = servers
         .iter()
         .filter(|s| s.meta().deletion_timestamp.is_none())
-        .filter(|s| s.uid().is_none_or(|uid| !skip.contains(&uid)))
+        .filter(|s| s.metadata.uid.as_ref().is_none_or(|uid| !skip.contains(uid)))
         .collect();
-    ordered.sort_by_key(|s| (s.creation_timestamp().map(|t| t.0), s.name_any()));
+    // Keys borrowed, not cloned: a pass sorts every server of the pool.
+    fn key(s: &VirtualServer) -> (Option<Timestamp>, Option<&str>) {
+        (s.metadata.creation_timestamp.as_ref().map(|t| t.0), s.metadata.name.as_deref())
+    }
+    ordered.sort_by(|a, b| key(a).cmp(&key(b)));
+    let no_status = covi_api::VirtualServerStatus::default();
 
     for server in ordered {
         let Some(host) = bound_host(server, assumed).map(str::to_string) else {
@@ -124,7 +129,7 @@ pub fn plan_moves(view: &PoolView, skip: &BTreeSet<String>, now: Timestamp) -> P
             }
             continue;
         };
-        let status = server.status.clone().unwrap_or_default();
+        let status = server.status.as_ref().unwrap_or(&no_status);
         let pin = server.spec.placement.as_ref().and_then(|p| p.host.clone());
         let in_maintenance = maintenance.contains(&host);
         let consolidate = consolidation_target(pool, server, &host, now);

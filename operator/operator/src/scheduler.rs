@@ -128,9 +128,12 @@ pub fn demand(server: &VirtualServer, size: &covi_api::host_pool::Size, failover
 
 /// Where a server is bound: a binding written but not yet seen wins over the status.
 pub fn bound_host<'a>(server: &'a VirtualServer, assumed: &'a HashMap<String, Assumed>) -> Option<&'a str> {
+    // Not `uid()`, which clones: a pass asks this of every server several times.
     server
-        .uid()
-        .and_then(|uid| assumed.get(&uid))
+        .metadata
+        .uid
+        .as_deref()
+        .and_then(|uid| assumed.get(uid))
         .map(|a| a.host.as_str())
         .or_else(|| server.status.as_ref().and_then(|s| s.host.as_deref()))
 }
@@ -163,16 +166,25 @@ pub fn duplicate_addresses(
     servers: &[Arc<VirtualServer>],
     assumed: &HashMap<String, Assumed>,
 ) -> BTreeMap<Ipv4Addr, Vec<String>> {
-    let mut holders: BTreeMap<Ipv4Addr, Vec<String>> = BTreeMap::new();
+    // Names are written out only for the duplicates: a pass looks at every server.
+    let mut holders: HashMap<Ipv4Addr, Vec<&VirtualServer>> = HashMap::new();
     for server in servers.iter().filter(|s| s.meta().deletion_timestamp.is_none()) {
         if let Some(a) = address_of(server, assumed) {
-            let key = format!("{}/{}", server.namespace().unwrap_or_default(), server.name_any());
-            holders.entry(a).or_default().push(key);
+            holders.entry(a).or_default().push(server);
         }
     }
-    holders.retain(|_, names| names.len() > 1);
-    holders.values_mut().for_each(|names| names.sort());
     holders
+        .into_iter()
+        .filter(|(_, holders)| holders.len() > 1)
+        .map(|(a, holders)| {
+            let mut names: Vec<String> = holders
+                .iter()
+                .map(|s| format!("{}/{}", s.metadata.namespace.as_deref().unwrap_or_default(), s.name_any()))
+                .collect();
+            names.sort();
+            (a, names)
+        })
+        .collect()
 }
 
 fn address_of(server: &VirtualServer, assumed: &HashMap<String, Assumed>) -> Option<Ipv4Addr> {
@@ -181,7 +193,7 @@ fn address_of(server: &VirtualServer, assumed: &HashMap<String, Assumed>) -> Opt
         .as_ref()
         .and_then(|s| s.address.as_deref())
         .and_then(|a| a.parse().ok())
-        .or_else(|| server.uid().and_then(|uid| assumed.get(&uid)).and_then(|a| a.address))
+        .or_else(|| server.metadata.uid.as_deref().and_then(|uid| assumed.get(uid)).and_then(|a| a.address))
 }
 
 /// Decides for every pending server of `pool`. `members` are the pool's hosts and
