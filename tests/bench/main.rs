@@ -95,7 +95,13 @@ async fn api_requests(client: &Client) -> (HashMap<String, f64>, f64, HashMap<St
             if sub.is_empty() { "".into() } else { format!("/{sub}") }
         );
         *every.entry(kind).or_insert(0.0) += value;
-        if ["POST", "PUT", "PATCH", "APPLY", "DELETE"].contains(&verb.as_str()) && label(line, "group") == "covi.io" {
+        // Writes the API server carried out: not those API Priority and Fairness
+        // turned away (429) or that failed (a conflict, an invalid object).
+        let done = label(line, "code").starts_with('2');
+        if done
+            && ["POST", "PUT", "PATCH", "APPLY", "DELETE"].contains(&verb.as_str())
+            && label(line, "group") == "covi.io"
+        {
             let sub = label(line, "subresource");
             let what = format!(
                 "{verb} {}{}",
