@@ -156,7 +156,7 @@ pub fn freed_marks(
     // to it, so it is not yet free to power off.
     let busy: BTreeSet<&str> = servers
         .iter()
-        .filter(|s| s.spec.host_pool == pool.name_any())
+        .filter(|s| Some(s.spec.host_pool.as_str()) == pool.metadata.name.as_deref())
         .flat_map(|s| {
             let moving_off = s
                 .status

@@ -111,7 +111,11 @@ impl Scheduler {
 
         let mut unmovable = BTreeMap::new();
         for pool in &pools {
-            let members: Vec<_> = servers.iter().filter(|s| s.spec.host_pool == pool.name_any()).cloned().collect();
+            let members: Vec<_> = servers
+                .iter()
+                .filter(|s| Some(s.spec.host_pool.as_str()) == pool.metadata.name.as_deref())
+                .cloned()
+                .collect();
             let failover = pool.spec.failover.enabled && !failover_paused(&pools, pool, &hosts, &lost);
             let hosts_here: Vec<_> = hosts.iter().filter(|h| in_pool(&pools, pool, h)).cloned().collect();
             let mut decisions = crate::scheduler::pass(
@@ -564,7 +568,7 @@ impl Scheduler {
                 let on_pool: Vec<_> = servers
                     .iter()
                     .filter(|s| {
-                        s.spec.host_pool == pool.name_any()
+                        Some(s.spec.host_pool.as_str()) == pool.metadata.name.as_deref()
                             && bound_host(s, &self.assumed).is_some_and(|h| names.contains(h))
                     })
                     .collect();
@@ -605,7 +609,11 @@ impl Scheduler {
                 continue;
             }
             let members: Vec<_> = hosts.iter().filter(|h| in_pool(pools, pool, h)).cloned().collect();
-            let here: Vec<_> = servers.iter().filter(|s| s.spec.host_pool == pool.name_any()).cloned().collect();
+            let here: Vec<_> = servers
+                .iter()
+                .filter(|s| Some(s.spec.host_pool.as_str()) == pool.metadata.name.as_deref())
+                .cloned()
+                .collect();
             let (status, note) = crate::consolidation::recommend(pool, &members, &here, &self.assumed, unready, now);
             let write =
                 StatusWrite::new(covi_api::contract::manager::OPERATOR_CONSOLIDATION, Only { consolidation: status });

@@ -200,13 +200,21 @@ fn expired(at: Option<Instant>, grace: Duration) -> bool {
 }
 
 /// What the servers of namespace `ns` hold in `pool` by the cache: (servers, CPUs, MiB).
+/// Every reconcile of a request looks at every server, so nothing is cloned and a
+/// class's size is worked out once.
 fn namespace_usage(pool: &HostPool, ns: &str, servers: &[Arc<VirtualServer>]) -> (u32, u64, u64) {
+    let pool_name = pool.metadata.name.as_deref().unwrap_or_default();
+    let mut classes: HashMap<&str, Option<covi_api::host_pool::Size>> = HashMap::new();
     let mut held = (0u32, 0u64, 0u64);
-    for s in servers.iter().filter(|s| s.namespace().as_deref() == Some(ns) && s.spec.host_pool == pool.name_any()) {
+    for s in servers.iter().filter(|s| s.metadata.namespace.as_deref() == Some(ns) && s.spec.host_pool == pool_name) {
         if s.meta().deletion_timestamp.is_some() {
             continue;
         }
-        if let Ok(size) = pool.size_of(&s.spec) {
+        let size = match (&s.spec.resources, &s.spec.class) {
+            (None, Some(class)) => *classes.entry(class).or_insert_with(|| pool.size_of(&s.spec).ok()),
+            _ => pool.size_of(&s.spec).ok(),
+        };
+        if let Some(size) = size {
             held = (held.0 + 1, held.1 + u64::from(size.cpus), held.2 + size.memory_mib);
         }
     }

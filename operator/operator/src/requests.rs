@@ -213,11 +213,12 @@ pub fn progress(request: &VmRequest, servers: &[&VirtualServer], warning: Durati
 
 /// The servers a request owns: labelled for it and owned by its UID.
 pub fn owned<'a>(request: &VmRequest, servers: &'a [std::sync::Arc<VirtualServer>]) -> Vec<&'a VirtualServer> {
-    let uid = request.uid();
+    // Borrowed, not cloned: every reconcile of a request looks at every server.
+    let (ns, uid) = (request.metadata.namespace.as_deref(), request.metadata.uid.as_deref());
     servers
         .iter()
-        .filter(|s| s.namespace() == request.namespace())
-        .filter(|s| s.owner_references().iter().any(|o| Some(&o.uid) == uid.as_ref() && o.controller == Some(true)))
+        .filter(|s| s.metadata.namespace.as_deref() == ns)
+        .filter(|s| s.owner_references().iter().any(|o| Some(o.uid.as_str()) == uid && o.controller == Some(true)))
         .map(|s| s.as_ref())
         .collect()
 }
