@@ -23,7 +23,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 
 use crate::desired::{self, request::Facts};
 use crate::error::{Error, Result};
-use crate::requests::{owned, server_from_template};
+use crate::requests::{owned, reconcile_replicas, server_from_template};
 use crate::writer::Writer;
 
 /// Requests reconciled at once. Quota checks stay exact across them: a request
@@ -118,8 +118,13 @@ async fn reconcile(request: Arc<VmRequest>, ctx: Arc<Context>) -> Result<Action>
         let prefix = format!("{ns}/");
         let in_flight: BTreeSet<String> =
             created.keys().filter_map(|k| k.strip_prefix(&prefix)).map(str::to_string).collect();
+        // The namespace's usage (a look at every server) only counts for servers the
+        // request would create; otherwise the plan does not read it.
+        let names: Vec<String> = mine.iter().map(|s| s.name_any()).collect();
+        let (grow, _) = reconcile_replicas(&request.name_any(), request.spec.replicas, &names);
+        let may_create = grow.iter().any(|name| !in_flight.contains(name));
         let held = match &pool {
-            Some(pool) => {
+            Some(pool) if may_create => {
                 let mut held = namespace_usage(pool, &ns, &servers);
                 for (key, c) in created.iter() {
                     if key.starts_with(&prefix) && c.pool == pool.name_any() {
@@ -128,7 +133,7 @@ async fn reconcile(request: Arc<VmRequest>, ctx: Arc<Context>) -> Result<Action>
                 }
                 held
             }
-            None => (0, 0, 0),
+            _ => (0, 0, 0),
         };
         let facts = Facts { request: &request, pool: pool.as_deref(), servers: &mine, in_flight: &in_flight, held };
         let plan = desired::request::plan(facts, now);

@@ -25,7 +25,9 @@ pub struct Facts<'a> {
     pub servers: &'a [&'a VirtualServer],
     /// Servers of its namespace created earlier that the cache does not show yet.
     pub in_flight: &'a BTreeSet<String>,
-    /// What its namespace holds in the pool (servers, CPUs, MiB), in-flight included.
+    /// What its namespace holds in the pool (servers, CPUs, MiB), in-flight included;
+    /// read only when the request has servers to create (zero may stand for it
+    /// otherwise).
     pub held: (u32, u64, u64),
 }
 
