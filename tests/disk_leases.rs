@@ -54,14 +54,11 @@ impl Bed {
         install_crds(&client).await;
         let mut fleet = Fleet::new(&client, id).await;
         let pool = fleet.apply_pool(&client, qemu_pool(POOL, true)).await;
+        let grace = ["--stop-grace-seconds", "3"];
         match netns {
-            None => {
-                fleet.start_agent_uri(1, &uris[0], &["--stop-grace-seconds", "3"]);
-            }
-            Some(ns) => {
-                fleet.start_agent_in(1, &uris[0], &["--stop-grace-seconds", "3"], ns);
-            }
-        }
+            None => fleet.start_agent_uri(1, &uris[0], &grace),
+            Some(ns) => fleet.start_agent_in(1, &uris[0], &grace, ns),
+        };
         fleet.start_operator();
         fleet.wait_pool_ready(&client, &pool, 1).await;
         let ns = namespace(&client, id).await;
